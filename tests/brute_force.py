@@ -64,3 +64,20 @@ def causal_conditional(strings: dict, prefix: tuple[int, ...], vocab_size: int) 
         if s[:k] == prefix:
             scores[s[k] if len(s) > k else vocab_size] += p
     return scores / scores.sum()
+
+
+def sample_fit_pvalue(corpus, strings: dict[tuple[int, ...], float]) -> float:
+    """Chi-square goodness of fit of the sampled sentences to the exact distribution; strings with
+    fewer than 5 expected occurrences are pooled into one cell (the chi-square approximation)."""
+    from scipy import stats
+
+    n = len(corpus)
+    counts: dict[tuple[int, ...], int] = defaultdict(int)
+    for row, length in zip(corpus.tokens.tolist(), corpus.lengths.tolist()):
+        counts[tuple(row[:length])] += 1
+    if not set(counts) <= set(strings):
+        raise AssertionError(f"sampled strings outside the support: {set(counts) - set(strings)}")
+    big = [s for s, p in strings.items() if p * n >= 5]
+    observed = [counts[s] for s in big] + [n - sum(counts[s] for s in big)]
+    expected = [strings[s] * n for s in big] + [n * (1 - sum(strings[s] for s in big))]
+    return float(stats.chisquare(observed, expected).pvalue)

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from flatlib.languages.base import PAD, Corpus, Estimate, LanguageBase, check_probability_rows
 
+PAPER_TASK_POSITIONS = (6, 10)
+
 
 def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of ``probs`` [n, K] (rows sum to 1), by inverting the CDF."""
@@ -37,14 +39,15 @@ class HMM(LanguageBase):
         transition: ``[H, H]``; row ``i`` is ``p(h_{t+1} | h_t = i)``.
         emission: ``[H, V]``; row ``i`` is ``p(x_t | h_t = i)``.
         seq_len: sentence length ``L`` (every sentence has exactly this length).
-        task_positions: positions whose hidden state defines the downstream tasks.
+        task_positions: positions whose hidden state defines the downstream tasks. Default: the
+            paper's 6 and 10 (0-indexed) where they fit, else the middle position.
 
     Each probability row must be non-negative and sum to 1 within 1e-6 (ValueError otherwise,
     naming the matrix and the row). Probabilities are stored in float64.
     """
 
     def __init__(self, initial, transition, emission, seq_len: int = 16,
-                 task_positions: tuple[int, ...] = (6, 10)) -> None:
+                 task_positions: tuple[int, ...] | None = None) -> None:
         initial = torch.as_tensor(initial, dtype=torch.float64)
         transition = torch.as_tensor(transition, dtype=torch.float64)
         emission = torch.as_tensor(emission, dtype=torch.float64)
@@ -61,6 +64,8 @@ class HMM(LanguageBase):
             check_probability_rows(name, matrix)
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+        if task_positions is None:
+            task_positions = tuple(p for p in PAPER_TASK_POSITIONS if p < seq_len) or (seq_len // 2,)
         for position in task_positions:
             if not 0 <= position < seq_len:
                 raise ValueError(f"task_positions: position {position} outside [0, {seq_len})")
@@ -72,7 +77,7 @@ class HMM(LanguageBase):
     @classmethod
     def random(cls, n_states: int = 100, vocab_size: int = 200, seq_len: int = 16,
                concentration: float = 0.2, floor: float = 1e-4, seed: int = 0,
-               task_positions: tuple[int, ...] = (6, 10)) -> "HMM":
+               task_positions: tuple[int, ...] | None = None) -> "HMM":
         """A random HMM: uniform start; transition and emission rows ~ Dirichlet(concentration),
         floored at ``floor`` and renormalised. Smaller ``concentration`` = sparser, more
         predictable rows (lower entropy); larger = closer to uniform. The paper's sizes are the

@@ -1,0 +1,39 @@
+# The two commands of the README: `make figures` (the main job) and `make test`.
+# Each creates .venv, installs the pinned requirements and flatlib, registers the `python3` kernel,
+# then does its job.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROFILE ?= cpu
+
+.PHONY: figures test lab bench venv clean
+
+$(INSTALLED): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (flatlib)"
+	touch $(INSTALLED)
+
+venv: $(INSTALLED)
+
+# every notebook through papermill at $(PROFILE) (default cpu); figures land in figures/
+figures: $(INSTALLED)
+	$(BIN)/python -m flatlib.reproduce --profile $(PROFILE)
+
+# unit tests, then every notebook executed at profile smoke and checked by nbval
+test: $(INSTALLED)
+	rm -rf build/smoke
+	$(BIN)/python -m flatlib.reproduce --profile smoke --out build/smoke
+	$(BIN)/python -m pytest --nbval-lax tests build/smoke
+
+lab: $(INSTALLED)
+	$(BIN)/jupyter lab notebooks
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.languages
+
+clean:
+	rm -rf build figures/smoke

@@ -1,0 +1,38 @@
+"""One figure style, and ``savefig``: PNG + PDF under figures/, stamped with how the figure was made."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in Jupyter: inline
+import seaborn as sns
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_style() -> None:
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight"})
+
+
+def figures_dir(profile: str) -> Path:
+    """figures/ for the default ``cpu`` profile, figures/<profile>/ for the others (so a smoke run
+    never overwrites the committed figures). ``FLATLIB_FIGURES`` overrides the root folder."""
+    root = Path(os.environ.get("FLATLIB_FIGURES", REPO_ROOT / "figures"))
+    return root if profile == "cpu" else root / profile
+
+
+def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -> Path:
+    """Save ``fig`` as ``name``.png and ``name``.pdf with a footer naming the profile, the seed and
+    ``note`` (what the error bars are, how many samples...). Returns the PNG path."""
+    if not name or "/" in name:
+        raise ValueError(f"name: expected a plain file name, got {name!r}")
+    fig.text(0.01, -0.02, f"profile={profile} · seed={seed} · {note}", fontsize=8, color="0.35",
+             ha="left", va="top")
+    folder = figures_dir(profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / f"{name}.png"
+    fig.savefig(png, metadata={"Software": None})
+    fig.savefig(folder / f"{name}.pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    return png

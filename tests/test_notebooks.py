@@ -1,0 +1,47 @@
+"""The notebooks as committed: stripped, parameterised, and failing early on bad parameters.
+(Their execution at profile smoke is checked by nbval: `make test` runs `pytest --nbval-lax`
+over the executed copies in build/smoke.)"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def code_cells(path):
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_clean(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert nb["metadata"]["language_info"]["name"] == "python"
+    cells = code_cells(path)
+    assert all(not c["outputs"] and c["execution_count"] is None for c in cells), "commit it stripped"
+    first = cells[0]
+    assert "parameters" in first["metadata"].get("tags", []), "first code cell must be tagged parameters"
+    source = "".join(first["source"])
+    assert "profile =" in source and "seed =" in source
+    assert any("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in cells), "no nbval-checked summary"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("bad, match", [({"profile": "nope"}, "profile"), ({"seed": -3}, "seed")])
+def test_bad_parameters_fail_at_the_validation_cell(path, bad, match, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=bad,
+                                   kernel_name="python3", progress_bar=False, cwd=str(path.parent))
+    assert "ValueError" in info.value.ename and match in info.value.evalue
+    # it stopped at the cell right after the injected parameters, before any work
+    executed = json.loads((tmp_path / path.name).read_text())
+    cells = [c for c in executed["cells"] if c["cell_type"] == "code"]
+    failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c["outputs"])]
+    assert failed == [2], f"failed at code cell {failed}, expected the validation cell (index 2)"

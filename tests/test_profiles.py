@@ -1,0 +1,45 @@
+import pytest
+
+from flatlib.languages import HMM, PCFG
+from flatlib.profiles import PROFILES, build_languages, resolve
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_resolves(name):
+    params = resolve(name)
+    assert params["profile"] == name and params["seed"] == 0
+
+
+def test_profile_languages():
+    languages = build_languages(resolve("smoke"))
+    assert isinstance(languages["hmm"], HMM) and isinstance(languages["pcfg"], PCFG)
+    paper = resolve("paper")
+    assert paper["hmm"]["n_states"] == 100 and paper["hmm"]["vocab_size"] == 200
+    assert PCFG.random(seed=0, **{k: v for k, v in paper["pcfg"].items()}).max_len == 32
+
+
+def test_overrides_apply_and_none_keeps_the_profile():
+    params = resolve("smoke", seed=3, n_eval_sentences=None, hmm={"seq_len": 10})
+    assert params["seed"] == 3
+    assert params["n_eval_sentences"] == PROFILES["smoke"]["n_eval_sentences"]
+    assert params["hmm"]["seq_len"] == 10 and params["hmm"]["n_states"] == PROFILES["smoke"]["hmm"]["n_states"]
+
+
+@pytest.mark.parametrize(
+    "profile, overrides, match",
+    [
+        ("gpu-xl", {}, "profile: unknown profile 'gpu-xl'"),
+        ("smoke", {"seed": -1}, "seed: expected an integer"),
+        ("smoke", {"seed": 1.5}, "seed: expected an integer"),
+        ("smoke", {"n_eval_sentences": 1}, "n_eval_sentences"),
+        ("smoke", {"n_eval_sentences": True}, "n_eval_sentences"),
+        ("smoke", {"learning_rate": 1e-3}, "learning_rate: unknown parameter"),
+        ("smoke", {"hmm": {"n_states": 0}}, "hmm.n_states"),
+        ("smoke", {"hmm": {"concentration": -1.0}}, "hmm.concentration"),
+        ("smoke", {"pcfg": {"depth": 0}}, "pcfg.depth"),
+        ("smoke", {"pcfg": {"colour": "red"}}, "pcfg.*colour"),
+    ],
+)
+def test_invalid_parameters_name_the_parameter(profile, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        resolve(profile, **overrides)
