@@ -141,6 +141,47 @@ def loss_estimate(nll: Tensor, mask: Tensor, reduction: str = "token") -> LossEs
     return LossEstimate(mean, math.sqrt(var / n), n, int(counts.sum()))
 
 
+class RowSampler:
+    """Draws from many categorical distributions (the rows of ``probs`` [R, K]) at once, by Walker's
+    alias method: one uniform per draw and O(1) work, however many columns, so sampling a large
+    batch is a handful of dense tensor operations.
+
+    The uniform ``u`` picks column ``j = floor(u K)``; its fractional part ``u K - j`` (uniform and
+    independent of ``j``) decides between ``j`` and ``j``'s alias.
+    """
+
+    def __init__(self, probs: Tensor) -> None:
+        probs = probs.to(torch.float64)
+        probs = probs / probs.sum(dim=1, keepdim=True)
+        n_rows, self.n_cols = probs.shape
+        keep = torch.ones(n_rows, self.n_cols, dtype=torch.float64)
+        alias = torch.arange(self.n_cols).repeat(n_rows, 1)
+        for r in range(n_rows):  # Vose's construction, once per row (tables are small)
+            scaled = (probs[r] * self.n_cols).tolist()
+            small = [j for j, p in enumerate(scaled) if p < 1.0]
+            large = [j for j, p in enumerate(scaled) if p >= 1.0]
+            while small and large:
+                s, big = small.pop(), large.pop()
+                keep[r, s], alias[r, s] = scaled[s], big
+                scaled[big] -= 1.0 - scaled[s]
+                (small if scaled[big] < 1.0 else large).append(big)
+        self.keep, self.alias = keep.flatten(), alias.flatten()
+
+    def sample_dense(self, rows: Tensor, generator: torch.Generator) -> Tensor:
+        """For every entry of ``rows`` (any shape), one draw from that row, returned as the flat
+        index ``row * K + column`` (handy for looking up per-outcome tables)."""
+        u = torch.rand(rows.shape, dtype=torch.float64, generator=generator).mul_(self.n_cols)
+        column = u.long()
+        first = rows * self.n_cols
+        flat = first + column
+        use_alias = u.sub_(column) >= self.keep[flat]
+        return torch.where(use_alias, first.add_(self.alias[flat]), flat)
+
+    def sample(self, rows: Tensor, generator: torch.Generator) -> Tensor:
+        """One draw (a column index) from each row named in ``rows``."""
+        return self.sample_dense(rows, generator) - rows * self.n_cols
+
+
 @runtime_checkable
 class Language(Protocol):
     """What notebooks and training code may rely on, whatever generated the sentences."""

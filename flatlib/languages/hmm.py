@@ -11,16 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.languages.base import PAD, Corpus, Estimate, LanguageBase, check_probability_rows
+from flatlib.languages.base import PAD, Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
 
 PAPER_TASK_POSITIONS = (6, 10)
-
-
-def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One draw per row of ``probs`` [n, K] (rows sum to 1), by inverting the CDF."""
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def dirichlet_rows(rng: np.random.Generator, n_rows: int, n_cols: int, concentration: float,
@@ -73,6 +66,9 @@ class HMM(LanguageBase):
         self.n_states, self.vocab_size = emission.shape
         self.seq_len = self.max_len = seq_len
         self.task_positions = tuple(task_positions)
+        self._initial_sampler = RowSampler(initial[None, :])
+        self._transition_sampler = RowSampler(transition)
+        self._emission_sampler = RowSampler(emission)
 
     @classmethod
     def random(cls, n_states: int = 100, vocab_size: int = 200, seq_len: int = 16,
@@ -106,12 +102,12 @@ class HMM(LanguageBase):
         generator = torch.Generator().manual_seed(seed)
         states = torch.empty(n, self.seq_len, dtype=torch.long)
         tokens = torch.empty(n, self.seq_len, dtype=torch.long)
-        h = sample_categorical(self.initial.expand(n, -1), generator)
+        h = self._initial_sampler.sample(torch.zeros(n, dtype=torch.long), generator)
         for t in range(self.seq_len):
             if t > 0:
-                h = sample_categorical(self.transition[h], generator)
+                h = self._transition_sampler.sample(h, generator)
             states[:, t] = h
-            tokens[:, t] = sample_categorical(self.emission[h], generator)
+            tokens[:, t] = self._emission_sampler.sample(h, generator)
         lengths = torch.full((n,), self.seq_len, dtype=torch.long)
         return Corpus(tokens, lengths, {"states": states})
 
@@ -203,4 +199,4 @@ class HMM(LanguageBase):
         return Estimate.of(self.posterior(corpus)[:, position].max(dim=-1).values)
 
 
-__all__ = ["HMM", "PAD", "sample_categorical"]
+__all__ = ["HMM"]
