@@ -1,0 +1,238 @@
+"""A small pre-LN transformer with a masked-LM head (and a causal mode), in nanoGPT's tone.
+
+Token ids: the language's words are ``0..V-1``; the model's special tokens come after them
+(``PAD = V``, ``MASK = V+1``, ``CLS = V+2``, ``EOS = V+3``). The MLM head predicts words only.
+
+Attention has two paths that compute the same function: PyTorch's fused
+``scaled_dot_product_attention`` (fast, for training) and an explicit softmax path, which is the one
+to use whenever second derivatives are taken (fused kernels are not twice differentiable). Switch
+with ``model.explicit_attention = True`` or the ``explicit_attention(model)`` context manager.
+
+``widen(model, factor)`` embeds a trained model into one ``factor`` times wider that computes exactly
+the same function, so that Hessian traces of models of different sizes can be compared in one
+parameterization (as the paper does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+N_SPECIAL = 4  # PAD, MASK, CLS, EOS
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int  # the language's words (the MLM head's outputs)
+    max_len: int  # longest input sequence
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 64
+    d_ff: int = 256  # width of the MLP's hidden layer
+    causal: bool = False  # next-token model instead of a bidirectional encoder
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "n_layer", "n_head", "d_model", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model: {self.d_model} is not divisible by n_head={self.n_head}")
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab_size + 2
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab_size + 3
+
+    @property
+    def n_tokens(self) -> int:
+        return self.vocab_size + N_SPECIAL
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.explicit = False  # set by Transformer.explicit_attention
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # x: [B, L, d]; mask: [B, 1, L, L] bool, True where attention is allowed
+        b, length, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.explicit:  # twice differentiable
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
+            scores = scores.masked_fill(~mask, float("-inf"))
+            y = F.softmax(scores, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.n_tokens, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def explicit_attention(self) -> bool:
+        return all(block.attn.explicit for block in self.blocks)
+
+    @explicit_attention.setter
+    def explicit_attention(self, value: bool) -> None:
+        for block in self.blocks:
+            block.attn.explicit = bool(value)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def attention_mask(self, tokens: Tensor) -> Tensor:
+        """[B, 1, L, L] bool: keys that are not padding (and, if causal, not in the future)."""
+        keys = (tokens != self.config.pad_id)[:, None, None, :]
+        if self.config.causal:
+            length = tokens.shape[1]
+            keys = keys & torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        # a padding query with no allowed key would give NaN: let it attend to itself
+        eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        return keys | eye
+
+    def features(self, tokens: Tensor) -> Tensor:
+        """[B, L] model token ids -> [B, L, d_model], the final (layer-normed) representations."""
+        if tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"tokens: length {tokens.shape[1]} > max_len {self.config.max_len}")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(positions)
+        mask = self.attention_mask(tokens)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """[B, L] model token ids -> [B, L, V] logits over the language's words."""
+        return self.head(self.features(tokens))
+
+
+@contextlib.contextmanager
+def explicit_attention(model: Transformer) -> Iterator[Transformer]:
+    """Use the twice-differentiable attention path inside the block; restore the previous setting."""
+    previous = [block.attn.explicit for block in model.blocks]
+    model.explicit_attention = True
+    try:
+        yield model
+    finally:
+        for block, flag in zip(model.blocks, previous):
+            block.attn.explicit = flag
+
+
+@torch.no_grad()
+def widen(model: Transformer, factor: int) -> Transformer:
+    """A model ``factor`` times wider (d_model, d_ff and the number of heads) computing the same
+    function.
+
+    The residual stream of the wide model is ``factor`` copies of the narrow one, ``x' = [x, ..., x]``.
+    This is what makes LayerNorm work: the copies have the same mean and variance as ``x``, so
+    ``LN(x') = [LN(x), ..., LN(x)]`` with tiled gain and bias. (Zero-padding ``x`` instead would
+    change both statistics; that is the trap the authors' enlarge.py falls into.) A linear map
+    between copied vectors gets blocks ``W / factor`` (each output copy averages the input copies);
+    the head, whose output is not copied, gets ``[W, ..., W] / factor``. Heads are copied too
+    (``n_head * factor`` heads of the same size), so every attention pattern is unchanged.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor: expected a positive integer, got {factor!r}")
+    c = model.config
+    wide_config = replace(c, d_model=c.d_model * factor, d_ff=c.d_ff * factor, n_head=c.n_head * factor)
+    wide = Transformer(wide_config).to(next(model.parameters()).dtype)
+    wide.explicit_attention = model.explicit_attention
+
+    def tile(t: Tensor) -> Tensor:  # a vector living in a copied space
+        return t.repeat(factor)
+
+    def copy_to_copy(w: Tensor) -> Tensor:  # [out, in] between copied spaces
+        return torch.kron(torch.ones(factor, factor, dtype=w.dtype), w) / factor
+
+    def linear(dst: nn.Linear, src: nn.Linear) -> None:
+        dst.weight.copy_(copy_to_copy(src.weight))
+        dst.bias.copy_(tile(src.bias))
+
+    def layer_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
+        dst.weight.copy_(tile(src.weight))
+        dst.bias.copy_(tile(src.bias))
+
+    wide.tok_emb.weight.copy_(model.tok_emb.weight.repeat(1, factor))
+    wide.pos_emb.weight.copy_(model.pos_emb.weight.repeat(1, factor))
+    d = c.d_model
+    for wb, b in zip(wide.blocks, model.blocks):
+        layer_norm(wb.ln_1, b.ln_1)
+        layer_norm(wb.ln_2, b.ln_2)
+        # qkv: the narrow output is [q | k | v]; each of q, k, v becomes its own copied space
+        w, bias = b.attn.qkv.weight, b.attn.qkv.bias
+        wb.attn.qkv.weight.copy_(torch.cat([copy_to_copy(w[i * d:(i + 1) * d]) for i in range(3)]))
+        wb.attn.qkv.bias.copy_(torch.cat([tile(bias[i * d:(i + 1) * d]) for i in range(3)]))
+        linear(wb.attn.proj, b.attn.proj)
+        linear(wb.mlp.fc, b.mlp.fc)
+        linear(wb.mlp.proj, b.mlp.proj)
+    layer_norm(wide.ln_f, model.ln_f)
+    wide.head.weight.copy_(model.head.weight.repeat(1, factor) / factor)
+    wide.head.bias.copy_(model.head.bias)
+    return wide

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from flatlib.model import Transformer, TransformerConfig, explicit_attention, widen
+
+
+def tiny(causal=False, **kw):
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=11, max_len=7, n_layer=2, n_head=2, d_model=8, d_ff=16,
+                               causal=causal, **kw)
+    model = Transformer(config)
+    # non-trivial LayerNorm gains and biases, so widening is tested where it can go wrong
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def batch(config, n=5):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, config.vocab_size, (n, config.max_len), generator=g)
+    tokens[0, 5:] = config.pad_id
+    tokens[1, 2] = config.mask_id
+    return tokens
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_and_explicit_attention_agree(causal):
+    model = tiny(causal).eval()
+    tokens = batch(model.config)
+    fast = model(tokens)
+    with explicit_attention(model):
+        assert model.explicit_attention
+        slow = model(tokens)
+    assert not model.explicit_attention
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_attention_is_twice_differentiable():
+    model = tiny().eval()
+    tokens = batch(model.config)
+    with explicit_attention(model):
+        loss = model(tokens).logsumexp(-1).mean()
+        params = [p for p in model.parameters()]
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        v = [torch.randn_like(p) for p in params]
+        hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params)
+    assert all(torch.isfinite(h).all() for h in hvp)
+    assert sum(h.abs().sum() for h in hvp) > 0
+
+
+def test_padding_does_not_leak():
+    """A padded sentence gets the same outputs as the same sentence without its padding."""
+    model = tiny().eval()
+    tokens = batch(model.config)  # row 0: 5 words, then padding
+    torch.testing.assert_close(model(tokens[:1])[0, :5], model(tokens[:1, :5])[0], atol=1e-6, rtol=0)
+
+
+def test_causal_model_ignores_the_future():
+    model = tiny(causal=True).eval()
+    tokens = batch(model.config)
+    changed = tokens.clone()
+    changed[:, 4:] = 3
+    torch.testing.assert_close(model(changed)[:, :4], model(tokens)[:, :4])
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_widen_preserves_the_function(factor, causal):
+    model = tiny(causal).eval()
+    tokens = batch(model.config)
+    wide = widen(model, factor).eval()
+    assert wide.config.d_model == 8 * factor and wide.config.n_head == 2 * factor
+    assert wide.n_params() > model.n_params() or factor == 1
+    torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
+    with explicit_attention(wide):
+        torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
+
+
+def test_widen_in_float64_is_exact():
+    model = tiny().double().eval()
+    tokens = batch(model.config)
+    torch.testing.assert_close(widen(model, 4).eval()(tokens), model(tokens), atol=1e-12, rtol=0)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="d_model"):
+        TransformerConfig(vocab_size=5, max_len=4, n_head=3, d_model=8)
+    with pytest.raises(ValueError, match="n_layer"):
+        TransformerConfig(vocab_size=5, max_len=4, n_layer=0)
+    with pytest.raises(ValueError, match="factor"):
+        widen(tiny(), 0)
+    with pytest.raises(ValueError, match="tokens: length"):
+        tiny()(torch.zeros(1, 9, dtype=torch.long))
