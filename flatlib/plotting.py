@@ -28,8 +28,10 @@ def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -
     ``note`` (what the error bars are, how many samples...). Returns the PNG path."""
     if not name or "/" in name:
         raise ValueError(f"name: expected a plain file name, got {name!r}")
-    fig.text(0.01, -0.02, f"profile={profile} · seed={seed} · {note}", fontsize=8, color="0.35",
-             ha="left", va="top")
+    # the footer goes below everything already drawn (tick labels can reach below the axes)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    fig.text(box.x0 / fig.get_figwidth(), box.y0 / fig.get_figheight() - 0.01,
+             f"profile={profile} · seed={seed} · {note}", fontsize=8, color="0.35", ha="left", va="top")
     folder = figures_dir(profile)
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{name}.png"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from flatlib.languages import HMM, PCFG, PAD, Corpus
@@ -67,6 +68,7 @@ def draw_hidden_path(ax: plt.Axes, hmm: HMM, corpus: Corpus, index: int) -> Axes
     ax.set_xticks(range(length), [f"{t}\nw{w}" for t, w in enumerate(words)], fontsize=8)
     ax.set_xlabel("position / emitted word")
     ax.set_ylabel("hidden state")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(False)
     return image
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -209,8 +210,7 @@ class PCFG(LanguageBase):
         self.unary_closure = closure
         # only the (B, C) pairs some rule uses enter the inside recursion
         flat = binary.reshape(n, n * n)
-        self._pairs = flat.abs().sum(dim=0).nonzero().squeeze(1)
-        self._pair_rules = flat[:, self._pairs].T.contiguous()  # [P, N]
+        self._pair_blocks, self._pair_rules = self._blocks_of_pairs(binary)
         # sampling tables: per non-terminal, its rules padded to the longest list
         width = max(len(r) for r in per_lhs.values())
         self._rule_probs = torch.zeros(n, width, dtype=torch.float64)
@@ -223,6 +223,41 @@ class PCFG(LanguageBase):
         self._rule_first = self._rule_rhs[..., 0].flatten()  # by flat rule index lhs * width + j
         self._rule_second = self._rule_rhs[..., 1].flatten()
         self._length_bounds()
+
+    @staticmethod
+    def _blocks_of_pairs(binary: Tensor) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        """The (left child, right child) pairs some binary rule uses, grouped into dense blocks.
+
+        Pairs are the edges of a bipartite graph between left and right children; each connected
+        component is a block ``rows x cols`` whose products one small matrix multiplication gives.
+        In the paper's level-structured grammars a block is one level (10 x 10 of 3600 possible
+        pairs), so this skips ~90% of the work of a dense product. Returns the blocks as
+        (rows, cols, used: flat indices into rows x cols) and the rule matrix [P, N] mapping the
+        pairs, in block order, to parents.
+        """
+        n = binary.shape[0]
+        used = binary.abs().sum(dim=0) > 0  # [N, N]: (B, C) used by some rule
+        component = list(range(2 * n))  # union-find over left nodes 0..n-1 and right nodes n..2n-1
+
+        def root(x: int) -> int:
+            while component[x] != x:
+                component[x] = component[component[x]]
+                x = component[x]
+            return x
+
+        for b, c in used.nonzero().tolist():
+            component[root(b)] = root(n + c)
+        blocks, columns = [], []
+        for r in sorted({root(b) for b, _ in used.nonzero().tolist()}):
+            rows = torch.tensor([b for b in range(n) if used[b].any() and root(b) == r])
+            cols = torch.tensor([c for c in range(n) if used[:, c].any() and root(n + c) == r])
+            block_used = used[rows][:, cols].flatten().nonzero().squeeze(1)
+            blocks.append((rows, cols, block_used))
+            pair_b = rows[block_used // len(cols)]
+            pair_c = cols[block_used % len(cols)]
+            columns.append(binary[:, pair_b, pair_c].T)  # [P_block, N]
+        rules = torch.cat(columns) if columns else torch.zeros(0, n, dtype=binary.dtype)
+        return blocks, rules.contiguous()
 
     def _topological_order(self, children: dict[int, set[int]]) -> list[int]:
         """Non-terminals, children before parents; ValueError naming a cycle if there is one."""
@@ -253,24 +288,24 @@ class PCFG(LanguageBase):
         return order
 
     def _length_bounds(self) -> None:
-        """Shortest / longest yield and largest derivation tree of every non-terminal."""
-        n = self.n_nonterminals
-        lo, hi, nodes = [0] * n, [0] * n, [0] * n
+        """The possible yield lengths and the largest derivation tree of every non-terminal."""
+        n, v = self.n_nonterminals, self.vocab_size
+        yields: list[set[int]] = [set() for _ in range(n)]
+        nodes = [0] * n
         for a in self._topological:  # children first
-            options = []
             for prob, (first, second) in zip(self._rule_probs[a].tolist(), self._rule_rhs[a].tolist()):
                 if prob <= 0:
                     continue
                 parts = [s for s in (first, second) if s != PAD]
-                bounds = [(1, 1, 0) if s < self.vocab_size else
-                          (lo[s - self.vocab_size], hi[s - self.vocab_size], nodes[s - self.vocab_size])
-                          for s in parts]
-                options.append(tuple(sum(b[i] for b in bounds) for i in range(3)))
-            lo[a] = min(o[0] for o in options)
-            hi[a] = max(o[1] for o in options)
-            nodes[a] = 1 + max(o[2] for o in options)
+                lengths, size = {0}, 1
+                for s in parts:
+                    lengths = {x + y for x in lengths for y in ({1} if s < v else yields[s - v])}
+                    size += 0 if s < v else nodes[s - v]
+                yields[a] |= lengths
+                nodes[a] = max(nodes[a], size)
+        self.yield_lengths = [frozenset(y) for y in yields]  # by index into nonterminals
         s = self.nonterminals.index(self.start)
-        self.min_len, self.max_len, self._max_nodes = lo[s], hi[s], nodes[s]
+        self.min_len, self.max_len, self._max_nodes = min(yields[s]), max(yields[s]), nodes[s]
 
     @classmethod
     def random(cls, seed: int = 0, depth: int = 4, n_types: int = 9, n_per_level: int = 10,
@@ -490,7 +525,10 @@ class PCFG(LanguageBase):
             weights = torch.exp(scale - top[..., None])
             left = torch.stack(lefts, dim=-1) * weights[:, :, None, :]  # [B, S, N, K]
             right = torch.stack(rights, dim=-2)  # [B, S, K, N]
-            pairs = (left @ right).reshape(*top.shape, n * n)[..., self._pairs]  # sum over splits
+            pairs = torch.cat([  # sum over splits of left x right, for the pairs rules use
+                (left[:, :, rows] @ right[..., cols]).flatten(start_dim=2)[..., used]
+                for rows, cols, used in self._pair_blocks
+            ], dim=-1)
             vec = (pairs @ self._pair_rules) @ closure_t
             chart.append(rescale(vec, top))
         return chart
@@ -505,12 +543,23 @@ class PCFG(LanguageBase):
         index = (width - 1)[:, None]
         return torch.log(vecs.gather(1, index).squeeze(1)) + scales.gather(1, index).squeeze(1)
 
+    def _length_groups(self, corpus: Corpus) -> Iterator[tuple[Tensor, int]]:
+        """(indices, length) of batches of sentences of one length: the chart of a batch is as wide
+        as its longest sentence and costs O(length^3), so mixing lengths wastes most of the work."""
+        for length in corpus.lengths.unique().tolist():
+            indices = (corpus.lengths == length).nonzero().squeeze(1)
+            for start in range(0, len(indices), self.chunk_size):
+                yield indices[start : start + self.chunk_size], length
+
     def log_prob(self, corpus: Corpus) -> Tensor:
         """``[n]`` log p(x) of each sentence (inside algorithm)."""
         self.check_corpus(corpus)
+        out = torch.empty(len(corpus), dtype=torch.float64)
         with torch.no_grad():
-            chart = self._inside(self._leaves(corpus)[:, : int(corpus.lengths.max())])
-            return self._log_inside(chart, corpus.lengths, self.nonterminals.index(self.start))
+            for indices, length in self._length_groups(corpus):
+                chart = self._inside(self._leaves(corpus[indices])[:, :length])
+                out[indices] = self._log_inside(chart, corpus.lengths[indices], self.nonterminals.index(self.start))
+        return out
 
     def mlm_conditionals(self, corpus: Corpus) -> Tensor:
         """``[n, L, V]`` float64: p(x_t = w | all other words), every position (inside-outside).
@@ -520,20 +569,19 @@ class PCFG(LanguageBase):
         """
         self.check_corpus(corpus)
         out = torch.zeros(len(corpus), corpus.max_len, self.vocab_size, dtype=torch.float64)
-        for offset in range(0, len(corpus), self.chunk_size):
-            chunk = corpus[offset : offset + self.chunk_size]
-            length = int(chunk.lengths.max())
+        for indices, length in self._length_groups(corpus):
+            chunk = corpus[indices]
             leaves = self._leaves(chunk)[:, :length].requires_grad_(True)
             chart = self._inside(leaves)
             log_z = self._log_inside(chart, chunk.lengths, self.nonterminals.index(self.start))
             impossible = (~torch.isfinite(log_z)).nonzero()
             if impossible.numel():
-                raise ValueError(f"corpus: sentence {offset + int(impossible[0])} has probability 0 "
+                raise ValueError(f"corpus: sentence {int(indices[impossible[0]])} has probability 0 "
                                  "under this grammar")
             (outside,) = torch.autograd.grad(log_z.sum(), leaves)  # [B, L, N] = outside / Z
             scores = outside @ self.lexical  # [B, L, V]; equals 1 at the true word
             norm = scores.sum(dim=-1, keepdim=True)
-            out[offset : offset + len(chunk), :length] = torch.where(norm > 0, scores / norm, 0.0)
+            out[indices, :length] = torch.where(norm > 0, scores / norm, 0.0)
         return out
 
     def _prefix_terms(self, corpus: Corpus) -> tuple[Tensor, Tensor]:
@@ -629,14 +677,18 @@ class PCFG(LanguageBase):
     def task_classes(self, task: str) -> list[str]:
         """The candidate labels of ``task``: the sentence types (non-terminals the start symbol
         rewrites to by a unary rule, S1..S9 in the paper's grammar) for whole-sentence tasks;
-        every non-terminal of the grammar but the start symbol for prefix tasks."""
+        for prefix tasks, every non-terminal but the start symbol that can derive a span of the
+        task's length (the others could never be the label)."""
         if task not in self.task_spans:
             raise ValueError(f"task: unknown task {task!r}; this grammar has {self.tasks}")
         start = self.nonterminals.index(self.start)
         types = [self.nonterminals[b] for b in self.unary[start].nonzero().squeeze(1).tolist()]
-        if self.task_spans[task] is None and types:
+        span = self.task_spans[task]
+        if span is None and types:
             return types
-        return [a for a in self.user_nonterminals if a != self.start]
+        return [a for i, a in enumerate(self.nonterminals)
+                if not a.startswith("<") and a != self.start
+                and (span is None or span in self.yield_lengths[i])]
 
     def n_classes(self, task: str) -> int:
         return len(self.task_classes(task))
@@ -650,16 +702,15 @@ class PCFG(LanguageBase):
         span = self.task_spans[task]
         self.check_corpus(corpus)
         labels = torch.full((len(corpus),), -1, dtype=torch.long)
-        for offset in range(0, len(corpus), self.chunk_size):
-            chunk = corpus[offset : offset + self.chunk_size]
-            width = chunk.lengths if span is None else torch.full_like(chunk.lengths, span)
-            ok = width <= chunk.lengths
-            with torch.no_grad():
-                chart = self._inside(self._leaves(chunk)[:, : int(chunk.lengths.max())])
-            vecs = torch.stack([vec[:, 0] for vec, _ in chart], dim=1)  # [B, L, N]
-            scores = vecs[torch.arange(len(chunk)), (width.clamp(max=vecs.shape[1]) - 1)][:, candidates]
+        for indices, length in self._length_groups(corpus):
+            if span is not None and span > length:
+                continue  # no label: the sentence is shorter than the span
+            width = length if span is None else span
+            with torch.no_grad():  # only spans starting at 0 are needed: a chart of the prefix
+                chart = self._inside(self._leaves(corpus[indices])[:, :width])
+            scores = chart[width - 1][0][:, 0, candidates]
             best = scores.max(dim=1)
-            labels[offset : offset + len(chunk)] = torch.where(ok & (best.values > 0), best.indices, -1)
+            labels[indices] = torch.where(best.values > 0, best.indices, -1)
         return labels
 
 
