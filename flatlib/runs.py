@@ -1,0 +1,198 @@
+"""The run store: every training run in a directory keyed by a hash of its whole config.
+
+```
+runs/<hash>/config.json           the config (the hash is of this, canonical JSON)
+runs/<hash>/metrics.csv           one row per evaluation
+runs/<hash>/ckpt_00001000.safetensors   model + optimizer tensors, metadata in the header
+runs/<hash>/ckpt_00001000.sha256  written after the checkpoint: its digest (no digest = incomplete)
+runs/<hash>/FINISHED              the run's summary (JSON); present = complete
+```
+
+Every write is atomic (a temporary file in the same directory, then ``os.replace``), so a crash
+leaves either the old file or the new one. Checkpoints are safetensors (no pickled code runs on
+load) and are verified against their digest before use: a corrupt or truncated checkpoint raises
+``CorruptCheckpointError`` naming the file; it is never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+DEFAULT_ROOT = Path(os.environ.get("FLATLIB_RUNS", Path(__file__).resolve().parents[1] / "runs"))
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose bytes do not match its recorded digest, or that cannot be parsed."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def config_hash(config: dict) -> str:
+    """16 hex digits of the SHA-256 of the config's canonical JSON."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]  # JSON-able: optimizer hyper-parameters, counters...
+
+
+class Run:
+    """One run's directory. Create through ``RunStore.open``."""
+
+    def __init__(self, directory: Path, config: dict) -> None:
+        self.dir = Path(directory)
+        self.config = config
+
+    @property
+    def key(self) -> str:
+        return self.dir.name
+
+    def __repr__(self) -> str:
+        return f"Run({self.key}, {'finished' if self.finished else 'partial'})"
+
+    # ---------------------------------------------------------------- metrics
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.csv"
+
+    def metrics(self) -> pd.DataFrame:
+        if not self.metrics_path.exists():
+            return pd.DataFrame()
+        return pd.read_csv(self.metrics_path)
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Replace the metrics with ``rows`` (atomically: the file is small)."""
+        atomic_write(self.metrics_path, pd.DataFrame(rows).to_csv(index=False))
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.dir / f"ckpt_{step:08d}.safetensors"
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (those with a digest), in order."""
+        steps = []
+        for path in self.dir.glob("ckpt_*.safetensors"):
+            if path.with_suffix(".sha256").exists():
+                steps.append(int(path.stem.split("_")[1]))
+        return sorted(steps)
+
+    def save_checkpoint(self, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
+        path = self.checkpoint_path(step)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        data = save_safetensors(tensors, metadata={"state": canonical_json({"step": step, **state})})
+        atomic_write(path, data)
+        atomic_write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
+        return path
+
+    def load_checkpoint(self, step: int | None = None) -> Checkpoint | None:
+        """The checkpoint at ``step`` (default: the latest complete one), verified; None if none."""
+        steps = self.checkpoint_steps()
+        if step is None:
+            if not steps:
+                return None
+            step = steps[-1]
+        path = self.checkpoint_path(step)
+        digest_path = path.with_suffix(".sha256")
+        if not path.exists() or not digest_path.exists():
+            raise FileNotFoundError(f"no complete checkpoint at step {step} in {self.dir}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
+            raise CorruptCheckpointError(
+                f"{path}: contents do not match the recorded SHA-256 (truncated or corrupted); "
+                "delete it (and its .sha256) to resume from the previous checkpoint"
+            )
+        try:
+            tensors = load_safetensors(data)
+            header_len = int.from_bytes(data[:8], "little")
+            state = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["state"])
+        except (SafetensorError, ValueError, KeyError) as error:
+            raise CorruptCheckpointError(f"{path}: unreadable ({error})") from None
+        return Checkpoint(int(state.pop("step")), tensors, state)
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the last ``keep`` complete checkpoints (and any incomplete ones)."""
+        complete = self.checkpoint_steps()
+        keep_steps = set(complete[-keep:]) if keep > 0 else set()
+        for path in self.dir.glob("ckpt_*.safetensors"):
+            if int(path.stem.split("_")[1]) not in keep_steps:
+                path.with_suffix(".sha256").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- completion
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "FINISHED").exists()
+
+    def mark_finished(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.dir / "FINISHED", canonical_json(summary))
+
+    def summary(self) -> dict[str, Any]:
+        if not self.finished:
+            raise RuntimeError(f"{self}: not finished")
+        return json.loads((self.dir / "FINISHED").read_text())
+
+
+class RunStore:
+    """A folder of runs keyed by config hash (default ``runs/`` in the repository, or
+    ``$FLATLIB_RUNS``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else DEFAULT_ROOT
+
+    def path(self, config: dict) -> Path:
+        return self.root / config_hash(config)
+
+    def open(self, config: dict) -> Run:
+        """The run of ``config``: existing (finished or partial) or newly created."""
+        directory = self.path(config)
+        config_path = directory / "config.json"
+        if config_path.exists():
+            stored = json.loads(config_path.read_text())
+            if canonical_json(stored) != canonical_json(config):
+                raise RuntimeError(f"{config_path}: hash collision or edited config; refusing to reuse it")
+        else:
+            atomic_write(config_path, json.dumps(config, sort_keys=True, indent=2))
+        return Run(directory, config)
+
+    def find(self, config: dict) -> Run | None:
+        """The run of ``config`` if it exists."""
+        directory = self.path(config)
+        return Run(directory, config) if (directory / "config.json").exists() else None
+
+    def __iter__(self) -> Iterator[Run]:
+        for config_path in sorted(self.root.glob("*/config.json")):
+            yield Run(config_path.parent, json.loads(config_path.read_text()))

@@ -1,0 +1,169 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatlib.runs import CorruptCheckpointError, RunStore
+from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain, single_mask_batch
+
+TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    base = dict(language=TINY_HMM, model=TINY_MODEL, steps=60, batch_size=64, eval_every=20,
+                checkpoint_every=20, eval_pairs=512, warmup_steps=10, lr=3e-3)
+    return PretrainConfig(**{**base, **overrides})
+
+
+def test_tiny_model_reaches_the_optimum(tmp_path):
+    """The smoke profile's epsilon: a 2x32 model gets within 0.02 nats of the exact optimum, and its
+    loss never beats it (the two gap estimates agree within their standard errors)."""
+    config = tiny_config(steps=1500, batch_size=128, eval_every=250, checkpoint_every=500,
+                         warmup_steps=100, schedule="linear", eval_pairs=4096)
+    run = pretrain(config, RunStore(tmp_path), progress=False)
+    metrics = run.metrics()
+    last = metrics.iloc[-1]
+    assert last["gap"] <= 0.02, metrics
+    assert metrics["gap"].iloc[0] > 0.2  # it started far away
+    assert abs(last["gap"] - last["gap_paired"]) < 4 * (last["gap_paired_se"] + last["gap_se"])
+    assert (metrics["gap"] > 0).all()
+
+
+def test_masks_are_independent_of_the_sentences():
+    """Regression: drawing the masked positions from the sentences' own random stream made the
+    position predictive of the hidden states, and a model beat the 'optimum'."""
+    config = tiny_config()
+    from flatlib.train import _mask_generator, _training_corpus, build_language
+
+    language = build_language(config.language)
+    corpus = _training_corpus(config, language, 0, None)
+    _, positions, _ = single_mask_batch(corpus, 9, 8, _mask_generator(config, 0))
+    first_states = corpus.latents["states"][:, 0]
+    # under independence, the mean position is the same whatever the first hidden state
+    means = torch.stack([positions[first_states == h].double().mean() for h in first_states.unique()])
+    assert means.max() - means.min() < 2.0
+
+
+def test_finished_run_is_returned_without_training(tmp_path):
+    store = RunStore(tmp_path)
+    run = pretrain(tiny_config(), store, progress=False)
+    stamp = (run.dir / "FINISHED").stat().st_mtime_ns
+    start = time.perf_counter()
+    again = pretrain(tiny_config(), store, progress=False)
+    assert time.perf_counter() - start < 1.0
+    assert again.dir == run.dir and (run.dir / "FINISHED").stat().st_mtime_ns == stamp
+
+
+def test_deterministic_and_resume_is_bit_identical(tmp_path):
+    config = tiny_config()
+    a = pretrain(config, RunStore(tmp_path / "a"), progress=False)
+    b_store = RunStore(tmp_path / "b")
+    b = pretrain(config, b_store, progress=False)
+    assert a.metrics().equals(b.metrics())
+    # interrupt b by hand: drop its last checkpoints and the finished marker, then resume
+    (b.dir / "FINISHED").unlink()
+    for step in (40, 60):
+        b.checkpoint_path(step).unlink()
+        b.checkpoint_path(step).with_suffix(".sha256").unlink()
+    resumed = pretrain(config, b_store, progress=False)
+    assert resumed.metrics().equals(a.metrics())
+    wa, wb = load_model(a).state_dict(), load_model(resumed).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_then_rerun_gives_identical_results(tmp_path):
+    config = tiny_config(steps=400, eval_every=50, checkpoint_every=50)
+    reference = pretrain(config, RunStore(tmp_path / "ref"), progress=False)
+    store_dir = tmp_path / "killed"
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from flatlib.runs import RunStore\nfrom flatlib.train import PretrainConfig, pretrain\n"
+        f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store_dir)!r}), progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    run_dir = RunStore(store_dir).path(config.to_dict())
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(run_dir.glob("ckpt_*.sha256"))) < 3:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = RunStore(store_dir).open(config.to_dict())
+    assert not killed.finished, "the run finished before it could be killed; make it longer"
+    resumed = pretrain(config, RunStore(store_dir), progress=False)
+    assert resumed.metrics().equals(reference.metrics())
+    wa, wb = load_model(reference).state_dict(), load_model(resumed).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    store = RunStore(tmp_path)
+    run = pretrain(tiny_config(), store, progress=False)
+    (run.dir / "FINISHED").unlink()
+    path = run.checkpoint_path(60)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match="ckpt_00000060"):
+        pretrain(tiny_config(), store, progress=False)
+
+
+def test_stop_rule_and_continuation(tmp_path):
+    store = RunStore(tmp_path)
+    config = tiny_config(steps=2000, eval_every=20, stop_gap=0.2, extra_steps=40)
+    run = pretrain(config, store, progress=False)
+    summary = run.summary()
+    assert summary["reached_at"] is not None and summary["steps"] == summary["reached_at"] + 40
+    child = tiny_config(optimizer="sgd", lr=0.05, warmup_steps=0, steps=40,
+                        init_from={"config": config.to_dict(), "step": summary["steps"]})
+    child_run = pretrain(child, store, progress=False)
+    first = child_run.metrics().iloc[0]
+    parent_last = run.metrics().iloc[-1]
+    assert first["gap"] == pytest.approx(parent_last["gap"], abs=1e-12)  # it starts where the parent ended
+
+
+def test_learning_rate_schedules():
+    config = tiny_config(lr=1.0, warmup_steps=10, steps=110, schedule="linear", min_lr=0.0)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 60) == pytest.approx(0.5)
+    cosine = tiny_config(lr=1.0, warmup_steps=0, steps=100, schedule="cosine", min_lr=0.1)
+    assert learning_rate(cosine, 50) == pytest.approx(0.55)
+    assert learning_rate(tiny_config(lr=0.5, warmup_steps=0), 1000) == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"steps": -5}, "steps"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"stop_gap": 0.0}, "stop_gap"),
+        ({"stop_gap": -1e-3}, "stop_gap"),
+        ({"lr": 0}, "lr"),
+        ({"schedule": "step"}, "schedule"),
+        ({"mask_rate": 1.5}, "mask_rate"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"language": {"kind": "lstm"}}, "language.kind"),
+        ({"language": {**TINY_HMM, "n_states": 0}}, "language.n_states"),
+        ({"model": {"d_model": 30, "n_head": 4}}, "d_model"),
+        ({"model": {"vocab_size": 3}}, "model"),
+        ({"init_from": {"step": 3}}, "init_from"),
+    ],
+)
+def test_invalid_configs_name_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        config = tiny_config(**overrides)
+        from flatlib.train import build_language, model_config
+
+        model_config(config, build_language(config.language))
+
+
+def test_supervise_all_and_multi_mask_train(tmp_path):
+    store = RunStore(tmp_path)
+    for overrides in ({"supervise_all": True}, {"mask_rate": 0.15}):
+        run = pretrain(tiny_config(steps=20, eval_every=10, checkpoint_every=10, **overrides), store, progress=False)
+        metrics = run.metrics()
+        assert metrics["gap"].iloc[-1] < metrics["gap"].iloc[0]
