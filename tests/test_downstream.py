@@ -1,0 +1,77 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flatlib.downstream import (
+    finetune, fit_logistic, linear_probe, lookup_table_features, mean_ci, model_features, pool,
+)
+from flatlib.languages import HMM
+from flatlib.model import Transformer, TransformerConfig
+
+
+def hmm_task():
+    hmm = HMM.random(n_states=4, vocab_size=8, seq_len=6, concentration=0.5, seed=3, task_positions=(3,))
+    corpus = hmm.sample(3000, seed=0)
+    return hmm, corpus, hmm.task_labels(corpus, "state@3")
+
+
+def test_mean_ci_matches_the_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_logistic_regression_separates_separable_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    w = fit_logistic(x, y, 2, l2=1e-4)
+    logits = torch.cat([x, torch.ones(400, 1, dtype=x.dtype)], 1) @ w
+    assert float((logits.argmax(1) == y).double().mean()) > 0.97
+
+
+def test_lookup_table_probe_lies_between_majority_and_bayes():
+    hmm, corpus, labels = hmm_task()
+    features = pool(lookup_table_features(hmm, corpus), corpus, "concat")
+    result = linear_probe(features, labels, hmm.n_states, n_train=1500, n_test=1000, n_splits=2, seed=0)
+    majority = float(torch.bincount(labels).max()) / len(labels)
+    bayes = hmm.bayes_accuracy(corpus, "state@3")
+    assert majority + 0.05 < result.accuracy <= bayes.mean + 4 * bayes.stderr + 0.03
+    assert set(result.sweep.index) == {1e-4, 1e-3, 1e-2, 1e-1}
+    again = linear_probe(features, labels, hmm.n_states, n_train=1500, n_test=1000, n_splits=2, seed=0)
+    assert again.split_accuracies == result.split_accuracies  # deterministic given the seed
+
+
+def test_model_features_and_pooling():
+    hmm, corpus, labels = hmm_task()
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=8, max_len=6, d_model=16, d_ff=32))
+    feats = model_features(model, corpus[:10])
+    assert feats.shape == (10, 6, 16)
+    assert pool(feats, corpus[:10], "concat").shape == (10, 96)
+    assert pool(feats, corpus[:10], "mean").shape == (10, 16)
+    torch.testing.assert_close(pool(feats, corpus[:10], "position", 2), feats[:, 2])
+    with pytest.raises(ValueError, match="pooling"):
+        pool(feats, corpus[:10], "max")
+    with pytest.raises(ValueError, match="position"):
+        pool(feats, corpus[:10], "position", 9)
+    accuracy = finetune(model, corpus, labels, hmm.n_states, n_train=500, n_test=500, epochs=2, lr=1e-3,
+                        pooling="position", position=3)
+    assert 0 <= accuracy <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_train": 1, "n_test": 10}, "n_train"),
+        ({"n_train": 5000, "n_test": 10}, "labelled examples"),
+        ({"n_train": 100, "n_test": 10, "l2_grid": ()}, "l2_grid"),
+        ({"n_train": 100, "n_test": 10, "l2_grid": (-1.0,)}, "l2_grid"),
+    ],
+)
+def test_bad_probe_arguments(kwargs, match):
+    hmm, corpus, labels = hmm_task()
+    with pytest.raises(ValueError, match=match):
+        linear_probe(torch.zeros(len(labels), 2), labels, 4, **kwargs)
