@@ -32,8 +32,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from flatlib.languages import HMM, PCFG, Corpus, Language
@@ -335,15 +337,39 @@ def _training_corpus(config: PretrainConfig, language: Language, step: int,
     return fixed[order[index * config.batch_size : (index + 1) * config.batch_size]]
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless launched by torchrun, which sets RANK and WORLD_SIZE.
+    Then a gloo process group is started (CPU; nanoGPT's pattern)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bool = True) -> Run:
-    """Train (or resume, or just return) the run of ``config``. See the module docstring."""
+    """Train (or resume, or just return) the run of ``config``. See the module docstring.
+
+    Under ``torchrun --nproc_per_node K`` the same call trains with DistributedDataParallel: every
+    rank draws the same global batch (a function of (seed, step)) and takes every K-th sentence of
+    it; the loss is scaled so that the averaged gradient is the global batch's. Rank 0 alone writes
+    to the run store.
+    """
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world} processes")
     store = store or RunStore()
-    run = store.open(config.to_dict())
+    if rank == 0:
+        store.open(config.to_dict())
+    if world > 1:
+        dist.barrier()
+    run = store.open(config.to_dict()) if rank == 0 else Run(store.path(config.to_dict()), config.to_dict())
     if run.finished:
         return run
     language = build_language(config.language)
     model = new_model(config, language)
     optimizer = make_optimizer(config, model)
+    net = DistributedDataParallel(model) if world > 1 else model
     mc = model.config
     val = validation_set(config, language)
     fixed = None
@@ -374,6 +400,8 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
                         **evaluate(model, val)})
 
     def save(step: int) -> None:
+        if rank != 0:
+            return
         run.write_metrics(metrics)
         run.save_checkpoint(step, _checkpoint_tensors(model, optimizer),
                             {"reached_at": reached_at, "running": running})
@@ -384,7 +412,8 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     if reached_at is not None:
         end = min(end, reached_at + config.extra_steps)
     model.train()
-    bar = tqdm(total=config.steps, initial=start, disable=not progress or bool(os.environ.get("PYTEST_CURRENT_TEST")),
+    quiet = not progress or rank != 0 or bool(os.environ.get("PYTEST_CURRENT_TEST"))
+    bar = tqdm(total=config.steps, initial=start, disable=quiet,
                desc=f"pretrain {run.key[:8]}", leave=False)
     step = start
     while step < end:
@@ -393,18 +422,28 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             group["lr"] = lr
         corpus = _training_corpus(config, language, step, fixed)
         generator = _mask_generator(config, step)
+        # the global batch's rows, then this rank's share; loss = (sum over my rows) / (global rows)
+        # * world, so that DDP's gradient average is the gradient of the global mean
         if config.mask_rate is None:
             inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id, generator,
                                                            config.supervise_all)
-            logits = model(inputs)[torch.arange(len(inputs)), positions]
-            loss = F.cross_entropy(logits, targets)
+            n_global = len(inputs)
+            inputs, positions, targets = inputs[rank::world], positions[rank::world], targets[rank::world]
+            logits = net(inputs)[torch.arange(len(inputs)), positions]
+            loss = F.cross_entropy(logits, targets, reduction="sum") * (world / n_global)
         else:
             inputs, targets = multi_mask_batch(corpus, mc.mask_id, mc.pad_id, config.mask_rate, generator)
-            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+            n_global = int((targets != -100).sum())
+            inputs, targets = inputs[rank::world], targets[rank::world]
+            loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                   reduction="sum") * (world / n_global)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running += loss.item()
+        global_loss = loss.detach() / world
+        if world > 1:
+            dist.all_reduce(global_loss)
+        running += global_loss.item()
         step += 1
         bar.update(1)
         if step % config.eval_every == 0 or step == end:
@@ -422,7 +461,12 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             save(step)
     bar.close()
     last = metrics[-1]
+    if rank != 0:
+        dist.barrier()  # rank 0 is writing the last checkpoint and the summary
+        return run
     run.mark_finished({"steps": step, "reached_at": reached_at, "final_gap": last["gap"],
                        "final_gap_se": last["gap_se"], "final_val_loss": last["val_loss"],
                        "val_optimum": last["val_optimum"], "n_params": model.n_params()})
+    if world > 1:
+        dist.barrier()
     return run
