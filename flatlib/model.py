@@ -78,14 +78,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.explicit = False  # set by Transformer.explicit_attention
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        # x: [B, L, d]; mask: [B, 1, L, L] bool, True where attention is allowed
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        # x: [B, L, d]; mask: [B, 1, L, L] bool, True where attention is allowed (None: everywhere)
         b, length, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.explicit:  # twice differentiable
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
-            scores = scores.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             y = F.softmax(scores, dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -112,7 +113,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -147,9 +148,13 @@ class Transformer(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def attention_mask(self, tokens: Tensor) -> Tensor:
-        """[B, 1, L, L] bool: keys that are not padding (and, if causal, not in the future)."""
-        keys = (tokens != self.config.pad_id)[:, None, None, :]
+    def attention_mask(self, tokens: Tensor) -> Tensor | None:
+        """[B, 1, L, L] bool: keys that are not padding (and, if causal, not in the future); None
+        when every key is allowed (no padding, not causal), which lets attention skip the mask."""
+        padding = tokens == self.config.pad_id
+        if not self.config.causal and not bool(padding.any()):
+            return None
+        keys = (~padding)[:, None, None, :]
         if self.config.causal:
             length = tokens.shape[1]
             keys = keys & torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
@@ -168,9 +173,14 @@ class Transformer(nn.Module):
             x = block(x, mask)
         return self.ln_f(x)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """[B, L] model token ids -> [B, L, V] logits over the language's words."""
-        return self.head(self.features(tokens))
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """[B, L] model token ids -> [B, L, V] logits over the language's words; with
+        ``positions`` [B], only each row's logits at its position, [B, V] (the head is the largest
+        matmul of a small model: skip it where nothing is predicted)."""
+        features = self.features(tokens)
+        if positions is not None:
+            features = features[torch.arange(len(tokens), device=tokens.device), positions]
+        return self.head(features)
 
 
 @contextlib.contextmanager

@@ -261,8 +261,7 @@ def evaluate(model: Transformer, val: ValidationSet, batch_size: int = 2048) -> 
     log_q = []
     for start in range(0, len(val.inputs), batch_size):
         inputs = val.inputs[start : start + batch_size]
-        rows = torch.arange(len(inputs))
-        logits = model(inputs)[rows, val.positions[start : start + batch_size]]
+        logits = model(inputs, val.positions[start : start + batch_size])
         log_q.append(F.log_softmax(logits.double(), dim=-1))
     model.train(was_training)
     log_q = torch.cat(log_q)
@@ -429,7 +428,7 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
                                                            config.supervise_all)
             n_global = len(inputs)
             inputs, positions, targets = inputs[rank::world], positions[rank::world], targets[rank::world]
-            logits = net(inputs)[torch.arange(len(inputs)), positions]
+            logits = net(inputs, positions)
             loss = F.cross_entropy(logits, targets, reduction="sum") * (world / n_global)
         else:
             inputs, targets = multi_mask_batch(corpus, mc.mask_id, mc.pad_id, config.mask_rate, generator)

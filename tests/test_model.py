@@ -92,3 +92,14 @@ def test_bad_configs_raise():
         widen(tiny(), 0)
     with pytest.raises(ValueError, match="tokens: length"):
         tiny()(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_logits_at_positions_and_unmasked_fast_path():
+    model = tiny().eval()
+    tokens = batch(model.config)
+    positions = torch.tensor([0, 2, 6, 3, 1])
+    full = model(tokens)
+    torch.testing.assert_close(model(tokens, positions), full[torch.arange(5), positions])
+    # rows without padding take the mask-free attention path; same numbers as inside a padded batch
+    torch.testing.assert_close(model(tokens[1:]), full[1:], atol=1e-6, rtol=0)
+    assert model.attention_mask(tokens[1:]) is None and model.attention_mask(tokens) is not None
