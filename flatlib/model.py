@@ -152,7 +152,9 @@ class Transformer(nn.Module):
         """[B, 1, L, L] bool: keys that are not padding (and, if causal, not in the future); None
         when every key is allowed (no padding, not causal), which lets attention skip the mask."""
         padding = tokens == self.config.pad_id
-        if not self.config.causal and not bool(padding.any()):
+        # (the skip branches on the data, which torch.func.vmap cannot trace: the explicit path,
+        # used for second derivatives and per-example gradients, always builds the mask)
+        if not self.config.causal and not self.explicit_attention and not bool(padding.any()):
             return None
         keys = (~padding)[:, None, None, :]
         if self.config.causal:

@@ -1,0 +1,625 @@
+"""Flatness: Hessian-vector products, the Hessian trace, the Fisher trace, the top eigenvalue.
+
+Everything here is about one objective, the *evaluation loss*
+
+    L(theta) = sum_b (n_b / N) * loss_fn(model_theta, batch_b),      N = sum_b n_b,
+
+where ``batches`` is a list of batches, ``n_b`` the leading dimension of batch ``b`` (its number of
+examples: the first tensor of the batch) and ``loss_fn(model, batch) -> scalar`` the *mean* loss over
+the batch's examples. With that convention L is the mean per-example loss over the whole evaluation
+set, whatever the batch sizes (a last, shorter batch counts for what it holds). The derivatives are
+taken with respect to every parameter with ``requires_grad`` (``trainable_parameters``), in the
+order of ``model.named_parameters()``; buffers are held fixed.
+
+Measurement conditions (``hessian_mode``): eval mode (no dropout), the explicit, twice-
+differentiable attention path of a flatlib ``Transformer`` (fused SDPA is not twice differentiable),
+the model's own dtype (float32 or float64; half precision is refused), uncompiled (a
+``torch.compile`` or DDP wrapper is unwrapped). The model is never modified: derivatives are taken
+through ``torch.func.functional_call`` with detached copies of the parameters, so no ``.grad`` is
+touched and the global RNG is never used (probes and sampled labels come from private seeded
+``torch.Generator`` s).
+
+* ``hvp``: ``H v``, by double backward (``mode="reverse"``) or forward-over-reverse
+  (``mode="forward"``, ``torch.func.jvp`` of ``torch.func.grad``). Note: on torch 2.13 CPU,
+  ``torch.func.hessian`` / ``jacrev(jacrev(f))`` give a wrong, asymmetric Hessian for models with an
+  affine LayerNorm, and so does ``jvp(jacrev(f))`` (what curvlinops 3.0.1 uses) for every second
+  derivative involving the LayerNorm gain; both modes here agree with classic double backward and
+  finite differences (tests/test_flatness.py).
+* ``hessian_trace``: Hutchinson, ``Tr H = E_v[v^T H v]`` with Rademacher ``v``, a fixed number of
+  probes, returning a ``TraceEstimate`` (mean, standard error over probes, per-probe samples).
+* ``fisher_trace``: the paper's estimator ``E_x E_{y ~ q_theta(.|x)} ||grad_theta log q_theta(y|x)||^2``
+  with labels sampled from the model; at a global minimum (``q_theta = p``) it equals ``Tr H`` of
+  the expected loss ``E_x E_{y ~ p}[-log q_theta(y|x)]``.
+* ``top_eigenvalue``: power iteration on ``hvp``.
+* MLM helpers for flatlib's single-mask objective: ``mlm_batches``, ``mlm_loss_fn``, ``mlm_logits_fn``.
+
+Every estimate carries a ``description`` of its scale conventions (which loss, reduction, data,
+how many probes) and prints it with the number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from flatlib.model import SelfAttention
+
+LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
+LogitsFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> [m, C] logits, one row per example
+Vector = list[Tensor] | dict[str, Tensor]  # shaped like the trainable parameters
+
+MODES = ("reverse", "forward")
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A trace estimate: ``mean`` +- ``stderr`` (standard error of the mean of ``samples``).
+
+    ``samples``: float64, ``[n_probes]`` for Hutchinson (one ``v^T H v`` per probe, the evaluation
+    set fixed), ``[N]`` for the Fisher trace (one value per example). ``n_probes``: Rademacher
+    probes (Hutchinson) or labels per example (Fisher: sampled ones, or all C classes when exact).
+    ``description``: the scale conventions, printed with the number.
+    """
+
+    mean: float
+    stderr: float
+    samples: Tensor
+    n_probes: int
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} ± {self.stderr:.2g}  ({self.description})"
+
+
+@dataclass(frozen=True)
+class EigenEstimate:
+    """Power iteration's result: the Rayleigh quotient ``value`` of the unit ``vector`` (shaped like
+    the parameters), after ``iterations`` matrix-vector products; ``rel_change`` is
+    ``|value_k - value_{k-1}| / |value_k|`` at the last step, ``converged`` whether it fell below
+    ``tol``."""
+
+    value: float
+    iterations: int
+    rel_change: float
+    converged: bool
+    vector: list[Tensor]
+    description: str
+
+    def __str__(self) -> str:
+        state = "converged" if self.converged else "NOT converged"
+        return (f"{self.value:.6g}  ({self.description}; {state} after {self.iterations} iterations, "
+                f"last relative change {self.rel_change:.1e})")
+
+
+# ---------------------------------------------------------------------------- set-up
+@contextlib.contextmanager
+def hessian_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for every submodule, and the explicit (twice-differentiable) attention path for
+    every flatlib attention layer inside ``model``; both restored module by module on exit (also on
+    an exception). Any other module just gets eval mode."""
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    attention = [m for m in modules if isinstance(m, SelfAttention)]
+    explicit = [m.explicit for m in attention]
+    try:
+        model.eval()
+        for m in attention:
+            m.explicit = True
+        yield model
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag  # not m.train(flag), which would recurse into children
+        for m, flag in zip(attention, explicit):
+            m.explicit = flag
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: parameter}`` for the parameters with ``requires_grad``, in ``named_parameters``
+    order (shared parameters once): the coordinates of every Hessian here."""
+    return {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _parameters(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and detached copies (sharing storage) of the trainable parameters, dtype-checked."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model: has no parameter with requires_grad")
+    for name, p in params.items():
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"model: parameter {name} has dtype {p.dtype}; curvature is measured in "
+                             "float32 or float64 (convert with model.float())")
+    return list(params), [p.detach() for p in params.values()]
+
+
+def _check_batches(batches: Sequence[Any]) -> list[Any]:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: expected a non-empty list of batches")
+    return batches
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected 'reverse' or 'forward', got {mode!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _batch_size(batch: Any) -> int:
+    """Number of examples of a batch: the leading dimension of its first tensor."""
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError("batches: each batch must be a tensor or a tuple/list/dict of tensors "
+                         "whose leading dimension is the example")
+    return leaves[0].shape[0]
+
+
+def _weights(batches: list[Any]) -> tuple[list[float], int]:
+    sizes = [_batch_size(b) for b in batches]
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("batches: all batches are empty")
+    return [n / total for n in sizes], total
+
+
+class _Bound(nn.Module):
+    """``fn(model, batch)`` as a module, so that ``functional_call`` can swap the model's parameters
+    while ``fn`` sees an ordinary module (it may call any method of it, not only ``forward``)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(self.model, batch)
+
+
+def _functional(model: nn.Module, fn: Callable, names: list[str]) -> Callable[[Sequence[Tensor], Any], Any]:
+    """``call(params, batch) = fn(model with its trainable parameters replaced by params, batch)``."""
+    bound = _Bound(model, fn)
+    keys = [f"model.{name}" for name in names]
+
+    def call(params: Sequence[Tensor], batch: Any) -> Tensor:
+        return functional_call(bound, dict(zip(keys, params)), (batch,))
+
+    return call
+
+
+def _scalar_loss(call: Callable, params: Sequence[Tensor], batch: Any) -> Tensor:
+    loss = call(params, batch)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn: must return a scalar tensor (the mean loss over the batch)")
+    return loss
+
+
+def _vector_list(v: Vector, names: list[str], params: list[Tensor]) -> list[Tensor]:
+    if isinstance(v, dict):
+        if set(v) != set(names):
+            missing, extra = set(names) - set(v), set(v) - set(names)
+            raise ValueError(f"v: names differ from the trainable parameters (missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)})")
+        v = [v[name] for name in names]
+    v = list(v)
+    if len(v) != len(params):
+        raise ValueError(f"v: expected {len(params)} tensors (one per trainable parameter), got {len(v)}")
+    for name, t, p in zip(names, v, params):
+        if t.shape != p.shape:
+            raise ValueError(f"v: {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+    return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(v, params)]
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """sum_i <a_i, b_i>, accumulated in float64."""
+    return float(sum(torch.sum(x * y, dtype=torch.float64) for x, y in zip(a, b)))
+
+
+# ---------------------------------------------------------------------------- HVP kernels
+def _gradient_graph(call: Callable, leaves: list[Tensor], batch: Any) -> tuple[Tensor, ...]:
+    """grad of the batch loss w.r.t. ``leaves``, with its graph (create_graph), to be reused by
+    every probe of this batch. Parameters the loss does not depend on get zeros."""
+    loss = _scalar_loss(call, leaves, batch)
+    return torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+
+
+def _hvp_from_graph(grads: Sequence[Tensor], leaves: list[Tensor], v: Sequence[Tensor],
+                    retain: bool) -> list[Tensor]:
+    """H v = grad_theta <grad L, v>: one backward pass through the kept gradient graph."""
+    terms = [(g * u).sum() for g, u in zip(grads, v) if g.requires_grad]
+    if not terms:  # the loss is linear in the parameters
+        return [torch.zeros_like(p) for p in leaves]
+    return list(torch.autograd.grad(torch.stack(terms).sum(), leaves, retain_graph=retain,
+                                    allow_unused=True, materialize_grads=True))
+
+
+def _hvp_forward(call: Callable, params: list[Tensor], batch: Any, v: Sequence[Tensor]) -> list[Tensor]:
+    """H v = d/dt grad L(theta + t v) at t = 0: forward-mode AD through the reverse-mode gradient.
+    ``grad``, not ``jacrev``: on torch 2.13 ``jvp(jacrev(f))`` is wrong for an affine LayerNorm."""
+    def gradient(ps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return grad(lambda q: _scalar_loss(call, q, batch))(ps)
+
+    _, tangent = jvp(gradient, (tuple(params),), (tuple(v),))
+    return list(tangent)
+
+
+def _batch_hvp(call: Callable, params: list[Tensor], batch: Any, v: Sequence[Tensor],
+               mode: str) -> list[Tensor]:
+    if mode == "forward":
+        return _hvp_forward(call, params, batch, v)
+    leaves = [p.detach().requires_grad_() for p in params]
+    return _hvp_from_graph(_gradient_graph(call, leaves, batch), leaves, v, retain=False)
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Vector,
+        mode: str = "reverse") -> Vector:
+    """The Hessian-vector product ``H v`` of ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)``.
+
+    Args:
+        model: evaluated under ``hessian_mode`` (eval, explicit attention), in its own dtype.
+        loss_fn: ``(model, batch) -> scalar``, the mean loss over the batch's examples.
+        batches: non-empty list of batches; ``n_b`` is the leading dimension of a batch's first tensor.
+        v: a list of tensors shaped like ``trainable_parameters(model).values()`` (that order), or a
+            dict keyed by parameter name; the result has the same form.
+        mode: ``"reverse"`` (double backward: one forward, one backward with ``create_graph``, one
+            backward of ``<grad, v>``) or ``"forward"`` (``jvp`` of ``grad``).
+
+    Batches are processed one at a time; only one batch's graph is alive at any moment.
+    """
+    batches = _check_batches(batches)
+    _check_mode(mode)
+    model = _unwrap(model)
+    names, params = _parameters(model)
+    vectors = _vector_list(v, names, params)
+    weights, _ = _weights(batches)
+    call = _functional(model, loss_fn, names)
+    total = [torch.zeros_like(p) for p in params]
+    with hessian_mode(model), torch.enable_grad():
+        for batch, weight in zip(batches, weights):
+            for t, h in zip(total, _batch_hvp(call, params, batch, vectors, mode)):
+                t.add_(h, alpha=weight)
+    return dict(zip(names, total)) if isinstance(v, dict) else total
+
+
+# ---------------------------------------------------------------------------- Hutchinson
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _rademacher(like: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    # integers first, then the dtype: the same signs for a float32 and a float64 model
+    return [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype).mul_(2).sub_(1)
+            for p in like]
+
+
+def rademacher_probes(model: nn.Module, n_probes: int, seed: int) -> Iterator[list[Tensor]]:
+    """The probes ``hessian_trace(..., n_probes, seed)`` uses, in order: lists of +-1 tensors
+    shaped like the trainable parameters, from ``torch.Generator().manual_seed(seed)``."""
+    _, params = _parameters(_unwrap(model))
+    generator = _generator(seed, params[0].device)
+    for _ in range(n_probes):
+        yield _rademacher(params, generator)
+
+
+def _batch_quadratic_forms(call: Callable, params: list[Tensor], batch: Any, n_probes: int,
+                           seed: int, mode: str) -> Tensor:
+    """``[v_k^T H_b v_k for k < n_probes]`` for one batch, float64.
+
+    Reverse mode builds the batch's gradient graph once and backpropagates ``<grad, v_k>`` through
+    it for every probe (retain_graph), releasing it with the last probe. It is a local of this
+    function, so it is freed before the next batch's graph is built: peak memory is one batch's
+    double-backward graph, whatever the number of batches and probes. The probes are regenerated
+    from ``seed`` for every batch (cheap) rather than stored (``n_probes`` parameter-sized vectors).
+    """
+    generator = _generator(seed, params[0].device)
+    out = torch.empty(n_probes, dtype=torch.float64)
+    if mode == "reverse":
+        leaves = [p.detach().requires_grad_() for p in params]
+        grads = _gradient_graph(call, leaves, batch)
+    for k in range(n_probes):
+        v = _rademacher(params, generator)
+        if mode == "reverse":
+            hv = _hvp_from_graph(grads, leaves, v, retain=k < n_probes - 1)
+        else:
+            hv = _hvp_forward(call, params, batch, v)
+        out[k] = _dot(v, hv)
+    return out
+
+
+def _describe(fn: Callable, batch: Any, fallback: str) -> str:
+    """A loss's scale convention: ``fn.describe(batch)`` or ``fn.description`` if the function has
+    one (the MLM helpers do), else ``fallback``."""
+    describe = getattr(fn, "describe", None)
+    if callable(describe):
+        return describe(batch)
+    return getattr(fn, "description", None) or fallback
+
+
+def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_probes: int, seed: int,
+                  mode: str = "reverse", method: str = "hutchinson", data: str = "examples") -> TraceEstimate:
+    """Hutchinson's estimate of ``Tr H``, ``H`` the Hessian of
+    ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)`` (see the module docstring).
+
+    ``samples[k] = v_k^T H v_k = sum_b (n_b / N) v_k^T H_b v_k`` with ``v_k`` the k-th Rademacher
+    vector of ``rademacher_probes(model, n_probes, seed)`` (the same probe for every batch);
+    ``mean`` is their average, ``stderr`` their standard deviation / sqrt(n_probes): the noise of
+    the probes on this fixed evaluation set (the data's own sampling noise is not in it; use one
+    fixed, large evaluation set for every model compared).
+
+    Cost per batch: ``mode="reverse"`` one gradient with graph, then one backward per probe (about
+    2x a gradient each); ``mode="forward"`` one ``jvp(grad)`` per probe (about 3x a gradient).
+    Memory: one batch's graph at a time (see ``_batch_quadratic_forms``). Probes run one after
+    the other: ``vmap`` over probes gave no speed-up on CPU and multiplies memory (PILOT.md).
+
+    Args:
+        n_probes: number of Rademacher probes, fixed (>= 2, for a standard error).
+        seed: seeds a private ``torch.Generator``; the global RNG is not touched.
+        method: ``"hutchinson"`` (the only one implemented).
+        data: what the examples are, for the description (e.g. ``"validation pairs"``).
+    """
+    _check_count("n_probes", n_probes, 2)
+    batches = _check_batches(batches)
+    _check_mode(mode)
+    if method != "hutchinson":
+        raise ValueError(f"method: only 'hutchinson' is implemented, got {method!r}")
+    model = _unwrap(model)
+    names, params = _parameters(model)
+    weights, total = _weights(batches)
+    call = _functional(model, loss_fn, names)
+    samples = torch.zeros(n_probes, dtype=torch.float64)
+    with hessian_mode(model), torch.enable_grad():
+        for batch, weight in zip(batches, weights):
+            samples += weight * _batch_quadratic_forms(call, params, batch, n_probes, seed, mode)
+    loss = _describe(loss_fn, batches[0], f"{getattr(loss_fn, '__name__', 'loss_fn')} (mean over examples)")
+    description = (f"Tr H of {loss} on {total} {data} in {len(batches)} batches, {n_probes} Rademacher "
+                   f"probes (seed {seed}, {mode}-mode HVP); ± is the standard error over probes")
+    return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(n_probes)), samples,
+                         n_probes, description)
+
+
+# ---------------------------------------------------------------------------- Fisher
+def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], seed: int,
+                 n_samples: int | None = 1, chunk_size: int | None = 64, vectorize: bool | None = None,
+                 data: str = "examples") -> TraceEstimate:
+    """The paper's flatness estimator: the trace of the Fisher information of the model's own
+    predictive distribution,
+
+        Tr F = (1/N) sum_i E_{y ~ q_theta(.|x_i)} || grad_theta log q_theta(y | x_i) ||^2,
+        q_theta(.|x_i) = softmax(logits_fn(model, batch)[i]),
+
+    estimated with ``n_samples`` labels per example sampled from ``q_theta`` (or, with
+    ``n_samples=None``, the exact expectation: sum over all C classes weighted by ``q``, C times
+    the cost). Per-example gradients by ``vmap`` over the examples of ``grad`` of
+    ``functional_call``: ``logits_fn`` is called on single examples (a batch of one, every tensor of
+    the batch sliced alike), so it must treat examples independently (eval mode guarantees that for
+    flatlib's Transformer).
+
+    At a global minimum of the expected loss ``L(theta) = (1/N) sum_i E_{y ~ p(.|x_i)}[-log
+    q_theta(y|x_i)]``, i.e. ``q_theta = p``, ``Tr F = Tr H(L)`` exactly (``H = F - sum_y p_y
+    grad^2 q_y / q_y`` and ``sum_y grad^2 q_y = 0``); elsewhere the two differ.
+
+    ``samples`` are the per-example values (averaged over their labels), ``stderr`` is over examples:
+    it treats the examples as a sample of contexts and includes the label-sampling noise.
+
+    Args:
+        logits_fn: ``(model, batch) -> [m, C]`` logits, one row per example (``mlm_logits_fn`` for
+            flatlib MLM batches).
+        batches: non-empty list of batches (tensor or tuple/list/dict of tensors, leading dim m).
+        seed: seeds the private generator the labels are drawn from (batches in order).
+        n_samples: labels per example (>= 1), or None for the exact expectation over classes.
+        chunk_size: examples per ``vmap`` chunk (None: the whole batch at once); bounds the memory of
+            the per-example gradients (chunk_size x n_params). 64 was the fastest on a 2x64
+            Transformer on CPU (None: 1.8x slower at 512 examples).
+        vectorize: ``True``: ``vmap`` over examples; ``False``: a Python loop over them (the same
+            per-example function, ~10x slower on a 2x64 Transformer), for a ``logits_fn`` that
+            ``vmap`` cannot trace (data-dependent control flow such as ``if mask.any():`` on the
+            inputs); ``None`` (default): ``vmap``, falling back to the loop with a
+            ``RuntimeWarning`` if ``vmap`` raises.
+    """
+    batches = _check_batches(batches)
+    if n_samples is not None:
+        _check_count("n_samples", n_samples, 1)
+    model = _unwrap(model)
+    names, params = _parameters(model)
+    _, total = _weights(batches)
+    call = _functional(model, logits_fn, names)
+    generator = _generator(seed, params[0].device)
+
+    def log_prob(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
+        # one example as a batch of one; the label as a one-hot row (no data-dependent indexing)
+        logits = call(ps, tree_map(lambda t: t.unsqueeze(0), example))
+        return (torch.log_softmax(logits, dim=-1)[0] * onehot).sum()
+
+    def squared_norm(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
+        g = grad(log_prob)(ps, example, onehot)
+        return sum(torch.sum(t * t, dtype=torch.float64) for t in g)
+
+    def looped(ps: tuple[Tensor, ...], batch: Any, onehot: Tensor) -> Tensor:
+        return torch.stack([squared_norm(ps, tree_map(lambda t: t[i], batch), onehot[i])
+                            for i in range(len(onehot))])
+
+    vmapped = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
+
+    def per_example(ps: tuple[Tensor, ...], batch: Any, onehot: Tensor) -> Tensor:
+        nonlocal vectorize
+        if vectorize is not False:
+            try:
+                return vmapped(ps, batch, onehot)
+            except RuntimeError as error:
+                if vectorize or "vmap" not in str(error):
+                    raise
+                warnings.warn(f"fisher_trace: vmap over examples failed ({str(error)[:60]}...), looping over "
+                              "examples instead (slower, same numbers); the model or logits_fn probably "
+                              "branches on its inputs' values. Pass vectorize=False to silence this.",
+                              RuntimeWarning, stacklevel=3)
+                vectorize = False
+        return looped(ps, batch, onehot)
+    values = []
+    with hessian_mode(model):
+        for batch in batches:
+            with torch.no_grad():
+                logits = call(params, batch)
+            m = _batch_size(batch)
+            if logits.dim() != 2 or logits.shape[0] != m:
+                raise ValueError(f"logits_fn: expected [m, C] logits with m = {m}, got {tuple(logits.shape)}")
+            q = torch.softmax(logits.double(), dim=-1)
+            n_classes = q.shape[1]
+            eye = torch.eye(n_classes, dtype=logits.dtype, device=logits.device)
+            value = torch.zeros(m, dtype=torch.float64, device=logits.device)
+            if n_samples is None:
+                for c in range(n_classes):
+                    value += q[:, c] * per_example(tuple(params), batch, eye[c].expand(m, -1))
+            else:
+                labels = torch.multinomial(q, n_samples, replacement=True, generator=generator)  # [m, S]
+                for s in range(n_samples):
+                    value += per_example(tuple(params), batch, eye[labels[:, s]]) / n_samples
+            values.append(value.cpu())
+    samples = torch.cat(values)
+    what = _describe(logits_fn, batches[0], f"{getattr(logits_fn, '__name__', 'logits_fn')} "
+                                             "(mean over examples)")
+    draws = (f"exact expectation over the {n_classes} classes" if n_samples is None
+              else f"{n_samples} label{'s' if n_samples > 1 else ''} sampled from the model per example "
+                  f"(seed {seed})")
+    description = (f"Fisher trace E||grad log q(y|x)||^2, y ~ model, of {what} on {total} {data}, {draws}"
+                   "; ± is the standard error over examples")
+    return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(total)), samples,
+                         n_classes if n_samples is None else n_samples, description)
+
+
+# ---------------------------------------------------------------------------- top eigenvalue
+def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_iter: int, seed: int,
+                   tol: float = 1e-4, mode: str = "reverse", keep_graphs: bool | None = None,
+                   data: str = "examples") -> EigenEstimate:
+    """The eigenvalue of largest magnitude of ``H`` (the Hessian of the evaluation loss, see
+    ``hvp``) by power iteration: ``v <- H v / ||H v||`` from a Gaussian start (private generator
+    seeded by ``seed``), the estimate being the Rayleigh quotient ``v^T H v`` (``||v|| = 1``,
+    Euclidean norm over all parameters). Near a minimum ``H`` is (nearly) PSD and this is the top
+    eigenvalue; away from one it may be a negative eigenvalue of larger magnitude. Stops after
+    ``n_iter`` products or once the relative change of the estimate is below ``tol``.
+
+    ``keep_graphs``: keep every batch's gradient graph across iterations (reverse mode; memory: all
+    batches' graphs at once); default: only when there is a single batch. Otherwise each iteration
+    recomputes every batch's gradient.
+    """
+    _check_count("n_iter", n_iter, 1)
+    if not tol > 0:
+        raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
+    batches = _check_batches(batches)
+    _check_mode(mode)
+    model = _unwrap(model)
+    names, params = _parameters(model)
+    weights, total = _weights(batches)
+    call = _functional(model, loss_fn, names)
+    keep = (len(batches) == 1 if keep_graphs is None else keep_graphs) and mode == "reverse"
+    generator = _generator(seed, params[0].device)
+    v = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+    norm = math.sqrt(_dot(v, v))
+    v = [t / norm for t in v]
+    value, previous, rel_change, converged, iterations = math.nan, math.nan, math.inf, False, 0
+    with hessian_mode(model), torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in params] if keep else []
+        graphs = [_gradient_graph(call, leaves, batch) for batch in batches] if keep else []
+
+        def matvec(u: list[Tensor]) -> list[Tensor]:
+            out = [torch.zeros_like(p) for p in params]
+            for i, (batch, weight) in enumerate(zip(batches, weights)):
+                hu = (_hvp_from_graph(graphs[i], leaves, u, retain=True) if keep
+                      else _batch_hvp(call, params, batch, u, mode))
+                for o, h in zip(out, hu):
+                    o.add_(h, alpha=weight)
+            return out
+
+        for iterations in range(1, n_iter + 1):
+            hv = matvec(v)
+            value = _dot(v, hv)
+            if iterations > 1:
+                rel_change = abs(value - previous) / max(abs(value), 1e-300)
+            norm = math.sqrt(_dot(hv, hv))
+            if norm == 0.0:  # v is in the null space: value = 0 exactly
+                converged, rel_change = True, 0.0
+                break
+            v = [t / norm for t in hv]
+            if rel_change < tol:
+                converged = True
+                break
+            previous = value
+    loss = _describe(loss_fn, batches[0], f"{getattr(loss_fn, '__name__', 'loss_fn')} (mean over examples)")
+    description = (f"top Hessian eigenvalue (largest magnitude, power iteration, seed {seed}) of {loss} "
+                   f"on {total} {data} in {len(batches)} batches")
+    return EigenEstimate(value, iterations, rel_change, converged, v, description)
+
+
+# ---------------------------------------------------------------------------- the MLM case
+def mlm_logits_fn(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    """``[m, V]``: a flatlib Transformer's logits at the masked position of each row of
+    ``batch = (inputs [m, L], positions [m], ...)`` (the model's predictive distribution there)."""
+    inputs, positions = batch[0], batch[1]
+    logits = model(inputs)  # [m, L, V]
+    index = positions.reshape(-1, 1, 1).expand(-1, 1, logits.shape[-1])
+    return logits.gather(1, index).squeeze(1)  # gather, not fancy indexing: fine under vmap
+
+
+def mlm_loss_fn(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    """The single-mask MLM loss of ``batch = (inputs [m, L], positions [m], targets)``, mean over
+    the m masked tokens, in nats: cross-entropy of ``mlm_logits_fn`` against ``targets`` = the words
+    ``[m]`` (int), or probabilities ``[m, V]`` (float: the expected loss under them, e.g. the exact
+    conditionals; cast to the model's dtype)."""
+    logits = mlm_logits_fn(model, batch)
+    targets = batch[2]
+    if targets.is_floating_point():
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits, targets)
+
+
+def _mlm_loss_description(batch: Sequence[Tensor]) -> str:
+    if batch[2].is_floating_point():
+        return ("the expected single-mask MLM loss (cross-entropy against the exact conditionals, "
+                "mean over masked tokens, nats)")
+    return "the single-mask MLM loss (mean over masked tokens, nats)"
+
+
+# the scale conventions printed with every estimate (see _describe)
+mlm_loss_fn.describe = _mlm_loss_description  # type: ignore[attr-defined]
+mlm_logits_fn.description = (  # type: ignore[attr-defined]
+    "the single-mask MLM loss (predictive distribution at the masked position, mean over masked "
+    "tokens, nats)")
+
+
+def mlm_batches(val: Any, batch_size: int, soft_targets: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Consecutive batches ``(inputs [b, L], positions [b], targets)`` of a flatlib ``ValidationSet``
+    (or a tuple ``(inputs, positions, targets[, true_probs])``), at most ``batch_size`` rows each.
+    ``targets`` are the sampled words ``[b]``, or with ``soft_targets`` the exact conditionals
+    ``[b, V]`` (float64), for the expected loss. Use the same batches for ``hessian_trace``
+    (``mlm_loss_fn``), ``fisher_trace`` (``mlm_logits_fn``) and ``top_eigenvalue``."""
+    _check_count("batch_size", batch_size, 1)
+    if isinstance(val, (tuple, list)):
+        inputs, positions, targets = val[0], val[1], val[2]
+        probs = val[3] if len(val) > 3 else None
+    else:
+        inputs, positions, targets = val.inputs, val.positions, val.targets
+        probs = getattr(val, "true_probs", None)
+    if soft_targets:
+        if probs is None:
+            raise ValueError("soft_targets: the validation set has no true_probs")
+        targets = probs
+    return [(inputs[i : i + batch_size], positions[i : i + batch_size], targets[i : i + batch_size])
+            for i in range(0, len(inputs), batch_size)]
