@@ -1,0 +1,57 @@
+import pytest
+
+from flatlib.experiments import Protocol, continuation, lookup_table_probe, measure_checkpoint
+from flatlib.runs import RunStore
+from flatlib.sweep import SweepError, run_configs
+from flatlib.train import PretrainConfig
+
+LANGUAGE = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.5, "seed": 3,
+            "task_positions": [3]}
+SMALL = Protocol(probe_sentences=600, probe_train=300, probe_test=200, probe_splits=2,
+                 probe_l2_grid=(1e-3, 1e-1), trace_pairs=128, trace_probes=4, trace_batch=64)
+
+
+def base_config(**overrides):
+    settings = dict(language=LANGUAGE, model={"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}, steps=40,
+                    batch_size=32, eval_every=20, checkpoint_every=20, eval_pairs=256, warmup_steps=5, lr=3e-3)
+    return PretrainConfig(**{**settings, **overrides})
+
+
+def test_serial_and_local_sweeps_give_identical_runs(tmp_path):
+    configs = [base_config(seed=s) for s in range(2)]
+    serial = run_configs(configs, RunStore(tmp_path / "serial"), backend="serial", progress=False)
+    local = run_configs(configs, RunStore(tmp_path / "local"), backend="local", workers=2, progress=False)
+    for a, b in zip(serial, local):
+        assert a.run.key == b.run.key and a.run.metrics().equals(b.run.metrics())
+
+
+def test_failing_config_is_reported_and_finished_ones_are_kept(tmp_path):
+    good = base_config()
+    bad = continuation(base_config(seed=5), from_step=999, steps=10)  # no checkpoint at step 999
+    with pytest.raises(SweepError) as info:
+        run_configs([good, bad], RunStore(tmp_path), progress=False)
+    results = info.value.results
+    assert results[0].ok and results[0].run.finished
+    assert not results[1].ok and "999" in results[1].error
+    assert bad.key in str(info.value)
+
+
+def test_continuation_and_cached_measurements(tmp_path):
+    store = RunStore(tmp_path)
+    base = base_config()
+    child = continuation(base, from_step=40, steps=20, optimizer="sgd", lr=0.05)
+    [result] = run_configs([child], store, progress=False)
+    first = measure_checkpoint(result.run, 20, SMALL)
+    assert set(first["probes"]) == {"state@3"}
+    assert 0 <= first["probes"]["state@3"]["accuracy"] <= 1 and first["trace_se"] > 0
+    assert measure_checkpoint(result.run, 20, SMALL) == first  # read back from the cache
+    assert len(list((result.run.dir / "evals").iterdir())) == 1
+    table = lookup_table_probe(LANGUAGE, SMALL)
+    assert table["state@3"]["majority"] < table["state@3"]["bayes"] + 1e-9
+
+
+def test_bad_sweep_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        run_configs([], backend="slurm")
+    with pytest.raises(ValueError, match="workers"):
+        run_configs([], workers=0)
