@@ -1,10 +1,13 @@
-"""Run a list of pre-training configs through the run store, serially or in a local process pool.
+"""Run a list of pre-training configs through the run store: serially, in a local process pool,
+or as a Slurm job array through submitit.
 
 On this kind of machine two single-threaded processes beat one two-threaded process (bench/train.py:
 about 1.2x, and far more robust to other load), so ``backend="local"`` starts ``workers``
-processes with one thread each. Every config's run lands in the same store whichever backend ran
-it; finished runs are skipped at no cost, and a failing config is reported with its config without
-losing the others.
+processes with one thread each. ``backend="submitit"`` submits one array job per sweep
+(``submitit.AutoExecutor``; ``cluster="slurm"`` on a cluster, ``cluster="local"`` to run the same
+path without Slurm, as the tests do); the store must be on a file system the nodes share. Every
+config's run lands in the same store whichever backend ran it; finished runs are skipped at no
+cost, and a failing config is reported with its config without losing the others.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import multiprocessing as mp
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +34,26 @@ class SweepResult:
     @property
     def ok(self) -> bool:
         return self.run is not None
+
+
+BACKENDS = ("serial", "local", "submitit")
+
+
+def _submit(jobs: list[tuple[dict, str, int]], store: RunStore, cluster: str, slurm: dict[str, Any],
+            bar: tqdm) -> list[tuple[str, str]]:
+    import submitit  # imported here: only this backend needs it
+
+    executor = submitit.AutoExecutor(folder=store.root / "submitit" / "%j", cluster=cluster)
+    executor.update_parameters(**{"timeout_min": 60, **slurm})
+    submitted = executor.map_array(_run_one, jobs)
+    outcomes = []
+    for job in submitted:  # in submission order; each result waits for its job
+        try:
+            outcomes.append(job.result())
+        except Exception as error:  # noqa: BLE001 - a job that died outside pretrain (time limit...)
+            outcomes.append(("", f"job {job.job_id}: {error}"))
+        bar.update(1)
+    return outcomes
 
 
 class SweepError(RuntimeError):
@@ -55,8 +79,12 @@ def _run_one(args: tuple[dict, str, int]) -> tuple[str, str]:
 
 def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, backend: str = "serial",
                 workers: int = 2, threads_per_worker: int = 1, progress: bool = True,
-                raise_on_error: bool = True) -> list[SweepResult]:
-    """Train every config (in order for ``"serial"``; ``workers`` processes for ``"local"``).
+                raise_on_error: bool = True, cluster: str = "slurm",
+                slurm: dict[str, Any] | None = None) -> list[SweepResult]:
+    """Train every config (in order for ``"serial"``; ``workers`` processes for ``"local"``; a job
+    array for ``"submitit"``, with ``slurm`` = ``AutoExecutor.update_parameters`` keyword arguments,
+    e.g. ``{"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 120}``; its logs go to
+    ``<store>/submitit``).
 
     Configs that continue another run (``init_from``) are fine in any order: ``pretrain`` trains
     the parent first if needed. To avoid two workers training the same parent at once, list parents
@@ -64,14 +92,16 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
     order); raises ``SweepError`` after all have run if any failed (unless ``raise_on_error=False``).
     """
     store = store or RunStore()
-    if backend not in ("serial", "local"):
-        raise ValueError(f"backend: expected 'serial' or 'local', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if workers < 1 or threads_per_worker < 1:
         raise ValueError("workers, threads_per_worker: expected >= 1")
     jobs = [(c.to_dict(), str(store.root), threads_per_worker) for c in configs]
     bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
     outcomes: list[tuple[str, str]] = []
-    if backend == "serial" or workers == 1 or len(jobs) <= 1:
+    if backend == "submitit":
+        outcomes = _submit(jobs, store, cluster, slurm or {}, bar)
+    elif backend == "serial" or workers == 1 or len(jobs) <= 1:
         for job in jobs:
             outcomes.append(_run_one(job))
             bar.update(1)

@@ -17,12 +17,18 @@ def base_config(**overrides):
     return PretrainConfig(**{**settings, **overrides})
 
 
-def test_serial_and_local_sweeps_give_identical_runs(tmp_path):
+def test_sweep_backends_give_identical_runs(tmp_path):
+    """serial, a local process pool and a submitit job array (cluster="local": the Slurm path
+    without Slurm) produce the same runs in the same layout."""
     configs = [base_config(seed=s) for s in range(2)]
     serial = run_configs(configs, RunStore(tmp_path / "serial"), backend="serial", progress=False)
     local = run_configs(configs, RunStore(tmp_path / "local"), backend="local", workers=2, progress=False)
-    for a, b in zip(serial, local):
-        assert a.run.key == b.run.key and a.run.metrics().equals(b.run.metrics())
+    array = run_configs(configs, RunStore(tmp_path / "array"), backend="submitit", cluster="local",
+                        slurm={"timeout_min": 5}, progress=False)
+    for a, b, c in zip(serial, local, array):
+        assert a.run.key == b.run.key == c.run.key
+        assert a.run.metrics().equals(b.run.metrics()) and a.run.metrics().equals(c.run.metrics())
+        assert sorted(p.name for p in a.run.dir.iterdir()) == sorted(p.name for p in c.run.dir.iterdir())
 
 
 def test_failing_config_is_reported_and_finished_ones_are_kept(tmp_path):
