@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,3 +121,44 @@ def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Proto
             bayes = language.bayes_accuracy(corpus, task)
             out[task]["bayes"], out[task]["bayes_se"] = bayes.mean, bayes.stderr
     return out
+
+
+def _measure_one(args: tuple[str, dict[str, Any], int, dict[str, Any], int]) -> dict[str, Any]:
+    directory, config, step, protocol, threads = args
+    torch.set_num_threads(threads)
+    fields = {**protocol, "probe_l2_grid": tuple(protocol["probe_l2_grid"])}
+    if fields.get("tasks") is not None:
+        fields["tasks"] = tuple(fields["tasks"])
+    return measure_checkpoint(Run(Path(directory), config), step, Protocol(**fields))
+
+
+def measure_checkpoints(checkpoints: list[tuple[Run, int]], protocol: Protocol = Protocol(),
+                        workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
+    """``measure_checkpoint`` for every ``(run, step)`` of ``checkpoints`` (same order). Cached
+    results are read at once; the others are measured in ``workers`` spawned processes with
+    ``threads_per_worker`` threads each (on a 2-core machine two single-threaded processes beat one
+    two-threaded one, as for training), or in this process when ``workers == 1``. The numbers are
+    the same whichever way they were computed (each measurement is a function of the checkpoint and
+    the protocol)."""
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError("workers, threads_per_worker: expected >= 1")
+    results: list[dict[str, Any] | None] = [None] * len(checkpoints)
+    todo = []
+    for index, (run, step) in enumerate(checkpoints):
+        path = run.dir / "evals" / f"{step:08d}_{protocol.key()}.json"
+        if path.exists():
+            results[index] = json.loads(path.read_text())
+        else:
+            todo.append(index)
+    if workers == 1 or len(todo) <= 1:
+        for index in todo:
+            results[index] = measure_checkpoint(*checkpoints[index], protocol)
+    else:
+        import multiprocessing as mp  # noqa: PLC0415
+
+        jobs = [(str(checkpoints[i][0].dir), checkpoints[i][0].config, checkpoints[i][1], asdict(protocol),
+                 threads_per_worker) for i in todo]
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for index, result in zip(todo, pool.imap(_measure_one, jobs)):
+                results[index] = result
+    return results  # type: ignore[return-value]

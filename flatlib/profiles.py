@@ -13,6 +13,7 @@ unknown parameter or an invalid value is a ValueError that names the parameter.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language
@@ -25,6 +26,18 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "words_per_preterminal": 6, "task_spans": {"A": None, "B": 2, "C": 1}},
         "language_seed": 0,
         "n_eval_sentences": 256,
+        # 02_pretraining_to_optimality: its numbers mean nothing at this size (it checks the code path)
+        "pretraining": {
+            "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32},
+            "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "steps": {"hmm": 60, "pcfg": 60},
+            "seeds": 2, "eval_every": 10, "eval_pairs": 512, "epsilon": 0.5,
+            "continue_steps": 40, "checkpoint_every": 40, "continue_eval_every": 5,
+            "sgd_lr": 0.1, "adamw_lr": 1e-3, "lr_scan": (0.1, 1.0), "scan_steps": 10,
+            "protocol": {"probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2,
+                         "probe_l2_grid": (1e-3, 1e-1), "trace_pairs": 128, "trace_probes": 4,
+                         "trace_batch": 64},
+            "workers": 2,
+        },
     },
     "cpu": {
         # Smaller than the pilot's 8 states / 16 words / length 12, on which a 2x64 model stalls
@@ -38,6 +51,21 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "words_per_preterminal": 6, "task_spans": {"A": None, "B": 4, "C": 2}},
         "language_seed": 0,
         "n_eval_sentences": 4096,
+        # 02_pretraining_to_optimality, sized for ~15 minutes on 2 cores (measured on one thread: a
+        # 2x64 model takes ~45 ms/step on the HMM, ~30 on the PCFG; one checkpoint's measurement
+        # ~7 s (HMM) / ~14 s (PCFG)). With a linear decay the HMM gets to ~0.023 nats in 3000 steps;
+        # the PCFG stays ~0.1 away (0.03 would take ~8000 steps).
+        "pretraining": {
+            "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "d_ff": 256},
+            "batch_size": 256, "lr": 3e-3, "warmup_steps": 200, "steps": {"hmm": 3000, "pcfg": 3000},
+            "seeds": 3, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
+            "continue_steps": 1200, "checkpoint_every": 400, "continue_eval_every": 25,
+            "sgd_lr": 0.1, "adamw_lr": 3e-4, "lr_scan": (0.05, 0.1, 0.2, 0.5, 1.0), "scan_steps": 150,
+            "protocol": {"probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3,
+                         "probe_l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "trace_pairs": 1024, "trace_probes": 12,
+                         "trace_batch": 512},
+            "workers": 2,
+        },
     },
     "paper": {
         # The paper's sizes. The generators' sparsity is calibrated so that the exact optima come
@@ -50,6 +78,19 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "task_spans": dict(PAPER_TASK_SPANS)},
         "language_seed": 0,
         "n_eval_sentences": 50_000,
+        # 02_pretraining_to_optimality at the paper's scale (AdamW lr 1e-3, 6% warm-up, >= 30k steps;
+        # a 6x256 model, ~5M parameters; 5 seeds): for GPUs or a cluster, not for this machine.
+        "pretraining": {
+            "model": {"n_layer": 6, "n_head": 4, "d_model": 256, "d_ff": 1024},
+            "batch_size": 512, "lr": 1e-3, "warmup_steps": 1800, "steps": {"hmm": 30_000, "pcfg": 30_000},
+            "seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
+            "continue_steps": 20_000, "checkpoint_every": 4000, "continue_eval_every": 100,
+            "sgd_lr": 0.1, "adamw_lr": 1e-4, "lr_scan": (0.03, 0.1, 0.3, 1.0), "scan_steps": 500,
+            "protocol": {"probe_sentences": 20_000, "probe_train": 5000, "probe_test": 5000, "probe_splits": 5,
+                         "probe_l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "trace_pairs": 4096, "trace_probes": 50,
+                         "trace_batch": 512},
+            "workers": 2,
+        },
     },
 }
 
@@ -89,7 +130,76 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
     _check_int("language_seed", params["language_seed"], low=0)
     _check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
     build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
+    _check_pretraining(params["pretraining"])
     return params
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+        raise ValueError(f"{name}: expected a number in ({low}, {high}), got {value!r}")
+
+
+_PROTOCOL_INTS = ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs",
+                  "trace_probes", "trace_batch")
+_MODEL_KEYS = {"n_layer", "n_head", "d_model", "d_ff"}
+
+
+def _check_pretraining(p: dict[str, Any]) -> None:
+    """The ``pretraining`` section (notebook 02): every value checked, errors name the key as
+    ``pretraining.<key>``."""
+    name = "pretraining"
+    if not isinstance(p, dict):
+        raise ValueError(f"{name}: expected a dict, got {p!r}")
+    expected = {"model", "batch_size", "lr", "warmup_steps", "steps", "seeds", "eval_every", "eval_pairs",
+                "epsilon", "continue_steps", "checkpoint_every", "continue_eval_every", "sgd_lr",
+                "adamw_lr", "lr_scan", "scan_steps", "protocol", "workers"}
+    unknown, missing = set(p) - expected, expected - set(p)
+    if unknown or missing:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    model = p["model"]
+    if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
+        raise ValueError(f"{name}.model: expected the keys {sorted(_MODEL_KEYS)}, got {model!r}")
+    for key in sorted(_MODEL_KEYS):
+        _check_int(f"{name}.model.{key}", model[key])
+    if model["d_model"] % model["n_head"]:
+        raise ValueError(f"{name}.model.n_head: must divide d_model ({model['d_model']})")
+    for key in ("batch_size", "seeds", "eval_every", "eval_pairs", "continue_steps", "checkpoint_every",
+                "continue_eval_every", "scan_steps", "workers"):
+        _check_int(f"{name}.{key}", p[key])
+    _check_int(f"{name}.warmup_steps", p["warmup_steps"], low=0)
+    if p["seeds"] < 2:
+        raise ValueError(f"{name}.seeds: expected >= 2 (confidence intervals over seeds), got {p['seeds']!r}")
+    steps = p["steps"]
+    if not isinstance(steps, dict) or set(steps) != {"hmm", "pcfg"}:
+        raise ValueError(f"{name}.steps: expected {{'hmm': int, 'pcfg': int}}, got {steps!r}")
+    for language, value in steps.items():
+        _check_int(f"{name}.steps.{language}", value)
+        if value <= p["warmup_steps"]:
+            raise ValueError(f"{name}.steps.{language}: must exceed warmup_steps ({p['warmup_steps']})")
+    if p["continue_steps"] % p["checkpoint_every"]:
+        raise ValueError(f"{name}.checkpoint_every: must divide continue_steps ({p['continue_steps']})")
+    for key in ("lr", "sgd_lr", "adamw_lr", "epsilon"):
+        _check_number(f"{name}.{key}", p[key])
+    scan = p["lr_scan"]
+    if not isinstance(scan, (tuple, list)) or not scan:
+        raise ValueError(f"{name}.lr_scan: expected a non-empty list of learning rates, got {scan!r}")
+    for value in scan:
+        _check_number(f"{name}.lr_scan", value)
+    protocol = p["protocol"]
+    allowed = set(_PROTOCOL_INTS) | {"probe_l2_grid"}
+    if not isinstance(protocol, dict) or not set(protocol) <= allowed:
+        raise ValueError(f"{name}.protocol: expected keys among {sorted(allowed)}, got {protocol!r}")
+    for key in _PROTOCOL_INTS:
+        if key in protocol:
+            _check_int(f"{name}.protocol.{key}", protocol[key])
+    grid = protocol.get("probe_l2_grid", (1e-3,))
+    if not isinstance(grid, (tuple, list)) or not grid or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in grid):
+        raise ValueError(f"{name}.protocol.probe_l2_grid: expected non-negative numbers, got {grid!r}")
+    if all(k in protocol for k in ("probe_train", "probe_test", "probe_sentences")):
+        needed = protocol["probe_train"] + protocol["probe_test"] + protocol["probe_test"] // 2
+        if needed > protocol["probe_sentences"]:
+            raise ValueError(f"{name}.protocol.probe_sentences: needs at least train + test + test/2 = {needed}")
 
 
 def build_languages(params: dict[str, Any]) -> dict[str, Language]:

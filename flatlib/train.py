@@ -415,6 +415,7 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     bar = tqdm(total=config.steps, initial=start, disable=quiet,
                desc=f"pretrain {run.key[:8]}", leave=False)
     step = start
+    diverged = False
     while step < end:
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
@@ -445,6 +446,9 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         running += global_loss.item()
         step += 1
         bar.update(1)
+        diverged = not math.isfinite(running)
+        if diverged:  # record where it happened and stop: the run is finished, as diverged
+            end = step
         if step % config.eval_every == 0 or step == end:
             row = {"step": step, "lr": lr, "train_loss": running / (step - metrics[-1]["step"]),
                    **evaluate(model, val)}
@@ -463,9 +467,11 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     if rank != 0:
         dist.barrier()  # rank 0 is writing the last checkpoint and the summary
         return run
-    run.mark_finished({"steps": step, "reached_at": reached_at, "final_gap": last["gap"],
-                       "final_gap_se": last["gap_se"], "final_val_loss": last["val_loss"],
-                       "val_optimum": last["val_optimum"], "n_params": model.n_params()})
+    summary = {"steps": step, "reached_at": reached_at, "diverged": diverged,
+               "final_gap": last["gap"], "final_gap_se": last["gap_se"], "final_val_loss": last["val_loss"],
+               "val_optimum": last["val_optimum"], "n_params": model.n_params()}
+    # JSON has no NaN: a diverged run's numbers are recorded as null
+    run.mark_finished({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()})
     if world > 1:
         dist.barrier()
     return run

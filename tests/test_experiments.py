@@ -61,3 +61,20 @@ def test_bad_sweep_arguments():
         run_configs([], backend="slurm")
     with pytest.raises(ValueError, match="workers"):
         run_configs([], workers=0)
+
+
+def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
+    from flatlib.experiments import measure_checkpoints
+
+    configs = [base_config(seed=s) for s in range(2)]
+    runs = [r.run for r in run_configs(configs, RunStore(tmp_path / "a"), progress=False)]
+    copies = [r.run for r in run_configs(configs, RunStore(tmp_path / "b"), progress=False)]
+    items = [(run, step) for run in runs for step in (20, 40)]
+    parallel = measure_checkpoints(items, SMALL, workers=2)
+    serial = measure_checkpoints([(run, step) for run in copies for step in (20, 40)], SMALL, workers=1)
+    for a, b in zip(parallel, serial):
+        assert a["step"] == b["step"] and a["gap"] == b["gap"] and a["trace"] == b["trace"]
+        assert a["probes"] == b["probes"]
+    assert measure_checkpoints(items, SMALL, workers=2) == parallel  # read back from the caches
+    with pytest.raises(ValueError, match="workers"):
+        measure_checkpoints(items, SMALL, workers=0)

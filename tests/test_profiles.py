@@ -43,3 +43,30 @@ def test_overrides_apply_and_none_keeps_the_profile():
 def test_invalid_parameters_name_the_parameter(profile, overrides, match):
     with pytest.raises(ValueError, match=match):
         resolve(profile, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"pretraining": {"seeds": 1}}, "pretraining.seeds"),
+        ({"pretraining": {"steps": {"hmm": 0, "pcfg": 10}}}, "pretraining.steps.hmm"),
+        ({"pretraining": {"steps": {"hmm": 100}}}, "pretraining.steps"),
+        ({"pretraining": {"sgd_lr": -0.1}}, "pretraining.sgd_lr"),
+        ({"pretraining": {"lr_scan": ()}}, "pretraining.lr_scan"),
+        ({"pretraining": {"checkpoint_every": 7}}, "pretraining.checkpoint_every"),
+        ({"pretraining": {"model": {"n_layer": 1}}}, "pretraining.model"),
+        ({"pretraining": {"protocol": {"probe_train": 0}}}, "pretraining.protocol.probe_train"),
+        ({"pretraining": {"protocol": {"colour": 1}}}, "pretraining.protocol"),
+        ({"pretraining": {"workers": 0}}, "pretraining.workers"),
+        ({"pretraining": {"schedule": "cosine"}}, "pretraining: unknown keys"),
+    ],
+)
+def test_invalid_pretraining_parameters_name_the_parameter(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("smoke", **overrides)
+
+
+def test_pretraining_overrides_merge_into_the_section():
+    params = resolve("smoke", pretraining={"seeds": 3})
+    assert params["pretraining"]["seeds"] == 3
+    assert params["pretraining"]["lr"] == PROFILES["smoke"]["pretraining"]["lr"]

@@ -197,3 +197,13 @@ def test_ddp_with_two_processes_matches_one_process(tmp_path):
     a, b = single.metrics(), ddp.metrics()
     assert list(a["step"]) == list(b["step"])
     assert (a["gap"] - b["gap"]).abs().max() < 1e-4
+
+
+def test_a_diverging_run_stops_and_is_finished_as_diverged(tmp_path):
+    store = RunStore(tmp_path)
+    config = tiny_config(optimizer="sgd", lr=1e4, warmup_steps=0, steps=60)
+    run = pretrain(config, store, progress=False)
+    summary = run.summary()
+    assert run.finished and summary["diverged"] and summary["final_gap"] is None
+    assert summary["steps"] < 60  # it stopped where the loss became non-finite
+    assert pretrain(config, store, progress=False).summary() == summary  # and is not retrained
