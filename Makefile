@@ -34,7 +34,10 @@ lab: $(INSTALLED)
 	$(BIN)/jupyter lab notebooks
 
 bench: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(BIN)/python -m bench.languages
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.flatness
 
 clean:
 	rm -rf build figures/smoke
