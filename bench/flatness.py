@@ -90,6 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.machine import cpu_model
 from flatlib.flatness import (TraceEstimate, fisher_trace, hessian_mode, hessian_trace, hvp, mlm_logits_fn,
                               mlm_loss_fn, rademacher_probes, trainable_parameters)
 from flatlib.runs import RunStore
@@ -155,16 +156,6 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     fn()
     return min(timed(fn)[0] for _ in range(repeats))
 
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo: platform.processor() is empty on most Linux machines."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def std(x: Tensor) -> float:

@@ -44,6 +44,7 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
+from bench.machine import cpu_model
 from flatlib.languages import HMM, PCFG, Corpus
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -270,16 +271,6 @@ def print_table(rows: list[Row]) -> None:
             print(f"{r.language} {r.operation}: reference agrees with flatlib to {r.max_abs_diff:.2e} "
                   f"(max abs diff over {r.reference_sentences} sentences)")
 
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo: platform.processor() is empty on most Linux machines."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.machine import cpu_model
 from flatlib.profiles import build_languages, resolve
 from flatlib.train import (PretrainConfig, _mask_generator, _training_corpus, learning_rate, make_optimizer,
                            new_model, single_mask_batch)
@@ -250,16 +251,6 @@ def matmul_peak(threads: int, sizes: tuple[int, ...], repeats: int, min_s: float
 
 
 # ----------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo: platform.processor() is empty on most Linux machines."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
 
 def finite(d: dict[str, Any]) -> dict[str, Any]:
     """NaN (no measurement) as null: JSON has no NaN."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.languages.base import PAD, Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
+from flatlib.languages.base import Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
 
 PAPER_TASK_POSITIONS = (6, 10)
 

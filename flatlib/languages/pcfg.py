@@ -209,7 +209,6 @@ class PCFG(LanguageBase):
             closure, power = closure + power, power @ unary
         self.unary_closure = closure
         # only the (B, C) pairs some rule uses enter the inside recursion
-        flat = binary.reshape(n, n * n)
         self._pair_blocks, self._pair_rules = self._blocks_of_pairs(binary)
         # sampling tables: per non-terminal, its rules padded to the longest list
         width = max(len(r) for r in per_lhs.values())
@@ -510,7 +509,6 @@ class PCFG(LanguageBase):
         width1 = leaves @ closure_t
         chart.append(rescale(width1, torch.zeros(width1.shape[:2], dtype=width1.dtype)))
         length = leaves.shape[1]
-        n = self.n_nonterminals
         for w in range(2, length + 1):
             starts = length - w + 1
             lefts, rights, scales = [], [], []
