@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from flatlib.languages import HMM, PCFG, Corpus, Language
+from flatlib.languages import HMM, PCFG, Corpus, Language, TeacherLM
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import Run, RunStore, canonical_json, config_hash
 
@@ -56,8 +56,8 @@ def derived_seed(*parts: object) -> int:
 
 
 def build_language(spec: dict[str, Any]) -> Language:
-    """A language from its spec: ``{"kind": "hmm" | "pcfg", "seed": int, **constructor kwargs}``
-    (the kwargs of ``HMM.random`` / ``PCFG.random``), or ``{"kind": "pcfg_rules", "path": ...}``."""
+    """A language from its spec: ``{"kind": "hmm" | "pcfg" | "teacher", "seed": int, **kwargs}``
+    (the kwargs of ``HMM.random`` / ``PCFG.random`` / ``TeacherLM.random``), or ``{"kind": "pcfg_rules", "path": ...}``."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
     try:
@@ -67,9 +67,11 @@ def build_language(spec: dict[str, Any]) -> Language:
             return PCFG.random(**spec)
         if kind == "pcfg_rules":
             return PCFG.from_rules(spec.pop("path"), **spec)
+        if kind == "teacher":
+            return TeacherLM.random(**spec)
     except (TypeError, ValueError) as error:
         raise ValueError(f"language.{error}") from None
-    raise ValueError(f"language.kind: expected 'hmm', 'pcfg' or 'pcfg_rules', got {kind!r}")
+    raise ValueError(f"language.kind: expected 'hmm', 'pcfg', 'pcfg_rules' or 'teacher', got {kind!r}")
 
 
 @dataclass(frozen=True)
