@@ -16,7 +16,7 @@ import copy
 import math
 from typing import Any
 
-from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language
+from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -24,6 +24,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                 "task_positions": (3, 6)},
         "pcfg": {"depth": 2, "n_types": 3, "n_per_level": 4, "n_binary_rules": 6, "vocab_size": 16,
                  "words_per_preterminal": 6, "task_spans": {"A": None, "B": 2, "C": 1}},
+        # the third language (issue 8): a random causal transformer with a latent topic
+        "teacher": {"vocab_size": 6, "seq_len": 5, "n_topics": 2, "temperature": 1.0, "n_layer": 1,
+                    "d_model": 16, "n_head": 2},
         "language_seed": 0,
         "n_eval_sentences": 256,
         # 02_pretraining_to_optimality: its numbers mean nothing at this size (it checks the code path)
@@ -49,6 +52,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # after 8000 (4x64: 0.047 after 4000).
         "pcfg": {"depth": 3, "n_types": 3, "n_per_level": 4, "n_binary_rules": 4, "vocab_size": 16,
                  "words_per_preterminal": 6, "task_spans": {"A": None, "B": 4, "C": 2}},
+        "teacher": {"vocab_size": 16, "seq_len": 8, "n_topics": 4, "temperature": 1.0, "n_layer": 2,
+                    "d_model": 64, "n_head": 2},
         "language_seed": 0,
         "n_eval_sentences": 4096,
         # 02_pretraining_to_optimality, sized for ~15 minutes on 2 cores (measured on one thread: a
@@ -76,6 +81,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pcfg": {"depth": 5, "n_types": 9, "n_per_level": 10, "n_binary_rules": 20, "vocab_size": 200,
                  "words_per_preterminal": 100, "word_concentration": 0.1, "rule_concentration": 0.3,
                  "task_spans": dict(PAPER_TASK_SPANS)},
+        # (exact single-mask conditionals enumerate the vocabulary: ~1 sentence/s on one CPU core
+        # at this size; the paper restricted OPT to 2000 tokens, out of reach for enumeration here)
+        "teacher": {"vocab_size": 200, "seq_len": 16, "n_topics": 4, "temperature": 1.0, "n_layer": 2,
+                    "d_model": 64, "n_head": 2},
         "language_seed": 0,
         "n_eval_sentences": 50_000,
         # 02_pretraining_to_optimality at the paper's scale (AdamW lr 1e-3, 6% warm-up, >= 30k steps;
@@ -130,6 +139,7 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
     _check_int("language_seed", params["language_seed"], low=0)
     _check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
     build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
+    build_teacher(params)
     _check_pretraining(params["pretraining"])
     return params
 
@@ -213,3 +223,12 @@ def build_languages(params: dict[str, Any]) -> dict[str, Language]:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{name}.{error}") from None
     return languages
+
+
+def build_teacher(params: dict[str, Any]) -> TeacherLM:
+    """The profile's third language, a ``TeacherLM`` (kept apart from ``build_languages``: its exact
+    single-mask conditionals enumerate the vocabulary, so notebooks use it at sizes they choose)."""
+    try:
+        return TeacherLM.random(seed=params["language_seed"], **params["teacher"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"teacher.{error}") from None
