@@ -38,6 +38,8 @@ def test_overrides_apply_and_none_keeps_the_profile():
         ("smoke", {"hmm": {"concentration": -1.0}}, "hmm.concentration"),
         ("smoke", {"pcfg": {"depth": 0}}, "pcfg.depth"),
         ("smoke", {"pcfg": {"colour": "red"}}, "pcfg.*colour"),
+        ("smoke", {"teacher": {"temperature": 0.0}}, "teacher.temperature"),
+        ("smoke", {"teacher": {"n_topics": 0}}, "teacher.n_topics"),
     ],
 )
 def test_invalid_parameters_name_the_parameter(profile, overrides, match):
