@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.machine import cpu_model
+from bench.common import cpu_model, print_table
 from flatlib.flatness import (TraceEstimate, fisher_trace, hessian_mode, hessian_trace, hvp, mlm_logits_fn,
                               mlm_loss_fn, rademacher_probes, trainable_parameters)
 from flatlib.runs import RunStore
@@ -620,15 +620,6 @@ def dense_check(sizes: dict[str, int]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    cells = [tuple(header)] + [tuple(r) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for k, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def fmt_s(x: float | None) -> str:
     return "n/a" if x is None else (f"{x:.2f}" if x < 10 else f"{x:,.0f}")
 
@@ -656,7 +647,7 @@ def print_costs(m: dict[str, Any], n_pairs: int, repeats: int) -> dict[str, floa
              ("reverse per probe, mean over the long run", m["rev_probe_s"], False)]
     if m["pyh"] is not None:
         lines.append(("PyHessian dataloader per probe, mean over its run", m["rows"][-1].per_probe_s, False))
-    table(("operation", "seconds", "x gradient", f"<= {HVP_TARGET}x?"),
+    print_table(("operation", "seconds", "x gradient", f"<= {HVP_TARGET}x?"),
           [(name, f"{s:.3f}", f"{s / grad_s:.2f}",
             ("yes" if s / grad_s <= HVP_TARGET else "NO") if target else "")
            for name, s, target in lines])
@@ -668,7 +659,7 @@ def print_estimators(m: dict[str, Any], n_pairs: int) -> None:
     print(f"\nTr H of the single-mask MLM loss (hard targets) on {n_pairs} pairs: time to a {REL_SE:.0%} "
           f"relative standard error (best estimate {m['best']:.3f} ± {m['best_se']:.3f}; check = a "
           "fixed-count run, measured (predicted))")
-    table(("estimator", "probe", "estimate ± SE", "Tr H?", "s/probe", "setup s", "cv", "probes to 2%",
+    print_table(("estimator", "probe", "estimate ± SE", "Tr H?", "s/probe", "setup s", "cv", "probes to 2%",
            "s to 2%", "vs PyHessian", "check: probes", "SE", "s"),
           [(r.estimator, r.probe, f"{r.value:.3f} ± {r.stderr:.3f}",
             "yes" if r.valid else f"bias {r.bias:+.1%}",
@@ -731,7 +722,7 @@ def print_dense(dense: dict[str, Any]) -> None:
           f"asymmetry {dense['asymmetry']:.1e}): Tr H = {dense['exact_trace']:.4f}; for the expected loss "
           f"{dense['exact_trace_expected_loss']:.4f}; exact Fisher {dense['exact_fisher_trace']:.4f}; "
           f"Hutchinson cv per probe {dense['cv_exact']:.3f}")
-    table(("estimator", "probes", "reps", "mean rel. error ± SE", "RMS rel. error", "expected RMS"),
+    print_table(("estimator", "probes", "reps", "mean rel. error ± SE", "RMS rel. error", "expected RMS"),
           [(name, str(e["probes"]), str(e["reps"]),
             f"{e['mean']:+.2%} ± {e['mean_se']:.2%}" if math.isfinite(e["mean_se"]) else f"{e['mean']:+.2%}",
             f"{e['rms']:.2%}", f"{e['expected_rms']:.2%}" if "expected_rms" in e else "")

@@ -44,7 +44,8 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
-from bench.machine import cpu_model
+from bench import common
+from bench.common import cpu_model
 from flatlib.languages import HMM, PCFG, Corpus
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -256,16 +257,11 @@ def max_abs_diff(flat_probs: torch.Tensor, ref_probs: list[np.ndarray], corpus: 
 # ----------------------------------------------------------------------------- report
 def print_table(rows: list[Row]) -> None:
     header = ("language", "operation", "flatlib sent/s", "reference sent/s", "speed-up", "target", "met?")
-    cells = [header] + [
+    common.print_table(header, [
         (r.language, r.operation, f"{r.flatlib_per_s:,.1f}", f"{r.reference_per_s:,.1f}",
          f"{r.speedup:,.1f}x", f">={r.target:g}x", "yes" if r.met else "NO")
         for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for k, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    ], text_columns=2)
     for r in rows:
         if r.max_abs_diff is not None:
             print(f"{r.language} {r.operation}: reference agrees with flatlib to {r.max_abs_diff:.2e} "

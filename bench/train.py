@@ -53,7 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.machine import cpu_model
+from bench import common
+from bench.common import cpu_model
 from flatlib.profiles import build_languages, resolve
 from flatlib.train import (PretrainConfig, _mask_generator, _training_corpus, learning_rate, make_optimizer,
                            new_model, single_mask_batch)
@@ -271,11 +272,7 @@ def print_table(rows: list[Result], peaks: dict[int, float], target_rows: set[in
                       f"{r.tokens_per_s:,.0f}", f"{r.flops() / 1e9:.1f}", f"{r.of_peak(peaks):.1%}",
                       f"{r.data_share:.1%}", "-" if math.isnan(ms) else f"{ms:.1f}", f"{r.warmup_s:.1f}",
                       ("yes" if r.of_peak(peaks) >= PEAK_TARGET else "NO") if k in target_rows else ""))
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for k, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    common.print_table(cells[0], cells[1:], text_columns=2)
     for r in rows:
         if r.error:
             print(f"n/a: {r.label} {r.model}: {r.error}")
