@@ -360,11 +360,10 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world} processes")
     store = store or RunStore()
-    if rank == 0:
-        store.open(config.to_dict())
+    # rank 0 creates (or checks) the run directory; the others wait for it, then just point at it
+    run = store.open(config.to_dict()) if rank == 0 else Run(store.path(config.to_dict()), config.to_dict())
     if world > 1:
         dist.barrier()
-    run = store.open(config.to_dict()) if rank == 0 else Run(store.path(config.to_dict()), config.to_dict())
     if run.finished:
         return run
     language = build_language(config.language)
