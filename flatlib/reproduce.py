@@ -3,7 +3,8 @@
 Executed copies go to ``build/<profile>/``; figures are written by the notebooks themselves (see
 ``flatlib.plotting.figures_dir``). A notebook that fails is reported with its error, its partial
 copy is kept beside the last good one as ``<name>.failed.ipynb``, and the others still run.
-(The claims report, figures/REPORT.md, arrives with the correlation notebook.)
+Afterwards the claims report (``REPORT.md`` in the profile's figures folder) is written from what the
+notebooks recorded (``flatlib.report``), with every notebook's status and wall time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from flatlib.plotting import REPO_ROOT
 from flatlib.profiles import PROFILES
+from flatlib.report import record_runs, write_report
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -72,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no notebooks found", file=sys.stderr)
         return 1
+    record_runs(args.profile, [vars(r) for r in results])
+    report = write_report(args.profile)
     total = sum(r.seconds for r in results)
     print(f"\n{'notebook':40s} {'status':8s} {'seconds':>8s}")
     for r in results:
         print(f"{r.notebook:40s} {'ok' if r.ok else 'FAILED':8s} {r.seconds:8.0f}")
     print(f"{'total':40s} {'':8s} {total:8.0f}")
+    print(f"claims report: {report}")
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -1,0 +1,191 @@
+"""The claims report, figures/REPORT.md: what each notebook found, claim by claim.
+
+Each notebook ends by recording its claims (``record_claims``): for every claim of the paper it
+checks, the paper's number, ours at the profile (mean and CI), whether it held, and the notebook and
+figure that show it. The claims are written next to the figures (``<figures>/claims/<notebook>.json``,
+atomically), so they always come from the same computation as the figures beside them.
+``flatlib.reproduce`` records each notebook's status and wall time (``claims/_runs.json``) and then
+calls ``write_report``, which assembles REPORT.md from those files. Nothing in the report is typed in
+by hand: a notebook that failed keeps its last good claims, marked as such.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flatlib.plotting import REPO_ROOT, figures_dir
+from flatlib.runs import atomic_write
+
+HELD = ("yes", "no", "partly", "not tested")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper as checked by a notebook.
+
+    ``held`` is "yes", "no", "partly" (e.g. for some tasks only) or "not tested" (e.g. the models
+    did not reach the optimum, so an "at equal loss" claim could not be tested); ``paper`` and
+    ``ours`` are short texts with numbers (``ours`` with its CI or SE); ``figure`` is a file name in
+    the profile's figures folder (or "" if none); ``detail`` says what was compared, on what.
+    """
+
+    claim: str
+    paper: str
+    ours: str
+    held: str
+    notebook: str
+    figure: str = ""
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.held not in HELD:
+            raise ValueError(f"held: expected one of {HELD}, got {self.held!r}")
+        for name in ("claim", "notebook"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
+
+
+def claims_dir(profile: str) -> Path:
+    return figures_dir(profile) / "claims"
+
+
+def record_claims(profile: str, notebook: str, claims: list[Claim]) -> Path:
+    """Write ``notebook``'s claims at ``profile`` (replacing its previous ones). Returns the path."""
+    if not notebook or "/" in notebook:
+        raise ValueError(f"notebook: expected a notebook name like '02_pretraining_to_optimality', got {notebook!r}")
+    for claim in claims:
+        if not isinstance(claim, Claim):
+            raise ValueError(f"claims: expected Claim objects, got {type(claim).__name__}")
+    path = claims_dir(profile) / f"{notebook}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"notebook": notebook, "profile": profile,
+                                   "claims": [asdict(c) for c in claims]}, indent=1))
+    return path
+
+
+def load_claims(profile: str) -> dict[str, list[Claim]]:
+    """Every recorded notebook's claims at ``profile``, by notebook name (sorted)."""
+    out = {}
+    for path in sorted(claims_dir(profile).glob("[0-9][0-9]_*.json")):
+        data = json.loads(path.read_text())
+        out[data["notebook"]] = [Claim(**c) for c in data["claims"]]
+    return out
+
+
+def record_runs(profile: str, results: list[dict[str, Any]]) -> Path:
+    """Merge notebook results (``{"notebook", "ok", "seconds", "error"}``) into ``claims/_runs.json``:
+    the latest status of every notebook at ``profile``; a failure does not erase the time of the
+    last good run."""
+    path = claims_dir(profile) / "_runs.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for r in results:
+        name = Path(r["notebook"]).stem
+        previous = runs.get(name, {})
+        entry = {"ok": bool(r["ok"]), "seconds": round(float(r["seconds"]), 1), "error": r.get("error", ""),
+                 "when": now}
+        if not r["ok"] and previous.get("ok"):
+            entry["last_good"] = {k: previous[k] for k in ("seconds", "when")}
+        elif not r["ok"] and "last_good" in previous:
+            entry["last_good"] = previous["last_good"]
+        runs[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(runs, indent=1, sort_keys=True))
+    return path
+
+
+def machine_description() -> str:
+    import torch  # noqa: PLC0415
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {device}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(profile: str) -> str:
+    """REPORT.md's text at ``profile`` from the recorded claims and notebook runs."""
+    from flatlib.profiles import get_profile  # noqa: PLC0415 - profiles imports the languages
+
+    claims = load_claims(profile)
+    runs_path = claims_dir(profile) / "_runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    params = get_profile(profile)
+    pretraining = params.get("pretraining", {})
+    total = sum(r["seconds"] for r in runs.values() if r["ok"])
+    lines = [
+        f"# Claims report · profile `{profile}`",
+        "",
+        "Generated by `python -m flatlib.reproduce --profile " + profile + "` from what the notebooks recorded "
+        "(`claims/*.json` beside the figures). Every number below was computed by the notebook named in its row; "
+        "the paper's numbers are second-hand (PAPER.md). \"held\" is decided by each notebook from its own "
+        "numbers and confidence intervals, never typed in.",
+        "",
+        f"- machine: {machine_description()}",
+        f"- commit: {_git_commit()}",
+        f"- profile `{profile}`: training seeds per experiment {pretraining.get('seeds', '?')}, "
+        f"model {pretraining.get('model', '?')}, ε = {pretraining.get('epsilon', '?')} nats; "
+        f"the notebooks' own parameters are printed in their executed copies (`build/{profile}/`)",
+        f"- wall time of the notebooks' last good runs: {total / 60:.1f} min in total",
+        "",
+        "## Notebooks",
+        "",
+        "| notebook | status | wall time | when |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(set(runs) | set(claims)):
+        r = runs.get(name)
+        if r is None:
+            lines.append(f"| {name} | claims recorded outside `reproduce` | | |")
+            continue
+        if r["ok"]:
+            status = "ok"
+        else:
+            status = f"FAILED: {_cell(r['error'][:300])}"
+            if "last_good" in r:
+                status += f" (claims below are from the last good run, {r['last_good']['when']})"
+        lines.append(f"| {name} | {status} | {r['seconds'] / 60:.1f} min | {r['when']} |")
+    lines += ["", "## Claims", ""]
+    counts = {h: 0 for h in HELD}
+    for notebook, items in claims.items():
+        lines += [f"### {notebook}", "", "| claim | paper | ours | held | figure |", "|---|---|---|---|---|"]
+        for c in items:
+            counts[c.held] += 1
+            figure = f"[{c.figure}]({c.figure})" if c.figure else ""
+            claim = _cell(c.claim) + (f" <br><sub>{_cell(c.detail)}</sub>" if c.detail else "")
+            lines.append(f"| {claim} | {_cell(c.paper)} | {_cell(c.ours)} | **{c.held}** | {figure} |")
+        lines.append("")
+    if not claims:
+        lines.append("No notebook has recorded claims at this profile yet.")
+    lines.insert(lines.index("## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
+                 + " (claims: held / not held / partly / not tested at this profile).\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(profile: str) -> Path:
+    """Write ``<figures>/REPORT.md`` for ``profile``. Returns its path."""
+    path = figures_dir(profile) / "REPORT.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, render_report(profile))
+    return path
