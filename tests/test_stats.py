@@ -1,0 +1,57 @@
+"""Welch differences and bootstrap rank correlations against scipy and simple cases."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from flatlib.stats import mean_difference, rank_correlation
+
+
+def test_mean_difference_matches_welch():
+    a, b = [0.60, 0.62, 0.61], [0.66, 0.70, 0.69, 0.67]
+    d = mean_difference(a, b)
+    assert d.delta == pytest.approx(np.mean(b) - np.mean(a))
+    # Welch's t test p < 0.05 exactly when the 95% interval excludes 0
+    p = stats.ttest_ind(b, a, equal_var=False).pvalue
+    assert (p < 0.05) == d.significant
+    # the interval's half-width over the standard error is the Welch t quantile
+    se = math.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 4)
+    assert 2.0 < d.ci95 / se < 4.4
+    assert math.isnan(mean_difference([1.0], [2.0, 3.0]).ci95)
+    with pytest.raises(ValueError, match="a, b"):
+        mean_difference([], [1.0])
+
+
+def test_rank_correlation_value_and_interval():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = x + 0.5 * rng.normal(size=40)
+    c = rank_correlation(x, y, "spearman", n_boot=500, seed=1)
+    assert c.value == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert c.low < c.value < c.high and c.low > 0  # a real correlation: the interval excludes 0
+    k = rank_correlation(x, y, "kendall", n_boot=500, seed=1)
+    assert k.value == pytest.approx(stats.kendalltau(x, y).statistic)
+    # no relation: the interval covers 0
+    z = rank_correlation(x, rng.normal(size=40), n_boot=500, seed=1)
+    assert z.low < 0 < z.high
+    # deterministic given the seed
+    assert rank_correlation(x, y, n_boot=200, seed=3) == rank_correlation(x, y, n_boot=200, seed=3)
+
+
+def test_cluster_bootstrap_is_wider_for_duplicated_points():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=10)
+    y = x + rng.normal(size=10)
+    xs, ys, groups = np.repeat(x, 4), np.repeat(y, 4), np.repeat(np.arange(10), 4)
+    naive = rank_correlation(xs, ys, n_boot=400, seed=0)
+    cluster = rank_correlation(xs, ys, n_boot=400, seed=0, groups=groups)
+    assert (cluster.high - cluster.low) > (naive.high - naive.low)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="method"):
+        rank_correlation([1, 2, 3], [1, 2, 3], method="pearson")
+    with pytest.raises(ValueError, match="at least 3"):
+        rank_correlation([1, 2], [1, 2])
