@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
-from flatlib.languages import Corpus, Language
+from flatlib.languages import HMM, Corpus, Language
 from flatlib.model import Transformer
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -90,6 +90,16 @@ def pool(features: Tensor, corpus: Corpus, pooling: str = "concat", position: in
             raise ValueError(f"position: expected a position in [0, {features.shape[1]}), got {position!r}")
         return features[:, position]
     raise ValueError(f"pooling: expected 'concat', 'mean' or 'position', got {pooling!r}")
+
+
+def probe_inputs(language: Language, corpus: Corpus, features: Tensor, task: str) -> Tensor:
+    """The probe's input for ``task``: for an HMM state task, the representation at the task's
+    position (the sensitive choice, PILOT.md); for a PCFG task, all positions concatenated (the
+    paper's choice). Differentiable: the adversarial objective (``flatlib.train``) pools its
+    downstream batch with it, exactly as the evaluation probe does."""
+    if isinstance(language, HMM):
+        return pool(features, corpus, "position", int(task.split("@")[1]))
+    return pool(features, corpus, "concat")
 
 
 def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int = 200) -> Tensor:

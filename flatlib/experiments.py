@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flatlib.downstream import linear_probe, lookup_table_features, model_features, pool
+from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs
 from flatlib.flatness import hessian_trace, mlm_batches, mlm_loss_fn
 from flatlib.languages import HMM, Corpus, Language
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash
@@ -49,15 +49,6 @@ class Protocol:
 
     def key(self) -> str:
         return config_hash(asdict(self))
-
-
-def probe_inputs(language: Language, corpus: Corpus, features: torch.Tensor, task: str) -> torch.Tensor:
-    """The probe's input for ``task``: for an HMM state task, the representation at the task's
-    position (the sensitive choice, PILOT.md); for a PCFG task, all positions concatenated (the
-    paper's choice)."""
-    if isinstance(language, HMM):
-        return pool(features, corpus, "position", int(task.split("@")[1]))
-    return pool(features, corpus, "concat")
 
 
 def downstream_corpus(language_spec: dict[str, Any], n: int) -> Corpus:
@@ -108,7 +99,8 @@ def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> 
 
 def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Protocol()) -> dict[str, Any]:
     """The same probe on the exact conditionals (the paper's lookup table), plus each task's
-    majority-class rate and, for HMM tasks, the exact Bayes accuracy."""
+    majority-class rate and, for HMM and teacher tasks, the Bayes accuracy (exact per sentence, ± SE over
+    sentences)."""
     language = build_language(language_spec)
     corpus = downstream_corpus(language_spec, protocol.probe_sentences)
     features = lookup_table_features(language, corpus).to(torch.float32)
@@ -117,7 +109,7 @@ def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Proto
         labels = language.task_labels(corpus, task)
         labels = labels[labels >= 0]
         out[task]["majority"] = float(torch.bincount(labels).max()) / len(labels)
-        if isinstance(language, HMM):
+        if hasattr(language, "bayes_accuracy"):  # HMM and teacher tasks (a PCFG label is a function of the sentence)
             bayes = language.bayes_accuracy(corpus, task)
             out[task]["bayes"], out[task]["bayes_se"] = bayes.mean, bayes.stderr
     return out
@@ -162,3 +154,237 @@ def measure_checkpoints(checkpoints: list[tuple[Run, int]], protocol: Protocol =
             for index, result in zip(todo, pool.imap(_measure_one, jobs)):
                 results[index] = result
     return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- traces in one parameterization
+def _cached(path: Path, compute: Any) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    atomic_write(path, json.dumps(result, indent=1))
+    return result
+
+
+def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """The Hessian trace of ``run``'s model at ``step`` after ``widen`` to ``d_model = width``
+    (a function-preserving embedding into the wider architecture, ``flatlib.model.widen``), on the
+    same validation pairs, probes seed and loss as ``measure_checkpoint``'s trace. The trace depends
+    on the parameterization: comparing models of different sizes in one architecture is what makes
+    their traces comparable (the paper's procedure). Also returns the largest logit difference
+    between the model and its widening on those pairs (0 up to float error). Cached in the run."""
+    from flatlib.model import widen  # noqa: PLC0415
+
+    config = PretrainConfig.from_dict(run.config)
+    d_model = config.model["d_model"]
+    if width % d_model:
+        raise ValueError(f"width: {width} is not a multiple of the model's d_model {d_model}")
+    factor = width // d_model
+
+    def compute() -> dict[str, Any]:
+        language = build_language(config.language)
+        model = load_model(run, step)
+        wide = widen(model, factor).eval()
+        val = validation_set(config, language)
+        n = min(protocol.trace_pairs, len(val.inputs))
+        with torch.no_grad():
+            drift = float((wide(val.inputs[:n], val.positions[:n]) - model(val.inputs[:n], val.positions[:n])).abs().max())
+        batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
+                              protocol.trace_batch, soft_targets=True)
+        trace = hessian_trace(wide, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
+                              seed=derived_seed("trace probes", protocol.seed))
+        return {"run": run.key, "step": step, "width": width, "factor": factor, "trace": trace.mean,
+                "trace_se": trace.stderr, "n_params": sum(p.numel() for p in wide.parameters()),
+                "max_logit_change": drift}
+
+    return _cached(_widened_trace_path(run, step, protocol, width), compute)
+
+
+def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epochs: int = 10,
+                     lr: float = 1e-4) -> dict[str, Any]:
+    """Full fine-tuning accuracy per task (``flatlib.downstream.finetune``: AdamW, a new linear head on
+    the same pooled features as the probe) on the probe's corpus, ``probe_train`` / ``probe_test``
+    examples, one split (the spread comes from the training seeds). Cached in the run."""
+    from flatlib.downstream import finetune  # noqa: PLC0415
+
+    config = PretrainConfig.from_dict(run.config)
+
+    def compute() -> dict[str, Any]:
+        language = build_language(config.language)
+        model = load_model(run, step)
+        corpus = downstream_corpus(config.language, protocol.probe_sentences)
+        out = {}
+        for task in protocol.tasks or language.tasks:
+            if isinstance(language, HMM):
+                pooling, position = "position", int(task.split("@")[1])
+            else:
+                pooling, position = "concat", None
+            with torch.random.fork_rng(devices=[]):
+                accuracy = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
+                                    protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
+                                    seed=protocol.seed, pooling=pooling, position=position)
+            out[task] = accuracy
+        return {"run": run.key, "step": step, "epochs": epochs, "lr": lr, "accuracy": out}
+
+    return _cached(_finetune_path(run, step, protocol, epochs, lr), compute)
+
+
+def _checkpoint_path(run: Run, step: int, protocol: Protocol) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}.json"
+
+
+def _widened_trace_path(run: Run, step: int, protocol: Protocol, width: int) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}_wide{width}.json"
+
+
+def _finetune_path(run: Run, step: int, protocol: Protocol, epochs: int = 10, lr: float = 1e-4) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}_finetune{epochs}_{lr:g}.json"
+
+
+_MEASURES = {"checkpoint": (measure_checkpoint, _checkpoint_path),
+             "widened_trace": (measure_widened_trace, _widened_trace_path),
+             "finetune": (measure_finetune, _finetune_path)}
+
+
+def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
+    kind, directory, config, step, protocol, kwargs, threads = args
+    torch.set_num_threads(threads)
+    fields = {**protocol, "probe_l2_grid": tuple(protocol["probe_l2_grid"])}
+    if fields.get("tasks") is not None:
+        fields["tasks"] = tuple(fields["tasks"])
+    return _MEASURES[kind][0](Run(Path(directory), config), step, protocol=Protocol(**fields), **kwargs)
+
+
+def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protocol: Protocol = Protocol(),
+                 workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
+    """Run one of the cached measurements (``kind``: "checkpoint", "widened_trace" or "finetune") for
+    every ``(run, step, keyword arguments)`` of ``items``, in ``workers`` spawned single-threaded
+    processes (or in this process for ``workers == 1``). Same numbers whichever way (each is a
+    function of the checkpoint, the protocol and the arguments); cached ones cost nothing."""
+    if kind not in _MEASURES:
+        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError("workers, threads_per_worker: expected >= 1")
+    measure, path = _MEASURES[kind]
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    todo = []
+    for index, (run, step, kwargs) in enumerate(items):
+        cached = path(run, step, protocol, **kwargs)
+        if cached.exists():
+            results[index] = json.loads(cached.read_text())
+        else:
+            todo.append(index)
+    if workers == 1 or len(todo) <= 1:
+        for index in todo:
+            run, step, kwargs = items[index]
+            results[index] = measure(run, step, protocol=protocol, **kwargs)
+    else:
+        import multiprocessing as mp  # noqa: PLC0415
+
+        jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
+                 threads_per_worker) for i in todo]
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for index, result in zip(todo, pool.imap(_measure_job, jobs)):
+                results[index] = result
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- the notebooks' run grids
+# One definition of every run the notebooks train, from the resolved profile (flatlib.profiles.resolve):
+# notebooks 02-05 ask for the same configs, so they share runs through the store (a config's hash is
+# its run's key), and notebook 05 finds every model of 02-04 without retraining.
+def model_of(params: dict[str, Any], width: int | None = None) -> dict[str, int]:
+    """The profile's pre-training model (``pretraining.model``), or its ``model_size`` family at
+    ``width`` (``d_ff = ff_mult * width``)."""
+    if width is None:
+        return dict(params["pretraining"]["model"])
+    s = params["model_size"]
+    return {"n_layer": s["n_layer"], "n_head": s["n_head"], "d_model": width, "d_ff": s["ff_mult"] * width}
+
+
+def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | None = None) -> PretrainConfig:
+    """Pre-training towards the optimum (notebook 02's phase 1, notebook 03's sizes): AdamW, a linear
+    warm-up, then a linear decay to 0 at ``pretraining.steps[name]``; one checkpoint at the end."""
+    from flatlib.profiles import language_spec  # noqa: PLC0415 - profiles imports the languages
+
+    t = params["pretraining"]
+    steps = t["steps"][name]
+    return PretrainConfig(language=language_spec(params, name), model=model_of(params, width), optimizer="adamw",
+                          lr=t["lr"], warmup_steps=t["warmup_steps"], schedule="linear", min_lr=0.0, steps=steps,
+                          batch_size=t["batch_size"], eval_every=t["eval_every"], eval_pairs=t["eval_pairs"],
+                          checkpoint_every=steps, seed=seed)
+
+
+def phase2_config(params: dict[str, Any], name: str, seed: int, optimizer: str, **overrides: Any) -> PretrainConfig:
+    """Training on after phase 1 (notebook 02's phase 2, notebook 04's algorithms): a fresh
+    ``optimizer`` ("sgd" at ``pretraining.sgd_lr`` or "adamw" at ``pretraining.adamw_lr``) at a constant
+    learning rate from the final phase-1 checkpoint, for ``continue_steps`` steps, checkpoints every
+    ``checkpoint_every``. ``overrides`` go to ``continuation`` (e.g. ``adversarial={...}``)."""
+    t = params["pretraining"]
+    base = phase1_config(params, name, seed)
+    lr = {"sgd": t["sgd_lr"], "adamw": t["adamw_lr"]}[optimizer]
+    settings = {"eval_every": t["continue_eval_every"], "checkpoint_every": t["checkpoint_every"], **overrides}
+    return continuation(base, from_step=base.steps, steps=t["continue_steps"], optimizer=optimizer, lr=lr, **settings)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One measured model of the notebooks: the run's config and the checkpoint's step, where it
+    comes from (``origin``), the parameterization its trace is measured in (``family``; ``widen_to``
+    is the width it is widened to first, or None), and its training ``lineage`` (a phase-1 run and
+    its continuations share one: they are not independent)."""
+
+    language: str
+    origin: str
+    family: str
+    lineage: str
+    config: PretrainConfig
+    step: int
+    widen_to: int | None = None
+
+
+def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
+    """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
+    1 and every phase-2 checkpoint (SGD, AdamW) of notebook 02, the adversarial continuations of
+    notebook 04 (for the languages of its profile section), and every width of notebook 03 (for
+    ``model_size.languages``, traces after widening to the widest)."""
+    t = params["pretraining"]
+    names = list(names or t["languages"])
+    seeds = [params["seed"] + i for i in range(t["seeds"])]
+    base = model_of(params)
+    family = f"{base['n_layer']}x{base['d_model']}"
+    checkpoints = list(range(t["checkpoint_every"], t["continue_steps"] + 1, t["checkpoint_every"]))
+    out = []
+    for name in names:
+        for s in seeds:
+            lineage = f"{name} seed {s}"
+            first = phase1_config(params, name, s)
+            out.append(ModelRef(name, "02 phase 1", family, lineage, first, first.steps))
+            for optimizer in ("sgd", "adamw"):
+                config = phase2_config(params, name, s, optimizer)
+                out += [ModelRef(name, f"02 {optimizer}", family, lineage, config, k) for k in checkpoints]
+            adversarial = adversarial_config(params, name, s)
+            if adversarial is not None:
+                out += [ModelRef(name, "04 adversarial", family, lineage, adversarial, k) for k in checkpoints]
+    sizes = params["model_size"]
+    widest = sizes["widths"][-1]
+    for name in names:
+        if name not in sizes["languages"]:
+            continue
+        for w in sizes["widths"]:
+            for s in seeds:
+                config = phase1_config(params, name, s, width=w)
+                out.append(ModelRef(name, "03 sizes", f"widths widened to {widest}", f"{name} w{w} seed {s}",
+                                    config, config.steps, None if w == widest else widest))
+    return out
+
+
+def adversarial_config(params: dict[str, Any], name: str, seed: int) -> PretrainConfig | None:
+    """Notebook 04's adversarial continuation of ``name`` (None if the profile's ``algorithms``
+    section does not list ``name``): AdamW at ``pretraining.adamw_lr`` from the same phase-1
+    checkpoint as notebook 02's continuations, on L_mlm - weight * L_downstream for the language's
+    adversarial task (``flatlib.train``, option ``adversarial``)."""
+    a = params.get("algorithms")
+    if a is None or name not in a["languages"]:
+        return None
+    settings = {**a["adversarial"], "task": a["tasks"][name], "weight": a["weights"][name]}
+    return phase2_config(params, name, seed, "adamw", adversarial=settings)

@@ -16,9 +16,39 @@ training (then the training objective's optimum is *not* the single-mask optimum
 computable; evaluation stays single-mask). Data are fresh samples every step (the infinite-data
 regime of the paper) or a fixed corpus of ``train_sentences``.
 
+Option ``adversarial`` (the paper's third way to reach the same loss: "a different training
+algorithm", which transfers *worse*): each step minimizes
+
+    L_mlm(batch) - weight * L_down,   L_down = mean_i min(CE_i, cap),   cap = ADVERSARIAL_CAP * log(C),
+
+where CE_i is the cross-entropy, against the task's label, of a *fixed* linear head applied to the
+model's features of sentence i of a fresh downstream batch (``batch_sentences`` unmasked sentences a
+step, pooled exactly as the evaluation probe pools them: ``flatlib.downstream.probe_inputs``;
+sentences without a label are dropped). Its gradient flows into the transformer, never into the
+head. The head (standardization + multinomial logistic regression with L2 ``ADVERSARIAL_L2``,
+float64, ``ADVERSARIAL_MAX_ITER`` full-batch L-BFGS iterations from zero: deterministic) is refitted
+at the start and every ``refit_every`` steps, on eval-mode features of a fixed held-out split of
+``head_sentences`` sentences of its own random stream (independent of the training sentences, the
+masks and the probe corpus of ``flatlib.experiments``). L_down is unbounded above: with a fixed head
+the transformer can raise it without limit by pushing the features far along the head's directions
+(the head then predicts a wrong class confidently: the information is flipped, not erased), which
+also wrecks the MLM loss. Each sentence's term is therefore clipped at ``cap``, the cross-entropy of
+a uniform guess (``ADVERSARIAL_CAP = 1``): a sentence whose label the head rates below chance stops
+pulling. Measured on a 4-state HMM (tests/test_adversarial.py; 400 AdamW steps, weight 0.1): without
+the clip, a head refitted every 50 steps is driven to a cross-entropy of ~45 nats and the gap from
+0.010 to 0.077; with it, 5 nats and 0.012. Refit often (every few steps): between refits the cheapest
+way to raise L_down is to fool the stale head, and only a fresh head makes the adversary erase the
+information (refit every 5 steps: probe accuracy 0.79 -> 0.51; every 50: -> 0.77). The metrics
+record the current head's unclipped cross-entropy (``adv_loss``) and accuracy (``adv_accuracy``) on
+the downstream batches since the last evaluation, and the accuracy of the latest refit on its own
+split (``adv_refit_accuracy``); ``train_loss`` stays the MLM term alone. Not combinable with
+``mask_rate``; single process only (no DDP). A continuation (``init_from``) loads the parent's model
+and fits a fresh head.
+
 Every run lives in the run store (``flatlib.runs``): a finished run is returned at once; a partial
 one resumes from its last checkpoint and produces bit-identical results (each step's data and masks
-are a function of (seed, step), and model and optimizer state are checkpointed).
+are a function of (seed, step), and model and optimizer state are checkpointed; so are the
+adversary's head, the step it was fitted at and its running sums).
 """
 
 from __future__ import annotations
@@ -38,10 +68,16 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import HMM, PCFG, Corpus, Language, TeacherLM
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import Run, RunStore, canonical_json, config_hash
 
+ADVERSARIAL_KEYS = ("weight", "task", "refit_every", "head_sentences", "batch_sentences")
+ADVERSARIAL_MIN_HEAD_SENTENCES = 100  # fewer held-out sentences make the head mostly noise
+ADVERSARIAL_L2 = 1e-3  # the head's L2 strength (on standardized features; the probe's grid centre)
+ADVERSARIAL_CAP = 1.0  # a sentence's cross-entropy is clipped at CAP * log(n_classes) (chance level)
+ADVERSARIAL_MAX_ITER = 50  # L-BFGS iterations of a refit, from zero (~1e-4 nats from convergence)
 
 
 def derived_seed(*parts: object) -> int:
@@ -100,6 +136,9 @@ class PretrainConfig:
     extra_steps: int = 0  # ... plus this many more steps
     init_from: dict[str, Any] | None = None  # {"config": <PretrainConfig dict>, "step": int}: start there
     seed: int = 0
+    # {"weight", "task", "refit_every", "head_sentences", "batch_sentences"}: see the module
+    # docstring. Omitted from to_dict when None, so that older configs keep their keys.
+    adversarial: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, low: int = 1) -> None:
@@ -133,7 +172,11 @@ class PretrainConfig:
             positive_int("train_sentences")
         if self.init_from is not None and not {"config", "step"} <= set(self.init_from):
             raise ValueError("init_from: expected {'config': <parent config dict>, 'step': int}")
-        build_language(self.language)  # raises "language.<field>: ..."
+        language = build_language(self.language)  # raises "language.<field>: ..."
+        if self.adversarial is not None:
+            _check_adversarial(self.adversarial, language)
+            if self.mask_rate is not None:
+                raise ValueError("adversarial: cannot be combined with mask_rate (single-mask MLM only)")
         unknown = set(self.model) - {f.name for f in fields(TransformerConfig)}
         if unknown or {"vocab_size", "max_len"} & set(self.model):
             raise ValueError(f"model: unknown or derived fields {sorted(unknown | ({'vocab_size', 'max_len'} & set(self.model)))}")
@@ -141,6 +184,8 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        if d["adversarial"] is None:  # fields added later are left out at their default: old keys hold
+            del d["adversarial"]
         return d
 
     @classmethod
@@ -152,6 +197,31 @@ class PretrainConfig:
     @property
     def key(self) -> str:
         return config_hash(self.to_dict())
+
+
+def _check_adversarial(adversarial: Any, language: Language) -> None:
+    """ValueError naming the key (``adversarial.<key>: ...``) for invalid adversarial settings."""
+    if not isinstance(adversarial, dict):
+        raise ValueError(f"adversarial: expected a dict with the keys {ADVERSARIAL_KEYS}, "
+                         f"got {adversarial!r}")
+    for key in adversarial:
+        if key not in ADVERSARIAL_KEYS:
+            raise ValueError(f"adversarial.{key}: unknown key; expected the keys {ADVERSARIAL_KEYS}")
+    for key in ADVERSARIAL_KEYS:
+        if key not in adversarial:
+            raise ValueError(f"adversarial.{key}: missing (expected the keys {ADVERSARIAL_KEYS})")
+    weight = adversarial["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+            weight > 0 and math.isfinite(weight)):
+        raise ValueError(f"adversarial.weight: expected a positive number (lambda), got {weight!r}")
+    if adversarial["task"] not in language.tasks:
+        raise ValueError(f"adversarial.task: expected one of the language's tasks {language.tasks}, "
+                         f"got {adversarial['task']!r}")
+    lows = {"refit_every": 1, "head_sentences": ADVERSARIAL_MIN_HEAD_SENTENCES, "batch_sentences": 1}
+    for key, low in lows.items():
+        value = adversarial[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"adversarial.{key}: expected an integer >= {low}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -284,6 +354,137 @@ def evaluate(model: Transformer, val: ValidationSet, batch_size: int = 2048) -> 
     }
 
 
+# ---------------------------------------------------------------------------- the adversary's head
+@dataclass(frozen=True)
+class AdversarialHead:
+    """A linear head on pooled features: standardize with the fit split's ``mean`` and ``std``
+    ([D], float64), then ``x @ weight[:-1] + weight[-1]`` (``weight`` [D + 1, C], float64, last row
+    the bias; the layout of ``flatlib.downstream.fit_logistic``). Plain tensors: no gradient reaches
+    them; the gradient through ``logits`` reaches the features."""
+
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+
+    def logits(self, x: Tensor) -> Tensor:
+        x = (x.to(torch.float64) - self.mean) / self.std
+        return x @ self.weight[:-1] + self.weight[-1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"adversarial.mean": self.mean, "adversarial.std": self.std,
+                "adversarial.weight": self.weight}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> "AdversarialHead":
+        return cls(tensors["adversarial.mean"], tensors["adversarial.std"], tensors["adversarial.weight"])
+
+
+def fit_adversarial_head(model: Transformer, language: Language, corpus: Corpus, labels: Tensor,
+                         task: str) -> tuple[AdversarialHead, float]:
+    """The adversary's head on ``corpus`` (the held-out split): eval-mode features of the unmasked
+    sentences without gradients, pooled as the probe pools them, unlabelled sentences dropped,
+    standardized; multinomial logistic regression with L2 ``ADVERSARIAL_L2`` by full-batch L-BFGS
+    from zero in float64 (deterministic). Returns the head and its accuracy on the split."""
+    x = probe_inputs(language, corpus, model_features(model, corpus), task).to(torch.float64)
+    keep = labels >= 0
+    x, y = x[keep], labels[keep]
+    if len(y) < 2:
+        raise ValueError(f"adversarial.head_sentences: only {len(y)} held-out sentences have a label "
+                         f"for {task!r}")
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
+    weight = fit_logistic((x - mean) / std, y, language.n_classes(task), ADVERSARIAL_L2,
+                          ADVERSARIAL_MAX_ITER)
+    head = AdversarialHead(mean, std, weight)
+    with torch.no_grad():
+        accuracy = float((head.logits(x).argmax(1) == y).double().mean())
+    return head, accuracy
+
+
+def _sample(language: Language, n: int, seed: int) -> Corpus:
+    if isinstance(language, PCFG):  # the trees are not needed (labels come from the words)
+        return language.sample(n, seed=seed, trees=False)
+    return language.sample(n, seed=seed)
+
+
+def adversarial_head_corpus(config: PretrainConfig, language: Language) -> Corpus:
+    """The held-out split the adversary's head is fitted on (its own stream: independent of the
+    training sentences, the masks, the downstream batches and the probe corpus)."""
+    return _sample(language, config.adversarial["head_sentences"],
+                   derived_seed("adversarial head sentences", config.seed))
+
+
+def _adversarial_corpus(config: PretrainConfig, language: Language, step: int) -> Corpus:
+    """The downstream batch of ``step``: fresh sentences, a function of (seed, step)."""
+    return _sample(language, config.adversarial["batch_sentences"],
+                   derived_seed("adversarial sentences", config.seed, step))
+
+
+class _Adversary:
+    """The adversarial term of one run: the head, the step it was fitted at, and the sums of the
+    head's cross-entropy and accuracy on the downstream batches since the last evaluation."""
+
+    def __init__(self, config: PretrainConfig, language: Language) -> None:
+        settings = config.adversarial
+        self.config, self.language, self.task = config, language, settings["task"]
+        self.weight, self.refit_every = float(settings["weight"]), settings["refit_every"]
+        self.cap = ADVERSARIAL_CAP * math.log(language.n_classes(self.task))
+        self.corpus = adversarial_head_corpus(config, language)
+        self.labels = language.task_labels(self.corpus, self.task)
+        self.head: AdversarialHead | None = None
+        self.fitted_at: int | None = None
+        self.refit_accuracy = math.nan
+        self.loss_sum = self.accuracy_sum = 0.0
+        self.n_steps = 0
+
+    def refit_if_due(self, model: Transformer, step: int) -> None:
+        """Fit the head at the start (no head yet) and at every multiple of ``refit_every`` (once)."""
+        if self.head is None or (step % self.refit_every == 0 and self.fitted_at != step):
+            self.head, self.refit_accuracy = fit_adversarial_head(model, self.language, self.corpus,
+                                                                  self.labels, self.task)
+            self.fitted_at = step
+
+    def term(self, model: Transformer, step: int) -> Tensor | None:
+        """-weight * L_down on the downstream batch of ``step`` (differentiable in the model; None
+        when no sentence of the batch has a label), recording the unclipped cross-entropy."""
+        corpus = _adversarial_corpus(self.config, self.language, step)
+        labels = self.language.task_labels(corpus, self.task)
+        keep = labels >= 0
+        if not bool(keep.any()):
+            return None
+        features = model.features(model_tokens(corpus, model.config.pad_id)) * corpus.mask[..., None]
+        logits = self.head.logits(probe_inputs(self.language, corpus, features, self.task)[keep])
+        ce = F.cross_entropy(logits, labels[keep], reduction="none")
+        self.loss_sum += float(ce.detach().mean())
+        self.accuracy_sum += float((logits.detach().argmax(1) == labels[keep]).double().mean())
+        self.n_steps += 1
+        return -self.weight * ce.clamp(max=self.cap).mean().to(torch.float32)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss_sum)
+
+    def row(self) -> dict[str, float]:
+        """The metrics columns since the last evaluation (then reset)."""
+        n = self.n_steps
+        row = {"adv_loss": self.loss_sum / n if n else math.nan,
+               "adv_accuracy": self.accuracy_sum / n if n else math.nan,
+               "adv_refit_accuracy": self.refit_accuracy}
+        self.loss_sum = self.accuracy_sum = 0.0
+        self.n_steps = 0
+        return row
+
+    def state(self) -> dict[str, Any]:
+        return {"adv_fitted_at": self.fitted_at, "adv_refit_accuracy": self.refit_accuracy,
+                "adv_loss_sum": self.loss_sum, "adv_accuracy_sum": self.accuracy_sum,
+                "adv_steps": self.n_steps}
+
+    def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        self.head = AdversarialHead.from_tensors(tensors)
+        self.fitted_at, self.refit_accuracy = state["adv_fitted_at"], state["adv_refit_accuracy"]
+        self.loss_sum, self.accuracy_sum = state["adv_loss_sum"], state["adv_accuracy_sum"]
+        self.n_steps = state["adv_steps"]
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -328,10 +529,7 @@ def _mask_generator(config: PretrainConfig, step: int) -> torch.Generator:
 def _training_corpus(config: PretrainConfig, language: Language, step: int,
                      fixed: Corpus | None) -> Corpus:
     if fixed is None:  # fresh sentences every step, a function of (seed, step)
-        seed = derived_seed("sentences", config.seed, step)
-        if isinstance(language, PCFG):
-            return language.sample(config.batch_size, seed=seed, trees=False)
-        return language.sample(config.batch_size, seed=seed)
+        return _sample(language, config.batch_size, derived_seed("sentences", config.seed, step))
     per_epoch = len(fixed) // config.batch_size
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(len(fixed), generator=torch.Generator().manual_seed(derived_seed("epoch", config.seed, epoch)))
@@ -357,6 +555,9 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     to the run store.
     """
     rank, world = _distributed()
+    if config.adversarial is not None and world > 1:
+        raise ValueError(f"adversarial: not supported with DistributedDataParallel ({world} processes); "
+                         "run adversarial training in a single process")
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world} processes")
     store = store or RunStore()
@@ -381,12 +582,15 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     checkpoint = run.load_checkpoint()
     metrics: list[dict[str, Any]] = []
     reached_at: int | None = None
-    running = 0.0  # sum of training losses since the last evaluation
+    running = 0.0  # sum of training losses (the MLM term only) since the last evaluation
+    adversary = _Adversary(config, language) if config.adversarial is not None else None
     if checkpoint is not None:  # resume
         _restore(model, optimizer, checkpoint.tensors)
         start = checkpoint.step
         reached_at = checkpoint.state["reached_at"]
         running = checkpoint.state["running"]
+        if adversary is not None:  # the head in use at `start` (it may have been fitted before)
+            adversary.restore(checkpoint.tensors, checkpoint.state)
         metrics = [row for row in run.metrics().to_dict("records") if row["step"] <= start]
     elif config.init_from is not None:  # continue from another run's checkpoint (a new optimizer)
         parent = pretrain(PretrainConfig.from_dict(config.init_from["config"]), store, progress)
@@ -395,16 +599,22 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         start = 0
     else:
         start = 0
+    if adversary is not None:
+        adversary.refit_if_due(model, start)  # a fresh run's (or a continuation's) first head
     if not metrics:
         metrics.append({"step": start, "lr": learning_rate(config, start), "train_loss": math.nan,
-                        **evaluate(model, val)})
+                        **evaluate(model, val), **(adversary.row() if adversary is not None else {})})
 
     def save(step: int) -> None:
         if rank != 0:
             return
         run.write_metrics(metrics)
-        run.save_checkpoint(step, _checkpoint_tensors(model, optimizer),
-                            {"reached_at": reached_at, "running": running})
+        tensors = _checkpoint_tensors(model, optimizer)
+        state = {"reached_at": reached_at, "running": running}
+        if adversary is not None:
+            tensors.update(adversary.head.tensors())
+            state.update(adversary.state())
+        run.save_checkpoint(step, tensors, state)
 
     if checkpoint is None:
         save(start)
@@ -438,8 +648,14 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             inputs, targets = inputs[rank::world], targets[rank::world]
             loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100,
                                    reduction="sum") * (world / n_global)
+        objective = loss
+        if adversary is not None:  # L_mlm - weight * L_down (single process: net is model)
+            adversary.refit_if_due(model, step)
+            term = adversary.term(model, step)
+            if term is not None:
+                objective = loss + term
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         global_loss = loss.detach() / world
         if world > 1:
@@ -447,12 +663,12 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         running += global_loss.item()
         step += 1
         bar.update(1)
-        diverged = not math.isfinite(running)
+        diverged = not math.isfinite(running) or (adversary is not None and not adversary.finite)
         if diverged:  # record where it happened and stop: the run is finished, as diverged
             end = step
         if step % config.eval_every == 0 or step == end:
             row = {"step": step, "lr": lr, "train_loss": running / (step - metrics[-1]["step"]),
-                   **evaluate(model, val)}
+                   **evaluate(model, val), **(adversary.row() if adversary is not None else {})}
             running = 0.0
             metrics.append(row)
             bar.set_postfix(gap=f"{row['gap']:.4f}")

@@ -78,3 +78,45 @@ def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
     assert measure_checkpoints(items, SMALL, workers=2) == parallel  # read back from the caches
     with pytest.raises(ValueError, match="workers"):
         measure_checkpoints(items, SMALL, workers=0)
+
+
+def test_widened_trace_and_finetune_are_cached_and_consistent(tmp_path):
+    from flatlib.experiments import measure_many, measure_widened_trace
+
+    [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)
+    raw = measure_checkpoint(result.run, 40, SMALL)
+    # widening by 1 is the identity: the same trace as measure_checkpoint's, to float precision
+    same = measure_widened_trace(result.run, 40, 16, SMALL)
+    assert same["factor"] == 1 and same["max_logit_change"] == 0.0
+    assert same["trace"] == pytest.approx(raw["trace"], rel=1e-5)
+    wide = measure_widened_trace(result.run, 40, 48, SMALL)
+    assert wide["factor"] == 3 and wide["max_logit_change"] < 1e-4 and wide["trace_se"] > 0
+    assert wide["n_params"] > 3 * result.run.summary()["n_params"]  # matrices grow 9x, vectors 3x
+    with pytest.raises(ValueError, match="width"):
+        measure_widened_trace(result.run, 40, 40, SMALL)
+    # in two worker processes: the same numbers (read from the cache or recomputed)
+    items = [(result.run, 40, {"width": 32}), (result.run, 40, {"width": 48})]
+    parallel = measure_many("widened_trace", items, SMALL, workers=2)
+    assert parallel[1] == wide and parallel[0]["factor"] == 2
+    assert measure_many("widened_trace", items[:1], SMALL) == parallel[:1]
+    tuned = measure_many("finetune", [(result.run, 40, {"epochs": 1})], SMALL)[0]
+    assert 0 <= tuned["accuracy"]["state@3"] <= 1
+    with pytest.raises(ValueError, match="kind"):
+        measure_many("nope", items, SMALL)
+
+
+def test_notebook_grids_share_runs():
+    """Notebook 03's model of the profile's pre-training size is notebook 02's phase-1 run, and
+    notebook 05 finds every model of 02-04 (same configs, so the same runs in the store)."""
+    from flatlib.experiments import experiment_models, phase1_config, phase2_config
+    from flatlib.profiles import resolve
+
+    params = resolve("smoke")
+    width = params["pretraining"]["model"]["d_model"]
+    assert width in params["model_size"]["widths"]
+    assert phase1_config(params, "hmm", 0, width=width).key == phase1_config(params, "hmm", 0).key
+    models = experiment_models(params, ["hmm"])
+    keys = {m.config.key for m in models}
+    assert phase2_config(params, "hmm", 1, "sgd").key in keys and phase1_config(params, "hmm", 1, width=8).key in keys
+    widened = [m for m in models if m.widen_to is not None]
+    assert widened and all(m.config.model["d_model"] < m.widen_to for m in widened)
