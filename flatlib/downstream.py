@@ -174,9 +174,18 @@ def linear_probe(features: Tensor, labels: Tensor, n_classes: int, n_train: int,
 
 def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int, n_train: int,
              n_test: int, epochs: int = 10, lr: float = 1e-4, batch_size: int = 64, seed: int = 0,
-             pooling: str = "mean", position: int | None = None) -> float:
+             pooling: str = "mean", position: int | None = None, init_head: str = "random",
+             head_l2: float = 1e-3) -> float:
     """Full fine-tuning (the paper: AdamW, lr 1e-4, 10 epochs) of a copy of ``model`` with a new
-    linear head on pooled final-layer features; returns the test accuracy."""
+    linear head on pooled final-layer features; returns the test accuracy.
+
+    ``init_head="random"`` starts the head from PyTorch's default initialisation (the paper's
+    setting, with 0.1M examples); ``"probe"`` first fits the linear probe on the training examples
+    (standardised features, L2 ``head_l2``, folded back into the head's weights) and fine-tunes from
+    there (LP-FT, Kumar et al. 2022): with a few hundred steps, a random head is still far from
+    trained and fine-tuning then measures the optimiser, not the features."""
+    if init_head not in ("random", "probe"):
+        raise ValueError(f"init_head: expected 'random' or 'probe', got {init_head!r}")
     keep = (labels >= 0).nonzero().squeeze(1)
     if n_train + n_test > len(keep):
         raise ValueError(f"n_train + n_test = {n_train + n_test} > {len(keep)} labelled examples")
@@ -187,9 +196,18 @@ def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Linear(net.config.d_model * (net.config.max_len if pooling == "concat" else 1), n_classes)
+    pad = net.config.pad_id
+    if init_head == "probe":
+        with torch.no_grad():
+            chunk = corpus[train]
+            x = pool(net.eval().features(torch.where(chunk.mask, chunk.tokens, pad)), chunk, pooling, position).double()
+            net.train()
+            mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
+            w = fit_logistic((x - mean) / std, labels[train], n_classes, head_l2)
+            head.weight.copy_((w[:-1] / std[:, None]).T)
+            head.bias.copy_(w[-1] - (mean / std) @ w[:-1])
     params = list(net.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr)
-    pad = net.config.pad_id
 
     def logits(index: Tensor) -> Tensor:
         chunk = corpus[index]
