@@ -45,3 +45,21 @@ def test_bad_parameters_fail_at_the_validation_cell(path, bad, match, tmp_path):
     cells = [c for c in executed["cells"] if c["cell_type"] == "code"]
     failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c["outputs"])]
     assert failed == [2], f"failed at code cell {failed}, expected the validation cell (index 2)"
+
+
+@pytest.mark.parametrize("name", ["02_pretraining_to_optimality", "03_model_size"])
+def test_the_third_language_is_one_parameter_away(name, tmp_path, monkeypatch):
+    """Issue 8: the experiments run on the teacher LM by changing `languages` alone."""
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("FLATLIB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("FLATLIB_RUNS", str(tmp_path / "runs"))
+    path = NOTEBOOKS[0].parent / f"{name}.ipynb"
+    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"profile": "smoke", "languages": ["teacher"]},
+                               kernel_name="python3", progress_bar=False, cwd=str(path.parent))
+    executed = json.loads((tmp_path / path.name).read_text())
+    summary = "".join("".join(o.get("text", "")) for o in code_cells_of(executed)[-1]["outputs"])
+    assert "teacher" in summary and "checks passed" in summary
+
+
+def code_cells_of(nb):
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
