@@ -295,11 +295,12 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
 # its run's key), and notebook 05 finds every model of 02-04 without retraining.
 def model_of(params: dict[str, Any], width: int | None = None) -> dict[str, int]:
     """The profile's pre-training model (``pretraining.model``), or its ``model_size`` family at
-    ``width`` (``d_ff = ff_mult * width``)."""
+    ``width`` (``d_ff = ff_mult * width``, heads of ``head_dim``: ``widen`` multiplies the number of
+    heads, so a widened model of this family has exactly the widest model's architecture)."""
     if width is None:
         return dict(params["pretraining"]["model"])
     s = params["model_size"]
-    return {"n_layer": s["n_layer"], "n_head": s["n_head"], "d_model": width, "d_ff": s["ff_mult"] * width}
+    return {"n_layer": s["n_layer"], "n_head": width // s["head_dim"], "d_model": width, "d_ff": s["ff_mult"] * width}
 
 
 def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | None = None) -> PretrainConfig:

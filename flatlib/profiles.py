@@ -43,10 +43,11 @@ PROFILES: dict[str, dict[str, Any]] = {
             "workers": 2,
         },
         # 03_model_size: widths of an n_layer model (d_ff = ff_mult * width), trained like phase 1 above
-        "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "n_head": 2, "ff_mult": 2,
+        "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "finetune_epochs": 2},
         # 04_training_algorithms: the adversary (flatlib.train's `adversarial` option) per language
-        "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6"}, "weights": {"hmm": 0.1},
+        "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
+                       "weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1},
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
     },
     "cpu": {
@@ -79,11 +80,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512},
             "workers": 2,
         },
-        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters; the 64-wide one is
-        # notebook 02's, read back from the run store) on the HMM, where a 2x64 model gets to ~0.02
-        # nats of the optimum in 3000 steps (the PCFG stays ~0.07 away, so "same loss" fails there).
-        # Measured on one thread: 9 / 12 / 28 / 73 ms per step.
-        "model_size": {"languages": ["hmm"], "widths": [16, 32, 64, 128], "n_layer": 2, "n_head": 2,
+        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM, where a
+        # 2x64 model gets to ~0.02 nats of the optimum in 3000 steps (the PCFG stays ~0.07 away, so
+        # "same loss" fails there). Heads of a fixed size (head_dim), so that widening a model into
+        # the widest architecture gives exactly that architecture (widen() multiplies the heads).
+        # Measured on one thread (2 heads each): 9 / 12 / 28 / 73 ms per step.
+        "model_size": {"languages": ["hmm"], "widths": [16, 32, 64, 128], "n_layer": 2, "head_dim": 16,
                        "ff_mult": 4, "finetune_epochs": 10},
         # 04_training_algorithms: on the HMM only (the PCFG does not reach ε at this profile, so a
         # "same loss" comparison is not possible there; pass languages=["hmm", "pcfg"] to see it anyway).
@@ -91,8 +93,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # (refit every 50: probe accuracy 0.77; every 5: 0.51, on a tiny HMM). lambda = 0.03 gives the
         # same accuracy drop as 0.1 on this HMM at a third of the gap increase (one seed, 1200 steps:
         # state@6 0.67 -> 0.33, gap 0.018 -> 0.020). An adversarial step costs ~2.5 plain ones.
-        "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A"},
-                       "weights": {"hmm": 0.03, "pcfg": 0.1},
+        "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
+                       "weights": {"hmm": 0.03, "pcfg": 0.1, "teacher": 0.1},
                        "adversarial": {"refit_every": 5, "head_sentences": 1000, "batch_sentences": 128}},
     },
     "paper": {
@@ -125,11 +127,11 @@ PROFILES: dict[str, dict[str, Any]] = {
             "workers": 2,
         },
         # 03_model_size: 6-layer models from 0.3M to 19M parameters
-        "model_size": {"languages": ["hmm", "pcfg"], "widths": [64, 128, 256, 512], "n_layer": 6, "n_head": 4,
+        "model_size": {"languages": ["hmm", "pcfg"], "widths": [64, 128, 256, 512], "n_layer": 6, "head_dim": 64,
                        "ff_mult": 4, "finetune_epochs": 10},
         # 04_training_algorithms: the paper's table is on its PCFG (task A adversary)
-        "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@10", "pcfg": "A"},
-                       "weights": {"hmm": 0.03, "pcfg": 0.1},
+        "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@10", "pcfg": "A", "teacher": "topic"},
+                       "weights": {"hmm": 0.03, "pcfg": 0.1, "teacher": 0.1},
                        "adversarial": {"refit_every": 10, "head_sentences": 5000, "batch_sentences": 256}},
     },
 }
@@ -258,14 +260,14 @@ def _check_languages(name: str, value: Any) -> None:
 def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
     """The ``model_size`` section (notebook 03); errors name the key as ``model_size.<key>``."""
     name = "model_size"
-    expected = {"languages", "widths", "n_layer", "n_head", "ff_mult", "finetune_epochs"}
+    expected = {"languages", "widths", "n_layer", "head_dim", "ff_mult", "finetune_epochs"}
     if not isinstance(m, dict) or set(m) != expected:
         raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {m!r}")
     _check_languages(f"{name}.languages", m["languages"])
     missing = set(m["languages"]) - set(pretraining["steps"])
     if missing:
         raise ValueError(f"{name}.languages: no pretraining.steps for {sorted(missing)}")
-    for key in ("n_layer", "n_head", "ff_mult", "finetune_epochs"):
+    for key in ("n_layer", "head_dim", "ff_mult", "finetune_epochs"):
         _check_int(f"{name}.{key}", m[key])
     widths = m["widths"]
     if not isinstance(widths, (list, tuple)) or len(widths) < 2:
@@ -277,8 +279,8 @@ def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
     if any(widths[-1] % w for w in widths):
         raise ValueError(f"{name}.widths: every width must divide the largest ({widths[-1]}) so that every "
                          f"model can be widened into the largest architecture, got {widths!r}")
-    if any(w % m["n_head"] for w in widths):
-        raise ValueError(f"{name}.n_head: must divide every width, got n_head={m['n_head']} and {widths!r}")
+    if any(w % m["head_dim"] for w in widths):
+        raise ValueError(f"{name}.head_dim: must divide every width, got head_dim={m['head_dim']} and {widths!r}")
 
 
 def _check_algorithms(params: dict[str, Any]) -> None:

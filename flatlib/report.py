@@ -56,8 +56,9 @@ def claims_dir(profile: str) -> Path:
     return figures_dir(profile) / "claims"
 
 
-def record_claims(profile: str, notebook: str, claims: list[Claim]) -> Path:
-    """Write ``notebook``'s claims at ``profile`` (replacing its previous ones). Returns the path."""
+def record_claims(profile: str, notebook: str, claims: list[Claim], parameters: dict[str, Any] | None = None) -> Path:
+    """Write ``notebook``'s claims at ``profile`` (replacing its previous ones), with the parameters
+    the notebook ran with (seeds, languages, overrides: shown in the report). Returns the path."""
     if not notebook or "/" in notebook:
         raise ValueError(f"notebook: expected a notebook name like '02_pretraining_to_optimality', got {notebook!r}")
     for claim in claims:
@@ -65,17 +66,21 @@ def record_claims(profile: str, notebook: str, claims: list[Claim]) -> Path:
             raise ValueError(f"claims: expected Claim objects, got {type(claim).__name__}")
     path = claims_dir(profile) / f"{notebook}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"notebook": notebook, "profile": profile,
-                                   "claims": [asdict(c) for c in claims]}, indent=1))
+    atomic_write(path, json.dumps({"notebook": notebook, "profile": profile, "parameters": parameters or {},
+                                   "claims": [asdict(c) for c in claims]}, indent=1, default=str))
     return path
 
 
 def load_claims(profile: str) -> dict[str, list[Claim]]:
     """Every recorded notebook's claims at ``profile``, by notebook name (sorted)."""
+    return {name: claims for name, (claims, _) in _load(profile).items()}
+
+
+def _load(profile: str) -> dict[str, tuple[list[Claim], dict[str, Any]]]:
     out = {}
     for path in sorted(claims_dir(profile).glob("[0-9][0-9]_*.json")):
         data = json.loads(path.read_text())
-        out[data["notebook"]] = [Claim(**c) for c in data["claims"]]
+        out[data["notebook"]] = ([Claim(**c) for c in data["claims"]], data.get("parameters", {}))
     return out
 
 
@@ -128,7 +133,8 @@ def render_report(profile: str) -> str:
     """REPORT.md's text at ``profile`` from the recorded claims and notebook runs."""
     from flatlib.profiles import get_profile  # noqa: PLC0415 - profiles imports the languages
 
-    claims = load_claims(profile)
+    recorded = _load(profile)
+    claims = {name: items for name, (items, _) in recorded.items()}
     runs_path = claims_dir(profile) / "_runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
     params = get_profile(profile)
@@ -169,7 +175,10 @@ def render_report(profile: str) -> str:
     lines += ["", "## Claims", ""]
     counts = {h: 0 for h in HELD}
     for notebook, items in claims.items():
-        lines += [f"### {notebook}", "", "| claim | paper | ours | held | figure |", "|---|---|---|---|---|"]
+        lines += [f"### {notebook}", ""]
+        if recorded[notebook][1]:
+            lines += ["run with: " + ", ".join(f"{k} = `{v}`" for k, v in recorded[notebook][1].items()), ""]
+        lines += ["| claim | paper | ours | held | figure |", "|---|---|---|---|---|"]
         for c in items:
             counts[c.held] += 1
             figure = f"[{c.figure}]({c.figure})" if c.figure else ""

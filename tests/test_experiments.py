@@ -106,17 +106,20 @@ def test_widened_trace_and_finetune_are_cached_and_consistent(tmp_path):
 
 
 def test_notebook_grids_share_runs():
-    """Notebook 03's model of the profile's pre-training size is notebook 02's phase-1 run, and
-    notebook 05 finds every model of 02-04 (same configs, so the same runs in the store)."""
-    from flatlib.experiments import experiment_models, phase1_config, phase2_config
+    """Notebook 05 finds every model of 02-04 (the same configs, so the same runs in the store), and
+    every width of notebook 03 widens into exactly the widest model's architecture."""
+    from flatlib.experiments import experiment_models, model_of, phase1_config, phase2_config
+    from flatlib.model import Transformer, TransformerConfig, widen
     from flatlib.profiles import resolve
 
     params = resolve("smoke")
-    width = params["pretraining"]["model"]["d_model"]
-    assert width in params["model_size"]["widths"]
-    assert phase1_config(params, "hmm", 0, width=width).key == phase1_config(params, "hmm", 0).key
     models = experiment_models(params, ["hmm"])
     keys = {m.config.key for m in models}
     assert phase2_config(params, "hmm", 1, "sgd").key in keys and phase1_config(params, "hmm", 1, width=8).key in keys
     widened = [m for m in models if m.widen_to is not None]
     assert widened and all(m.config.model["d_model"] < m.widen_to for m in widened)
+    widths = params["model_size"]["widths"]
+    widest = TransformerConfig(vocab_size=8, max_len=8, **model_of(params, widths[-1]))
+    for w in widths:
+        small = Transformer(TransformerConfig(vocab_size=8, max_len=8, **model_of(params, w)))
+        assert widen(small, widths[-1] // w).config == widest

@@ -36,12 +36,12 @@ def test_record_and_load_round_trip(figures):
 
 
 def test_report_lists_claims_and_keeps_the_last_good_run(figures):
-    record_claims("smoke", "03_model_size", [claim(ours="a | b")])
+    record_claims("smoke", "03_model_size", [claim(ours="a | b")], parameters={"seeds": [0, 1]})
     record_runs("smoke", [{"notebook": "03_model_size.ipynb", "ok": True, "seconds": 60.0, "error": ""}])
     record_runs("smoke", [{"notebook": "03_model_size.ipynb", "ok": False, "seconds": 5.0, "error": "boom"}])
     text = render_report("smoke")
     assert "FAILED: boom" in text and "last good run" in text
     assert "a \\| b" in text  # table cells are escaped
-    assert "**yes**" in text and "19.8 -> 12.6" in text
+    assert "**yes**" in text and "19.8 -> 12.6" in text and "seeds = `[0, 1]`" in text
     assert "In short: 1 yes" in text
     assert write_report("smoke").read_text() == text
