@@ -45,12 +45,22 @@ from flatlib.theory import (
     with_ids,
 )
 
-torch.set_default_dtype(torch.float64)
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
 # ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def float64_default():
+    """float64 by default in this module only (autouse: before the module's other fixtures). Set at
+    import time it leaked into every other test module of the session (collection imports them
+    all), so models there were float64 in-process but float32 in worker processes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def tiny_hmm() -> HMM:
     return HMM.random(n_states=2, vocab_size=3, seq_len=3, concentration=0.5, seed=0)
 
