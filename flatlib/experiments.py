@@ -305,7 +305,8 @@ def model_of(params: dict[str, Any], width: int | None = None) -> dict[str, int]
 
 def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | None = None) -> PretrainConfig:
     """Pre-training towards the optimum (notebook 02's phase 1, notebook 03's sizes): AdamW, a linear
-    warm-up, then a linear decay to 0 at ``pretraining.steps[name]``; one checkpoint at the end.
+    warm-up, then a linear decay to 0 at ``pretraining.steps[name]`` (for a ``width`` of notebook 03,
+    at ``model_size.steps[name]``); one checkpoint at the end.
 
     Models wider than the profile's ``pretraining.model`` get the learning rate scaled by
     ``d_model / width`` (Adam's learning rate falls as 1/width, as in muP): at the cpu profile a
@@ -314,7 +315,7 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
     from flatlib.profiles import language_spec  # noqa: PLC0415 - profiles imports the languages
 
     t = params["pretraining"]
-    steps = t["steps"][name]
+    steps = t["steps"][name] if width is None else params["model_size"]["steps"][name]
     lr = t["lr"] if width is None else t["lr"] * min(1.0, t["model"]["d_model"] / width)
     return PretrainConfig(language=language_spec(params, name), model=model_of(params, width), optimizer="adamw",
                           lr=lr, warmup_steps=t["warmup_steps"], schedule="linear", min_lr=0.0, steps=steps,
