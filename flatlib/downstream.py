@@ -97,9 +97,15 @@ def probe_inputs(language: Language, corpus: Corpus, features: Tensor, task: str
     position (the sensitive choice, PILOT.md); for a PCFG task, all positions concatenated (the
     paper's choice). Differentiable: the adversarial objective (``flatlib.train``) pools its
     downstream batch with it, exactly as the evaluation probe does."""
+    return pool(features, corpus, *probe_pooling(language, task))
+
+
+def probe_pooling(language: Language, task: str) -> tuple[str, int | None]:
+    """``(pooling, position)`` of ``pool`` for ``task``: the task's position for an HMM state task,
+    all positions concatenated otherwise (the probe's and fine-tuning's shared choice)."""
     if isinstance(language, HMM):
-        return pool(features, corpus, "position", int(task.split("@")[1]))
-    return pool(features, corpus, "concat")
+        return "position", int(task.split("@")[1])
+    return "concat", None
 
 
 def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float, max_iter: int = 200) -> Tensor:

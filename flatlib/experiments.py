@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs
-from flatlib.flatness import hessian_trace, mlm_batches, mlm_loss_fn
-from flatlib.languages import HMM, Corpus, Language
+from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs, probe_pooling
+from flatlib.flatness import TraceEstimate, hessian_trace, mlm_batches, mlm_loss_fn
+from flatlib.languages import Corpus, Language
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash
-from flatlib.train import PretrainConfig, build_language, derived_seed, evaluate, load_model, validation_set
+from flatlib.train import (PretrainConfig, ValidationSet, build_language, derived_seed, evaluate, load_model,
+                           validation_set)
 
 
 def continuation(base: PretrainConfig, from_step: int, steps: int, **overrides: Any) -> PretrainConfig:
@@ -71,30 +72,34 @@ def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol:
     return out
 
 
-def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
-    """Gap to the exact optimum, probe accuracy per task (mean, 95% CI over resplits, the L2
-    sweep) and the Hessian trace (± SE) of ``run``'s model at ``step``. Cached in the run."""
-    path = run.dir / "evals" / f"{step:08d}_{protocol.key()}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    config = PretrainConfig.from_dict(run.config)
-    language = build_language(config.language)
-    model = load_model(run, step)
-    val = validation_set(config, language)
-    gap = evaluate(model, val)
-    corpus = downstream_corpus(config.language, protocol.probe_sentences)
-    probes = _probe(language, corpus, model_features(model, corpus), protocol)
-    # the trace of the Hessian of the *expected* single-mask loss at the first trace_pairs validation
-    # contexts (targets = the exact conditionals): the sampled words' noise does not enter it
+def _trace(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> TraceEstimate:
+    """The trace of the Hessian of the *expected* single-mask loss at the first ``trace_pairs``
+    validation contexts (targets = the exact conditionals: the sampled words' noise does not enter
+    it), with the protocol's probes."""
     n = min(protocol.trace_pairs, len(val.inputs))
     batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
                           protocol.trace_batch, soft_targets=True)
-    trace = hessian_trace(model, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
-                          seed=derived_seed("trace probes", protocol.seed))
-    result = {"run": run.key, "step": step, **gap, "trace": trace.mean, "trace_se": trace.stderr,
-              "trace_description": trace.description, "probes": probes}
-    atomic_write(path, json.dumps(result, indent=1))
-    return result
+    return hessian_trace(model, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
+                         seed=derived_seed("trace probes", protocol.seed))
+
+
+def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """Gap to the exact optimum, probe accuracy per task (mean, 95% CI over resplits, the L2
+    sweep) and the Hessian trace (± SE) of ``run``'s model at ``step``. Cached in the run."""
+
+    def compute() -> dict[str, Any]:
+        config = PretrainConfig.from_dict(run.config)
+        language = build_language(config.language)
+        model = load_model(run, step)
+        val = validation_set(config, language)
+        gap = evaluate(model, val)
+        corpus = downstream_corpus(config.language, protocol.probe_sentences)
+        probes = _probe(language, corpus, model_features(model, corpus), protocol)
+        trace = _trace(model, val, protocol)
+        return {"run": run.key, "step": step, **gap, "trace": trace.mean, "trace_se": trace.stderr,
+                "trace_description": trace.description, "probes": probes}
+
+    return _cached(_checkpoint_path(run, step, protocol), compute)
 
 
 def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Protocol()) -> dict[str, Any]:
@@ -115,45 +120,13 @@ def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Proto
     return out
 
 
-def _measure_one(args: tuple[str, dict[str, Any], int, dict[str, Any], int]) -> dict[str, Any]:
-    directory, config, step, protocol, threads = args
-    torch.set_num_threads(threads)
-    fields = {**protocol, "probe_l2_grid": tuple(protocol["probe_l2_grid"])}
-    if fields.get("tasks") is not None:
-        fields["tasks"] = tuple(fields["tasks"])
-    return measure_checkpoint(Run(Path(directory), config), step, Protocol(**fields))
-
-
 def measure_checkpoints(checkpoints: list[tuple[Run, int]], protocol: Protocol = Protocol(),
                         workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
-    """``measure_checkpoint`` for every ``(run, step)`` of ``checkpoints`` (same order). Cached
-    results are read at once; the others are measured in ``workers`` spawned processes with
-    ``threads_per_worker`` threads each (on a 2-core machine two single-threaded processes beat one
-    two-threaded one, as for training), or in this process when ``workers == 1``. The numbers are
-    the same whichever way they were computed (each measurement is a function of the checkpoint and
-    the protocol)."""
-    if workers < 1 or threads_per_worker < 1:
-        raise ValueError("workers, threads_per_worker: expected >= 1")
-    results: list[dict[str, Any] | None] = [None] * len(checkpoints)
-    todo = []
-    for index, (run, step) in enumerate(checkpoints):
-        path = run.dir / "evals" / f"{step:08d}_{protocol.key()}.json"
-        if path.exists():
-            results[index] = json.loads(path.read_text())
-        else:
-            todo.append(index)
-    if workers == 1 or len(todo) <= 1:
-        for index in todo:
-            results[index] = measure_checkpoint(*checkpoints[index], protocol)
-    else:
-        import multiprocessing as mp  # noqa: PLC0415
-
-        jobs = [(str(checkpoints[i][0].dir), checkpoints[i][0].config, checkpoints[i][1], asdict(protocol),
-                 threads_per_worker) for i in todo]
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for index, result in zip(todo, pool.imap(_measure_one, jobs)):
-                results[index] = result
-    return results  # type: ignore[return-value]
+    """``measure_checkpoint`` for every ``(run, step)`` of ``checkpoints`` (same order), cached ones
+    read at once, the others in ``workers`` spawned processes (see ``measure_many``): on a 2-core
+    machine two single-threaded processes beat one two-threaded one, as for training."""
+    return measure_many("checkpoint", [(run, step, {}) for run, step in checkpoints], protocol, workers,
+                        threads_per_worker)
 
 
 # ---------------------------------------------------------------------------- traces in one parameterization
@@ -188,10 +161,7 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
         n = min(protocol.trace_pairs, len(val.inputs))
         with torch.no_grad():
             drift = float((wide(val.inputs[:n], val.positions[:n]) - model(val.inputs[:n], val.positions[:n])).abs().max())
-        batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
-                              protocol.trace_batch, soft_targets=True)
-        trace = hessian_trace(wide, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
-                              seed=derived_seed("trace probes", protocol.seed))
+        trace = _trace(wide, val, protocol)
         return {"run": run.key, "step": step, "width": width, "factor": factor, "trace": trace.mean,
                 "trace_se": trace.stderr, "n_params": sum(p.numel() for p in wide.parameters()),
                 "max_logit_change": drift}
@@ -215,10 +185,7 @@ def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epoch
         corpus = downstream_corpus(config.language, protocol.probe_sentences)
         out = {}
         for task in protocol.tasks or language.tasks:
-            if isinstance(language, HMM):
-                pooling, position = "position", int(task.split("@")[1])
-            else:
-                pooling, position = "concat", None
+            pooling, position = probe_pooling(language, task)
             with torch.random.fork_rng(devices=[]):
                 accuracy = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
                                     protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
