@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
+from flatlib.device import module_device
 from flatlib.languages import HMM, Corpus, Language
 from flatlib.model import Transformer
 
@@ -65,21 +66,22 @@ def lookup_table_features(language: Language, corpus: Corpus, kind: str = "mlm")
 
 @torch.no_grad()
 def model_features(model: Transformer, corpus: Corpus, batch_size: int = 1024) -> Tensor:
-    """``[n, L, d]`` final-layer representations of the unmasked sentences (0 at padding)."""
+    """``[n, L, d]`` final-layer representations of the unmasked sentences (0 at padding), computed on
+    the model's device and returned on the CPU."""
     was_training = model.training
     model.eval()
     out = []
-    pad = model.config.pad_id
+    pad, device = model.config.pad_id, module_device(model)
     for chunk in corpus.batches(batch_size):
         tokens = torch.where(chunk.mask, chunk.tokens, pad)
-        out.append(model.features(tokens) * chunk.mask[..., None])
+        out.append(model.features(tokens.to(device)).cpu() * chunk.mask[..., None])  # probes run on the CPU
     model.train(was_training)
     return torch.cat(out)
 
 
 def pool(features: Tensor, corpus: Corpus, pooling: str = "concat", position: int | None = None) -> Tensor:
     """``[n, L, d]`` per-position features -> ``[n, D]`` probe inputs (see the module docstring)."""
-    mask = corpus.mask[..., None].to(features.dtype)
+    mask = corpus.mask[..., None].to(features.device, features.dtype)
     features = features * mask
     if pooling == "concat":
         return features.flatten(1)
@@ -199,27 +201,30 @@ def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int,
     order = keep[torch.randperm(len(keep), generator=generator)]
     train, test = order[:n_train], order[n_train : n_train + n_test]
     net = copy.deepcopy(model).train()
+    device = module_device(net)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the head is initialised on the CPU: the same head on any device
         head = torch.nn.Linear(net.config.d_model * (net.config.max_len if pooling == "concat" else 1), n_classes)
     pad = net.config.pad_id
     if init_head == "probe":
         with torch.no_grad():
             chunk = corpus[train]
-            x = pool(net.eval().features(torch.where(chunk.mask, chunk.tokens, pad)), chunk, pooling, position).double()
+            tokens = torch.where(chunk.mask, chunk.tokens, pad).to(device)
+            x = pool(net.eval().features(tokens).cpu(), chunk, pooling, position).double()
             net.train()
             mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
             w = fit_logistic((x - mean) / std, labels[train], n_classes, head_l2)
             head.weight.copy_((w[:-1] / std[:, None]).T)
             head.bias.copy_(w[-1] - (mean / std) @ w[:-1])
+    head = head.to(device)
+    labels = labels.to(device)
     params = list(net.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr)
 
     def logits(index: Tensor) -> Tensor:
-        chunk = corpus[index]
-        tokens = torch.where(chunk.mask, chunk.tokens, pad)
-        feats = net.features(tokens)
-        return head(pool(feats, chunk, pooling, position))
+        chunk = corpus[index.cpu()]
+        tokens = torch.where(chunk.mask, chunk.tokens, pad).to(device)
+        return head(pool(net.features(tokens), chunk, pooling, position))
 
     for epoch in range(epochs):
         perm = train[torch.randperm(len(train), generator=generator)]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flatlib.device import module_device
 from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs, probe_pooling
 from flatlib.flatness import TraceEstimate, hessian_trace, mlm_batches, mlm_loss_fn
 from flatlib.languages import Corpus, Language
@@ -79,6 +80,8 @@ def _trace(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> Tr
     n = min(protocol.trace_pairs, len(val.inputs))
     batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
                           protocol.trace_batch, soft_targets=True)
+    device = module_device(model)
+    batches = [tuple(t.to(device) for t in batch) for batch in batches]
     return hessian_trace(model, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
                          seed=derived_seed("trace probes", protocol.seed))
 
@@ -159,8 +162,9 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
         wide = widen(model, factor).eval()
         val = validation_set(config, language)
         n = min(protocol.trace_pairs, len(val.inputs))
+        inputs, positions = val.inputs[:n].to(module_device(model)), val.positions[:n].to(module_device(model))
         with torch.no_grad():
-            drift = float((wide(val.inputs[:n], val.positions[:n]) - model(val.inputs[:n], val.positions[:n])).abs().max())
+            drift = float((wide(inputs, positions) - model(inputs, positions)).abs().max())
         trace = _trace(wide, val, protocol)
         return {"run": run.key, "step": step, "width": width, "factor": factor, "trace": trace.mean,
                 "trace_se": trace.stderr, "n_params": sum(p.numel() for p in wide.parameters()),

@@ -214,14 +214,15 @@ def widen(model: Transformer, factor: int) -> Transformer:
         raise ValueError(f"factor: expected a positive integer, got {factor!r}")
     c = model.config
     wide_config = replace(c, d_model=c.d_model * factor, d_ff=c.d_ff * factor, n_head=c.n_head * factor)
-    wide = Transformer(wide_config).to(next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    wide = Transformer(wide_config).to(device=reference.device, dtype=reference.dtype)
     wide.explicit_attention = model.explicit_attention
 
     def tile(t: Tensor) -> Tensor:  # a vector living in a copied space
         return t.repeat(factor)
 
     def copy_to_copy(w: Tensor) -> Tensor:  # [out, in] between copied spaces
-        return torch.kron(torch.ones(factor, factor, dtype=w.dtype), w) / factor
+        return torch.kron(torch.ones(factor, factor, dtype=w.dtype, device=w.device), w) / factor
 
     def linear(dst: nn.Linear, src: nn.Linear) -> None:
         dst.weight.copy_(copy_to_copy(src.weight))

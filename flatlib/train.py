@@ -68,6 +68,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from flatlib.device import describe as describe_device
+from flatlib.device import module_device, resolve_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import HMM, PCFG, Corpus, Language, TeacherLM
 from flatlib.model import Transformer, TransformerConfig
@@ -330,11 +332,12 @@ def evaluate(model: Transformer, val: ValidationSet, batch_size: int = 2048) -> 
     """Single-mask loss on the validation pairs, the exact optimum there, and the gap (mean KL)."""
     was_training = model.training
     model.eval()
+    device = module_device(model)
     log_q = []
     for start in range(0, len(val.inputs), batch_size):
-        inputs = val.inputs[start : start + batch_size]
-        logits = model(inputs, val.positions[start : start + batch_size])
-        log_q.append(F.log_softmax(logits.double(), dim=-1))
+        inputs = val.inputs[start : start + batch_size].to(device)
+        logits = model(inputs, val.positions[start : start + batch_size].to(device))
+        log_q.append(F.log_softmax(logits.double(), dim=-1).cpu())
     model.train(was_training)
     log_q = torch.cat(log_q)
     p = val.true_probs
@@ -367,7 +370,7 @@ class AdversarialHead:
     weight: Tensor
 
     def logits(self, x: Tensor) -> Tensor:
-        x = (x.to(torch.float64) - self.mean) / self.std
+        x = (x.to(device=self.mean.device, dtype=torch.float64) - self.mean) / self.std
         return x @ self.weight[:-1] + self.weight[-1]
 
     def tensors(self) -> dict[str, Tensor]:
@@ -451,7 +454,8 @@ class _Adversary:
         keep = labels >= 0
         if not bool(keep.any()):
             return None
-        features = model.features(model_tokens(corpus, model.config.pad_id)) * corpus.mask[..., None]
+        tokens = model_tokens(corpus, model.config.pad_id).to(module_device(model))
+        features = model.features(tokens).cpu() * corpus.mask[..., None]  # the head lives on the CPU
         logits = self.head.logits(probe_inputs(self.language, corpus, features, self.task)[keep])
         ce = F.cross_entropy(logits, labels[keep], reduction="none")
         self.loss_sum += float(ce.detach().mean())
@@ -487,11 +491,11 @@ class _Adversary:
 
 # ---------------------------------------------------------------------------- checkpoints
 def _checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, Tensor):
-                tensors[f"optim.{index}.{key}"] = value
+                tensors[f"optim.{index}.{key}"] = value.cpu()
     return tensors
 
 
@@ -509,8 +513,9 @@ def _restore(model: Transformer, optimizer: torch.optim.Optimizer | None, tensor
     optimizer.load_state_dict(saved)
 
 
-def load_model(run: Run, step: int | None = None) -> Transformer:
-    """The model of ``run`` at checkpoint ``step`` (default: the last), in eval mode."""
+def load_model(run: Run, step: int | None = None, device: str | torch.device | None = None) -> Transformer:
+    """The model of ``run`` at checkpoint ``step`` (default: the last), in eval mode, on ``device``
+    (default: ``flatlib.device.default_device()``)."""
     config = PretrainConfig.from_dict(run.config)
     language = build_language(config.language)
     checkpoint = run.load_checkpoint(step)
@@ -518,7 +523,7 @@ def load_model(run: Run, step: int | None = None) -> Transformer:
         raise FileNotFoundError(f"{run}: no checkpoint")
     model = Transformer(model_config(config, language))
     _restore(model, None, checkpoint.tensors)
-    return model.eval()
+    return model.to(resolve_device(device)).eval()
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -536,25 +541,32 @@ def _training_corpus(config: PretrainConfig, language: Language, step: int,
     return fixed[order[index * config.batch_size : (index + 1) * config.batch_size]]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless launched by torchrun, which sets RANK and WORLD_SIZE.
-    Then a gloo process group is started (CPU; nanoGPT's pattern)."""
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device): (0, 1, device) unless launched by torchrun, which
+    sets RANK, WORLD_SIZE and LOCAL_RANK. Then a process group is started (nanoGPT's pattern): nccl
+    with one GPU per process (cuda:LOCAL_RANK) when ``device`` is a GPU, gloo on the CPU."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
-def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bool = True) -> Run:
-    """Train (or resume, or just return) the run of ``config``. See the module docstring.
+def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bool = True,
+             device: str | torch.device | None = None) -> Run:
+    """Train (or resume, or just return) the run of ``config`` on ``device`` (default:
+    ``flatlib.device.default_device()``; not part of the run's key, recorded in its summary as
+    ``device``). See the module docstring.
 
     Under ``torchrun --nproc_per_node K`` the same call trains with DistributedDataParallel: every
     rank draws the same global batch (a function of (seed, step)) and takes every K-th sentence of
     it; the loss is scaled so that the averaged gradient is the global batch's. Rank 0 alone writes
     to the run store.
     """
-    rank, world = _distributed()
+    rank, world, device = _distributed(resolve_device(device))
     if config.adversarial is not None and world > 1:
         raise ValueError(f"adversarial: not supported with DistributedDataParallel ({world} processes); "
                          "run adversarial training in a single process")
@@ -568,9 +580,10 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     if run.finished:
         return run
     language = build_language(config.language)
-    model = new_model(config, language)
+    model = new_model(config, language).to(device)  # initialised on the CPU: the same weights anywhere
     optimizer = make_optimizer(config, model)
-    net = DistributedDataParallel(model) if world > 1 else model
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
     mc = model.config
     val = validation_set(config, language)
     fixed = None
@@ -593,7 +606,7 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             adversary.restore(checkpoint.tensors, checkpoint.state)
         metrics = [row for row in run.metrics().to_dict("records") if row["step"] <= start]
     elif config.init_from is not None:  # continue from another run's checkpoint (a new optimizer)
-        parent = pretrain(PretrainConfig.from_dict(config.init_from["config"]), store, progress)
+        parent = pretrain(PretrainConfig.from_dict(config.init_from["config"]), store, progress, device)
         parent_checkpoint = parent.load_checkpoint(config.init_from["step"])
         _restore(model, None, parent_checkpoint.tensors)
         start = 0
@@ -639,13 +652,13 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id, generator,
                                                            config.supervise_all)
             n_global = len(inputs)
-            inputs, positions, targets = inputs[rank::world], positions[rank::world], targets[rank::world]
+            inputs, positions, targets = (t[rank::world].to(device) for t in (inputs, positions, targets))
             logits = net(inputs, positions)
             loss = F.cross_entropy(logits, targets, reduction="sum") * (world / n_global)
         else:
             inputs, targets = multi_mask_batch(corpus, mc.mask_id, mc.pad_id, config.mask_rate, generator)
             n_global = int((targets != -100).sum())
-            inputs, targets = inputs[rank::world], targets[rank::world]
+            inputs, targets = inputs[rank::world].to(device), targets[rank::world].to(device)
             loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100,
                                    reduction="sum") * (world / n_global)
         objective = loss
@@ -686,7 +699,8 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         return run
     summary = {"steps": step, "reached_at": reached_at, "diverged": diverged,
                "final_gap": last["gap"], "final_gap_se": last["gap_se"], "final_val_loss": last["val_loss"],
-               "val_optimum": last["val_optimum"], "n_params": model.n_params()}
+               "val_optimum": last["val_optimum"], "n_params": model.n_params(),
+               "device": describe_device(device), "processes": world}
     # JSON has no NaN: a diverged run's numbers are recorded as null
     run.mark_finished({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()})
     if world > 1:

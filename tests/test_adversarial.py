@@ -7,6 +7,7 @@ from flatlib.downstream import linear_probe, model_features, probe_inputs
 from flatlib.experiments import continuation
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, build_language, derived_seed, load_model, pretrain
+from run_helpers import interrupt
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
@@ -50,7 +51,7 @@ def test_adversarial_cannot_be_combined_with_mask_rate():
 def test_adversarial_is_refused_under_ddp(tmp_path, monkeypatch):
     import flatlib.train
 
-    monkeypatch.setattr(flatlib.train, "_distributed", lambda: (0, 2))
+    monkeypatch.setattr(flatlib.train, "_distributed", lambda device: (0, 2, device))
     with pytest.raises(ValueError, match="adversarial: not supported with DistributedDataParallel"):
         pretrain(tiny_config(adversarial=ADV), RunStore(tmp_path), progress=False)
 
@@ -98,10 +99,7 @@ def test_adversarial_resume_is_bit_identical(tmp_path):
     assert a.metrics().equals(b.metrics())
     metrics = a.metrics()
     assert metrics["adv_loss"].iloc[1:].notna().all() and metrics["adv_accuracy"].iloc[1:].notna().all()
-    (b.dir / "FINISHED").unlink()
-    for step in (40, 60):
-        b.checkpoint_path(step).unlink()
-        b.checkpoint_path(step).with_suffix(".sha256").unlink()
+    interrupt(b, drop_steps=(40, 60))
     resumed = pretrain(config, b_store, progress=False)
     assert resumed.metrics().equals(a.metrics())
     wa, wb = load_model(a).state_dict(), load_model(resumed).state_dict()

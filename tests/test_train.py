@@ -10,6 +10,7 @@ import torch
 
 from flatlib.runs import CorruptCheckpointError, RunStore
 from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain, single_mask_batch
+from run_helpers import interrupt
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
@@ -66,11 +67,8 @@ def test_deterministic_and_resume_is_bit_identical(tmp_path):
     b_store = RunStore(tmp_path / "b")
     b = pretrain(config, b_store, progress=False)
     assert a.metrics().equals(b.metrics())
-    # interrupt b by hand: drop its last checkpoints and the finished marker, then resume
-    (b.dir / "FINISHED").unlink()
-    for step in (40, 60):
-        b.checkpoint_path(step).unlink()
-        b.checkpoint_path(step).with_suffix(".sha256").unlink()
+    # interrupt b by hand (drop its last checkpoints and the finished marker), then resume
+    interrupt(b, drop_steps=(40, 60))
     resumed = pretrain(config, b_store, progress=False)
     assert resumed.metrics().equals(a.metrics())
     wa, wb = load_model(a).state_dict(), load_model(resumed).state_dict()
