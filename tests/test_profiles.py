@@ -72,3 +72,19 @@ def test_pretraining_overrides_merge_into_the_section():
     params = resolve("smoke", pretraining={"seeds": 3})
     assert params["pretraining"]["seeds"] == 3
     assert params["pretraining"]["lr"] == PROFILES["smoke"]["pretraining"]["lr"]
+
+
+def test_every_profile_has_theory_sizes():
+    """Notebook 06 takes the same profile names as the others (its sizes live in flatlib.theory)."""
+    from flatlib.theory import THEORY_SIZES, theory_params
+
+    assert set(THEORY_SIZES) == set(PROFILES)
+    for name in PROFILES:
+        assert theory_params(name)["profile"] == name
+
+
+def test_the_gpu_profile_shares_the_cpu_languages():
+    """The gpu report is comparable with the cpu one: the same languages, more of everything else."""
+    cpu, gpu = resolve("cpu"), resolve("gpu")
+    assert all(gpu[name] == cpu[name] for name in ("hmm", "pcfg", "teacher", "language_seed"))
+    assert gpu["pretraining"]["seeds"] >= 5  # notebook 05 decides a correlation from 5 lineages on
