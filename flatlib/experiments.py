@@ -294,15 +294,25 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
                           checkpoint_every=steps, seed=seed)
 
 
+# SGD continues on the loss alone: the theory's slow flow (PAPER.md) moves along the loss's minimizers,
+# which an L2 term would move. With PretrainConfig's default (coupled) weight decay 0.01 at lr 0.1 the
+# weights shrink by 1 - 0.001 a step (x0.3 over 1200 steps), and because LayerNorm makes the loss
+# scale-invariant in most of them, the trace *doubled* and the gap rose 0.013 nats (cpu, 3 seeds);
+# without it the trace fell 20.6 -> 14.2 at a gap +0.0015 (seed 0).
+SGD_WEIGHT_DECAY = 0.0
+
+
 def phase2_config(params: dict[str, Any], name: str, seed: int, optimizer: str, **overrides: Any) -> PretrainConfig:
     """Training on after phase 1 (notebook 02's phase 2, notebook 04's algorithms): a fresh
-    ``optimizer`` ("sgd" at ``pretraining.sgd_lr`` or "adamw" at ``pretraining.adamw_lr``) at a constant
-    learning rate from the final phase-1 checkpoint, for ``continue_steps`` steps, checkpoints every
+    ``optimizer`` ("sgd" at ``pretraining.sgd_lr`` without weight decay, see ``SGD_WEIGHT_DECAY``, or
+    "adamw" at ``pretraining.adamw_lr`` with phase 1's decoupled weight decay) at a constant learning
+    rate from the final phase-1 checkpoint, for ``continue_steps`` steps, checkpoints every
     ``checkpoint_every``. ``overrides`` go to ``continuation`` (e.g. ``adversarial={...}``)."""
     t = params["pretraining"]
     base = phase1_config(params, name, seed)
     lr = {"sgd": t["sgd_lr"], "adamw": t["adamw_lr"]}[optimizer]
-    settings = {"eval_every": t["continue_eval_every"], "checkpoint_every": t["checkpoint_every"], **overrides}
+    settings = {"eval_every": t["continue_eval_every"], "checkpoint_every": t["checkpoint_every"],
+                **({"weight_decay": SGD_WEIGHT_DECAY} if optimizer == "sgd" else {}), **overrides}
     return continuation(base, from_step=base.steps, steps=t["continue_steps"], optimizer=optimizer, lr=lr, **settings)
 
 

@@ -48,7 +48,10 @@ and fits a fresh head.
 Every run lives in the run store (``flatlib.runs``): a finished run is returned at once; a partial
 one resumes from its last checkpoint and produces bit-identical results (each step's data and masks
 are a function of (seed, step), and model and optimizer state are checkpointed; so are the
-adversary's head, the step it was fitted at and its running sums).
+adversary's head, the step it was fitted at and its running sums). Bit-identical on one device:
+a run trains on ``flatlib.device.default_device()`` (or ``device=``): the model, the batches and the
+optimizer state live there; data are drawn and checkpoints saved on the CPU, so a run can resume on
+another device (then to float error, not bit for bit).
 """
 
 from __future__ import annotations
