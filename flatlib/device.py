@@ -19,6 +19,8 @@ L-BFGS) and every tensor saved in a checkpoint (saved from ``.cpu()``, loaded wi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -60,6 +62,16 @@ def module_device(module: nn.Module) -> torch.device:
     for parameter in module.parameters():
         return parameter.device
     return torch.device("cpu")
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (typically ``torch.manual_seed(seed)`` then an initialisation) without changing
+    the global random state: the CPU generator's and, on a machine with GPUs, every GPU's, since
+    ``torch.manual_seed`` reseeds those too."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=gpus):
+        yield
 
 
 def describe(device: torch.device) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor
 
-from flatlib.device import module_device
+from flatlib.device import module_device, preserved_rng
 from flatlib.languages import HMM, Corpus, Language
 from flatlib.model import Transformer
 
@@ -202,7 +202,7 @@ def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int,
     train, test = order[:n_train], order[n_train : n_train + n_test]
     net = copy.deepcopy(model).train()
     device = module_device(net)
-    with torch.random.fork_rng(devices=[]):
+    with preserved_rng():
         torch.manual_seed(seed)  # the head is initialised on the CPU: the same head on any device
         head = torch.nn.Linear(net.config.d_model * (net.config.max_len if pooling == "concat" else 1), n_classes)
     pad = net.config.pad_id

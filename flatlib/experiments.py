@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flatlib.device import module_device
+from flatlib.device import module_device, preserved_rng
 from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs, probe_pooling
 from flatlib.flatness import TraceEstimate, hessian_trace, mlm_batches, mlm_loss_fn
 from flatlib.languages import Corpus, Language
@@ -190,7 +190,7 @@ def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epoch
         out = {}
         for task in protocol.tasks or language.tasks:
             pooling, position = probe_pooling(language, task)
-            with torch.random.fork_rng(devices=[]):
+            with preserved_rng():
                 accuracy = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
                                     protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
                                     seed=protocol.seed, pooling=pooling, position=position, init_head="probe")

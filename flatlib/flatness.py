@@ -301,21 +301,24 @@ def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Vector,
 
 
 # ---------------------------------------------------------------------------- Hutchinson
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
+def _generator(seed: int) -> torch.Generator:
+    # always a CPU generator: the same probes on every device (a CUDA generator draws other numbers,
+    # and cached traces do not record the device they were measured on)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _rademacher(like: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     # integers first, then the dtype: the same signs for a float32 and a float64 model
-    return [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype).mul_(2).sub_(1)
+    return [torch.randint(0, 2, p.shape, generator=generator).to(device=p.device, dtype=p.dtype).mul_(2).sub_(1)
             for p in like]
 
 
 def rademacher_probes(model: nn.Module, n_probes: int, seed: int) -> Iterator[list[Tensor]]:
     """The probes ``hessian_trace(..., n_probes, seed)`` uses, in order: lists of +-1 tensors
-    shaped like the trainable parameters, from ``torch.Generator().manual_seed(seed)``."""
+    shaped like the trainable parameters, from ``torch.Generator().manual_seed(seed)`` (on the CPU,
+    then moved to the parameters' device: the same probes on any device)."""
     _, params = _parameters(_unwrap(model))
-    generator = _generator(seed, params[0].device)
+    generator = _generator(seed)
     for _ in range(n_probes):
         yield _rademacher(params, generator)
 
@@ -330,7 +333,7 @@ def _batch_quadratic_forms(call: Callable, params: list[Tensor], batch: Any, n_p
     double-backward graph, whatever the number of batches and probes. The probes are regenerated
     from ``seed`` for every batch (cheap) rather than stored (``n_probes`` parameter-sized vectors).
     """
-    generator = _generator(seed, params[0].device)
+    generator = _generator(seed)
     out = torch.empty(n_probes, dtype=torch.float64)
     if mode == "reverse":
         leaves = [p.detach().requires_grad_() for p in params]
@@ -442,7 +445,7 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
     names, params = _parameters(model)
     _, total = _weights(batches)
     call = _functional(model, logits_fn, names)
-    generator = _generator(seed, params[0].device)
+    generator = _generator(seed)
 
     def log_prob(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
         # one example as a batch of one; the label as a one-hot row (no data-dependent indexing)
@@ -489,7 +492,7 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
                 for c in range(n_classes):
                     value += q[:, c] * per_example(tuple(params), batch, eye[c].expand(m, -1))
             else:
-                labels = torch.multinomial(q, n_samples, replacement=True, generator=generator)  # [m, S]
+                labels = torch.multinomial(q.cpu(), n_samples, replacement=True, generator=generator).to(q.device)  # [m, S]
                 for s in range(n_samples):
                     value += per_example(tuple(params), batch, eye[labels[:, s]]) / n_samples
             values.append(value.cpu())
@@ -530,8 +533,8 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_
     weights, total = _weights(batches)
     call = _functional(model, loss_fn, names)
     keep = (len(batches) == 1 if keep_graphs is None else keep_graphs) and mode == "reverse"
-    generator = _generator(seed, params[0].device)
-    v = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+    generator = _generator(seed)
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     norm = math.sqrt(_dot(v, v))
     v = [t / norm for t in v]
     value, previous, rel_change, converged, iterations = math.nan, math.nan, math.inf, False, 0

@@ -72,7 +72,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from flatlib.device import describe as describe_device
-from flatlib.device import module_device, resolve_device
+from flatlib.device import module_device, preserved_rng, resolve_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import HMM, PCFG, Corpus, Language, TeacherLM
 from flatlib.model import Transformer, TransformerConfig
@@ -235,7 +235,7 @@ def model_config(config: PretrainConfig, language: Language) -> TransformerConfi
 
 
 def new_model(config: PretrainConfig, language: Language) -> Transformer:
-    with torch.random.fork_rng(devices=[]):  # initialise from the seed, leave the global RNG alone
+    with preserved_rng():  # initialise from the seed (on the CPU), leave the global RNG alone
         torch.manual_seed(config.seed)
         return Transformer(model_config(config, language))
 
@@ -551,8 +551,14 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"device: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA devices; "
+                             "launch at most one process per GPU")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device: {device} is not supported under torchrun (cuda with nccl, or cpu with gloo)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device

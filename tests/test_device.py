@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flatlib.device import ENVIRONMENT_VARIABLE, default_device, describe, module_device, resolve_device
-from flatlib.experiments import Protocol, measure_checkpoint
+from flatlib.experiments import Protocol, measure_checkpoint, measure_finetune, measure_widened_trace
 from flatlib.profiles import resolve
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, load_model, pretrain
@@ -67,23 +67,58 @@ def test_the_summary_records_the_device_and_checkpoints_are_cpu_tensors(tmp_path
 @cuda
 def test_training_on_the_gpu_matches_the_cpu_run(tmp_path):
     """The same config on both devices: the same initial weights (initialised on the CPU) and data,
-    so the loss curves agree to float error (reductions run in another order), checkpoints load on
-    either device, and a GPU run's measurements agree with a CPU run's within their spread."""
+    so the loss curves agree to float error (reductions run in another order) and the GPU run's
+    checkpoints are CPU tensors that load on either device."""
     config = smoke_config()
     on_cpu = pretrain(config, RunStore(tmp_path / "cpu"), progress=False, device="cpu")
     on_gpu = pretrain(config, RunStore(tmp_path / "gpu"), progress=False, device="cuda")
     assert on_gpu.summary()["device"].startswith("cuda:")
     first_cpu, first_gpu = on_cpu.metrics().iloc[0], on_gpu.metrics().iloc[0]
     assert first_gpu["gap"] == pytest.approx(first_cpu["gap"], rel=1e-4)  # before any step: same weights
-    assert on_gpu.summary()["final_gap"] == pytest.approx(on_cpu.summary()["final_gap"], abs=0.02)
+    assert on_gpu.summary()["final_gap"] == pytest.approx(on_cpu.summary()["final_gap"], rel=5e-3)
     assert all(t.device.type == "cpu" for t in on_gpu.load_checkpoint().tensors.values())
-    model = load_model(on_gpu, device="cuda")
-    assert module_device(model).type == "cuda"
+    assert module_device(load_model(on_gpu, device="cuda")).type == "cuda"
+    assert module_device(load_model(on_gpu, device="cpu")).type == "cpu"
+
+
+@cuda
+def test_measurements_on_the_gpu_match_the_cpu(tmp_path, monkeypatch):
+    """One checkpoint (trained twice on the CPU, bit-identical, so that each copy has its own cache)
+    measured on each device: the gap, the trace (the same Rademacher probes on both: they are drawn on
+    the CPU), the widened trace and the probes and fine-tuning agree to float error."""
+    config = smoke_config()
+    runs = {name: pretrain(config, RunStore(tmp_path / name), progress=False, device="cpu") for name in ("cpu", "cuda")}
     protocol = Protocol(probe_sentences=600, probe_train=300, probe_test=200, probe_splits=2, trace_pairs=128,
                         trace_probes=8, trace_batch=64)
-    gpu = measure_checkpoint(on_gpu, config.steps, protocol)
-    assert gpu["gap"] == pytest.approx(on_gpu.summary()["final_gap"], rel=1e-4)
-    assert gpu["trace"] > 0 and all(0 <= p["mean"] <= 1 for p in gpu["probes"].values())
+    out = {}
+    for name, run in runs.items():
+        monkeypatch.setenv(ENVIRONMENT_VARIABLE, name)  # measurements load models on default_device()
+        out[name] = {"checkpoint": measure_checkpoint(run, config.steps, protocol),
+                     "wide": measure_widened_trace(run, config.steps, 2 * config.model["d_model"], protocol),
+                     "finetune": measure_finetune(run, config.steps, protocol, epochs=1)}
+    cpu, gpu = out["cpu"], out["cuda"]
+    assert gpu["checkpoint"]["gap"] == pytest.approx(cpu["checkpoint"]["gap"], rel=1e-4)
+    assert gpu["checkpoint"]["trace"] == pytest.approx(cpu["checkpoint"]["trace"], rel=1e-3)
+    for task, probe in cpu["checkpoint"]["probes"].items():
+        assert gpu["checkpoint"]["probes"][task]["accuracy"] == pytest.approx(probe["accuracy"], abs=0.02)
+    assert gpu["wide"]["max_logit_change"] < 1e-4
+    assert gpu["wide"]["trace"] == pytest.approx(cpu["wide"]["trace"], rel=1e-3)
+    for task, accuracy in cpu["finetune"]["accuracy"].items():
+        assert gpu["finetune"]["accuracy"][task] == pytest.approx(accuracy, abs=0.03)
+
+
+@cuda
+def test_adversarial_training_runs_on_the_gpu(tmp_path):
+    """The adversary's head lives on the CPU (float64), the model on the GPU: the objective's gradient
+    crosses devices. The run finishes near the CPU run (the head is refit on features that differ by
+    float error, so not bit for bit)."""
+    adversarial = {"weight": 0.1, "task": "state@3", "refit_every": 5, "head_sentences": 100, "batch_sentences": 32}
+    config = smoke_config(adversarial=adversarial)
+    on_cpu = pretrain(config, RunStore(tmp_path / "cpu"), progress=False, device="cpu")
+    on_gpu = pretrain(config, RunStore(tmp_path / "gpu"), progress=False, device="cuda")
+    assert not on_gpu.summary()["diverged"]
+    assert on_gpu.summary()["final_gap"] == pytest.approx(on_cpu.summary()["final_gap"], abs=0.01)
+    assert on_gpu.metrics()["adv_accuracy"].iloc[1:].notna().all()
 
 
 @cuda
