@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from flatlib.checks import check_int
 from flatlib.model import SelfAttention
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
@@ -158,11 +159,6 @@ def _check_batches(batches: Sequence[Any]) -> list[Any]:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode: expected 'reverse' or 'forward', got {mode!r}")
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
 def _batch_size(batch: Any) -> int:
@@ -379,7 +375,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
         method: ``"hutchinson"`` (the only one implemented).
         data: what the examples are, for the description (e.g. ``"validation pairs"``).
     """
-    _check_count("n_probes", n_probes, 2)
+    check_int("n_probes", n_probes, 2)
     batches = _check_batches(batches)
     _check_mode(mode)
     if method != "hutchinson":
@@ -440,7 +436,7 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
     """
     batches = _check_batches(batches)
     if n_samples is not None:
-        _check_count("n_samples", n_samples, 1)
+        check_int("n_samples", n_samples, 1)
     model = _unwrap(model)
     names, params = _parameters(model)
     _, total = _weights(batches)
@@ -523,7 +519,7 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_
     batches' graphs at once); default: only when there is a single batch. Otherwise each iteration
     recomputes every batch's gradient.
     """
-    _check_count("n_iter", n_iter, 1)
+    check_int("n_iter", n_iter, 1)
     if not tol > 0:
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     batches = _check_batches(batches)
@@ -613,7 +609,7 @@ def mlm_batches(val: Any, batch_size: int, soft_targets: bool = False) -> list[t
     ``targets`` are the sampled words ``[b]``, or with ``soft_targets`` the exact conditionals
     ``[b, V]`` (float64), for the expected loss. Use the same batches for ``hessian_trace``
     (``mlm_loss_fn``), ``fisher_trace`` (``mlm_logits_fn``) and ``top_eigenvalue``."""
-    _check_count("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if isinstance(val, (tuple, list)):
         inputs, positions, targets = val[0], val[1], val[2]
         probs = val[3] if len(val) > 3 else None

@@ -18,6 +18,7 @@ import copy
 import math
 from typing import Any
 
+from flatlib.checks import check_int
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -196,11 +197,6 @@ def get_profile(name: str) -> dict[str, Any]:
     return copy.deepcopy(PROFILES[name])
 
 
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
 def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
     """The profile's parameters with ``overrides`` applied (``None`` = keep the profile's value),
     validated. The languages are built once here so that bad language parameters fail now."""
@@ -218,9 +214,9 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
         else:
             params[key] = value
     params.setdefault("seed", 0)
-    _check_int("seed", params["seed"], low=0)
-    _check_int("language_seed", params["language_seed"], low=0)
-    _check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
+    check_int("seed", params["seed"], low=0)
+    check_int("language_seed", params["language_seed"], low=0)
+    check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
     build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
     build_teacher(params)
     _check_pretraining(params["pretraining"])
@@ -255,13 +251,13 @@ def _check_pretraining(p: dict[str, Any]) -> None:
     if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
         raise ValueError(f"{name}.model: expected the keys {sorted(_MODEL_KEYS)}, got {model!r}")
     for key in sorted(_MODEL_KEYS):
-        _check_int(f"{name}.model.{key}", model[key])
+        check_int(f"{name}.model.{key}", model[key])
     if model["d_model"] % model["n_head"]:
         raise ValueError(f"{name}.model.n_head: must divide d_model ({model['d_model']})")
     for key in ("batch_size", "seeds", "eval_every", "eval_pairs", "continue_steps", "checkpoint_every",
                 "continue_eval_every", "scan_steps", "workers"):
-        _check_int(f"{name}.{key}", p[key])
-    _check_int(f"{name}.warmup_steps", p["warmup_steps"], low=0)
+        check_int(f"{name}.{key}", p[key])
+    check_int(f"{name}.warmup_steps", p["warmup_steps"], low=0)
     if p["seeds"] < 2:
         raise ValueError(f"{name}.seeds: expected >= 2 (confidence intervals over seeds), got {p['seeds']!r}")
     _check_languages(f"{name}.languages", p["languages"])
@@ -269,7 +265,7 @@ def _check_pretraining(p: dict[str, Any]) -> None:
     if not isinstance(steps, dict) or not set(steps) <= set(LANGUAGES) or not set(p["languages"]) <= set(steps):
         raise ValueError(f"{name}.steps: expected {{language: steps}} for the languages {p['languages']}, got {steps!r}")
     for language, value in steps.items():
-        _check_int(f"{name}.steps.{language}", value)
+        check_int(f"{name}.steps.{language}", value)
         if value <= p["warmup_steps"]:
             raise ValueError(f"{name}.steps.{language}: must exceed warmup_steps ({p['warmup_steps']})")
     if p["continue_steps"] % p["checkpoint_every"]:
@@ -287,7 +283,7 @@ def _check_pretraining(p: dict[str, Any]) -> None:
         raise ValueError(f"{name}.protocol: expected keys among {sorted(allowed)}, got {protocol!r}")
     for key in _PROTOCOL_INTS:
         if key in protocol:
-            _check_int(f"{name}.protocol.{key}", protocol[key])
+            check_int(f"{name}.protocol.{key}", protocol[key])
     grid = protocol.get("probe_l2_grid", (1e-3,))
     if not isinstance(grid, (tuple, list)) or not grid or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in grid):
@@ -318,16 +314,16 @@ def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
     if not isinstance(steps, dict) or not set(m["languages"]) <= set(steps):
         raise ValueError(f"{name}.steps: expected {{language: steps}} for the languages {m['languages']}, got {steps!r}")
     for language in m["languages"]:
-        _check_int(f"{name}.steps.{language}", steps[language])
+        check_int(f"{name}.steps.{language}", steps[language])
         if steps[language] <= pretraining["warmup_steps"]:
             raise ValueError(f"{name}.steps.{language}: must exceed pretraining.warmup_steps ({pretraining['warmup_steps']})")
     for key in ("n_layer", "head_dim", "ff_mult", "finetune_epochs"):
-        _check_int(f"{name}.{key}", m[key])
+        check_int(f"{name}.{key}", m[key])
     widths = m["widths"]
     if not isinstance(widths, (list, tuple)) or len(widths) < 2:
         raise ValueError(f"{name}.widths: expected at least two widths, got {widths!r}")
     for w in widths:
-        _check_int(f"{name}.widths", w)
+        check_int(f"{name}.widths", w)
     if list(widths) != sorted(set(widths)):
         raise ValueError(f"{name}.widths: expected distinct widths in increasing order, got {widths!r}")
     if any(widths[-1] % w for w in widths):
@@ -362,7 +358,7 @@ def _check_algorithms(params: dict[str, Any]) -> None:
     if not isinstance(adversarial, dict) or set(adversarial) != keys:
         raise ValueError(f"{name}.adversarial: expected the keys {sorted(keys)}, got {adversarial!r}")
     for key in sorted(keys):
-        _check_int(f"{name}.adversarial.{key}", adversarial[key])
+        check_int(f"{name}.adversarial.{key}", adversarial[key])
 
 
 def build_languages(params: dict[str, Any]) -> dict[str, Language]:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from flatlib.checks import check_int
 from flatlib.flatness import trainable_parameters
 from flatlib.languages import HMM, Corpus
 
@@ -107,11 +108,6 @@ THEORY_SIZES: dict[str, dict[str, Any]] = {
 THEORY_SIZES["gpu"] = copy.deepcopy(THEORY_SIZES["paper"])
 
 
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
@@ -124,7 +120,7 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
     language parameter fails now."""
     if profile not in THEORY_SIZES:
         raise ValueError(f"profile: unknown profile {profile!r}; choose one of {sorted(THEORY_SIZES)}")
-    _check_int("seed", seed, low=0)
+    check_int("seed", seed, low=0)
     params = copy.deepcopy(THEORY_SIZES[profile])
     for key, value in overrides.items():
         if value is None:
@@ -139,24 +135,24 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
         else:
             params[key] = value
     params["profile"], params["seed"] = profile, seed
-    _check_int("language_seed", params["language_seed"], low=0)
+    check_int("language_seed", params["language_seed"], low=0)
     try:
         HMM.random(seed=params["language_seed"], **params["hmm"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"hmm.{error}") from None
-    _check_int("rank", params["rank"])
+    check_int("rank", params["rank"])
     if params["rank"] < params["hmm"]["vocab_size"]:
         raise ValueError(f"rank: must be >= hmm.vocab_size ({params['hmm']['vocab_size']}) for exact optima")
     noise = params["noise"]
-    _check_int("noise.n_samples", noise["n_samples"], low=2)
-    _check_int("noise.n_forms", noise["n_forms"])
+    check_int("noise.n_samples", noise["n_samples"], low=2)
+    check_int("noise.n_forms", noise["n_forms"])
     _check_positive("noise.offset", noise["offset"])
     bias = params["implicit_bias"]
     _check_positive("implicit_bias.init_scale", bias["init_scale"])
     _check_positive("implicit_bias.time", bias["time"])
     _check_positive("implicit_bias.flow_dt", bias["flow_dt"])
-    _check_int("implicit_bias.n_chains", bias["n_chains"], low=2)
-    _check_int("implicit_bias.n_records", bias["n_records"])
+    check_int("implicit_bias.n_chains", bias["n_chains"], low=2)
+    check_int("implicit_bias.n_records", bias["n_records"])
     configs = bias["configs"]
     if not isinstance(configs, (tuple, list)) or not configs:
         raise ValueError("implicit_bias.configs: expected a non-empty list of (lr, batch_size), "
@@ -166,7 +162,7 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
             raise ValueError(f"implicit_bias.configs: expected (lr, batch_size) pairs, got {config!r}")
         try:
             _check_positive("lr", config[0])
-            _check_int("batch_size", config[1])
+            check_int("batch_size", config[1])
         except ValueError as error:
             raise ValueError(f"implicit_bias.configs: {error}") from None
     t = params["transformer"]
@@ -174,8 +170,8 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
         BagOfWordsLanguage.two_features(n_words=t["n_words"], seq_len=t["seq_len"], strengths=t["strengths"])
     except ValueError as error:
         raise ValueError(f"transformer.{error}") from None
-    _check_int("transformer.width", t["width"])
-    _check_int("transformer.d_key", t["d_key"])
+    check_int("transformer.width", t["width"])
+    check_int("transformer.d_key", t["d_key"])
     if t["width"] < t["n_words"]:
         raise ValueError(f"transformer.width: the random solution needs >= n_words = {t['n_words']} neurons")
     d = params["downstream"]
@@ -183,8 +179,8 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
     if not isinstance(n_train, (tuple, list)) or not n_train:
         raise ValueError(f"downstream.n_train: expected a non-empty list of sizes, got {n_train!r}")
     for n in n_train:
-        _check_int("downstream.n_train", n)
-    _check_int("downstream.draws", d["draws"], low=2)
+        check_int("downstream.n_train", n)
+    check_int("downstream.draws", d["draws"], low=2)
     return params
 
 
@@ -249,7 +245,7 @@ class ContextSet:
     def sample_pairs(self, n_samples: int, generator: torch.Generator,
                      shape: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
         """``shape + (n_samples,)`` i.i.d. examples: context indices ``c ~ w`` and words ``y ~ p_c``."""
-        _check_int("n_samples", n_samples)
+        check_int("n_samples", n_samples)
         total = math.prod(shape) * n_samples
         index = torch.multinomial(self.weights, total, replacement=True, generator=generator)
         word = torch.multinomial(self.targets[index], 1, generator=generator).squeeze(1)
@@ -324,7 +320,7 @@ class BagOfWordsLanguage:
         if field.shape != (features.shape[1],):
             raise ValueError(f"field: expected {features.shape[1]} values (one per word), "
                              f"got {tuple(field.shape)}")
-        _check_int("seq_len", seq_len, low=2)
+        check_int("seq_len", seq_len, low=2)
         self.features, self.strengths, self.field, self.seq_len = features, strengths, field, seq_len
         self.n_words = features.shape[1]
         self.mask_id = self.n_words  # the [MASK] token, after the words
@@ -339,10 +335,10 @@ class BagOfWordsLanguage:
         must be a multiple of 4 (so that the two features are balanced and orthogonal) and
         ``seq_len - 1`` odd (so that ``f_j != 0``). ``field`` defaults to 0 (then the sign of
         ``f_1`` is + or - with probability 1/2 each, by the symmetry that swaps the two halves)."""
-        _check_int("n_words", n_words, low=4)
+        check_int("n_words", n_words, low=4)
         if n_words % 4:
             raise ValueError(f"n_words: expected a multiple of 4, got {n_words}")
-        _check_int("seq_len", seq_len, low=2)
+        check_int("seq_len", seq_len, low=2)
         if (seq_len - 1) % 2 == 0:
             raise ValueError("seq_len: seq_len - 1 (the context words) must be odd so that no feature is 0, "
                              f"got {seq_len}")
@@ -415,7 +411,7 @@ class FactoredSoftmax(nn.Module):
     def __init__(self, n_contexts: int, rank: int, vocab_size: int) -> None:
         super().__init__()
         for name, value in (("n_contexts", n_contexts), ("rank", rank), ("vocab_size", vocab_size)):
-            _check_int(name, value)
+            check_int(name, value)
         self.A = nn.Parameter(torch.zeros(n_contexts, rank, dtype=DTYPE))
         self.B = nn.Parameter(torch.zeros(rank, vocab_size, dtype=DTYPE))
 
@@ -461,9 +457,9 @@ class OneLayerTransformer(nn.Module):
 
     def __init__(self, n_words: int, width: int, d_key: int = 2) -> None:
         super().__init__()
-        _check_int("n_words", n_words, low=2)
-        _check_int("width", width)
-        _check_int("d_key", d_key)
+        check_int("n_words", n_words, low=2)
+        check_int("width", width)
+        check_int("d_key", d_key)
         d = n_words + 1
         self.n_words, self.width, self.d_key = n_words, width, d_key
         self.W_Q = nn.Parameter(torch.zeros(d_key, d, dtype=DTYPE))
@@ -741,7 +737,7 @@ def gradient_noise(flat: FlatModel, theta: Tensor, contexts: ContextSet, vectors
     """Measure the gradient noise as SGD sees it: ``n_samples`` examples ``(c ~ w, y ~ p_c)`` drawn
     with a generator seeded by ``seed``, their gradients, and the trace and the quadratic forms
     ``v_k^T C v_k`` (``vectors``: ``[k, P]``, may be empty) of their sample covariance, with SEs."""
-    _check_int("n_samples", n_samples, low=2)
+    check_int("n_samples", n_samples, low=2)
     if vectors.dim() != 2 or vectors.shape[1] != flat.n_params:
         raise ValueError(f"vectors: expected [k, {flat.n_params}], got {tuple(vectors.shape)}")
     g = torch.Generator().manual_seed(seed)
@@ -800,9 +796,9 @@ def run_sgd(flat: FlatModel, contexts: ContextSet, theta0: Tensor, lr: float, ba
     (``vmap`` over chains of ``grad``) and draw from one generator seeded by ``seed``: the same
     seed, the same runs. The exact gap and trace are recorded at ``record_steps``."""
     _check_positive("lr", lr)
-    _check_int("batch_size", batch_size)
-    _check_int("steps", steps, low=0)
-    _check_int("n_chains", n_chains)
+    check_int("batch_size", batch_size)
+    check_int("steps", steps, low=0)
+    check_int("n_chains", n_chains)
     records = set(_check_records(record_steps, steps))
     g = torch.Generator().manual_seed(seed)
     theta = theta0.detach().to(DTYPE).expand(n_chains, -1).clone()
@@ -826,7 +822,7 @@ def run_gd(flat: FlatModel, contexts: ContextSet, theta0: Tensor, lr: float, ste
            record_steps: Sequence[int]) -> Trajectory:
     """Full-batch gradient descent on the expected loss (exact targets, no noise), one chain."""
     _check_positive("lr", lr)
-    _check_int("steps", steps, low=0)
+    check_int("steps", steps, low=0)
     records = _check_records(record_steps, steps)
     theta = theta0.detach().to(DTYPE).clone()
     gradient = grad(lambda t: expected_loss(flat, t, contexts))
@@ -985,8 +981,8 @@ def min_norm_head_errors(features: Tensor, weights: Tensor, scores: Tensor, n_tr
     ``sum_c w_c [sign(phi_c . w) != sign(s_c)]``; for every ``n`` in ``n_train``, ``draws`` times
     (one generator seeded by ``seed``). ``features`` ``[N, m]``: the frozen neurons of every context."""
     for n in n_train:
-        _check_int("n_train", n)
-    _check_int("draws", draws, low=2)
+        check_int("n_train", n)
+    check_int("draws", draws, low=2)
     if features.shape[0] != weights.shape[0] or scores.shape != weights.shape:
         raise ValueError(f"features: expected {weights.shape[0]} rows like weights and scores, "
                          f"got {tuple(features.shape)}")

@@ -71,6 +71,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from flatlib.checks import check_int
 from flatlib.device import describe as describe_device
 from flatlib.device import module_device, preserved_rng, resolve_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
@@ -146,15 +147,10 @@ class PretrainConfig:
     adversarial: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, low: int = 1) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
         for name in ("steps", "batch_size", "eval_every", "eval_pairs", "checkpoint_every"):
-            positive_int(name)
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "extra_steps", "seed"):
-            positive_int(name, low=0)
+            check_int(name, getattr(self, name), low=0)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
@@ -174,7 +170,7 @@ class PretrainConfig:
         if self.mask_rate is not None and self.supervise_all:
             raise ValueError("mask_rate: cannot be combined with supervise_all")
         if self.train_sentences is not None:
-            positive_int("train_sentences")
+            check_int("train_sentences", self.train_sentences)
         if self.init_from is not None and not {"config", "step"} <= set(self.init_from):
             raise ValueError("init_from: expected {'config': <parent config dict>, 'step': int}")
         language = build_language(self.language)  # raises "language.<field>: ..."
@@ -224,9 +220,7 @@ def _check_adversarial(adversarial: Any, language: Language) -> None:
                          f"got {adversarial['task']!r}")
     lows = {"refit_every": 1, "head_sentences": ADVERSARIAL_MIN_HEAD_SENTENCES, "batch_sentences": 1}
     for key, low in lows.items():
-        value = adversarial[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"adversarial.{key}: expected an integer >= {low}, got {value!r}")
+        check_int(f"adversarial.{key}", adversarial[key], low)
 
 
 # ---------------------------------------------------------------------------- building blocks
