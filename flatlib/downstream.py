@@ -209,9 +209,7 @@ def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int,
     if init_head == "probe":
         with torch.no_grad():
             chunk = corpus[train]
-            tokens = torch.where(chunk.mask, chunk.tokens, pad).to(device)
-            x = pool(net.eval().features(tokens).cpu(), chunk, pooling, position).double()
-            net.train()
+            x = pool(model_features(net, chunk, batch_size=len(chunk)), chunk, pooling, position).double()  # in one forward pass
             mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
             w = fit_logistic((x - mean) / std, labels[train], n_classes, head_l2)
             head.weight.copy_((w[:-1] / std[:, None]).T)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flatlib.device import module_device, preserved_rng
+from flatlib.device import module_device
 from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs, probe_pooling
 from flatlib.flatness import TraceEstimate, hessian_trace, mlm_batches, mlm_loss_fn
 from flatlib.languages import Corpus, Language
@@ -162,7 +162,8 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
         wide = widen(model, factor).eval()
         val = validation_set(config, language)
         n = min(protocol.trace_pairs, len(val.inputs))
-        inputs, positions = val.inputs[:n].to(module_device(model)), val.positions[:n].to(module_device(model))
+        device = module_device(model)
+        inputs, positions = val.inputs[:n].to(device), val.positions[:n].to(device)
         with torch.no_grad():
             drift = float((wide(inputs, positions) - model(inputs, positions)).abs().max())
         trace = _trace(wide, val, protocol)
@@ -190,11 +191,9 @@ def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epoch
         out = {}
         for task in protocol.tasks or language.tasks:
             pooling, position = probe_pooling(language, task)
-            with preserved_rng():
-                accuracy = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
-                                    protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
-                                    seed=protocol.seed, pooling=pooling, position=position, init_head="probe")
-            out[task] = accuracy
+            out[task] = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
+                                 protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
+                                 seed=protocol.seed, pooling=pooling, position=position, init_head="probe")
         return {"run": run.key, "step": step, "epochs": epochs, "lr": lr, "init_head": "probe", "accuracy": out}
 
     return _cached(_finetune_path(run, step, protocol, epochs, lr), compute)
