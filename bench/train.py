@@ -62,6 +62,8 @@ import torch.nn.functional as F
 
 from bench import common
 from bench.common import cpu_model
+from flatlib.languages import Language
+from flatlib.model import Transformer
 from flatlib.profiles import build_languages, resolve
 from flatlib.train import (PretrainConfig, _mask_generator, _training_corpus, learning_rate, make_optimizer,
                            new_model, single_mask_batch)
@@ -117,18 +119,23 @@ class Result:
         return self.flops() / (self.processes * peaks[self.threads])
 
 
+def _setup(model_name: str, batch_size: int) -> tuple[PretrainConfig, Language, Transformer, torch.optim.Optimizer]:
+    """What ``pretrain`` builds for ``MODELS[model_name]`` on the profile's HMM: config, language,
+    the model (in training mode) and its optimizer."""
+    params = resolve(PROFILE)
+    language = build_languages(params)["hmm"]
+    config = PretrainConfig(language={"kind": "hmm", "seed": params["language_seed"], **params["hmm"]},
+                            model=MODELS[model_name], batch_size=batch_size)
+    model = new_model(config, language).train()
+    return config, language, model, make_optimizer(config, model)
+
+
 def measure(spec: Spec, barrier: Any = None) -> Result:
     """Train ``spec``'s model as ``pretrain`` does and time it. With a ``barrier``, wait there after
     the warm-up so that side-by-side processes time the same window."""
     torch.set_num_threads(spec.threads)
-    params = resolve(PROFILE)
-    language = build_languages(params)["hmm"]
-    config = PretrainConfig(language={"kind": "hmm", "seed": params["language_seed"], **params["hmm"]},
-                            model=MODELS[spec.model], batch_size=spec.batch_size)
-    model = new_model(config, language)
+    config, language, model, optimizer = _setup(spec.model, spec.batch_size)
     model.explicit_attention = spec.explicit
-    model.train()
-    optimizer = make_optimizer(config, model)
     mc = model.config
 
     def loss_fn(inputs: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -254,12 +261,7 @@ def time_breakdown(model_name: str, batch_size: int, steps: int = 10) -> dict[st
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    params = resolve(PROFILE)
-    language = build_languages(params)["hmm"]
-    config = PretrainConfig(language={"kind": "hmm", "seed": params["language_seed"], **params["hmm"]},
-                            model=MODELS[model_name], batch_size=batch_size)
-    model = new_model(config, language).train()
-    optimizer = make_optimizer(config, model)
+    config, language, model, optimizer = _setup(model_name, batch_size)
     mc = model.config
     batches = [single_mask_batch(_training_corpus(config, language, i, None), mc.mask_id, mc.pad_id,
                                  _mask_generator(config, i)) for i in range(steps + 3)]
