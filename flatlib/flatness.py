@@ -52,7 +52,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from flatlib.checks import check_int
-from flatlib.model import SelfAttention
+from flatlib.model import SelfAttention, gauge_pairs
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
 LogitsFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> [m, C] logits, one row per example
@@ -137,11 +137,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _parameters(model: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """Names and detached copies (sharing storage) of the trainable parameters, dtype-checked."""
+def _parameters(model: nn.Module, only: Sequence[str] | None = None) -> tuple[list[str], list[Tensor]]:
+    """Names and detached copies (sharing storage) of the trainable parameters (those named in
+    ``only``, if given, in the model's order), dtype-checked."""
     params = trainable_parameters(model)
+    if only is not None:
+        unknown = sorted(set(only) - set(params))
+        if unknown:
+            raise ValueError(f"parameters: {unknown} are not trainable parameters of the model")
+        params = {name: p for name, p in params.items() if name in set(only)}
     if not params:
-        raise ValueError("model: has no parameter with requires_grad")
+        raise ValueError("model: has no parameter with requires_grad" if only is None
+                         else "parameters: expected at least one parameter name")
     for name, p in params.items():
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"model: parameter {name} has dtype {p.dtype}; curvature is measured in "
@@ -354,7 +361,8 @@ def _describe(fn: Callable, batch: Any, fallback: str) -> str:
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_probes: int, seed: int,
-                  mode: str = "reverse", method: str = "hutchinson", data: str = "examples") -> TraceEstimate:
+                  mode: str = "reverse", method: str = "hutchinson", data: str = "examples",
+                  parameters: Sequence[str] | None = None) -> TraceEstimate:
     """Hutchinson's estimate of ``Tr H``, ``H`` the Hessian of
     ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)`` (see the module docstring).
 
@@ -374,6 +382,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
         seed: seeds a private ``torch.Generator``; the global RNG is not touched.
         method: ``"hutchinson"`` (the only one implemented).
         data: what the examples are, for the description (e.g. ``"validation pairs"``).
+        parameters: names of the trainable parameters whose diagonal block ``H_PP`` is traced
+            (``Tr H_PP``, the others held fixed); default every trainable parameter.
     """
     check_int("n_probes", n_probes, 2)
     batches = _check_batches(batches)
@@ -381,7 +391,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
     if method != "hutchinson":
         raise ValueError(f"method: only 'hutchinson' is implemented, got {method!r}")
     model = _unwrap(model)
-    names, params = _parameters(model)
+    names, params = _parameters(model, parameters)
     weights, total = _weights(batches)
     call = _functional(model, loss_fn, names)
     samples = torch.zeros(n_probes, dtype=torch.float64)
@@ -389,13 +399,23 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
         for batch, weight in zip(batches, weights):
             samples += weight * _batch_quadratic_forms(call, params, batch, n_probes, seed, mode)
     loss = _describe(loss_fn, batches[0], f"{getattr(loss_fn, '__name__', 'loss_fn')} (mean over examples)")
-    description = (f"Tr H of {loss} on {total} {data} in {len(batches)} batches, {n_probes} Rademacher "
+    block = "" if parameters is None else f" (the block of {len(names)} of the parameter tensors)"
+    description = (f"Tr H{block} of {loss} on {total} {data} in {len(batches)} batches, {n_probes} Rademacher "
                    f"probes (seed {seed}, {mode}-mode HVP); ± is the standard error over probes")
     return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(n_probes)), samples,
                          n_probes, description)
 
 
 # ---------------------------------------------------------------------------- Fisher
+def _log_prob(call: Callable) -> Callable[[tuple[Tensor, ...], Any, Tensor], Tensor]:
+    """``log q_theta(y | x)`` of one example, the label ``y`` given as a one-hot row (no data-
+    dependent indexing, so that it runs under ``vmap``)."""
+    def log_prob(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
+        logits = call(ps, tree_map(lambda t: t.unsqueeze(0), example))  # a batch of one
+        return (torch.log_softmax(logits, dim=-1)[0] * onehot).sum()
+    return log_prob
+
+
 def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], seed: int,
                  n_samples: int | None = 1, chunk_size: int | None = 64, vectorize: bool | None = None,
                  data: str = "examples") -> TraceEstimate:
@@ -443,13 +463,8 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
     call = _functional(model, logits_fn, names)
     generator = _generator(seed)
 
-    def log_prob(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
-        # one example as a batch of one; the label as a one-hot row (no data-dependent indexing)
-        logits = call(ps, tree_map(lambda t: t.unsqueeze(0), example))
-        return (torch.log_softmax(logits, dim=-1)[0] * onehot).sum()
-
     def squared_norm(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
-        g = grad(log_prob)(ps, example, onehot)
+        g = grad(_log_prob(call))(ps, example, onehot)
         return sum(torch.sum(t * t, dtype=torch.float64) for t in g)
 
     def looped(ps: tuple[Tensor, ...], batch: Any, onehot: Tensor) -> Tensor:
@@ -502,6 +517,151 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
                    "; ± is the standard error over examples")
     return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(total)), samples,
                          n_classes if n_samples is None else n_samples, description)
+
+
+# ---------------------------------------------------------------------------- the gauge-invariant trace
+def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any],
+                    parameters: Sequence[str] | None = None, chunk_size: int | None = 64) -> dict[str, Tensor]:
+    """The exact diagonal of the Fisher information of the model's predictive distribution,
+
+        diag F = (1/N) sum_i sum_y q_theta(y|x_i) (grad_theta log q_theta(y|x_i))^2   (elementwise),
+
+    summed over all C classes (no sampling), for the parameters named in ``parameters`` (default:
+    every trainable one); float64 tensors keyed by name. For a softmax cross-entropy ``F`` is the
+    generalized Gauss-Newton matrix ``(1/N) sum_i J_i^T (diag q_i - q_i q_i^T) J_i`` (``J_i`` the
+    Jacobian of the logits), so ``diag F = diag H`` exactly wherever the logits are *linear* in a
+    parameter (the head, and the final LayerNorm's gain and bias, given everything before them), and
+    for every parameter at a global minimum of the expected loss (``q_theta = p``: the residual term
+    ``sum_y (q_y - p_y) grad^2 z_y`` of ``H`` vanishes). Cost: C per-example gradients per example
+    (``vmap`` in chunks of ``chunk_size``), like ``fisher_trace(n_samples=None)``.
+    """
+    batches = _check_batches(batches)
+    model = _unwrap(model)
+    names, params = _parameters(model, parameters)
+    _, total = _weights(batches)
+    call = _functional(model, logits_fn, names)
+
+    def squared_gradient(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> tuple[Tensor, ...]:
+        g = grad(_log_prob(call))(ps, example, onehot)
+        return tuple(t * t for t in g)
+
+    per_example = vmap(squared_gradient, in_dims=(None, 0, 0), chunk_size=chunk_size)
+    diagonal = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
+    with hessian_mode(model):
+        for batch in batches:
+            with torch.no_grad():
+                logits = call(params, batch)
+            q = torch.softmax(logits.double(), dim=-1)  # [m, C]
+            eye = torch.eye(q.shape[1], dtype=logits.dtype, device=logits.device)
+            for c in range(q.shape[1]):
+                squares = per_example(tuple(params), batch, eye[c].expand(len(q), -1))
+                for d, s in zip(diagonal, squares):
+                    d += torch.tensordot(q[:, c], s.detach().double(), dims=1)
+    return {name: d / total for name, d in zip(names, diagonal)}
+
+
+@dataclass(frozen=True)
+class InvariantTrace(TraceEstimate):
+    """``invariant_trace``'s result: ``mean`` ± ``stderr`` is the smallest Hessian trace over the
+    LayerNorm gauge (``samples`` are the body's Hutchinson samples plus the exact gauge minimum).
+
+    ``body``: Hutchinson's ``Tr H`` of every parameter outside the gauge pairs (the gauge cannot
+    change it). ``gauge``: per LayerNorm, ``{"norm": sum_i B_i, "reader": sum_i A_i, "min":
+    sum_i 2 sqrt(A_i B_i)}``: the norm's and the reader's diagonal blocks as parameterized now, and
+    their smallest value over the rescalings. ``raw_mean = body.mean + sum (norm + reader)``
+    estimates ``Tr H`` itself in these coordinates. ``scales``: per LayerNorm, the ``c_i`` that
+    attain the minimum (``rescale_norms(model, scales)`` is the model in its flattest gauge; NaN
+    where ``A_i`` or ``B_i`` is 0, the infimum then being 0 and not attained).
+    """
+
+    body: TraceEstimate
+    gauge: dict[str, dict[str, float]]
+    raw_mean: float
+    scales: dict[str, Tensor]
+
+
+def invariant_trace(model: nn.Module, loss_fn: LossFn, logits_fn: LogitsFn, batches: Sequence[Any],
+                    n_probes: int, seed: int, pairs: Sequence[tuple[str, str]] | None = None,
+                    mode: str = "reverse", data: str = "examples") -> InvariantTrace:
+    """The Hessian trace with the LayerNorm gauge fixed: the smallest ``Tr H`` over the model's
+    function-preserving per-coordinate rescalings of each LayerNorm against its reader.
+
+    The gauge (``flatlib.model.gauge_pairs``): for a LayerNorm with gain ``gamma``, bias ``beta``
+    and reader ``W``, the map ``(gamma_i, beta_i, W[:, i]) -> (c_i gamma_i, c_i beta_i, W[:, i]/c_i)``
+    (``c_i > 0``) changes neither the function nor a standardising probe. It is linear in the
+    parameters, ``theta' = D theta``, so ``H' = D^-1 H D^-1`` and only the diagonal entries of the
+    pair's parameters change:
+
+        Tr H(c) = Tr H_body + sum_pairs sum_i (A_i c_i^2 + B_i / c_i^2),
+        A_i = sum_o H[W_oi, W_oi],   B_i = H[gamma_i, gamma_i] + H[beta_i, beta_i],
+
+    where the body is every other parameter (the readers' biases included). The pairs act on
+    disjoint parameters, so each ``c_i`` is minimised on its own: ``c_i^2 = sqrt(B_i / A_i)`` and
+
+        Tr_inv H = Tr H_body + sum_pairs sum_i 2 sqrt(A_i B_i).
+
+    ``A_i B_i`` is invariant under the rescaling, and ``H_body`` does not move, so ``Tr_inv`` is
+    the same number for every point of a gauge orbit (the raw trace can be made arbitrarily large
+    along it: ``A_i c^2`` or ``B_i / c^2``). It is never above the raw trace (``2 sqrt(AB) <= A + B``).
+
+    How each part is computed: ``Tr H_body`` by Hutchinson (``hessian_trace`` restricted to the
+    body, ``n_probes`` probes from ``seed``: the only noise, and the ``stderr``); ``A_i``, ``B_i``
+    exactly, from ``fisher_diagonal`` (C per-example gradients per example). That diagonal *is*
+    the Hessian's for the final pair (``ln_f -> head``: the logits are linear in the head and in
+    ``ln_f``'s affine) at any point; for the inner pairs (``ln_1 -> qkv``, ``ln_2 -> fc``) it is
+    the Gauss-Newton part, equal to the Hessian's at a global minimum of the expected loss, which
+    is where the compared models are (within 0.01 nats; a model far from the optimum gets the
+    Gauss-Newton diagonal for its inner pairs, and the docstring of ``fisher_diagonal`` says why).
+
+    What it does not fix: attention's per-head scalings ``W_q -> c W_q, W_k -> W_k / c`` and
+    ``W_v -> c W_v, W_o -> W_o / c`` (per coordinate of a head), the per-coordinate scaling of
+    the MLP's hidden units is not a symmetry (GELU is not homogeneous), nor are the embeddings'
+    (the residual stream feeds LayerNorms, which are invariant only to a common scale of all
+    coordinates, and to the residual sum's other terms). The trace stays gauge-dependent along
+    those; the LayerNorm gauge is the one that held ~85% of the raw trace of the cpu models
+    (docs and issue 14).
+
+    Not invariant under ``widen`` by a factor ``f`` (a change of architecture, not of gauge):
+    the final pair's minimum is unchanged (each head column's ``A_i`` is tiled as it is, each
+    ``B_i`` becomes ``B_i / f^2`` on f copies: ``sum 2 sqrt(AB)`` is the same); an inner pair's
+    minimum is divided by ``sqrt(f)`` (a perturbation of one copy of ``gamma_i`` reaches the reader
+    through ``W / f``, so ``B_i -> B_i / f^2``, while a column of the copied reader has f times the
+    entries with ``1 / f^2`` of the curvature each, ``A_i -> A_i / f``); and the body's trace also
+    counts curvature along directions in which the copies differ, which the narrow model does
+    not have. Compare widened models with each other, as the paper does with the raw trace.
+
+    Args:
+        loss_fn: the mean loss over a batch (``mlm_loss_fn``; with soft targets for the expected
+            loss), whose Hessian is traced.
+        logits_fn: the logits of the same loss (``mlm_logits_fn``), for the exact diagonals.
+        pairs: ``(norm, reader)`` module names; default ``gauge_pairs(model)`` for a flatlib
+            Transformer.
+    """
+    check_int("n_probes", n_probes, 2)
+    batches = _check_batches(batches)
+    model = _unwrap(model)
+    if pairs is None:
+        pairs = gauge_pairs(model)
+    groups = {norm: (f"{norm}.weight", f"{norm}.bias", f"{reader}.weight") for norm, reader in pairs}
+    gauged = [name for names in groups.values() for name in names]
+    if len(groups) != len(pairs) or len(set(gauged)) != len(gauged):
+        raise ValueError("pairs: the pairs must act on disjoint parameters")
+    body_names = [name for name in trainable_parameters(model) if name not in set(gauged)]
+    diagonal = fisher_diagonal(model, logits_fn, batches, parameters=gauged)
+    body = hessian_trace(model, loss_fn, batches, n_probes, seed, mode=mode, data=data, parameters=body_names)
+    gauge, scales, minimum, raw = {}, {}, 0.0, body.mean
+    for norm, (gain, bias, reader) in groups.items():
+        b = diagonal[gain] + diagonal[bias]  # [d]
+        a = diagonal[reader].sum(0)  # [d]: the reader's columns
+        both = (a > 0) & (b > 0)
+        scales[norm] = torch.where(both, (b / a.clamp_min(1e-300)) ** 0.25, torch.nan)
+        gauge[norm] = {"norm": float(b.sum()), "reader": float(a.sum()), "min": float((2 * (a * b).sqrt()).sum())}
+        minimum += gauge[norm]["min"]
+        raw += gauge[norm]["norm"] + gauge[norm]["reader"]
+    description = (f"Tr H minimised over the LayerNorm gauge ({len(groups)} LayerNorm/reader pairs, exact "
+                   f"diagonals) + {body.description.replace('Tr H', 'the body', 1)}")
+    return InvariantTrace(body.mean + minimum, body.stderr, body.samples + minimum, n_probes, description,
+                          body=body, gauge=gauge, raw_mean=raw, scales=scales)
 
 
 # ---------------------------------------------------------------------------- top eigenvalue

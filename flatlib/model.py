@@ -249,3 +249,45 @@ def widen(model: Transformer, factor: int) -> Transformer:
     wide.head.weight.copy_(model.head.weight.repeat(1, factor) / factor)
     wide.head.bias.copy_(model.head.bias)
     return wide
+
+
+# ---------------------------------------------------------------------------- the LayerNorm gauge
+def gauge_pairs(model: Transformer) -> list[tuple[str, str]]:
+    """``(norm, reader)`` module names: each LayerNorm and the one linear map that reads its output
+    (``blocks.i.ln_1 -> blocks.i.attn.qkv``, ``blocks.i.ln_2 -> blocks.i.mlp.fc``, ``ln_f -> head``).
+
+    In a pre-LN transformer a LayerNorm's output ``u = gamma * n + beta`` feeds only its reader
+    ``y = W u + b``. Scaling coordinate ``i`` of the norm's affine, ``(gamma_i, beta_i) -> c_i
+    (gamma_i, beta_i)``, and the reader's column ``W[:, i] -> W[:, i] / c_i`` leaves ``y``, hence
+    the whole function, unchanged (``rescale_norms``). The pairs act on disjoint parameters.
+    (``ln_f``'s output is also what ``features`` returns; a probe that standardises its features,
+    as ``flatlib.downstream.linear_probe`` does, cannot see the rescaling either.)"""
+    pairs = []
+    for i in range(len(model.blocks)):
+        pairs += [(f"blocks.{i}.ln_1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.ln_2", f"blocks.{i}.mlp.fc")]
+    return pairs + [("ln_f", "head")]
+
+
+@torch.no_grad()
+def rescale_norms(model: Transformer, scales: dict[str, Tensor | float]) -> Transformer:
+    """A copy of ``model`` with LayerNorm ``name``'s gain and bias multiplied by ``scales[name]``
+    (a positive scalar or a ``[d_model]`` vector) and its reader's columns divided by it: the same
+    function in other coordinates (see ``gauge_pairs``). ``scales`` keys must be norms of
+    ``gauge_pairs(model)``; norms not named are left as they are."""
+    readers = dict(gauge_pairs(model))
+    unknown = sorted(set(scales) - set(readers))
+    if unknown:
+        raise ValueError(f"scales: {unknown} are not LayerNorms of the model (expected some of {sorted(readers)})")
+    out = Transformer(model.config).to(next(model.parameters()))
+    out.load_state_dict(model.state_dict())
+    out.explicit_attention = model.explicit_attention
+    modules = dict(out.named_modules())
+    for name, scale in scales.items():
+        norm, reader = modules[name], modules[readers[name]]
+        c = torch.as_tensor(scale, dtype=norm.weight.dtype, device=norm.weight.device).expand_as(norm.weight)
+        if not bool(torch.all(c > 0)) or not bool(torch.all(torch.isfinite(c))):
+            raise ValueError(f"scales: {name}'s scale must be positive and finite")
+        norm.weight.mul_(c)
+        norm.bias.mul_(c)
+        reader.weight.div_(c)  # [out, d_model]: column i / c_i
+    return out

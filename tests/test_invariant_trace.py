@@ -1,0 +1,152 @@
+"""The LayerNorm gauge and the gauge-invariant trace, against dense Hessians (classic double
+backward, tests/test_flatness.py) on a tiny flatlib Transformer in float64.
+
+Two evaluation sets: ``away`` (soft targets unrelated to the model: not a stationary point) and
+``optimum`` (the model's own predictive distribution as targets: theta is a global minimizer of the
+expected loss, so H equals the Fisher / Gauss-Newton matrix there)."""
+
+import math
+
+import pytest
+import torch
+
+from flatlib.flatness import (fisher_diagonal, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn,
+                              mlm_loss_fn, trainable_parameters)
+from flatlib.model import gauge_pairs, rescale_norms, widen
+from test_flatness import dense_hessian, make_transformer, optimum_case, tiny_validation_set
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+MODEL = make_transformer()
+AWAY = mlm_batches(tiny_validation_set(), batch_size=5, soft_targets=True)  # sizes 5 and 3
+OPTIMUM = optimum_case(MODEL, mlm_logits_fn, AWAY)
+
+
+def diagonal_by_name(model, H) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for name, p in trainable_parameters(model).items():
+        out[name] = H.diagonal()[i:i + p.numel()].reshape(p.shape)
+        i += p.numel()
+    return out
+
+
+def dense_invariant_parts(model, H) -> tuple[float, float]:
+    """(exact body trace, exact gauge minimum sum 2 sqrt(A_i B_i)) from a dense Hessian."""
+    d = diagonal_by_name(model, H)
+    gauged = set()
+    minimum = 0.0
+    for norm, reader in gauge_pairs(model):
+        a = d[f"{reader}.weight"].sum(0)
+        b = d[f"{norm}.weight"] + d[f"{norm}.bias"]
+        minimum += float((2 * (a * b).sqrt()).sum())
+        gauged |= {f"{norm}.weight", f"{norm}.bias", f"{reader}.weight"}
+    body = sum(float(t.sum()) for name, t in d.items() if name not in gauged)
+    return body, minimum
+
+
+def logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([mlm_logits_fn(model.eval(), b) for b in batches])
+
+
+def test_gauge_pairs_name_each_layer_norm_and_its_reader():
+    assert gauge_pairs(MODEL) == [("blocks.0.ln_1", "blocks.0.attn.qkv"), ("blocks.0.ln_2", "blocks.0.mlp.fc"),
+                                  ("ln_f", "head")]
+
+
+def test_rescale_norms_preserves_the_function_and_moves_the_parameters():
+    g = torch.Generator().manual_seed(0)
+    scales = {norm: torch.exp(torch.randn(4, generator=g, dtype=torch.float64)) for norm, _ in gauge_pairs(MODEL)}
+    other = rescale_norms(MODEL, scales)
+    assert torch.allclose(logits(other, AWAY), logits(MODEL, AWAY), atol=1e-12, rtol=0)
+    assert not torch.allclose(other.ln_f.weight, MODEL.ln_f.weight)
+    assert torch.allclose(other.head.weight, MODEL.head.weight / scales["ln_f"])
+    assert torch.equal(other.head.bias, MODEL.head.bias)  # the reader's bias is not part of the gauge
+    with pytest.raises(ValueError, match="scales: .*blocks.0.attn"):
+        rescale_norms(MODEL, {"blocks.0.attn": 2.0})
+    with pytest.raises(ValueError, match="scales: ln_f's scale must be positive"):
+        rescale_norms(MODEL, {"ln_f": -1.0})
+
+
+def test_fisher_diagonal_is_the_hessian_diagonal_at_the_optimum():
+    H = diagonal_by_name(MODEL, dense_hessian(MODEL, mlm_loss_fn, OPTIMUM))
+    diagonal = fisher_diagonal(MODEL, mlm_logits_fn, OPTIMUM)
+    assert set(diagonal) == set(H)
+    for name, d in diagonal.items():
+        assert torch.allclose(d, H[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_fisher_diagonal_is_the_hessian_diagonal_of_the_final_pair_anywhere():
+    H = diagonal_by_name(MODEL, dense_hessian(MODEL, mlm_loss_fn, AWAY))
+    names = ["ln_f.weight", "ln_f.bias", "head.weight", "blocks.0.ln_1.weight"]
+    diagonal = fisher_diagonal(MODEL, mlm_logits_fn, AWAY, parameters=names)
+    for name in names[:3]:  # logits linear in these: Gauss-Newton = Hessian
+        assert torch.allclose(diagonal[name], H[name], rtol=1e-9, atol=1e-12), name
+    # an inner LayerNorm gain: the Hessian's residual term is not zero away from the optimum
+    assert float((diagonal[names[3]] - H[names[3]]).abs().max()) > 1e-3
+
+
+def test_invariant_trace_against_the_dense_hessian_and_brute_force_rescaling():
+    H = dense_hessian(MODEL, mlm_loss_fn, OPTIMUM)
+    body, minimum = dense_invariant_parts(MODEL, H)
+    inv = invariant_trace(MODEL, mlm_loss_fn, mlm_logits_fn, OPTIMUM, n_probes=64, seed=0)
+    assert math.isclose(sum(g["min"] for g in inv.gauge.values()), minimum, rel_tol=1e-9)
+    assert abs(inv.body.mean - body) < 4 * inv.body.stderr
+    assert math.isclose(inv.mean - inv.body.mean, minimum, rel_tol=1e-9)
+    assert math.isclose(inv.raw_mean - inv.body.mean, float(H.trace()) - body, rel_tol=1e-9)
+    # brute force: the model moved to the returned scales has exactly that trace, and it is the smallest
+    flattest = float(dense_hessian(rescale_norms(MODEL, inv.scales), mlm_loss_fn, OPTIMUM).trace())
+    assert math.isclose(flattest, body + minimum, rel_tol=1e-8)
+    assert flattest < float(H.trace())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        nearby = {norm: c * torch.exp(0.3 * torch.randn(4, generator=g, dtype=torch.float64))
+                  for norm, c in inv.scales.items()}
+        assert float(dense_hessian(rescale_norms(MODEL, nearby), mlm_loss_fn, OPTIMUM).trace()) > flattest
+
+
+@pytest.mark.parametrize("norm", ["blocks.0.ln_1", "blocks.0.ln_2", "ln_f"])
+def test_invariant_under_each_rescaling_while_the_raw_trace_moves(norm):
+    other = rescale_norms(MODEL, {norm: 10.0})
+    raw, raw_other = (float(dense_hessian(m, mlm_loss_fn, AWAY).trace()) for m in (MODEL, other))
+    inv, inv_other = (invariant_trace(m, mlm_loss_fn, mlm_logits_fn, AWAY, n_probes=8, seed=0)
+                      for m in (MODEL, other))
+    assert abs(raw_other - raw) > 20 * inv.stderr  # the raw trace moves by many standard errors
+    assert math.isclose(inv_other.mean, inv.mean, rel_tol=1e-9)  # the invariant one not at all
+    assert torch.allclose(inv_other.samples, inv.samples, rtol=1e-9, atol=0)
+
+
+def test_never_above_the_raw_trace():
+    for model in (MODEL, rescale_norms(MODEL, {"ln_f": 0.2, "blocks.0.ln_1": 5.0})):
+        inv = invariant_trace(model, mlm_loss_fn, mlm_logits_fn, OPTIMUM, n_probes=16, seed=0)
+        raw = hessian_trace(model, mlm_loss_fn, OPTIMUM, n_probes=16, seed=0)
+        assert inv.mean <= inv.raw_mean  # the same body samples: 2 sqrt(AB) <= A + B exactly
+        assert inv.mean < raw.mean + 4 * math.hypot(raw.stderr, inv.stderr)
+
+
+def test_widen_keeps_the_final_pair_and_divides_the_inner_pairs_by_sqrt_f():
+    """What the docstring says happens under widen(f): an architecture change, not a gauge."""
+    inv = invariant_trace(MODEL, mlm_loss_fn, mlm_logits_fn, OPTIMUM, n_probes=2, seed=0)
+    for f in (2, 3):
+        wide = widen(MODEL, f)
+        names = {norm: norm for norm, _ in gauge_pairs(wide)}
+        inv_wide = invariant_trace(wide, mlm_loss_fn, mlm_logits_fn, OPTIMUM, n_probes=2, seed=0)
+        assert set(inv_wide.gauge) == set(names)
+        assert math.isclose(inv_wide.gauge["ln_f"]["min"], inv.gauge["ln_f"]["min"], rel_tol=1e-9)
+        for norm in ("blocks.0.ln_1", "blocks.0.ln_2"):
+            assert math.isclose(inv_wide.gauge[norm]["min"], inv.gauge[norm]["min"] / math.sqrt(f), rel_tol=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_probes"):
+        invariant_trace(MODEL, mlm_loss_fn, mlm_logits_fn, AWAY, n_probes=1, seed=0)
+    with pytest.raises(ValueError, match="pairs: .*disjoint"):
+        invariant_trace(MODEL, mlm_loss_fn, mlm_logits_fn, AWAY, n_probes=2, seed=0,
+                        pairs=[("ln_f", "head"), ("ln_f", "head")])
+    with pytest.raises(ValueError, match="parameters: .*nope"):
+        fisher_diagonal(MODEL, mlm_logits_fn, AWAY, parameters=["nope"])
+
+
+def test_description_names_the_gauge_and_the_body():
+    inv = invariant_trace(MODEL, mlm_loss_fn, mlm_logits_fn, AWAY, n_probes=2, seed=0)
+    assert "LayerNorm gauge" in str(inv) and "the body" in str(inv) and "3 LayerNorm/reader pairs" in str(inv)
