@@ -20,20 +20,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flatlib.claims import HELD, RULE_CHANGES, RULES
 from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.runs import atomic_write
-
-HELD = ("yes", "no", "partly", "not tested")
 
 
 @dataclass(frozen=True)
 class Claim:
     """One claim of the paper as checked by a notebook.
 
-    ``held`` is "yes", "no", "partly" (e.g. for some tasks only) or "not tested" (e.g. the models
-    did not reach the optimum, so an "at equal loss" claim could not be tested); ``paper`` and
-    ``ours`` are short texts with numbers (``ours`` with its CI or SE); ``figure`` is a file name in
-    the profile's figures folder (or "" if none); ``detail`` says what was compared, on what.
+    ``held`` is one of ``flatlib.claims.HELD`` ("yes", "no", "partly" (e.g. for some tasks only),
+    "inconclusive", or "not tested" (e.g. the models did not reach the optimum, so an "at equal
+    loss" claim could not be tested)); ``paper`` and ``ours`` are short texts with numbers (``ours``
+    with its CI or SE); ``figure`` is a file name in the profile's figures folder (or "" if none);
+    ``detail`` says what was compared, on what; ``rule`` names the rules of ``flatlib.claims.RULES``
+    that decided it (printed with the claim; "" for claims decided before that module existed).
     """
 
     claim: str
@@ -43,10 +44,14 @@ class Claim:
     notebook: str
     figure: str = ""
     detail: str = ""
+    rule: str = ""
 
     def __post_init__(self) -> None:
         if self.held not in HELD:
             raise ValueError(f"held: expected one of {HELD}, got {self.held!r}")
+        unknown = [r for r in filter(None, (r.strip() for r in self.rule.split(","))) if r not in RULES]
+        if unknown:
+            raise ValueError(f"rule: {unknown} are not rules of flatlib.claims.RULES ({sorted(RULES)})")
         for name in ("claim", "notebook"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: must not be empty")
@@ -183,12 +188,19 @@ def render_report(profile: str) -> str:
             counts[c.held] += 1
             figure = f"[{c.figure}]({c.figure})" if c.figure else ""
             claim = _cell(c.claim) + (f" <br><sub>{_cell(c.detail)}</sub>" if c.detail else "")
+            claim += f" <br><sub>rule: {_cell(c.rule)}</sub>" if c.rule else " <br><sub>rule: the notebook's own (before flatlib.claims)</sub>"
             lines.append(f"| {claim} | {_cell(c.paper)} | {_cell(c.ours)} | **{c.held}** | {figure} |")
         lines.append("")
     if not claims:
         lines.append("No notebook has recorded claims at this profile yet.")
+    lines += ["## Decision rules", "", "Declared in `flatlib/claims.py` (tested in `tests/test_claims.py`) before the "
+              "experiments they judge:", ""]
+    lines += [f"- **{name}**: {text}" for name, text in RULES.items()]
+    lines += ["", "Changes of a rule after results it judges were seen:", "", "| rule | change | when | what had been seen |",
+              "|---|---|---|---|"]
+    lines += [f"| {_cell(r)} | {_cell(what)} | {_cell(when)} | {_cell(seen)} |" for r, what, when, seen in RULE_CHANGES]
     lines.insert(lines.index("## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
-                 + " (claims: held / not held / partly / not tested at this profile).\n")
+                 + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,85 @@
+"""The decision rules of flatlib.claims on small hand-made tables, including the cases the old
+notebook rules got wrong (issue 14): 3 of 3 seeds falling is not "no"; an interval that merely
+contains 0 is not "unrelated"; noise does not widen "equal loss"."""
+
+import math
+
+import pytest
+
+from flatlib.claims import (EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
+                            combine, correlation_verdict, equal_loss, interval_verdict, paired_effect, t_interval,
+                            unrelated)
+from flatlib.report import Claim
+
+
+def test_equal_loss_is_the_paper_tolerance_on_point_estimates():
+    assert EQUAL_LOSS_NATS == 0.002
+    assert equal_loss(0.0080, 0.0100)  # exactly 0.002 apart
+    assert not equal_loss(0.0080, 0.0101)
+    assert equal_loss(0.0101, 0.0080 + 0.0019)
+    with pytest.raises(ValueError, match="gap_b"):
+        equal_loss(0.01, math.nan)
+
+
+def test_t_interval_matches_a_hand_computation():
+    # mean 2, sd 1, n 3: half-width t_{0.975, 2} * 1 / sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    i = t_interval([1.0, 2.0, 3.0])
+    assert i.n == 3 and i.estimate == 2.0
+    assert math.isclose(i.high - 2.0, 2.484138, rel_tol=1e-6) and math.isclose(2.0 - i.low, 2.484138, rel_tol=1e-6)
+    assert math.isnan(t_interval([1.0]).low)
+    with pytest.raises(ValueError, match="values"):
+        t_interval([1.0, math.inf])
+
+
+def test_paired_effect_verdicts():
+    falling = [-4.0, -3.5, -4.5, -3.8, -4.2, -4.1]  # the trace falls in every lineage, tightly
+    assert paired_effect(falling, predicted=-1)[0] == "yes"
+    assert paired_effect(falling, predicted=+1)[0] == "no"
+    # 3 of 3 falling but noisy: the interval contains 0 -> inconclusive, not "no" (the old rule's error)
+    verdict, interval = paired_effect([-1.0, -9.0, -2.0], predicted=-1)
+    assert interval.low < 0 < interval.high and verdict == "inconclusive"
+    # an effect bounded inside the equivalence band is absent: "no"
+    assert paired_effect([0.1, -0.1, 0.05, -0.05], predicted=+1, equivalence=0.5)[0] == "no"
+    assert paired_effect([0.1, -0.1, 0.05, -0.05], predicted=+1)[0] == "inconclusive"
+    assert paired_effect([1.0], predicted=+1)[0] == "not tested"
+    with pytest.raises(ValueError, match="predicted"):
+        paired_effect([1.0, 2.0], predicted=0)
+    with pytest.raises(ValueError, match="equivalence"):
+        interval_verdict(Interval(0, -1, 1, 3), 1, -0.1)
+
+
+def test_correlation_needs_lineages_and_an_interval_off_zero():
+    assert MIN_LINEAGES == 5
+    assert correlation_verdict(Interval(-0.6, -0.9, -0.2, 5), predicted=-1) == "yes"
+    assert correlation_verdict(Interval(-0.6, -0.9, -0.2, 4), predicted=-1) == "not tested"
+    assert correlation_verdict(Interval(0.5, 0.2, 0.8, 6), predicted=-1) == "no"
+    assert correlation_verdict(Interval(-0.3, -0.7, 0.2, 6), predicted=-1) == "inconclusive"
+    assert correlation_verdict(Interval(0.0, -0.2, 0.25, 6), predicted=-1) == "no"  # bounded inside ±0.3
+
+
+def test_unrelated_needs_the_whole_interval_inside_the_bound():
+    assert EQUIVALENCE_RHO == 0.3
+    assert unrelated(Interval(0.05, -0.2, 0.25, 8))
+    assert not unrelated(Interval(0.05, -0.6, 0.7, 8))  # contains 0 but wide: noise must not pass
+    assert not unrelated(Interval(0.05, -0.2, 0.25, 3))  # too few lineages
+
+
+def test_combine_parts():
+    assert combine(["yes", "yes"]) == "yes"
+    assert combine(["yes", "no"]) == "partly"
+    assert combine(["yes", "not tested"]) == "partly"
+    assert combine(["no", "no"]) == "no"
+    assert combine(["no", "inconclusive"]) == "inconclusive"
+    assert combine(["not tested", "not tested"]) == "not tested"
+    with pytest.raises(ValueError, match="parts: unknown"):
+        combine(["maybe"])
+    with pytest.raises(ValueError, match="parts"):
+        combine([])
+
+
+def test_rules_are_printable_and_claims_name_them():
+    assert "inconclusive" in HELD and set(RULES) >= {"equal loss", "paired effect", "correlation", "trace", "probe"}
+    assert all(len(change) == 4 for change in RULE_CHANGES)
+    Claim("c", "p", "o", "inconclusive", "02_x", rule="equal loss, paired effect")
+    with pytest.raises(ValueError, match="rule: .*equal-ish"):
+        Claim("c", "p", "o", "yes", "02_x", rule="equal-ish")
