@@ -4,7 +4,8 @@ Executed copies go to ``build/<profile>/``; figures are written by the notebooks
 ``flatlib.plotting.figures_dir``). A notebook that fails is reported with its error, its partial
 copy is kept beside the last good one as ``<name>.failed.ipynb``, and the others still run.
 Afterwards the claims report (``REPORT.md`` in the profile's figures folder) is written from what the
-notebooks recorded (``flatlib.report``), with every notebook's status and wall time.
+notebooks recorded (``flatlib.report``), with every notebook's status and wall time, and the
+regenerated CSVs and claims are compared with the committed ones (``flatlib.compare``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flatlib.plotting import REPO_ROOT
+from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.profiles import PROFILES
 from flatlib.report import record_runs, write_report
 
@@ -82,7 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.notebook:40s} {'ok' if r.ok else 'FAILED':8s} {r.seconds:8.0f}")
     print(f"{'total':40s} {'':8s} {total:8.0f}")
     print(f"claims report: {report}")
+    print_comparison(args.profile)
     return 0 if all(r.ok for r in results) else 1
+
+
+def print_comparison(profile: str) -> None:
+    """Print how the regenerated figures differ from the committed ones (``flatlib.compare``).
+    Informative only: a comparison that cannot run (not a git checkout...) must not fail the figures."""
+    print(f"\n== the regenerated figures against the committed ones "
+          f"(python -m flatlib.compare --profile {profile})")
+    try:
+        from flatlib.compare import compare, format_comparison  # noqa: PLC0415
+
+        print(format_comparison(compare(figures_dir(profile))), flush=True)
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        print(f"comparison skipped: {type(error).__name__}: {error}", flush=True)
 
 
 if __name__ == "__main__":
