@@ -230,7 +230,9 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
     """Run one of the cached measurements (``kind``: "checkpoint", "widened_trace" or "finetune") for
     every ``(run, step, keyword arguments)`` of ``items``, in ``workers`` spawned single-threaded
     processes (or in this process for ``workers == 1``). Same numbers whichever way (each is a
-    function of the checkpoint, the protocol and the arguments); cached ones cost nothing."""
+    function of the checkpoint, the protocol and the arguments); cached ones cost nothing. In workers,
+    an item that fails (or whose worker dies: ``flatlib.pool``) does not stop the others; then
+    ``flatlib.pool.PoolError`` lists the failed items with their causes."""
     if kind not in _MEASURES:
         raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
     if workers < 1 or threads_per_worker < 1:
@@ -249,13 +251,19 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
             run, step, kwargs = items[index]
             results[index] = measure(run, step, protocol=protocol, **kwargs)
     else:
-        import multiprocessing as mp  # noqa: PLC0415
+        from flatlib.pool import PoolError, run_jobs  # noqa: PLC0415
 
         jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
                  threads_per_worker) for i in todo]
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for index, result in zip(todo, pool.imap(_measure_job, jobs)):
-                results[index] = result
+        # a worker that raises or dies fails only its own item; the others finish (and are cached)
+        failed = []
+        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers)):
+            results[index] = outcome.value
+            if not outcome.ok:
+                run, step, kwargs = items[index]
+                failed.append(f"- {kind} of run {run.key} at step {step} {kwargs}:\n{outcome.error}")
+        if failed:
+            raise PoolError(f"{len(failed)} of {len(items)} measurements failed:\n" + "\n".join(failed))
     return results  # type: ignore[return-value]
 
 

@@ -12,7 +12,6 @@ cost, and a failing config is reported with its config without losing the others
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flatlib.pool import run_jobs
 from flatlib.runs import Run, RunStore
 from flatlib.train import PretrainConfig, pretrain
 
@@ -106,11 +106,9 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
             outcomes.append(_run_one(job))
             bar.update(1)
     else:
-        # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks)
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for outcome in pool.imap(_run_one, jobs):
-                outcomes.append(outcome)
-                bar.update(1)
+        # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
+        for outcome in run_jobs(_run_one, jobs, workers, on_done=lambda: bar.update(1)):
+            outcomes.append(outcome.value if outcome.ok else ("", outcome.error))
     bar.close()
     results = []
     for config, (directory, error) in zip(configs, outcomes):

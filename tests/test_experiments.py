@@ -1,3 +1,9 @@
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 from flatlib.experiments import Protocol, continuation, lookup_table_probe, measure_checkpoint
@@ -123,3 +129,51 @@ def test_notebook_grids_share_runs():
     for w in widths:
         small = Transformer(TransformerConfig(vocab_size=8, max_len=8, **model_of(params, w)))
         assert widen(small, widths[-1] // w).config == widest
+
+
+def _spawned_workers() -> list[int]:
+    """This process's children that are multiprocessing spawn workers (not the resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return [pid for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
+def test_killed_workers_do_not_hang_the_sweep(tmp_path):
+    """Regression: with Pool.imap a SIGKILLed worker's config was lost and run_configs waited for it
+    forever. Now the runs it was training are rerun (resuming from their checkpoints) and the sweep
+    returns the same runs as a serial one."""
+    configs = [base_config(seed=s, steps=600, eval_every=50, checkpoint_every=50) for s in range(2)]
+    reference = run_configs(configs, RunStore(tmp_path / "serial"), progress=False)
+    store = RunStore(tmp_path / "local")
+    out: list = []
+    thread = threading.Thread(daemon=True, target=lambda: out.append(
+        run_configs(configs, store, backend="local", workers=2, progress=False)))
+    thread.start()
+    first = store.path(configs[0].to_dict())
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(first.glob("ckpt_*.sha256"))) < 3:
+        time.sleep(0.02)
+    killed = _spawned_workers()
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert killed and not thread.is_alive(), "run_configs hangs after its workers were killed"
+    [results] = out
+    for ours, theirs in zip(results, reference):
+        assert ours.ok and ours.run.finished
+        assert ours.run.metrics().equals(theirs.run.metrics())
+
+
+def test_measure_many_reports_a_failed_item_and_keeps_the_others(tmp_path):
+    """In workers, a failing item is reported with its run and step (flatlib.pool.PoolError) after
+    the other items have finished and been cached."""
+    from flatlib.experiments import _checkpoint_path, measure_many
+    from flatlib.pool import PoolError
+
+    [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)
+    with pytest.raises(PoolError, match=rf"run {result.run.key} at step 999"):
+        measure_many("checkpoint", [(result.run, 999, {}), (result.run, 40, {})], SMALL, workers=2)
+    assert _checkpoint_path(result.run, 40, SMALL).exists()
