@@ -1,0 +1,63 @@
+"""The theory's clock tau = eta^2 k / B and the dose-response runs built on it."""
+
+import math
+
+import pytest
+
+from flatlib.clock import anneal, clock_runs, sgd_clock, steps_for_clock, supervised_tokens
+from flatlib.runs import RunStore
+from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain
+
+LANGUAGE = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.5, "seed": 3,
+            "task_positions": [3]}
+
+
+def base_config(**overrides):
+    settings = dict(language=LANGUAGE, model={"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}, steps=40,
+                    batch_size=32, eval_every=20, checkpoint_every=40, eval_pairs=256, warmup_steps=5, lr=3e-3)
+    return PretrainConfig(**{**settings, **overrides})
+
+
+def test_clock_arithmetic():
+    # the original notebook 02: lr 0.1, 1200 steps, 256 single-mask sentences a step
+    assert math.isclose(sgd_clock(0.1, 1200, 256), 0.046875)
+    # the issue's run: tau = 10 at lr 0.1 and 16 tokens a step is 16,000 steps
+    assert steps_for_clock(10, 0.1, 16) == 16_000
+    assert steps_for_clock(0, 0.1, 16) == 0
+    assert math.isclose(sgd_clock(0.1, steps_for_clock(3, 0.1, 16), 16), 3)
+    assert supervised_tokens(base_config()) == 32
+    with pytest.raises(ValueError, match="config: the clock"):
+        supervised_tokens(base_config(supervise_all=True))
+    with pytest.raises(ValueError, match="tau"):
+        steps_for_clock(-1, 0.1, 16)
+    with pytest.raises(ValueError, match="lr"):
+        sgd_clock(0.0, 10, 16)
+
+
+def test_clock_runs_share_one_trajectory_and_end_with_an_anneal(tmp_path):
+    base = base_config()
+    runs = clock_runs(base, [0, 0.01, 0.03], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16,
+                      noise_seed=0)
+    (none, control), (sgd1, anneal1), (sgd3, anneal3) = runs[0], runs[0.01], runs[0.03]
+    assert none is None and sgd1 is sgd3
+    assert sgd1.steps == steps_for_clock(0.03, 0.1, 8) == 24 and sgd1.checkpoint_every == 8
+    assert sgd1.weight_decay == 0.0 and sgd1.optimizer == "sgd" and sgd1.schedule == "constant"
+    assert sgd1.seed != base.seed  # its own noise, not phase 1's batches again
+    assert control.init_from == {"config": base.to_dict(), "step": base.steps}
+    assert anneal1.init_from == {"config": sgd1.to_dict(), "step": 8}
+    assert anneal3.init_from == {"config": sgd1.to_dict(), "step": 24}
+    assert learning_rate(anneal1, 0) == pytest.approx(0.1) and learning_rate(anneal1, 6) == 0.0
+    other = clock_runs(base, [0, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16, noise_seed=1)
+    assert other[0.01][0].seed != sgd1.seed
+    store = RunStore(tmp_path)
+    for config in (control, anneal1, anneal3):
+        run = pretrain(config, store, progress=False)
+        assert run.metrics()["step"].iloc[-1] == 6
+        load_model(run)
+    with pytest.raises(ValueError, match="taus"):
+        clock_runs(base, [0.03, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16, noise_seed=0)
+
+
+def test_anneal_validates_like_any_config():
+    with pytest.raises(ValueError, match="lr"):
+        anneal(base_config(), 40, lr=-1.0, steps=6, batch_size=16, seed=0)
