@@ -10,3 +10,13 @@ def check_int(name: str, value: Any, low: int = 1) -> None:
     """``value`` must be an ``int`` (not a ``bool``) and ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed overflows at 2**64; leave room for seed + offset
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A random seed: an ``int`` in [0, 2**63). ``None`` is refused: it would draw a new language
+    (or model) on every call under one run key."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name}: expected an integer seed in [0, 2**63), got {value!r}")

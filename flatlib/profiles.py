@@ -18,7 +18,7 @@ import copy
 import math
 from typing import Any
 
-from flatlib.checks import check_int
+from flatlib.checks import check_int, check_seed
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -214,8 +214,8 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
         else:
             params[key] = value
     params.setdefault("seed", 0)
-    check_int("seed", params["seed"], low=0)
-    check_int("language_seed", params["language_seed"], low=0)
+    check_seed("seed", params["seed"])
+    check_seed("language_seed", params["language_seed"])
     check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
     build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
     build_teacher(params)

@@ -71,7 +71,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from flatlib.checks import check_int
+from flatlib.checks import check_int, check_seed
 from flatlib.device import describe as describe_device
 from flatlib.device import module_device, preserved_rng, resolve_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
@@ -149,8 +149,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_pairs", "checkpoint_every"):
             check_int(name, getattr(self, name))
-        for name in ("warmup_steps", "extra_steps", "seed"):
+        for name in ("warmup_steps", "extra_steps"):
             check_int(name, getattr(self, name), low=0)
+        check_seed("seed", self.seed)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):

@@ -149,6 +149,9 @@ def test_learning_rate_schedules():
         ({"model": {"d_model": 30, "n_head": 4}}, "d_model"),
         ({"model": {"vocab_size": 3}}, "model"),
         ({"init_from": {"step": 3}}, "init_from"),
+        ({"seed": None}, "^seed"),
+        ({"seed": 2**64}, "^seed"),
+        ({"language": {**TINY_HMM, "seed": None}}, "^language.seed"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, match):

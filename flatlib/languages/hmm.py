@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlib.checks import check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
 
 PAPER_TASK_POSITIONS = (6, 10)
@@ -85,6 +86,7 @@ class HMM(LanguageBase):
             raise ValueError(f"concentration: expected > 0, got {concentration!r}")
         if not 0 <= floor < 1 / max(n_states, vocab_size):
             raise ValueError(f"floor: expected in [0, 1/max(n_states, vocab_size)), got {floor!r}")
+        check_seed("seed", seed)
         rng = np.random.default_rng(seed)
         initial = np.full(n_states, 1.0 / n_states)
         transition = dirichlet_rows(rng, n_states, n_states, concentration, floor)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatlib.checks import check_seed
 from flatlib.languages.base import PAD, Corpus, LanguageBase, LossEstimate, RowSampler, loss_estimate
 
 Rule = tuple[str, tuple[str, ...], float]
@@ -336,6 +337,7 @@ class PCFG(LanguageBase):
             raise ValueError(f"shortcut_prob: expected 0 <= low <= high < 1, got {shortcut_prob!r}")
         if rule_concentration <= 0 or word_concentration <= 0:
             raise ValueError("rule_concentration, word_concentration: expected > 0")
+        check_seed("seed", seed)
         rng = np.random.default_rng(seed)
         width = len(str(vocab_size - 1))
         words = [f"w{i:0{width}d}" for i in range(vocab_size)]

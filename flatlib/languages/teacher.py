@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatlib.checks import check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase
 from flatlib.model import N_SPECIAL, Transformer, TransformerConfig
 
@@ -108,8 +109,7 @@ class TeacherLM(LanguageBase):
         if d_ff is None:
             d_ff = 4 * d_model
         _positive_int("d_ff", d_ff)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an integer, got {seed!r}")
+        check_seed("seed", seed)
         config = TransformerConfig(vocab_size=vocab_size, max_len=seq_len + 1, n_layer=n_layer,
                                    n_head=n_head, d_model=d_model, d_ff=d_ff, causal=True)
         teacher = Transformer(config)
