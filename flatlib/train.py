@@ -62,6 +62,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,9 +98,31 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _rules_digest(spec: dict[str, Any]) -> str:
+    """The SHA-256 of a ``pcfg_rules`` spec's file; ValueError naming ``language.path``."""
+    if "path" not in spec:
+        raise ValueError("language.path: missing (the rules file of a 'pcfg_rules' language)")
+    try:
+        data = Path(spec["path"]).read_bytes()
+    except (OSError, TypeError) as error:
+        raise ValueError(f"language.path: cannot read the rules file {spec['path']!r} ({error})") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def complete_language(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` as it enters a run's key: a ``pcfg_rules`` spec gains ``sha256``, the hash of its
+    file's contents, so that editing the file makes a new run instead of returning the old one (the
+    path stays, for humans). Other specs are returned unchanged."""
+    if spec.get("kind") != "pcfg_rules" or "sha256" in spec:
+        return spec
+    return {**spec, "sha256": _rules_digest(spec)}
+
+
 def build_language(spec: dict[str, Any]) -> Language:
     """A language from its spec: ``{"kind": "hmm" | "pcfg" | "teacher", "seed": int, **kwargs}``
-    (the kwargs of ``HMM.random`` / ``PCFG.random`` / ``TeacherLM.random``), or ``{"kind": "pcfg_rules", "path": ...}``."""
+    (the kwargs of ``HMM.random`` / ``PCFG.random`` / ``TeacherLM.random``), or ``{"kind":
+    "pcfg_rules", "path": ..., "sha256": ...}`` (``PCFG.from_rules`` keyword arguments besides; a
+    file whose contents no longer match ``sha256`` is an error: that run's grammar is gone)."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
     try:
@@ -108,7 +131,13 @@ def build_language(spec: dict[str, Any]) -> Language:
         if kind == "pcfg":
             return PCFG.random(**spec)
         if kind == "pcfg_rules":
-            return PCFG.from_rules(spec.pop("path"), **spec)
+            digest = _rules_digest(spec)
+            path, expected = spec.pop("path"), spec.pop("sha256", digest)
+            if digest != expected:
+                raise ValueError(f"path: the rules file {path!r} has changed since this run was keyed "
+                                 f"(sha256 {digest[:12]}..., the run's {expected[:12]}...); restore it to "
+                                 "use this run, or build a new config from the edited file")
+            return PCFG.from_rules(Path(path), **spec)
         if kind == "teacher":
             return TeacherLM.random(**spec)
     except (TypeError, ValueError) as error:
@@ -174,6 +203,8 @@ class PretrainConfig:
             check_int("train_sentences", self.train_sentences)
         if self.init_from is not None and not {"config", "step"} <= set(self.init_from):
             raise ValueError("init_from: expected {'config': <parent config dict>, 'step': int}")
+        # a rules file is keyed by its contents (frozen dataclass: set the completed spec directly)
+        object.__setattr__(self, "language", complete_language(self.language))
         language = build_language(self.language)  # raises "language.<field>: ..."
         if self.adversarial is not None:
             _check_adversarial(self.adversarial, language)

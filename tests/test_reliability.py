@@ -33,3 +33,28 @@ def test_a_seed_is_the_same_language_every_time():
 def test_profile_seeds_must_fit(name):
     with pytest.raises(ValueError, match=f"^{name}: "):
         resolve("smoke", **{name: 2**64})
+
+
+GRAMMAR = "S A B 1.0\nA a 0.5\nA b 0.5\nB c 0.7\nB d 0.3\n"
+TINY_RUN = dict(model={"n_layer": 1, "n_head": 1, "d_model": 8, "d_ff": 16}, steps=4, batch_size=8,
+                eval_every=2, checkpoint_every=2, eval_pairs=16, warmup_steps=0)
+
+
+def test_a_rules_file_language_is_keyed_by_its_contents(tmp_path):
+    """Regression: keyed by the path, an edited file returned the old run, and load_model paired
+    the edited grammar with the old model."""
+    from flatlib.runs import RunStore
+    from flatlib.train import PretrainConfig, load_model, pretrain
+
+    path = tmp_path / "grammar.txt"
+    path.write_text(GRAMMAR)
+    config = PretrainConfig(language={"kind": "pcfg_rules", "path": str(path)}, **TINY_RUN)
+    assert config.language["path"] == str(path)  # recorded for humans
+    run = pretrain(config, RunStore(tmp_path / "runs"), progress=False)
+    path.write_text(GRAMMAR.replace("c 0.7", "c 0.6").replace("d 0.3", "d 0.4"))
+    edited = PretrainConfig(language={"kind": "pcfg_rules", "path": str(path)}, **TINY_RUN)
+    assert edited.key != config.key
+    with pytest.raises(ValueError, match="^language.path: .*grammar.txt.* changed"):
+        load_model(run)  # the old run's grammar is gone: an error, not the edited grammar
+    path.write_text(GRAMMAR)
+    assert PretrainConfig(language={"kind": "pcfg_rules", "path": str(path)}, **TINY_RUN).key == config.key
