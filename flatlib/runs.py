@@ -8,6 +8,12 @@ runs/<hash>/ckpt_00001000.sha256  written after the checkpoint: its digest (no d
 runs/<hash>/FINISHED              the run's summary (JSON); present = complete
 ```
 
+A checkpoint holds the metrics rows up to its step, so a resumed run rewrites ``metrics.csv`` from
+it (a truncated or edited file is never trusted); ``FINISHED`` records the SHA-256 of
+``metrics.csv`` and the step and digest of the final checkpoint, and a finished run whose files no
+longer match is a ``CorruptRunError`` naming the file (delete ``FINISHED`` to rebuild the metrics
+from the final checkpoint).
+
 Every write is atomic (a temporary file in the same directory, then ``os.replace``), so a crash
 leaves either the old file or the new one. Checkpoints are safetensors (no pickled code runs on
 load) and are verified against their digest before use: a corrupt or truncated checkpoint raises
@@ -17,6 +23,7 @@ load) and are verified against their digest before use: a corrupt or truncated c
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -33,7 +40,12 @@ from torch import Tensor
 DEFAULT_ROOT = Path(os.environ.get("FLATLIB_RUNS", Path(__file__).resolve().parents[1] / "runs"))
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptRunError(RuntimeError):
+    """A run file that cannot be parsed, or that does not match what the run's finished marker
+    records."""
+
+
+class CorruptCheckpointError(CorruptRunError):
     """A checkpoint whose bytes do not match its recorded digest, or that cannot be parsed."""
 
 
@@ -89,9 +101,17 @@ class Run:
         return self.dir / "metrics.csv"
 
     def metrics(self) -> pd.DataFrame:
+        """The metrics; for a finished run, checked against the checksum ``FINISHED`` records."""
+        vouched = self._vouched("metrics_sha256")
         if not self.metrics_path.exists():
+            if vouched is not None:
+                raise CorruptRunError(f"{self.metrics_path}: missing, but the run is finished")
             return pd.DataFrame()
-        return pd.read_csv(self.metrics_path)
+        data = self.metrics_path.read_bytes()
+        if vouched is not None and hashlib.sha256(data).hexdigest() != vouched:
+            raise CorruptRunError(f"{self.metrics_path}: does not match the SHA-256 recorded in FINISHED "
+                                  "(truncated or edited); delete FINISHED to rewrite it from the final checkpoint")
+        return pd.read_csv(io.BytesIO(data))
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Replace the metrics with ``rows`` (atomically: the file is small)."""
@@ -118,7 +138,16 @@ class Run:
         return path
 
     def load_checkpoint(self, step: int | None = None) -> Checkpoint | None:
-        """The checkpoint at ``step`` (default: the latest complete one), verified; None if none."""
+        """The checkpoint at ``step`` (default: the latest complete one; for a finished run, the final
+        one its ``FINISHED`` records, which must be there), verified; None if none."""
+        final = self._vouched("checkpoint")
+        if step is None and final is not None:
+            path = self.checkpoint_path(final["step"])
+            digest_path = path.with_suffix(".sha256")
+            if not digest_path.exists() or digest_path.read_text().strip() != final["sha256"]:
+                raise CorruptRunError(f"{path}: the run's final checkpoint (recorded in FINISHED) is missing "
+                                      "or incomplete; delete the run directory to retrain it")
+            step = final["step"]
         steps = self.checkpoint_steps()
         if step is None:
             if not steps:
@@ -157,7 +186,20 @@ class Run:
         return (self.dir / "FINISHED").exists()
 
     def mark_finished(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.dir / "FINISHED", canonical_json(summary))
+        """Write ``FINISHED``: ``summary`` plus what it vouches for, the SHA-256 of ``metrics.csv``
+        and the step and digest of the last complete checkpoint (None where there are none)."""
+        integrity: dict[str, Any] = {"metrics_sha256": None, "checkpoint": None}
+        if self.metrics_path.exists():
+            integrity["metrics_sha256"] = hashlib.sha256(self.metrics_path.read_bytes()).hexdigest()
+        steps = self.checkpoint_steps()
+        if steps:
+            digest = self.checkpoint_path(steps[-1]).with_suffix(".sha256").read_text().strip()
+            integrity["checkpoint"] = {"step": steps[-1], "sha256": digest}
+        atomic_write(self.dir / "FINISHED", canonical_json({**summary, **integrity}))
+
+    def _vouched(self, key: str) -> Any:
+        """What ``FINISHED`` records under ``key`` (None for an unfinished run, or an older marker)."""
+        return self.summary().get(key) if self.finished else None
 
     def summary(self) -> dict[str, Any]:
         if not self.finished:

@@ -78,7 +78,7 @@ from flatlib.device import module_device, preserved_rng, resolve_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import HMM, PCFG, Corpus, Language, TeacherLM
 from flatlib.model import Transformer, TransformerConfig
-from flatlib.runs import Run, RunStore, canonical_json, config_hash
+from flatlib.runs import Checkpoint, CorruptRunError, Run, RunStore, canonical_json, config_hash
 
 ADVERSARIAL_KEYS = ("weight", "task", "refit_every", "head_sentences", "batch_sentences")
 ADVERSARIAL_MIN_HEAD_SENTENCES = 100  # fewer held-out sentences make the head mostly noise
@@ -570,6 +570,29 @@ def _training_corpus(config: PretrainConfig, language: Language, step: int,
     return fixed[order[index * config.batch_size : (index + 1) * config.batch_size]]
 
 
+def _metrics_state(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics rows as a checkpoint stores them (JSON: column order kept, NaN as null)."""
+    def plain(value: Any) -> Any:
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars from an older csv
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    return {"columns": list(rows[0]), "rows": [[plain(v) for v in row.values()] for row in rows]}
+
+
+def _resumed_metrics(run: Run, config: PretrainConfig, checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """The metrics rows up to ``checkpoint``'s step: from the checkpoint itself; from a checkpoint
+    written before checkpoints held them, the rows of metrics.csv, which must reach its step."""
+    if "metrics" in checkpoint.state:
+        saved = checkpoint.state["metrics"]
+        return [{c: math.nan if v is None else v for c, v in zip(saved["columns"], row)} for row in saved["rows"]]
+    rows = [row for row in run.metrics().to_dict("records") if row["step"] <= checkpoint.step]
+    if not rows or checkpoint.step - rows[-1]["step"] >= config.eval_every:
+        raise CorruptRunError(f"{run.metrics_path}: its rows end at step {rows[-1]['step'] if rows else None}, "
+                              f"before the checkpoint at step {checkpoint.step} (truncated?); delete the run "
+                              "directory to retrain it")
+    return rows
+
+
 def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, this rank's device): (0, 1, device) unless launched by torchrun, which
     sets RANK, WORLD_SIZE and LOCAL_RANK. Then a process group is started (nanoGPT's pattern): nccl
@@ -639,7 +662,9 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         running = checkpoint.state["running"]
         if adversary is not None:  # the head in use at `start` (it may have been fitted before)
             adversary.restore(checkpoint.tensors, checkpoint.state)
-        metrics = [row for row in run.metrics().to_dict("records") if row["step"] <= start]
+        metrics = _resumed_metrics(run, config, checkpoint)
+        if rank == 0:  # a truncated or longer metrics.csv is rewritten from the checkpoint
+            run.write_metrics(metrics)
     elif config.init_from is not None:  # continue from another run's checkpoint (a new optimizer)
         parent = pretrain(PretrainConfig.from_dict(config.init_from["config"]), store, progress, device)
         parent_checkpoint = parent.load_checkpoint(config.init_from["step"])
@@ -658,7 +683,7 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
             return
         run.write_metrics(metrics)
         tensors = _checkpoint_tensors(model, optimizer)
-        state = {"reached_at": reached_at, "running": running}
+        state = {"reached_at": reached_at, "running": running, "metrics": _metrics_state(metrics)}
         if adversary is not None:
             tensors.update(adversary.head.tensors())
             state.update(adversary.state())

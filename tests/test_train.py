@@ -109,6 +109,37 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         pretrain(tiny_config(), store, progress=False)
 
 
+def test_truncated_metrics_are_rewritten_from_the_checkpoint(tmp_path):
+    """Regression: with FINISHED deleted and metrics.csv cut in half, the rerun was marked finished
+    with the summary of an earlier step. The checkpoint now holds the metrics up to its step."""
+    store = RunStore(tmp_path)
+    run = pretrain(tiny_config(), store, progress=False)
+    reference, summary = run.metrics(), run.summary()
+    (run.dir / "FINISHED").unlink()
+    lines = run.metrics_path.read_text().splitlines(keepends=True)
+    run.metrics_path.write_text("".join(lines[: len(lines) // 2]))
+    again = pretrain(tiny_config(), store, progress=False)
+    assert again.metrics().equals(reference) and again.summary() == summary
+
+
+def test_finished_run_vouches_for_its_metrics_and_final_checkpoint(tmp_path):
+    """FINISHED records a checksum of metrics.csv and the final checkpoint's digest: a damaged
+    metrics file, or a missing final checkpoint (which silently loaded the previous one), is an
+    error naming the file."""
+    from flatlib.runs import CorruptRunError
+
+    run = pretrain(tiny_config(), RunStore(tmp_path), progress=False)
+    good = run.metrics_path.read_bytes()
+    run.metrics_path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptRunError, match="metrics.csv"):
+        run.metrics()
+    run.metrics_path.write_bytes(good)
+    assert len(run.metrics()) == 4
+    run.checkpoint_path(60).with_suffix(".sha256").unlink()
+    with pytest.raises(CorruptRunError, match="ckpt_00000060"):
+        load_model(run)
+
+
 def test_stop_rule_and_continuation(tmp_path):
     store = RunStore(tmp_path)
     config = tiny_config(steps=2000, eval_every=20, stop_gap=0.2, extra_steps=40)
