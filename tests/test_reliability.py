@@ -58,3 +58,22 @@ def test_a_rules_file_language_is_keyed_by_its_contents(tmp_path):
         load_model(run)  # the old run's grammar is gone: an error, not the edited grammar
     path.write_text(GRAMMAR)
     assert PretrainConfig(language={"kind": "pcfg_rules", "path": str(path)}, **TINY_RUN).key == config.key
+
+
+@pytest.mark.parametrize("rules, match", [
+    ([("S", ("a",), float("nan")), ("S", ("b",), 1.0)], r"S -> a"),
+    ([("S", ("a",), -0.5), ("S", ("b",), 1.5)], r"S -> a"),
+    ([("S", ("a",), float("inf"))], r"S -> a"),
+])
+def test_pcfg_rejects_nan_and_negative_probabilities(rules, match):
+    """Regression: NaN passed, and negatives that sum to 1 with the others passed."""
+    with pytest.raises(ValueError, match=rf"^rules: .*{match}"):
+        PCFG(rules)
+
+
+@pytest.mark.parametrize("name", ["rule_concentration", "word_concentration"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_pcfg_random_rejects_bad_concentrations(name, value):
+    kwargs = {k: v for k, v in TINY["pcfg"].items() if k != "kind"}
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        PCFG.random(**kwargs, **{name: value})

@@ -19,6 +19,7 @@ sentences never underflow.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -95,6 +96,9 @@ class PCFG(LanguageBase):
         for lhs, rhs, prob in rules:
             if not rhs:
                 raise ValueError(f"rules: {lhs} has a rule with an empty right side")
+            # each rule on its own: negatives could sum to 1 with the others, and NaN fails no sum check
+            if not (isinstance(prob, numbers.Real) and math.isfinite(prob) and 0 <= prob <= 1):
+                raise ValueError(f"rules: probability {prob!r} of {lhs} -> {' '.join(rhs)} is not in [0, 1]")
             merged[(lhs, tuple(rhs))] += float(prob)
         lhs_order = list(dict.fromkeys(lhs for lhs, _ in merged))
         start = lhs_order[0] if start is None else start
@@ -335,8 +339,9 @@ class PCFG(LanguageBase):
             raise ValueError(f"n_binary_rules: {n_binary_rules} > n_per_level**2 = {n_per_level**2}")
         if not 0 <= shortcut_prob[0] <= shortcut_prob[1] < 1:
             raise ValueError(f"shortcut_prob: expected 0 <= low <= high < 1, got {shortcut_prob!r}")
-        if rule_concentration <= 0 or word_concentration <= 0:
-            raise ValueError("rule_concentration, word_concentration: expected > 0")
+        for name, value in (("rule_concentration", rule_concentration), ("word_concentration", word_concentration)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):  # NaN > 0 is False
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         check_seed("seed", seed)
         rng = np.random.default_rng(seed)
         width = len(str(vocab_size - 1))
