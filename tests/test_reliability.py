@@ -77,3 +77,14 @@ def test_pcfg_random_rejects_bad_concentrations(name, value):
     kwargs = {k: v for k, v in TINY["pcfg"].items() if k != "kind"}
     with pytest.raises(ValueError, match=f"^{name}: "):
         PCFG.random(**kwargs, **{name: value})
+
+
+def test_user_symbols_cannot_spell_internal_names():
+    """Regression: the user's <a> merged with the internal pre-terminal of the word a, and the
+    sampler produced sentences the grammar cannot ("x b", "y b")."""
+    with pytest.raises(ValueError, match=r"^rules: symbol '<a>'"):
+        PCFG.from_rules("S a b 1.0\n<a> x 0.5\n<a> y 0.5\n")
+    with pytest.raises(ValueError, match=r"^rules: symbol 'a b'"):
+        PCFG([("S", ("a b", "c"), 1.0)])
+    grammar = PCFG.from_rules("S a b 1.0\nA x 0.5\nA y 0.5\n")  # a valid grammar of one sentence
+    assert set(grammar.decode(grammar.sample(50, seed=0))) == {"a b"}

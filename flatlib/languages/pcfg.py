@@ -69,6 +69,15 @@ def parse_rules(path_or_text: str | Path) -> list[Rule]:
     return rules
 
 
+def _check_symbol(symbol: str) -> None:
+    """Binarisation names its internal symbols ``<word>`` and ``<LHS|tail words>``: a user symbol
+    must not be spellable as one (a user's ``<a>`` would merge with the pre-terminal of the word
+    ``a``), so ``<...`` and whitespace are refused."""
+    if not isinstance(symbol, str) or not symbol or symbol.startswith("<") or any(c.isspace() for c in symbol):
+        raise ValueError(f"rules: symbol {symbol!r} is not allowed (symbols are non-empty, without "
+                         "whitespace, and must not start with '<', which marks the grammar's internal symbols)")
+
+
 class PCFG(LanguageBase):
     """A probabilistic context-free grammar (acyclic) as a language.
 
@@ -99,6 +108,8 @@ class PCFG(LanguageBase):
             # each rule on its own: negatives could sum to 1 with the others, and NaN fails no sum check
             if not (isinstance(prob, numbers.Real) and math.isfinite(prob) and 0 <= prob <= 1):
                 raise ValueError(f"rules: probability {prob!r} of {lhs} -> {' '.join(rhs)} is not in [0, 1]")
+            for symbol in (lhs, *rhs):
+                _check_symbol(symbol)
             merged[(lhs, tuple(rhs))] += float(prob)
         lhs_order = list(dict.fromkeys(lhs for lhs, _ in merged))
         start = lhs_order[0] if start is None else start
