@@ -65,15 +65,23 @@ def lookup_table_features(language: Language, corpus: Corpus, kind: str = "mlm")
 
 
 @torch.no_grad()
-def model_features(model: Transformer, corpus: Corpus, batch_size: int = 1024) -> Tensor:
+def model_features(model: Transformer, corpus: Corpus, batch_size: int = 1024,
+                   masked_position: int | None = None) -> Tensor:
     """``[n, L, d]`` final-layer representations of the unmasked sentences (0 at padding), computed on
-    the model's device and returned on the CPU."""
+    the model's device and returned on the CPU. With ``masked_position``, that position's word is
+    replaced by the MASK token first: the input whose representation the pre-training loss
+    supervises (the head reads it to predict the hidden word)."""
     was_training = model.training
     model.eval()
     out = []
     pad, device = model.config.pad_id, module_device(model)
+    if masked_position is not None and not 0 <= masked_position < corpus.tokens.shape[1]:
+        raise ValueError(f"masked_position: expected a position in [0, {corpus.tokens.shape[1]}), got {masked_position!r}")
     for chunk in corpus.batches(batch_size):
         tokens = torch.where(chunk.mask, chunk.tokens, pad)
+        if masked_position is not None:
+            tokens = tokens.clone()
+            tokens[:, masked_position] = torch.where(chunk.mask[:, masked_position], model.config.mask_id, pad)
         out.append(model.features(tokens.to(device)).cpu() * chunk.mask[..., None])  # probes run on the CPU
     model.train(was_training)
     return torch.cat(out)
@@ -147,9 +155,11 @@ class ProbeResult:
 
 def linear_probe(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_test: int,
                  n_val: int | None = None, l2_grid=DEFAULT_L2_GRID, n_splits: int = 3,
-                 seed: int = 0, max_iter: int = 200) -> ProbeResult:
+                 seed: int = 0, max_iter: int = 200, standardize: bool = True) -> ProbeResult:
     """The probe protocol of the module docstring on ``features`` [n, D] and ``labels`` [n]
-    (-1 = no label). ``n_val`` defaults to ``n_test // 2``."""
+    (-1 = no label). ``n_val`` defaults to ``n_test // 2``. ``standardize=False`` skips step 3:
+    the probe then sees the features' scales (which a LayerNorm-gain rescaling of the model
+    changes), as the theory's minimum-norm head does."""
     keep = labels >= 0
     x_all, y_all = features[keep].to(torch.float64), labels[keep]
     n_val = n_test // 2 if n_val is None else n_val
@@ -164,8 +174,11 @@ def linear_probe(features: Tensor, labels: Tensor, n_classes: int, n_train: int,
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed * 1000 + split))
         train, val = order[:n_train], order[n_train : n_train + n_val]
         test = order[n_train + n_val : n_train + n_val + n_test]
-        mean, std = x_all[train].mean(0), x_all[train].std(0).clamp(min=1e-8)
-        x = (x_all - mean) / std
+        if standardize:
+            mean, std = x_all[train].mean(0), x_all[train].std(0).clamp(min=1e-8)
+            x = (x_all - mean) / std
+        else:
+            x = x_all
         best = (-1.0, None, None)
         for l2 in l2_grid:
             w = fit_logistic(x[train], y_all[train], n_classes, l2, max_iter)

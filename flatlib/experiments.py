@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from flatlib.device import module_device
-from flatlib.downstream import linear_probe, lookup_table_features, model_features, probe_inputs, probe_pooling
-from flatlib.flatness import TraceEstimate, hessian_trace, mlm_batches, mlm_loss_fn
-from flatlib.languages import Corpus, Language
+from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
+                                probe_pooling)
+from flatlib.flatness import TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn
+from flatlib.languages import HMM, Corpus, Language
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash
 from flatlib.train import (PretrainConfig, ValidationSet, build_language, derived_seed, evaluate, load_model,
                            validation_set)
@@ -32,6 +33,19 @@ def continuation(base: PretrainConfig, from_step: int, steps: int, **overrides: 
     settings = {"warmup_steps": 0, "schedule": "constant", **overrides}
     return replace(base, steps=steps, init_from={"config": base.to_dict(), "step": from_step},
                    stop_gap=None, extra_steps=0, **settings)
+
+
+# The probes a checkpoint is measured with. Only "standard" decides a claim (flatlib.claims).
+PROBES = {
+    "standard": "final-layer features of the unmasked sentence (HMM: at the task's position; PCFG: all positions "
+                "concatenated), standardised, L2 chosen on a validation split",
+    "all positions": "HMM: every position's final-layer features concatenated (PCFG: the standard probe already is)",
+    "limited": "the standard inputs, few training examples (limited_train), features NOT standardised, one weak L2 "
+               "(limited_l2): close to the theory's minimum-norm head; it sees the feature scales, which the "
+               "LayerNorm gauge changes",
+    "masked": "HMM: the final-layer features at the task's position with that word masked: the representation the "
+              "pre-training loss supervises (the head reads it); PCFG tasks have no single position",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,16 @@ class Protocol:
     trace_batch: int = 512
     seed: int = 0
     tasks: tuple[str, ...] | None = None  # None: all of the language's tasks
+    # the probes shown beside the standard one (which decides, flatlib.claims.DECIDING_PROBE): see PROBES
+    extra_probes: tuple[str, ...] = ("all positions", "limited", "masked")
+    limited_train: int = 256  # the data-limited probe's training examples ...
+    limited_l2: float = 1e-4  # ... and its (weak, fixed) L2 strength, on unstandardised features
+    invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.extra_probes) - set(PROBES))
+        if unknown:
+            raise ValueError(f"extra_probes: unknown probes {unknown} (expected some of {sorted(PROBES)})")
 
     def key(self) -> str:
         return config_hash(asdict(self))
@@ -59,17 +83,39 @@ def downstream_corpus(language_spec: dict[str, Any], n: int) -> Corpus:
     return language.sample(n, seed=derived_seed("downstream corpus", canonical_json(language_spec)))
 
 
-def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol: Protocol) -> dict[str, Any]:
+def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol: Protocol,
+           inputs: Any = None, limited: bool = False) -> dict[str, Any]:
+    """``{task: result}`` of the standard probe on ``features`` (``inputs(task)`` overrides the
+    probe's input; ``limited``: the data-limited protocol)."""
     out = {}
     for task in protocol.tasks or language.tasks:
         labels = language.task_labels(corpus, task)
-        result = linear_probe(probe_inputs(language, corpus, features, task), labels,
-                              language.n_classes(task), protocol.probe_train, protocol.probe_test,
-                              l2_grid=protocol.probe_l2_grid, n_splits=protocol.probe_splits,
-                              seed=protocol.seed)
+        x = probe_inputs(language, corpus, features, task) if inputs is None else inputs(task)
+        settings = ({"n_train": protocol.limited_train, "l2_grid": (protocol.limited_l2,), "standardize": False}
+                    if limited else {"n_train": protocol.probe_train, "l2_grid": protocol.probe_l2_grid})
+        result = linear_probe(x, labels, language.n_classes(task), n_test=protocol.probe_test,
+                              n_splits=protocol.probe_splits, seed=protocol.seed, **settings)
         out[task] = {"accuracy": result.accuracy, "ci95": result.ci95,
                      "splits": result.split_accuracies, "chosen_l2": result.chosen_l2,
                      "sweep": {str(k): v for k, v in result.sweep["test_accuracy"].items()}}
+    return out
+
+
+def _extra_probes(model: torch.nn.Module, language: Language, corpus: Corpus, features: torch.Tensor,
+                  protocol: Protocol) -> dict[str, dict[str, Any]]:
+    """``{probe: {task: result}}`` for the protocol's ``extra_probes`` that apply to the language."""
+    out = {}
+    is_hmm = isinstance(language, HMM)
+    for kind in protocol.extra_probes:
+        if kind == "limited":
+            out[kind] = _probe(language, corpus, features, protocol, limited=True)
+        elif kind == "all positions" and is_hmm:
+            out[kind] = _probe(language, corpus, features, protocol, inputs=lambda task: pool(features, corpus))
+        elif kind == "masked" and is_hmm:
+            def masked(task: str) -> torch.Tensor:
+                position = probe_pooling(language, task)[1]
+                return model_features(model, corpus, masked_position=position)[:, position]
+            out[kind] = _probe(language, corpus, features, protocol, inputs=masked)
     return out
 
 
@@ -77,18 +123,36 @@ def _trace(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> Tr
     """The trace of the Hessian of the *expected* single-mask loss at the first ``trace_pairs``
     validation contexts (targets = the exact conditionals: the sampled words' noise does not enter
     it), with the protocol's probes."""
+    return hessian_trace(model, mlm_loss_fn, _trace_batches(model, val, protocol), n_probes=protocol.trace_probes,
+                         seed=derived_seed("trace probes", protocol.seed))
+
+
+def _trace_batches(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> list[tuple]:
     n = min(protocol.trace_pairs, len(val.inputs))
     batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
                           protocol.trace_batch, soft_targets=True)
     device = module_device(model)
-    batches = [tuple(t.to(device) for t in batch) for batch in batches]
-    return hessian_trace(model, mlm_loss_fn, batches, n_probes=protocol.trace_probes,
-                         seed=derived_seed("trace probes", protocol.seed))
+    return [tuple(t.to(device) for t in batch) for batch in batches]
+
+
+def _traces(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> dict[str, Any]:
+    """The raw trace (``hessian_trace``) and, if the protocol asks, the LayerNorm-gauge-invariant
+    trace (``invariant_trace``, the deciding one) on the same pairs, as measurement fields."""
+    raw = _trace(model, val, protocol)
+    out = {"trace": raw.mean, "trace_se": raw.stderr, "trace_description": raw.description}
+    if protocol.invariant_trace:
+        inv = invariant_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
+                              n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
+        out.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr,
+                    "trace_body": inv.body.mean, "trace_gauge": inv.gauge,
+                    "invariant_trace_description": inv.description})
+    return out
 
 
 def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
     """Gap to the exact optimum, probe accuracy per task (mean, 95% CI over resplits, the L2
-    sweep) and the Hessian trace (± SE) of ``run``'s model at ``step``. Cached in the run."""
+    sweep; ``probes`` the standard probe, ``extra_probes`` the others of ``PROBES``) and the raw and
+    gauge-invariant Hessian traces (± SE) of ``run``'s model at ``step``. Cached in the run."""
 
     def compute() -> dict[str, Any]:
         config = PretrainConfig.from_dict(run.config)
@@ -97,10 +161,11 @@ def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> 
         val = validation_set(config, language)
         gap = evaluate(model, val)
         corpus = downstream_corpus(config.language, protocol.probe_sentences)
-        probes = _probe(language, corpus, model_features(model, corpus), protocol)
-        trace = _trace(model, val, protocol)
-        return {"run": run.key, "step": step, **gap, "trace": trace.mean, "trace_se": trace.stderr,
-                "trace_description": trace.description, "probes": probes}
+        features = model_features(model, corpus)
+        probes = _probe(language, corpus, features, protocol)
+        extra = _extra_probes(model, language, corpus, features, protocol)
+        return {"run": run.key, "step": step, **gap, **_traces(model, val, protocol), "probes": probes,
+                "extra_probes": extra}
 
     return _cached(_checkpoint_path(run, step, protocol), compute)
 
@@ -166,10 +231,8 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
         inputs, positions = val.inputs[:n].to(device), val.positions[:n].to(device)
         with torch.no_grad():
             drift = float((wide(inputs, positions) - model(inputs, positions)).abs().max())
-        trace = _trace(wide, val, protocol)
-        return {"run": run.key, "step": step, "width": width, "factor": factor, "trace": trace.mean,
-                "trace_se": trace.stderr, "n_params": sum(p.numel() for p in wide.parameters()),
-                "max_logit_change": drift}
+        return {"run": run.key, "step": step, "width": width, "factor": factor, **_traces(wide, val, protocol),
+                "n_params": sum(p.numel() for p in wide.parameters()), "max_logit_change": drift}
 
     return _cached(_widened_trace_path(run, step, protocol, width), compute)
 

@@ -1,0 +1,59 @@
+"""The checkpoint measurement's probes and traces (flatlib.experiments.measure_checkpoint), and the
+probe options they use (flatlib.downstream)."""
+
+import math
+
+import pytest
+import torch
+
+from flatlib.downstream import linear_probe, model_features
+from flatlib.experiments import PROBES, Protocol, measure_checkpoint
+from flatlib.model import Transformer, TransformerConfig
+from flatlib.runs import RunStore
+from flatlib.train import PretrainConfig, build_language, load_model, pretrain
+from test_experiments import LANGUAGE, SMALL, base_config
+
+
+def test_masked_position_features_are_those_of_the_masked_sentence():
+    language = build_language(LANGUAGE)
+    corpus = language.sample(5, seed=0)
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=8, max_len=8, n_layer=1, n_head=2, d_model=16, d_ff=32)).eval()
+    masked = model_features(model, corpus, masked_position=3)
+    tokens = corpus.tokens.clone()
+    tokens[:, 3] = model.config.mask_id
+    with torch.no_grad():
+        assert torch.allclose(masked, model.features(tokens), atol=1e-6)
+    assert not torch.allclose(masked, model_features(model, corpus), atol=1e-3)
+    with pytest.raises(ValueError, match="masked_position"):
+        model_features(model, corpus, masked_position=8)
+
+
+def test_unstandardised_probe_sees_feature_scales_and_the_standard_one_does_not():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(600, generator=g, dtype=torch.float64) > 0).long()
+    scaled = x * torch.tensor([1e-3, 1, 1, 1, 1, 1], dtype=torch.float64)  # shrink the informative feature
+    kwargs = dict(n_classes=2, n_train=200, n_test=200, l2_grid=(1e-1,), n_splits=2)
+    assert math.isclose(linear_probe(x, y, **kwargs).accuracy, linear_probe(scaled, y, **kwargs).accuracy, abs_tol=1e-9)
+    raw, raw_scaled = linear_probe(x, y, **kwargs, standardize=False), linear_probe(scaled, y, **kwargs, standardize=False)
+    assert raw_scaled.accuracy < raw.accuracy - 0.1  # the L2 penalty now hits the shrunken feature
+
+
+def test_measure_checkpoint_reports_every_probe_and_both_traces(tmp_path):
+    run = pretrain(base_config(), RunStore(tmp_path), progress=False)
+    m = measure_checkpoint(run, 40, SMALL)
+    assert set(m["extra_probes"]) == {"all positions", "limited", "masked"} == set(SMALL.extra_probes)
+    for kind, tasks in m["extra_probes"].items():
+        assert set(tasks) == {"state@3"} and 0 < tasks["state@3"]["accuracy"] <= 1, kind
+    assert m["extra_probes"]["limited"]["state@3"]["chosen_l2"] == [SMALL.limited_l2] * SMALL.probe_splits
+    assert m["invariant_trace"] <= m["trace_body"] + sum(g["norm"] + g["reader"] for g in m["trace_gauge"].values())
+    assert m["invariant_trace_se"] > 0 and "LayerNorm gauge" in m["invariant_trace_description"]
+    assert set(m["trace_gauge"]) == {"blocks.0.ln_1", "blocks.0.ln_2", "ln_f"}
+    assert math.isfinite(m["trace"]) and m["trace_se"] > 0
+
+
+def test_protocol_names_unknown_probes():
+    assert "standard" in PROBES
+    with pytest.raises(ValueError, match="extra_probes: unknown"):
+        Protocol(extra_probes=("lookup",))
