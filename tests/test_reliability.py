@@ -88,3 +88,13 @@ def test_user_symbols_cannot_spell_internal_names():
         PCFG([("S", ("a b", "c"), 1.0)])
     grammar = PCFG.from_rules("S a b 1.0\nA x 0.5\nA y 0.5\n")  # a valid grammar of one sentence
     assert set(grammar.decode(grammar.sample(50, seed=0))) == {"a b"}
+
+
+def test_a_missing_rules_file_is_reported_as_missing(tmp_path):
+    """Regression: PCFG.from_rules("grammar.txt") said 'rules line 1: expected ...'."""
+    missing = str(tmp_path / "grammar.txt")
+    with pytest.raises(FileNotFoundError, match="grammar.txt"):
+        PCFG.from_rules(missing)
+    with pytest.raises(FileNotFoundError, match="my grammar.txt"):
+        PCFG.from_rules("my grammar.txt")
+    assert PCFG.from_rules("S a 1.0").vocab == ["a"]  # one rule on one line is still rule text

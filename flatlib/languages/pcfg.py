@@ -39,12 +39,29 @@ RELEASED_TASK_SPANS: dict[str, int | None] = {"A": None, "B": 4, "C": 2}
 PAPER_TASK_SPANS: dict[str, int | None] = {"A": None, "B": 16, "C": 8}
 
 
+def _not_a_rule(line: str) -> bool:
+    """One line with fewer than three fields, the last not a number: a path, not a bad rule."""
+    fields = line.split()
+    try:
+        float(fields[-1] if fields else 0)
+    except ValueError:
+        return len(fields) < 3
+    return False
+
+
 def parse_rules(path_or_text: str | Path) -> list[Rule]:
-    """Rules from a file path or from the text itself, with line numbers in every error."""
-    if isinstance(path_or_text, Path) or (
-        isinstance(path_or_text, str) and "\n" not in path_or_text and Path(path_or_text).is_file()
+    """Rules from a file path or from the text itself, with line numbers in every error. A string
+    is a path if it is an existing file, or one line that cannot be a rule ("LHS RHS...
+    probability": three fields at least, the last a number); a path that does not exist is a
+    FileNotFoundError naming it (a missing "grammar.txt" was parsed as rule text)."""
+    if isinstance(path_or_text, str) and "\n" not in path_or_text and (
+        Path(path_or_text).is_file() or _not_a_rule(path_or_text)
     ):
-        text = Path(path_or_text).read_text()
+        path_or_text = Path(path_or_text)
+    if isinstance(path_or_text, Path):
+        if not path_or_text.is_file():
+            raise FileNotFoundError(f"rules: no such file: {str(path_or_text)!r}")
+        text = path_or_text.read_text()
     elif isinstance(path_or_text, str):
         text = path_or_text
     else:
