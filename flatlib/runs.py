@@ -26,7 +26,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +49,17 @@ class CorruptRunError(RuntimeError):
 
 class CorruptCheckpointError(CorruptRunError):
     """A checkpoint whose bytes do not match its recorded digest, or that cannot be parsed."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A run file's JSON object; anything else is a ``CorruptRunError`` naming the file."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptRunError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CorruptRunError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def canonical_json(obj: Any) -> str:
@@ -111,7 +124,13 @@ class Run:
         if vouched is not None and hashlib.sha256(data).hexdigest() != vouched:
             raise CorruptRunError(f"{self.metrics_path}: does not match the SHA-256 recorded in FINISHED "
                                   "(truncated or edited); delete FINISHED to rewrite it from the final checkpoint")
-        return pd.read_csv(io.BytesIO(data))
+        try:
+            frame = pd.read_csv(io.BytesIO(data))
+        except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError, EmptyDataError are ValueErrors
+            raise CorruptRunError(f"{self.metrics_path}: unreadable ({error})") from None
+        if "step" not in frame.columns:
+            raise CorruptRunError(f"{self.metrics_path}: no 'step' column (columns {list(frame.columns)[:5]})")
+        return frame
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Replace the metrics with ``rows`` (atomically: the file is small)."""
@@ -121,13 +140,17 @@ class Run:
     def checkpoint_path(self, step: int) -> Path:
         return self.dir / f"ckpt_{step:08d}.safetensors"
 
+    def _checkpoint_files(self) -> Iterator[tuple[int, Path]]:
+        """(step, path) of every file named as ``checkpoint_path`` names them; other files that
+        start with ``ckpt_`` (a user's ``ckpt_latest``) are not ours and are ignored."""
+        for path in self.dir.glob("ckpt_*.safetensors"):
+            match = re.fullmatch(r"ckpt_(\d{8,})\.safetensors", path.name)
+            if match and self.checkpoint_path(int(match[1])) == path:
+                yield int(match[1]), path
+
     def checkpoint_steps(self) -> list[int]:
         """Steps of the complete checkpoints (those with a digest), in order."""
-        steps = []
-        for path in self.dir.glob("ckpt_*.safetensors"):
-            if path.with_suffix(".sha256").exists():
-                steps.append(int(path.stem.split("_")[1]))
-        return sorted(steps)
+        return sorted(step for step, path in self._checkpoint_files() if path.with_suffix(".sha256").exists())
 
     def save_checkpoint(self, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
         path = self.checkpoint_path(step)
@@ -175,8 +198,8 @@ class Run:
         """Delete all but the last ``keep`` complete checkpoints (and any incomplete ones)."""
         complete = self.checkpoint_steps()
         keep_steps = set(complete[-keep:]) if keep > 0 else set()
-        for path in self.dir.glob("ckpt_*.safetensors"):
-            if int(path.stem.split("_")[1]) not in keep_steps:
+        for step, path in list(self._checkpoint_files()):
+            if step not in keep_steps:
                 path.with_suffix(".sha256").unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
 
@@ -204,7 +227,7 @@ class Run:
     def summary(self) -> dict[str, Any]:
         if not self.finished:
             raise RuntimeError(f"{self}: not finished")
-        return json.loads((self.dir / "FINISHED").read_text())
+        return read_json_object(self.dir / "FINISHED")
 
 
 class RunStore:
@@ -222,7 +245,7 @@ class RunStore:
         directory = self.path(config)
         config_path = directory / "config.json"
         if config_path.exists():
-            stored = json.loads(config_path.read_text())
+            stored = read_json_object(config_path)
             if canonical_json(stored) != canonical_json(config):
                 raise RuntimeError(f"{config_path}: hash collision or edited config; refusing to reuse it")
         else:
@@ -235,5 +258,12 @@ class RunStore:
         return Run(directory, config) if (directory / "config.json").exists() else None
 
     def __iter__(self) -> Iterator[Run]:
+        """Every run with a readable config; an unreadable one is skipped with a warning naming it
+        (one bad directory must not hide the others)."""
         for config_path in sorted(self.root.glob("*/config.json")):
-            yield Run(config_path.parent, json.loads(config_path.read_text()))
+            try:
+                config = read_json_object(config_path)
+            except CorruptRunError as error:
+                warnings.warn(f"skipping a run: {error}", stacklevel=2)
+                continue
+            yield Run(config_path.parent, config)

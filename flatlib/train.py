@@ -201,8 +201,8 @@ class PretrainConfig:
             raise ValueError("mask_rate: cannot be combined with supervise_all")
         if self.train_sentences is not None:
             check_int("train_sentences", self.train_sentences)
-        if self.init_from is not None and not {"config", "step"} <= set(self.init_from):
-            raise ValueError("init_from: expected {'config': <parent config dict>, 'step': int}")
+        if self.init_from is not None:
+            _check_init_from(self.init_from)
         # a rules file is keyed by its contents (frozen dataclass: set the completed spec directly)
         object.__setattr__(self, "language", complete_language(self.language))
         language = build_language(self.language)  # raises "language.<field>: ..."
@@ -224,12 +224,27 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
         d = dict(d)
-        d["betas"] = tuple(d["betas"])
+        if "betas" in d:  # JSON has lists
+            d["betas"] = tuple(d["betas"])
         return cls(**d)
 
     @property
     def key(self) -> str:
         return config_hash(self.to_dict())
+
+
+def _check_init_from(init_from: Any) -> None:
+    """ValueError naming ``init_from.config`` (with the parent's own field) or ``init_from.step``."""
+    if not isinstance(init_from, dict) or set(init_from) != {"config", "step"}:
+        raise ValueError(f"init_from: expected {{'config': <parent config dict>, 'step': int}}, got {init_from!r}")
+    check_int("init_from.step", init_from["step"], low=0)
+    if not isinstance(init_from["config"], dict):
+        raise ValueError(f"init_from.config: expected a PretrainConfig dict, got {init_from['config']!r}")
+    try:
+        PretrainConfig.from_dict(init_from["config"])
+    except (TypeError, ValueError) as error:  # TypeError: a missing or unknown field
+        raise ValueError(f"init_from.config.{error}" if isinstance(error, ValueError)
+                         else f"init_from.config: {error}") from None
 
 
 def _check_adversarial(adversarial: Any, language: Language) -> None:

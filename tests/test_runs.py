@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -76,3 +78,36 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write(target, b"world")
     assert target.read_text() == "world"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize("name, text", [("config.json", "{not json"), ("FINISHED", ""), ("FINISHED", "[1, 2"),
+                                        ("metrics.csv", ""), ("metrics.csv", "\x00\xff")])
+def test_garbage_run_files_are_named(tmp_path, name, text):
+    """Regression: a bare JSONDecodeError / EmptyDataError, and one bad run broke iterating the store."""
+    from flatlib.runs import CorruptRunError
+
+    store = RunStore(tmp_path)
+    good, bad = store.open(CONFIG), store.open({**CONFIG, "lr": 2e-3})
+    good.mark_finished({"final_gap": 0.01})
+    (bad.dir / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(CorruptRunError, match=name):
+        if name == "config.json":
+            store.open({**CONFIG, "lr": 2e-3})
+        elif name == "FINISHED":
+            bad.summary()
+        else:
+            bad.metrics()
+    with pytest.warns(UserWarning, match=name) if name == "config.json" else nullcontext():
+        keys = [run.key for run in store]
+    assert good.key in keys
+
+
+def test_stray_checkpoint_names_are_ignored(tmp_path):
+    run = RunStore(tmp_path).open(CONFIG)
+    run.save_checkpoint(5, {"w": torch.zeros(2)}, {})
+    for stray in ("ckpt_latest.safetensors", "ckpt_latest.sha256", "ckpt_12.safetensors", "ckpt_12.sha256"):
+        (run.dir / stray).write_text("x")
+    assert run.checkpoint_steps() == [5]
+    assert run.load_checkpoint().step == 5
+    run.prune_checkpoints(keep=1)
+    assert (run.dir / "ckpt_latest.safetensors").exists()  # not ours: left alone
