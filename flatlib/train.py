@@ -210,9 +210,7 @@ class PretrainConfig:
             _check_adversarial(self.adversarial, language)
             if self.mask_rate is not None:
                 raise ValueError("adversarial: cannot be combined with mask_rate (single-mask MLM only)")
-        unknown = set(self.model) - {f.name for f in fields(TransformerConfig)}
-        if unknown or {"vocab_size", "max_len"} & set(self.model):
-            raise ValueError(f"model: unknown or derived fields {sorted(unknown | ({'vocab_size', 'max_len'} & set(self.model)))}")
+        object.__setattr__(self, "model", complete_model(self.model))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -271,6 +269,33 @@ def _check_adversarial(adversarial: Any, language: Language) -> None:
 
 
 # ---------------------------------------------------------------------------- building blocks
+MODEL_SHAPE = ("n_layer", "n_head", "d_model", "d_ff")  # always in a run's key
+
+
+def complete_model(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with every shape field (``MODEL_SHAPE``) filled in from ``TransformerConfig``'s
+    defaults, so that the run key holds the whole architecture, and validated now (before a run
+    directory exists): ValueError naming ``model.<field>``. ``layer_norm_eps`` enters the key only
+    when given (its default is part of the store's format: tests/test_train.py pins it, so older
+    keys keep their meaning); ``causal`` is refused (the objective is a bidirectional MLM);
+    ``vocab_size`` and ``max_len`` come from the language."""
+    if not isinstance(model, dict):
+        raise ValueError(f"model: expected a dict of TransformerConfig fields, got {model!r}")
+    allowed = set(MODEL_SHAPE) | {"layer_norm_eps"}
+    for key in model:
+        if key not in allowed:
+            why = "set by the language" if key in ("vocab_size", "max_len") else \
+                "the objective is a bidirectional MLM" if key == "causal" else "unknown field"
+            raise ValueError(f"model.{key}: not allowed ({why}); expected fields of {sorted(allowed)}")
+    defaults = {f.name: f.default for f in fields(TransformerConfig)}
+    completed = {**{key: defaults[key] for key in MODEL_SHAPE}, **model}
+    try:
+        TransformerConfig(vocab_size=1, max_len=1, **completed)
+    except ValueError as error:
+        raise ValueError(f"model.{error}") from None
+    return completed
+
+
 def model_config(config: PretrainConfig, language: Language) -> TransformerConfig:
     return TransformerConfig(vocab_size=language.vocab_size, max_len=language.max_len, **config.model)
 

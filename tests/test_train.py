@@ -197,6 +197,30 @@ def test_invalid_configs_name_the_field(overrides, match):
         model_config(config, build_language(config.language))
 
 
+@pytest.mark.parametrize("model, match", [({"n_head": 3, "d_model": 64}, "^model.d_model"),
+                                          ({"n_layer": 0}, "^model.n_layer"), ({"d_ff": -1}, "^model.d_ff"),
+                                          ({"causal": True}, "^model.causal")])
+def test_model_fields_are_checked_when_the_config_is_built(tmp_path, model, match):
+    """Regression: checked only inside pretrain(), after the run directory was created."""
+    with pytest.raises(ValueError, match=match):
+        tiny_config(model=model)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_model_config_is_completed_into_the_key():
+    """Regression: model={"n_layer": 1} took the other fields from TransformerConfig's defaults,
+    which were not part of the run key."""
+    config = tiny_config(model={"n_layer": 1})
+    assert config.model == {"n_layer": 1, "n_head": 2, "d_model": 64, "d_ff": 256}
+    assert config.key == tiny_config(model={"n_layer": 1, "n_head": 2, "d_model": 64, "d_ff": 256}).key
+    assert PretrainConfig.from_dict(config.to_dict()) == config
+    # layer_norm_eps enters a key only when given: its default is part of the store's format
+    from dataclasses import fields
+
+    from flatlib.model import TransformerConfig
+    assert {f.name: f.default for f in fields(TransformerConfig)}["layer_norm_eps"] == 1e-5
+
+
 def test_supervise_all_and_multi_mask_train(tmp_path):
     store = RunStore(tmp_path)
     for overrides in ({"supervise_all": True}, {"mask_rate": 0.15}):
