@@ -23,9 +23,12 @@ with.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
+from flatlib.claims import equal_loss, paired_effect, t_interval
 from flatlib.train import PretrainConfig, derived_seed
 
 
@@ -111,3 +114,80 @@ def clock_runs(base: PretrainConfig, taus: list[float], lr: float, batch_size: i
             k = steps_for_clock(tau, lr, batch_size)
             out[tau] = (sgd, anneal(sgd, k, lr, anneal_steps, anneal_batch_size, seed))
     return out
+
+
+# ---------------------------------------------------------------------------- notebook 02's dose-response
+@dataclass(frozen=True)
+class ClockPoint:
+    """One measured model of the dose-response: ``language``, the phase-1 ``lineage`` (its seed),
+    the SGD ``noise`` seed, the dose ``tau``, the SGD run (None for the control, ``tau = 0``) and the
+    ``anneal`` whose final checkpoint is measured."""
+
+    language: str
+    lineage: int
+    noise: int
+    tau: float
+    sgd: PretrainConfig | None
+    anneal: PretrainConfig
+
+
+def clock_grid(phase1: dict[tuple[str, int], PretrainConfig], clock: dict[str, Any]) -> list[ClockPoint]:
+    """Every point of the dose-response from the phase-1 configs ``{(language, seed): config}`` and
+    a profile's ``clock`` section: for each lineage, ``noise_seeds`` SGD trajectories checkpointed at
+    every ``tau > 0``, each dose closed by an anneal; the ``tau = 0`` control once per lineage (the
+    anneal alone from phase 1, on noise seed 0's anneal batches)."""
+    points = []
+    for (language, lineage), base in phase1.items():
+        for noise in range(clock["noise_seeds"]):
+            runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"], clock["anneal_steps"],
+                              clock["anneal_batch_size"], noise)
+            points += [ClockPoint(language, lineage, noise, tau, sgd, anneal) for tau, (sgd, anneal) in runs.items()
+                       if tau > 0 or noise == 0]
+    return points
+
+
+def lineage_effects(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per ``(language, tau > 0, lineage)``: the mean of ``column`` over the noise seeds minus the
+    lineage's control (``tau = 0``); ``frame`` has the columns language, lineage, noise, tau and
+    ``column``. The lineages are the independent units (their noise seeds share a checkpoint and a
+    control), so ``flatlib.claims.paired_effect`` takes one difference per lineage."""
+    control = frame[frame.tau == 0].groupby(["language", "lineage"])[column].mean()
+    doses = frame[frame.tau > 0].groupby(["language", "tau", "lineage"])[column].mean()
+    out = doses - control.reindex(doses.index.droplevel("tau")).to_numpy()
+    return out.rename("effect").reset_index()
+
+
+def dose_response(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per ``(language, tau)``: the mean of ``column`` (lineage means, then their mean) with its 95%
+    t-interval over lineages (``level_low``, ``level_high``), and for ``tau > 0`` the paired effect
+    against the control with its interval (``effect``, ``effect_low``, ``effect_high``, ``lineages``)."""
+    rows = []
+    means = frame.groupby(["language", "tau", "lineage"])[column].mean()
+    effects = lineage_effects(frame, column)
+    for (language, tau), values in means.groupby(level=["language", "tau"]):
+        level = t_interval(values.to_numpy())
+        row = {"language": language, "tau": tau, "level": level.estimate, "level_low": level.low,
+               "level_high": level.high, "lineages": level.n}
+        if tau > 0:
+            d = effects[(effects.language == language) & (effects.tau == tau)]["effect"].to_numpy()
+            effect = t_interval(d)
+            row.update({"effect": effect.estimate, "effect_low": effect.low, "effect_high": effect.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def decide(frame: pd.DataFrame, language: str, column: str, predicted: int, converged: bool) -> dict[str, Any]:
+    """The verdict on ``column`` at the largest dose for ``language`` (flatlib.claims rules "equal
+    loss" and "paired effect"): "not tested" if phase 1 did not converge or the largest dose is not
+    at equal loss with the control (mean gaps over lineages); else ``paired_effect`` of the
+    per-lineage effects with the ``predicted`` sign."""
+    frame = frame[frame.language == language]
+    tau = float(frame.tau.max())
+    gaps = frame.groupby(["tau", "lineage"])["gap"].mean().groupby(level="tau").mean()
+    same_loss = equal_loss(float(gaps.loc[0]), float(gaps.loc[tau]))
+    effects = lineage_effects(frame, column)
+    verdict, interval = paired_effect(effects[effects.tau == tau]["effect"].to_numpy(), predicted)
+    if not (converged and same_loss):
+        verdict = "not tested"
+    return {"tau": tau, "verdict": verdict, "effect": interval, "gap_control": float(gaps.loc[0]),
+            "gap_dose": float(gaps.loc[tau]), "equal_loss": same_loss, "converged": converged}

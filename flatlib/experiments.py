@@ -448,3 +448,17 @@ def adversarial_config(params: dict[str, Any], name: str, seed: int) -> Pretrain
         return None
     settings = {**a["adversarial"], "task": a["tasks"][name], "weight": a["weights"][name]}
     return phase2_config(params, name, seed, "adamw", adversarial=settings)
+
+
+def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
+    """A flat table row of a ``measure_checkpoint`` result: gap, gap_se, trace, trace_se,
+    invariant_trace, invariant_trace_se, trace_body, ``acc <task>`` and ``acc <task> ci95`` (the
+    standard probe) and ``acc <task> [<probe>]`` for the extra probes."""
+    row = {key: m[key] for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
+    row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body") if key in m})
+    for task, probe in m["probes"].items():
+        row[f"acc {task}"], row[f"acc {task} ci95"] = probe["accuracy"], probe["ci95"]
+    for kind, tasks in m.get("extra_probes", {}).items():
+        for task, probe in tasks.items():
+            row[f"acc {task} [{kind}]"] = probe["accuracy"]
+    return row

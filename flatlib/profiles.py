@@ -45,6 +45,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 64},
             "workers": 2,
         },
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock): SGD from each phase-1
+        # checkpoint for each tau, noise_seeds times, each ending with a linear anneal (tau = 0: the anneal alone)
+        "clock": {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": 10, "anneal_batch_size": 16,
+                  "noise_seeds": 2},
         # 03_model_size: widths of an n_layer model (d_ff = ff_mult * width), trained like phase 1 above
         "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
@@ -92,6 +96,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512},
             "workers": 2,
         },
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock). Notebook 06 sees the drift
+        # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
+        # 14's. SGD runs ~300 steps/s here (tau = 10 is 16,000 steps, ~55 s), an anneal ~10 s.
+        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16, "anneal_steps": 1000, "anneal_batch_size": 64,
+                  "noise_seeds": 6},
         # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM, where a
         # 2x64 model gets to ~0.01-0.02 nats of the optimum in 3000 steps (the PCFG ~0.014 at one seed;
         # it is left out for the budget: pass languages=["hmm", "pcfg"] to add it). Heads of a fixed size (head_dim), so that widening a model into
@@ -136,6 +145,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "workers": 8,
         },
         # 4-layer models of width 32 to 256 (50k to 3.2M parameters), heads of 16
+        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16, "anneal_steps": 1000, "anneal_batch_size": 64,
+                  "noise_seeds": 6},
         "model_size": {"languages": ["hmm", "pcfg"], "widths": [32, 64, 128, 256], "n_layer": 4, "head_dim": 16,
                        "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
                        "ff_mult": 4, "finetune_epochs": 10},
@@ -172,6 +183,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512},
             "workers": 2,
         },
+        # 02's clock (flatlib.clock): tau = 10 at lr 0.1 and 64 sentences a step is 64,000 steps
+        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 64, "anneal_steps": 2000, "anneal_batch_size": 256,
+                  "noise_seeds": 6},
         # 03_model_size: 6-layer models from 0.3M to 19M parameters
         "model_size": {"languages": ["hmm", "pcfg"], "widths": [64, 128, 256, 512], "n_layer": 6, "head_dim": 64,
                        "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000},
@@ -222,6 +236,7 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
     _check_pretraining(params["pretraining"])
     _check_model_size(params["model_size"], params["pretraining"])
     _check_algorithms(params)
+    _check_clock(params["clock"])
     return params
 
 
@@ -331,6 +346,29 @@ def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
                          f"model can be widened into the largest architecture, got {widths!r}")
     if any(w % m["head_dim"] for w in widths):
         raise ValueError(f"{name}.head_dim: must divide every width, got head_dim={m['head_dim']} and {widths!r}")
+
+
+def _check_clock(c: dict[str, Any]) -> None:
+    """The ``clock`` section (notebook 02's continuation); errors name the key as ``clock.<key>``."""
+    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports train, which imports this module's users
+
+    name = "clock"
+    expected = {"taus", "lr", "batch_size", "anneal_steps", "anneal_batch_size", "noise_seeds"}
+    if not isinstance(c, dict) or set(c) != expected:
+        raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {c!r}")
+    for key in ("batch_size", "anneal_steps", "anneal_batch_size"):
+        check_int(f"{name}.{key}", c[key])
+    check_int(f"{name}.noise_seeds", c["noise_seeds"], low=2)
+    _check_number(f"{name}.lr", c["lr"])
+    taus = c["taus"]
+    if (not isinstance(taus, (list, tuple)) or len(taus) < 2 or taus[0] != 0 or list(taus) != sorted(set(taus))
+            or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in taus)):
+        raise ValueError(f"{name}.taus: expected increasing numbers starting with 0 (the anneal-only control), "
+                         f"got {taus!r}")
+    steps = [steps_for_clock(t, c["lr"], c["batch_size"]) for t in taus[1:]]
+    if steps[0] < 1 or len(set(steps)) != len(steps):
+        raise ValueError(f"{name}.taus: {taus[1:]} must map to distinct step counts >= 1 at lr {c['lr']} and "
+                         f"batch_size {c['batch_size']} (got {steps})")
 
 
 def _check_algorithms(params: dict[str, Any]) -> None:

@@ -61,3 +61,50 @@ def test_clock_runs_share_one_trajectory_and_end_with_an_anneal(tmp_path):
 def test_anneal_validates_like_any_config():
     with pytest.raises(ValueError, match="lr"):
         anneal(base_config(), 40, lr=-1.0, steps=6, batch_size=16, seed=0)
+
+
+def toy_frame():
+    """Two languages, 3 lineages, 2 noise seeds, taus 0 (control, noise 0 only), 1, 10: the trace
+    falls by 1 per unit of log10(tau) in every lineage of 'a' and not at all in 'b'; the gap of
+    b's largest dose is 0.003 nats above its control."""
+    rows = []
+    for language in ("a", "b"):
+        for lineage in range(3):
+            for tau, noises in ((0, [0]), (1, [0, 1]), (10, [0, 1])):
+                for noise in noises:
+                    drop = (1.0 + (tau == 10)) * (tau > 0) if language == "a" else 0.0
+                    rows.append({"language": language, "lineage": lineage, "noise": noise, "tau": tau,
+                                 "trace": 10 + lineage - drop + 0.01 * noise,
+                                 "gap": 0.008 + (0.003 if language == "b" and tau == 10 else 0.0)})
+    return __import__("pandas").DataFrame(rows)
+
+
+def test_lineage_effects_and_dose_response_on_a_toy_table():
+    from flatlib.clock import decide, dose_response, lineage_effects
+
+    frame = toy_frame()
+    effects = lineage_effects(frame, "trace")
+    a = effects[(effects.language == "a")].set_index(["tau", "lineage"])["effect"]
+    assert a.loc[(1, 0)] == pytest.approx(-1 + 0.005) and a.loc[(10, 2)] == pytest.approx(-2 + 0.005)
+    table = dose_response(frame, "trace").set_index(["language", "tau"])
+    assert table.loc[("a", 0), "level"] == pytest.approx(11) and math.isnan(table.loc[("a", 0), "effect"])
+    assert table.loc[("a", 10), "effect"] == pytest.approx(-1.995) and table.loc[("a", 10), "lineages"] == 3
+    assert table.loc[("a", 10), "effect_high"] == pytest.approx(-1.995)  # no spread across lineages
+    verdict = decide(frame, "a", "trace", predicted=-1, converged=True)
+    assert verdict["verdict"] == "yes" and verdict["equal_loss"] and verdict["tau"] == 10
+    assert decide(frame, "a", "trace", predicted=-1, converged=False)["verdict"] == "not tested"
+    b = decide(frame, "b", "trace", predicted=-1, converged=True)
+    assert not b["equal_loss"] and b["verdict"] == "not tested"  # 0.003 nats apart: not the same loss
+
+
+def test_clock_grid_has_one_control_per_lineage():
+    from flatlib.clock import clock_grid
+
+    phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
+    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": 6, "anneal_batch_size": 16,
+             "noise_seeds": 3}
+    points = clock_grid(phase1, clock)
+    assert len(points) == 2 * (1 + 3 * 2)
+    controls = [p for p in points if p.tau == 0]
+    assert [(p.lineage, p.noise, p.sgd) for p in controls] == [(0, 0, None), (1, 0, None)]
+    assert len({p.sgd.key for p in points if p.sgd is not None}) == 2 * 3  # one trajectory per noise seed
