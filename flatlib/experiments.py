@@ -19,7 +19,9 @@ import torch
 from flatlib.device import module_device
 from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
                                 probe_pooling)
-from flatlib.flatness import TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn
+from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn,
+                              trainable_parameters)
+from flatlib.model import rescale_norms
 from flatlib.languages import HMM, Corpus, Language
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash
 from flatlib.train import (PretrainConfig, ValidationSet, build_language, derived_seed, evaluate, load_model,
@@ -204,6 +206,44 @@ def _cached(path: Path, compute: Any) -> dict[str, Any]:
     result = compute()
     atomic_write(path, json.dumps(result, indent=1))
     return result
+
+
+def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """The LayerNorm gauge on ``run``'s model at ``step``: one function in three parameterizations
+    (as trained; the final LayerNorm's gain folded into the head, ``rescale_norms`` with ``c = 1 /
+    |gain|``; then the gain x3 and the head's columns /3), each with the largest logit change, the raw
+    trace and the invariant trace (the protocol's pairs and probes); and where the raw trace of the
+    trained model sits (``hessian_trace`` of the diagonal blocks: head weights, head bias, final
+    LayerNorm, everything else). Cached in the run."""
+
+    def compute() -> dict[str, Any]:
+        config = PretrainConfig.from_dict(run.config)
+        model = load_model(run, step)
+        val = validation_set(config, build_language(config.language))
+        batches = _trace_batches(model, val, protocol)
+        seed = derived_seed("trace probes", protocol.seed)
+        gain = model.ln_f.weight.detach().abs()
+        points = {"as trained": model, "ln_f gain folded into the head": rescale_norms(model, {"ln_f": 1 / gain}),
+                  "then ln_f gain x3, head columns /3": rescale_norms(model, {"ln_f": 3 / gain})}
+        rows = []
+        for name, m in points.items():
+            with torch.no_grad():
+                change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max()) for b in batches)
+            raw = hessian_trace(m, mlm_loss_fn, batches, protocol.trace_probes, seed)
+            inv = invariant_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
+            rows.append({"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.norm()),
+                         "head norm": float(m.head.weight.norm()), "trace": raw.mean, "trace_se": raw.stderr,
+                         "invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
+        names = list(trainable_parameters(model))
+        blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"], "ln_f": ["ln_f.weight", "ln_f.bias"],
+                  "everything else": [n for n in names if not n.startswith(("head.", "ln_f."))]}
+        parts = {}
+        for name, block in blocks.items():
+            e = hessian_trace(model, mlm_loss_fn, batches, protocol.trace_probes, seed, parameters=block)
+            parts[name] = {"trace": e.mean, "trace_se": e.stderr}
+        return {"run": run.key, "step": step, "points": rows, "blocks": parts}
+
+    return _cached(run.dir / "evals" / f"gauge_{step}_{protocol.key()}.json", compute)
 
 
 def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = Protocol()) -> dict[str, Any]:

@@ -57,3 +57,19 @@ def test_protocol_names_unknown_probes():
     assert "standard" in PROBES
     with pytest.raises(ValueError, match="extra_probes: unknown"):
         Protocol(extra_probes=("lookup",))
+
+
+def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
+    from flatlib.experiments import measure_gauge
+
+    run = pretrain(base_config(), RunStore(tmp_path), progress=False)
+    g = measure_gauge(run, 40, SMALL)
+    points = {p["parameterization"]: p for p in g["points"]}
+    assert len(points) == 3
+    trained, folded, tripled = points.values()
+    for p in (folded, tripled):
+        assert p["max logit change"] < 1e-4  # the same function
+        assert math.isclose(p["invariant_trace"], trained["invariant_trace"], rel_tol=1e-4)
+    assert tripled["trace"] > folded["trace"] + 4 * math.hypot(tripled["trace_se"], folded["trace_se"])
+    assert set(g["blocks"]) == {"head weights", "head bias", "ln_f", "everything else"}
+    assert measure_gauge(run, 40, SMALL) == g  # cached
