@@ -13,7 +13,8 @@ experiment, though not bit for bit the same numbers (float reductions run in ano
 run records the device it was trained on in its summary, and a run resumes on the device it is
 resumed on. What stays on the CPU, whatever the device: the languages (sampling and the exact
 conditionals, float64), the validation set's exact probabilities, the linear probes (float64
-L-BFGS) and every tensor saved in a checkpoint (saved from ``.cpu()``, loaded with ``weights_only``).
+L-BFGS) and every tensor saved in a checkpoint (saved from ``.cpu()`` as safetensors, which hold
+tensors only: nothing is unpickled on load).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in Jupyter: inline
@@ -19,6 +20,9 @@ def set_style() -> None:
 def figures_dir(profile: str) -> Path:
     """figures/ for the default ``cpu`` profile, figures/<profile>/ for the others (so a smoke run
     never overwrites the committed figures). ``FLATLIB_FIGURES`` overrides the root folder."""
+    # a profile names a folder: '../x' or 'a/b' would write outside figures/
+    if not isinstance(profile, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", profile):
+        raise ValueError(f"profile: expected a name of letters, digits, '_' or '-', got {profile!r}")
     root = Path(os.environ.get("FLATLIB_FIGURES", REPO_ROOT / "figures"))
     return root if profile == "cpu" else root / profile
 

@@ -27,7 +27,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +75,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not mkstemp, which creates files 0600 whatever the umask (a shared store would be unreadable
+    # to colleagues): 0666 less the umask, like any file
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

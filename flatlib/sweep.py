@@ -5,7 +5,9 @@ On this kind of machine two single-threaded processes beat one two-threaded proc
 about 1.2x, and far more robust to other load), so ``backend="local"`` starts ``workers``
 processes with one thread each. ``backend="submitit"`` submits one array job per sweep
 (``submitit.AutoExecutor``; ``cluster="slurm"`` on a cluster, ``cluster="local"`` to run the same
-path without Slurm, as the tests do); the store must be on a file system the nodes share. Every
+path without Slurm, as the tests do); the store must be on a file system the nodes share. submitit
+keeps each job's function and arguments as pickles in ``<store>/submitit``, which the cluster
+nodes unpickle and execute: only people who may run code as you should be able to write there. Every
 config's run lands in the same store whichever backend ran it; finished runs are skipped at no
 cost, and a failing config is reported with its config without losing the others.
 """
@@ -68,13 +70,18 @@ class SweepError(RuntimeError):
 
 
 def _run_one(args: tuple[dict, str, int]) -> tuple[str, str]:
+    """Train one config with ``threads`` threads (every backend: the count changes results at ~1e-9
+    and each run records it), leaving the caller's thread count as it was (the serial backend)."""
     config_dict, root, threads = args
+    caller = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         run = pretrain(PretrainConfig.from_dict(config_dict), RunStore(root), progress=False)
         return str(run.dir), ""
     except Exception:  # noqa: BLE001 - reported with its config by the parent
         return "", traceback.format_exc(limit=6)
+    finally:
+        torch.set_num_threads(caller)
 
 
 def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, backend: str = "serial",

@@ -800,7 +800,8 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     summary = {"steps": step, "reached_at": reached_at, "diverged": diverged,
                "final_gap": last["gap"], "final_gap_se": last["gap_se"], "final_val_loss": last["val_loss"],
                "val_optimum": last["val_optimum"], "n_params": model.n_params(),
-               "device": describe_device(device), "processes": world}
+               "device": describe_device(device), "processes": world,
+               "threads": torch.get_num_threads()}  # float reductions differ at ~1e-9 with the count
     # JSON has no NaN: a diverged run's numbers are recorded as null
     run.mark_finished({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()})
     if world > 1:

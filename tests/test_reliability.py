@@ -98,3 +98,57 @@ def test_a_missing_rules_file_is_reported_as_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="my grammar.txt"):
         PCFG.from_rules("my grammar.txt")
     assert PCFG.from_rules("S a 1.0").vocab == ["a"]  # one rule on one line is still rule text
+
+
+def test_a_grammar_too_big_to_allocate_is_refused_with_the_estimate():
+    """Regression: a rules file with 1000 non-terminals tried to allocate 8 GB."""
+    rules = "\n".join(f"N{i} N{i + 1} x 1.0" for i in range(999)) + "\nN999 y 1.0\n"
+    with pytest.raises(ValueError, match=r"^rules: .*1001 non-terminals.*8\.0 GB"):
+        PCFG.from_rules(rules)
+
+
+@pytest.mark.parametrize("profile", ["../x", "a/b", "", ".", "..", "x y"])
+def test_figure_and_claims_folders_need_a_plain_profile_name(profile):
+    from flatlib.plotting import figures_dir
+    from flatlib.report import claims_dir
+
+    for folder in (figures_dir, claims_dir):
+        with pytest.raises(ValueError, match="^profile: "):
+            folder(profile)
+
+
+def test_run_store_files_follow_the_umask(tmp_path):
+    """Regression: every file was created 0600 (mkstemp), so a shared store was unreadable."""
+    import os
+
+    from flatlib.runs import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "shared.json", "{}")
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_summary_records_the_thread_count_and_serial_sweeps_restore_it(tmp_path):
+    """The thread count changes results at 1e-9: each run records it; run_configs trains with
+    threads_per_worker in every backend, and the serial backend leaves the caller's count alone."""
+    import torch
+
+    from flatlib.runs import RunStore
+    from flatlib.sweep import run_configs
+    from flatlib.train import PretrainConfig
+
+    config = PretrainConfig(language={**TINY["hmm"], "seed": 0}, **TINY_RUN)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        [result] = run_configs([config], RunStore(tmp_path), threads_per_worker=1, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert result.run.summary()["threads"] == 1

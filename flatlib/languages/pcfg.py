@@ -113,6 +113,9 @@ class PCFG(LanguageBase):
     """
 
     RENORMALIZE_TOLERANCE = 1e-2
+    # the binary rules are a dense [N, N, N] float64 tensor over the N non-terminals (binarisation's
+    # included): 2 GB is N = 645; raise this on a machine with the memory for larger grammars
+    MAX_RULE_TENSOR_BYTES = 2 * 10**9
 
     def __init__(self, rules: list[Rule], start: str | None = None,
                  task_spans: dict[str, int | None] | None = None, renormalize: bool = False) -> None:
@@ -213,6 +216,11 @@ class PCFG(LanguageBase):
         nt_index = {a: i for i, a in enumerate(self.nonterminals)}
         word_index = {w: i for i, w in enumerate(self.vocab)}
         n, v = len(self.nonterminals), len(self.vocab)
+        if 8 * n**3 > self.MAX_RULE_TENSOR_BYTES:  # refuse before allocating, with the estimate
+            raise ValueError(f"rules: {n} non-terminals (after binarisation) need a dense binary-rule tensor "
+                             f"of {8 * n**3 / 1e9:.1f} GB; PCFG.MAX_RULE_TENSOR_BYTES allows "
+                             f"{self.MAX_RULE_TENSOR_BYTES / 1e9:.1f} GB "
+                             f"(about {round((self.MAX_RULE_TENSOR_BYTES / 8) ** (1 / 3))} non-terminals)")
         self.n_nonterminals, self.vocab_size = n, v
         lexical = torch.zeros(n, v, dtype=torch.float64)
         unary = torch.zeros(n, n, dtype=torch.float64)
