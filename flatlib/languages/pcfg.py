@@ -114,7 +114,7 @@ class PCFG(LanguageBase):
 
     RENORMALIZE_TOLERANCE = 1e-2
     # the binary rules are a dense [N, N, N] float64 tensor over the N non-terminals (binarisation's
-    # included): 2 GB is N = 645; raise this on a machine with the memory for larger grammars
+    # included): 2 GB is N = 630; raise this on a machine with the memory for larger grammars
     MAX_RULE_TENSOR_BYTES = 2 * 10**9
 
     def __init__(self, rules: list[Rule], start: str | None = None,
