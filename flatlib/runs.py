@@ -125,14 +125,16 @@ class Run:
             return pd.DataFrame()
         data = self.metrics_path.read_bytes()
         if vouched is not None and hashlib.sha256(data).hexdigest() != vouched:
-            raise CorruptRunError(f"{self.metrics_path}: does not match the SHA-256 recorded in FINISHED "
-                                  "(truncated or edited); delete FINISHED to rewrite it from the final checkpoint")
+            raise CorruptRunError(f"{self.metrics_path}: does not match the SHA-256 recorded in "
+                                  "FINISHED (truncated or edited); delete FINISHED to rewrite it from "
+                                  "the final checkpoint")
         try:
             frame = pd.read_csv(io.BytesIO(data))
-        except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError, EmptyDataError are ValueErrors
+        except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError, EmptyDataError
             raise CorruptRunError(f"{self.metrics_path}: unreadable ({error})") from None
         if "step" not in frame.columns:
-            raise CorruptRunError(f"{self.metrics_path}: no 'step' column (columns {list(frame.columns)[:5]})")
+            raise CorruptRunError(f"{self.metrics_path}: no 'step' column "
+                                  f"(columns {list(frame.columns)[:5]})")
         return frame
 
     def write_metrics(self, rows: list[dict]) -> None:

@@ -234,7 +234,8 @@ class PretrainConfig:
 def _check_init_from(init_from: Any) -> None:
     """ValueError naming ``init_from.config`` (with the parent's own field) or ``init_from.step``."""
     if not isinstance(init_from, dict) or set(init_from) != {"config", "step"}:
-        raise ValueError(f"init_from: expected {{'config': <parent config dict>, 'step': int}}, got {init_from!r}")
+        raise ValueError(f"init_from: expected {{'config': <parent config dict>, 'step': int}}, "
+                         f"got {init_from!r}")
     check_int("init_from.step", init_from["step"], low=0)
     if not isinstance(init_from["config"], dict):
         raise ValueError(f"init_from.config: expected a PretrainConfig dict, got {init_from['config']!r}")

@@ -375,8 +375,10 @@ class PCFG(LanguageBase):
             raise ValueError(f"n_binary_rules: {n_binary_rules} > n_per_level**2 = {n_per_level**2}")
         if not 0 <= shortcut_prob[0] <= shortcut_prob[1] < 1:
             raise ValueError(f"shortcut_prob: expected 0 <= low <= high < 1, got {shortcut_prob!r}")
-        for name, value in (("rule_concentration", rule_concentration), ("word_concentration", word_concentration)):
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):  # NaN > 0 is False
+        for name, value in (("rule_concentration", rule_concentration),
+                            ("word_concentration", word_concentration)):
+            # NaN > 0 is False, so NaN passed the old `<= 0` check
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         check_seed("seed", seed)
         rng = np.random.default_rng(seed)
