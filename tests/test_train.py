@@ -122,6 +122,25 @@ def test_truncated_metrics_are_rewritten_from_the_checkpoint(tmp_path):
     assert again.metrics().equals(reference) and again.summary() == summary
 
 
+def test_a_checkpoint_without_metrics_resumes_from_the_csv_only_if_it_reaches_it(tmp_path):
+    """Checkpoints written before they held the metrics (existing stores): metrics.csv is used, and
+    must reach the checkpoint's step."""
+    from flatlib.runs import CorruptRunError
+
+    store = RunStore(tmp_path)
+    run = pretrain(tiny_config(), store, progress=False)
+    reference = run.metrics()
+    old = run.load_checkpoint(40)
+    del old.state["metrics"]
+    run.save_checkpoint(40, old.tensors, old.state)
+    interrupt(run, drop_steps=(60,))
+    assert pretrain(tiny_config(), store, progress=False).metrics().equals(reference)
+    interrupt(run, drop_steps=(60,))
+    run.write_metrics(reference.iloc[:2].to_dict("records"))  # rows end at step 20, before 40
+    with pytest.raises(CorruptRunError, match="metrics.csv"):
+        pretrain(tiny_config(), store, progress=False)
+
+
 def test_finished_run_vouches_for_its_metrics_and_final_checkpoint(tmp_path):
     """FINISHED records a checksum of metrics.csv and the final checkpoint's digest: a damaged
     metrics file, or a missing final checkpoint (which silently loaded the previous one), is an
