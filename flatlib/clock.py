@@ -162,6 +162,7 @@ def dose_response(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     t-interval over lineages (``level_low``, ``level_high``), and for ``tau > 0`` the paired effect
     against the control with its interval (``effect``, ``effect_low``, ``effect_high``, ``lineages``)."""
     rows = []
+    frame = frame[frame.groupby("language")[column].transform(lambda v: v.notna().any())]  # languages it applies to
     means = frame.groupby(["language", "tau", "lineage"])[column].mean()
     effects = lineage_effects(frame, column)
     for (language, tau), values in means.groupby(level=["language", "tau"]):
