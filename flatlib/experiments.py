@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flatlib.checks import check_int, check_seed
 from flatlib.device import module_device
 from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
                                 probe_pooling)
@@ -71,6 +72,10 @@ class Protocol:
     invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
 
     def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
+        for name in ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs", "trace_probes",
+                     "trace_batch", "limited_train"):
+            check_int(name, getattr(self, name), low=2 if name in ("probe_splits", "trace_probes") else 1)
         unknown = sorted(set(self.extra_probes) - set(PROBES))
         if unknown:
             raise ValueError(f"extra_probes: unknown probes {unknown} (expected some of {sorted(PROBES)})")

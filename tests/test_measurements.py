@@ -73,3 +73,9 @@ def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
     assert tripled["trace"] > folded["trace"] + 4 * math.hypot(tripled["trace_se"], folded["trace_se"])
     assert set(g["blocks"]) == {"head weights", "head bias", "ln_f", "everything else"}
     assert measure_gauge(run, 40, SMALL) == g  # cached
+
+
+@pytest.mark.parametrize("field, value", [("seed", None), ("seed", -1), ("trace_probes", 1), ("probe_train", 0)])
+def test_protocol_names_a_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Protocol(**{field: value})
