@@ -43,6 +43,11 @@ RULES = {
     "paired effect": ("the mean of per-lineage paired differences, 95% t-interval: 'yes' if it lies entirely on "
                       "the predicted side of 0, 'no' if entirely on the other side or entirely inside the "
                       "equivalence bound, else 'inconclusive'; fewer than 2 pairs: 'not tested'"),
+    "unpaired effect": ("the difference of two groups' means (e.g. two widths, each its own training runs), Welch "
+                        "95% interval, decided like a paired effect"),
+    "equal-loss pair": (f"for a comparison across model sizes: the widest model family whose seeds all reached ε, "
+                        f"against the narrowest such family whose mean gap is within {EQUAL_LOSS_NATS} nats of it; "
+                        "none: 'not tested'"),
     "correlation": (f"rank correlation with a lineage-bootstrap 95% CI from at least {MIN_LINEAGES} lineages: "
                     f"'yes' if the CI excludes 0 on the predicted side, 'no' if it lies on the other side or "
                     f"inside ±{EQUIVALENCE_RHO}, else 'inconclusive'"),
@@ -95,6 +100,37 @@ def t_interval(values: Sequence[float]) -> Interval:
         return Interval(float(x.mean()) if n else math.nan, math.nan, math.nan, n)
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
     return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), n)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
+    """``mean(b) - mean(a)`` with its two-sided Welch t-interval (NaN bounds if a group has fewer
+    than 2 values); ``n`` is the smaller group's size."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or x.ndim != 1 or y.ndim != 1:
+        raise ValueError("a, b: expected flat sequences of finite numbers")
+    delta = float(y.mean() - x.mean()) if len(x) and len(y) else math.nan
+    if min(len(x), len(y)) < MIN_SEEDS:
+        return Interval(delta, math.nan, math.nan, min(len(x), len(y)))
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return Interval(delta, delta, delta, min(len(x), len(y)))
+    dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, dof) * se
+    return Interval(delta, delta - half, delta + half, min(len(x), len(y)))
+
+
+def equal_loss_pair(mean_gaps: dict[int, float], converged: dict[int, bool]) -> tuple[int, int] | None:
+    """Rule "equal-loss pair": ``(narrow, wide)`` sizes to compare, or None. ``mean_gaps`` and
+    ``converged`` are keyed by size (e.g. width)."""
+    ok = sorted(size for size, flag in converged.items() if flag)
+    if len(ok) < 2:
+        return None
+    wide = ok[-1]
+    for narrow in ok[:-1]:
+        if equal_loss(mean_gaps[narrow], mean_gaps[wide]):
+            return narrow, wide
+    return None
 
 
 def _check_sign(predicted: int) -> None:

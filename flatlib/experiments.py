@@ -394,15 +394,17 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
     warm-up, then a linear decay to 0 at ``pretraining.steps[name]`` (for a ``width`` of notebook 03,
     at ``model_size.steps[name]``); one checkpoint at the end.
 
-    Models wider than the profile's ``pretraining.model`` get the learning rate scaled by
-    ``d_model / width`` (Adam's learning rate falls as 1/width, as in muP): at the cpu profile a
-    2x128 HMM model at the 2x64 model's lr 3e-3 stalls at a gap of 0.035 nats, at 1.5e-3 it reaches
-    0.015 (one seed, 3000 steps)."""
+    Every width of notebook 03 trains at **one** learning rate, the one the widest width can take:
+    ``pretraining.lr * min(1, d_model / widest)`` (Adam's learning rate falls as 1/width, as in muP:
+    at the cpu profile a 2x128 HMM model at the 2x64 model's lr 3e-3 stalls at a gap of 0.035 nats,
+    at 1.5e-3 it reaches 0.015). An earlier version scaled each width's own rate, which confounded
+    size with learning rate (issue 14)."""
     from flatlib.profiles import language_spec  # noqa: PLC0415 - profiles imports the languages
 
     t = params["pretraining"]
     steps = t["steps"][name] if width is None else params["model_size"]["steps"][name]
-    lr = t["lr"] if width is None else t["lr"] * min(1.0, t["model"]["d_model"] / width)
+    widest = max(params["model_size"]["widths"])
+    lr = t["lr"] if width is None else t["lr"] * min(1.0, t["model"]["d_model"] / widest)
     return PretrainConfig(language=language_spec(params, name), model=model_of(params, width), optimizer="adamw",
                           lr=lr, warmup_steps=t["warmup_steps"], schedule="linear", min_lr=0.0, steps=steps,
                           batch_size=t["batch_size"], eval_every=t["eval_every"], eval_pairs=t["eval_pairs"],

@@ -83,3 +83,27 @@ def test_rules_are_printable_and_claims_name_them():
     Claim("c", "p", "o", "inconclusive", "02_x", rule="equal loss, paired effect")
     with pytest.raises(ValueError, match="rule: .*equal-ish"):
         Claim("c", "p", "o", "yes", "02_x", rule="equal-ish")
+
+
+def test_welch_interval_matches_scipy():
+    from scipy import stats
+
+    from flatlib.claims import welch_interval
+
+    a, b = [1.0, 2.0, 3.0, 2.5], [3.0, 4.5, 5.0]
+    i = welch_interval(a, b)
+    t = stats.ttest_ind(b, a, equal_var=False)
+    ci = t.confidence_interval(0.95)
+    assert i.estimate == pytest.approx(sum(b) / 3 - sum(a) / 4)
+    assert i.low == pytest.approx(ci.low) and i.high == pytest.approx(ci.high) and i.n == 3
+    assert math.isnan(welch_interval([1.0], b).low)
+
+
+def test_equal_loss_pair_takes_the_widest_and_the_narrowest_within_tolerance():
+    from flatlib.claims import equal_loss_pair
+
+    gaps = {16: 0.030, 32: 0.0125, 64: 0.0110, 128: 0.0100}
+    converged = {16: False, 32: True, 64: True, 128: True}
+    assert equal_loss_pair(gaps, converged) == (64, 128)  # 32 is 0.0025 nats above 128
+    assert equal_loss_pair(gaps, {**converged, 64: False}) is None
+    assert equal_loss_pair({32: 0.011, 128: 0.0095}, {32: True, 128: True}) == (32, 128)
