@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from flatlib.stats import mean_difference
+
 # ---------------------------------------------------------------------------- the constants
 HELD = ("yes", "no", "partly", "inconclusive", "not tested")
 EQUAL_LOSS_NATS = 0.002  # the paper's own "same loss" (3.204 vs 3.206 nats, its Table 1)
@@ -52,6 +54,9 @@ RULES = {
                     f"'yes' if the CI excludes 0 on the predicted side, 'no' if it lies on the other side or "
                     f"inside ±{EQUIVALENCE_RHO}, else 'inconclusive'"),
     "unrelated": f"'loss does not explain it' needs the whole CI of the rank correlation with the gap inside ±{EQUIVALENCE_RHO}",
+    "flatness explains": ("per task: the partial rank correlation of accuracy with the trace given the gap is "
+                          "'yes' by the correlation rule (predicted negative) and accuracy is 'unrelated' to the gap; "
+                          "'no' if the trace correlation is 'no'; else 'inconclusive'"),
     "parts": "a claim over several tasks: all 'yes' -> 'yes', some 'yes' -> 'partly', all 'no' -> 'no', "
              "else 'inconclusive' (or 'not tested' if every part is)",
     "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (LayerNorm gauge fixed); the raw trace is shown",
@@ -103,21 +108,13 @@ def t_interval(values: Sequence[float]) -> Interval:
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
-    """``mean(b) - mean(a)`` with its two-sided Welch t-interval (NaN bounds if a group has fewer
-    than 2 values); ``n`` is the smaller group's size."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or x.ndim != 1 or y.ndim != 1:
-        raise ValueError("a, b: expected flat sequences of finite numbers")
-    delta = float(y.mean() - x.mean()) if len(x) and len(y) else math.nan
-    if min(len(x), len(y)) < MIN_SEEDS:
-        return Interval(delta, math.nan, math.nan, min(len(x), len(y)))
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    se = math.sqrt(vx + vy)
-    if se == 0:
-        return Interval(delta, delta, delta, min(len(x), len(y)))
-    dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, dof) * se
-    return Interval(delta, delta - half, delta + half, min(len(x), len(y)))
+    """``mean(b) - mean(a)`` with its two-sided Welch t-interval (``flatlib.stats.mean_difference``;
+    NaN bounds if a group has fewer than 2 values); ``n`` is the smaller group's size."""
+    for name, values in (("a", a), ("b", b)):
+        if not np.all(np.isfinite(np.asarray(values, dtype=float))):
+            raise ValueError(f"{name}: expected finite numbers")
+    d = mean_difference(a, b, level=CONFIDENCE)
+    return Interval(d.delta, d.delta - d.ci95, d.delta + d.ci95, min(d.n_a, d.n_b))
 
 
 def equal_loss_pair(mean_gaps: dict[int, float], converged: dict[int, bool]) -> tuple[int, int] | None:
@@ -177,6 +174,17 @@ def unrelated(rho: Interval) -> bool:
     """Rule "unrelated": the whole CI of the rank correlation inside ±EQUIVALENCE_RHO, from at
     least ``MIN_LINEAGES`` lineages. A CI that merely contains 0 is not enough."""
     return rho.n >= MIN_LINEAGES and -EQUIVALENCE_RHO < rho.low and rho.high < EQUIVALENCE_RHO
+
+
+def flatness_verdict(partial_trace: Interval, rho_gap: Interval) -> str:
+    """Rule "flatness explains": for one task, accuracy falls with the trace given the gap (the
+    partial rank correlation's ``correlation_verdict``, predicted negative) *and* the loss does not
+    explain it (``unrelated`` to the gap). "not tested" below ``MIN_LINEAGES``; "no" when the trace
+    verdict is "no"; "inconclusive" when either part is undecided."""
+    trace = correlation_verdict(partial_trace, predicted=-1)
+    if trace in ("not tested", "no"):
+        return trace
+    return "yes" if trace == "yes" and unrelated(rho_gap) else "inconclusive"
 
 
 def combine(parts: Sequence[str]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flatlib.checks import check_int, check_seed
+from flatlib.clock import clock_grid
 from flatlib.device import module_device
 from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
                                 probe_pooling)
@@ -451,8 +452,8 @@ class ModelRef:
 
 def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
     """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
-    1 and every phase-2 checkpoint (SGD, AdamW) of notebook 02, the adversarial continuations of
-    notebook 04 (for the languages of its profile section), and every width of notebook 03 (for
+    1, every constant-lr continuation checkpoint (SGD, AdamW) and every clock anneal's end (02), the
+    adversarial continuations of notebook 04 (for the languages of its profile section), and every width of notebook 03 (for
     ``model_size.languages``, traces after widening to the widest)."""
     t = params["pretraining"]
     names = list(names or t["languages"])
@@ -466,9 +467,12 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
             lineage = f"{name} seed {s}"
             first = phase1_config(params, name, s)
             out.append(ModelRef(name, "02 phase 1", family, lineage, first, first.steps))
-            for optimizer in ("sgd", "adamw"):
+            for optimizer in ("sgd", "adamw"):  # constant-lr continuations (notebook 04's SGD, 02's and 04's AdamW)
                 config = phase2_config(params, name, s, optimizer)
                 out += [ModelRef(name, f"02 {optimizer}", family, lineage, config, k) for k in checkpoints]
+            if "clock" in params:  # notebook 02's dose-response: every anneal's end
+                out += [ModelRef(name, "02 sgd clock", family, lineage, p.anneal, p.anneal.steps)
+                        for p in clock_grid({(name, s): first}, params["clock"])]
             adversarial = adversarial_config(params, name, s)
             if adversarial is not None:
                 out += [ModelRef(name, "04 adversarial", family, lineage, adversarial, k) for k in checkpoints]

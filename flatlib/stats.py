@@ -59,28 +59,41 @@ class Correlation:
         return f"{self.method} {self.value:+.2f} [{self.low:+.2f}, {self.high:+.2f}] (n={self.n})"
 
 
-def _coefficient(method: str, x: np.ndarray, y: np.ndarray) -> float:
+def _coefficient(method: str, x: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> float:
+    if z is not None:  # partial Spearman: rho_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) on ranks
+        r = stats.spearmanr(np.column_stack([x, y, z])).statistic
+        rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
+        denominator = math.sqrt(max(0.0, (1 - rxz**2) * (1 - ryz**2)))
+        return float((rxy - rxz * ryz) / denominator) if denominator > 0 else math.nan
     if method == "spearman":
         return float(stats.spearmanr(x, y).statistic)
     return float(stats.kendalltau(x, y).statistic)
 
 
 def rank_correlation(x, y, method: str = "spearman", n_boot: int = 2000, seed: int = 0,
-                     groups=None, level: float = 0.95) -> Correlation:
+                     groups=None, level: float = 0.95, given=None) -> Correlation:
     """Spearman's rho or Kendall's tau of ``x`` and ``y`` with a bootstrap percentile interval.
 
     With ``groups`` (one label per point, e.g. the training seed), whole groups are resampled
     together (a cluster bootstrap): points that share a training run are not independent.
     Resamples in which either variable is constant are dropped (their coefficient is undefined).
+    With ``given`` (a third variable z, Spearman only): the partial rank correlation of x and y
+    given z, ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2))`` of the Spearman coefficients
+    (the correlation of the ranks' residuals after a linear fit on z's ranks).
     """
     if method not in ("spearman", "kendall"):
         raise ValueError(f"method: expected 'spearman' or 'kendall', got {method!r}")
+    if given is not None and method != "spearman":
+        raise ValueError("given: a partial rank correlation is computed for method='spearman' only")
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    z = None if given is None else np.asarray(given, dtype=float)
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"given: expected the shape of x {x.shape}, got {z.shape}")
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x, y: expected two 1-d arrays of the same length, got {x.shape} and {y.shape}")
     if len(x) < 3:
         raise ValueError(f"x, y: need at least 3 points for a rank correlation, got {len(x)}")
-    value = _coefficient(method, x, y)
+    value = _coefficient(method, x, y, z)
     rng = np.random.default_rng(seed)
     if groups is None:
         clusters = [np.array([i]) for i in range(len(x))]
@@ -91,10 +104,12 @@ def rank_correlation(x, y, method: str = "spearman", n_boot: int = 2000, seed: i
     for _ in range(n_boot):
         pick = rng.integers(0, len(clusters), len(clusters))
         index = np.concatenate([clusters[i] for i in pick])
-        xs, ys = x[index], y[index]
-        if np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        xs, ys, zs = x[index], y[index], None if z is None else z[index]
+        if np.ptp(xs) == 0 or np.ptp(ys) == 0 or (zs is not None and np.ptp(zs) == 0):
             continue
-        samples.append(_coefficient(method, xs, ys))
+        sample = _coefficient(method, xs, ys, zs)
+        if math.isfinite(sample):
+            samples.append(sample)
     if not samples:
         return Correlation(method, value, math.nan, math.nan, len(x))
     low, high = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2])

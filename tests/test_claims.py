@@ -107,3 +107,13 @@ def test_equal_loss_pair_takes_the_widest_and_the_narrowest_within_tolerance():
     assert equal_loss_pair(gaps, converged) == (64, 128)  # 32 is 0.0025 nats above 128
     assert equal_loss_pair(gaps, {**converged, 64: False}) is None
     assert equal_loss_pair({32: 0.011, 128: 0.0095}, {32: True, 128: True}) == (32, 128)
+
+
+def test_flatness_verdict_needs_the_trace_and_an_unrelated_gap():
+    from flatlib.claims import flatness_verdict
+
+    trace_yes, gap_flat = Interval(-0.7, -0.9, -0.4, 8), Interval(0.0, -0.2, 0.2, 8)
+    assert flatness_verdict(trace_yes, gap_flat) == "yes"
+    assert flatness_verdict(trace_yes, Interval(0.0, -0.6, 0.6, 8)) == "inconclusive"  # the gap might explain it
+    assert flatness_verdict(Interval(0.6, 0.3, 0.8, 8), gap_flat) == "no"
+    assert flatness_verdict(Interval(-0.7, -0.9, -0.4, 3), gap_flat) == "not tested"
