@@ -53,6 +53,11 @@ Measured in one run (``--threads`` torch threads, default 1):
      any parameters, and the probe budget is split between its two parts to minimise time. Its
      estimate with the most probes is the "best estimate" the others are compared with.
 
+5. **The gauge-invariant trace** (``flatness.invariant_trace``) beside the raw Hutchinson trace of
+   the expected loss on the same pairs and probes, for the model as trained and after a function-
+   preserving rescaling of its final LayerNorm: cost (setup = the exact gauge diagonals, then per
+   probe), standard error and time to 2%.
+
 4. **Error against the exact trace**, on a model small enough for a dense Hessian: a 1 x 8
    Transformer with 790 parameters, in float64, trained on a 3-state HMM and evaluated on its 512
    validation pairs in 4 batches. The dense Hessian is built row by row by classic double backward
@@ -91,8 +96,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import cpu_model, print_table
-from flatlib.flatness import (TraceEstimate, fisher_trace, hessian_mode, hessian_trace, hvp, mlm_logits_fn,
-                              mlm_loss_fn, rademacher_probes, trainable_parameters)
+from flatlib.flatness import (TraceEstimate, fisher_diagonal, fisher_trace, hessian_mode, hessian_trace, hvp,
+                              invariant_trace, mlm_logits_fn, mlm_loss_fn, rademacher_probes, trainable_parameters)
+from flatlib.model import gauge_pairs, rescale_norms
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, build_language, evaluate, load_model, pretrain, validation_set
 
@@ -114,6 +120,7 @@ RESULTS_DIR = ROOT / "bench" / "results"
 RUNS_DIR = ROOT / "build" / "bench_runs"
 BUSY_LOAD = 0.5  # a 1-minute load average above this means other work is running
 REL_SE = 0.02  # the precision every "time to target" is for
+INVARIANT_PROBES = 12  # probes of the raw-vs-invariant comparison (the notebooks' protocol)
 HVP_TARGET = 2.5  # HVP time / gradient time
 HUTCHINSON_TARGET = 1.5  # flatlib Hutchinson vs PyHessian, at equal standard error
 FASTEST_TARGET = 3.0  # the fastest valid flatlib estimator vs PyHessian
@@ -779,6 +786,42 @@ def print_targets(m: dict[str, Any], ratios: dict[str, float]) -> dict[str, Any]
     return targets
 
 
+def invariant_rows(model: nn.Module, batches: Sequence[Batch], n_probes: int) -> dict[str, Any]:
+    """The gauge-invariant trace (``flatness.invariant_trace``) beside the raw Hutchinson trace on
+    the same pairs and probes, for the model as trained and after a function-preserving rescaling of
+    its final LayerNorm (gain folded into the head, then x3): seconds, estimate ± SE, the per-probe
+    coefficient of variation and the time to a 2% relative SE (``setup + n x per probe``; the
+    invariant trace's setup is its exact gauge diagonals, C per-example gradients per example)."""
+    soft = [(b[0], b[1], b[3]) for b in batches]  # the expected loss: targets = the exact conditionals
+    gain = model.ln_f.weight.detach().abs()
+    out: dict[str, Any] = {}
+    for label, m in (("as trained", model), ("ln_f gain folded, x3", rescale_norms(model, {"ln_f": 3 / gain}))):
+        raw_s, raw = timed(lambda: hessian_trace(m, mlm_loss_fn, soft, n_probes, seed=0))
+        setup_s, _ = timed(lambda: fisher_diagonal(m, mlm_logits_fn, soft, parameters=[
+            n for norm, reader in gauge_pairs(m) for n in (f"{norm}.weight", f"{norm}.bias", f"{reader}.weight")]))
+        inv_s, inv = timed(lambda: invariant_trace(m, mlm_loss_fn, mlm_logits_fn, soft, n_probes, seed=0))
+        rows = {}
+        for name, est, seconds, setup in (("raw hessian_trace", raw, raw_s, 0.0), ("invariant_trace", inv, inv_s, setup_s)):
+            per_probe = (seconds - setup) / n_probes
+            cv = float(est.samples.std()) / abs(est.mean)
+            n = probes_for(cv)
+            rows[name] = {"estimate": est.mean, "stderr": est.stderr, "seconds": seconds, "setup_s": setup,
+                          "per_probe_s": per_probe, "cv": cv, "probes_to_target": n,
+                          "seconds_to_target": setup + n * per_probe}
+        out[label] = rows
+    return out
+
+
+def print_invariant(inv: dict[str, Any], n_pairs: int, n_probes: int) -> None:
+    print(f"\nRaw vs gauge-invariant trace of the expected loss ({n_pairs} pairs, {n_probes} probes each; "
+          f"time to {REL_SE:.0%} SE = setup + probes x s/probe):")
+    print_table(("model", "estimator", "estimate ± SE", "cv", "setup s", "s/probe", f"probes to {REL_SE:.0%}",
+                 f"s to {REL_SE:.0%}"),
+                [(label, name, f"{r['estimate']:.3f} ± {r['stderr']:.3f}", f"{r['cv']:.3f}", f"{r['setup_s']:.2f}",
+                  f"{r['per_probe_s']:.3f}", str(r["probes_to_target"]), f"{r['seconds_to_target']:.1f}")
+                 for label, rows in inv.items() for name, r in rows.items()], text_columns=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -824,6 +867,8 @@ def main() -> None:
     print_estimators(m, n_pairs)
     fisher_vs_hessian = print_fisher_vs_hessian(m, n_pairs)
     pyh_default = print_pyhessian_default(m, sizes["pyh_max_iter"], args.quick)
+    invariant = invariant_rows(model, full, INVARIANT_PROBES)
+    print_invariant(invariant, n_pairs, INVARIANT_PROBES)
     print_dense(dense)
     targets = print_targets(m, ratios)
     busy = max(load_start[0], load_end[0]) > BUSY_LOAD
@@ -861,6 +906,7 @@ def main() -> None:
         "forward_vs_reverse_samples_max_rel_diff": m["fwd_diff"],
         "composite_check_value": m["composite_check_value"],
         "dense": dense,
+        "invariant_trace": invariant,
         "targets": targets,
         "wall_s": wall_s,
     }
