@@ -15,7 +15,7 @@ The probe protocol (fixed, so that numbers from different checkpoints are compar
    *per split*, and its test accuracy is the split's result;
 5. the result is the mean test accuracy over splits with a 95% t-interval, plus the whole sweep (mean
    test accuracy for every L2 strength), reported alongside because the regularisation moves a
-   probe by several points (PILOT.md).
+   probe by several points (docs/lessons.md).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def pool(features: Tensor, corpus: Corpus, pooling: str = "concat", position: in
 
 def probe_inputs(language: Language, corpus: Corpus, features: Tensor, task: str) -> Tensor:
     """The probe's input for ``task``: for an HMM state task, the representation at the task's
-    position (the sensitive choice, PILOT.md); for a PCFG task, all positions concatenated (the
+    position (the sensitive choice, docs/lessons.md); for a PCFG task, all positions concatenated (the
     paper's choice). Differentiable: the adversarial objective (``flatlib.train``) pools its
     downstream batch with it, exactly as the evaluation probe does."""
     return pool(features, corpus, *probe_pooling(language, task))

@@ -412,7 +412,7 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
                           checkpoint_every=steps, seed=seed)
 
 
-# SGD continues on the loss alone: the theory's slow flow (PAPER.md) moves along the loss's minimizers,
+# SGD continues on the loss alone: the theory's slow flow (docs/paper.md) moves along the loss's minimizers,
 # which an L2 term would move. With PretrainConfig's default (coupled) weight decay 0.01 at lr 0.1 the
 # weights shrink by 1 - 0.001 a step (x0.3 over 1200 steps), and because LayerNorm makes the loss
 # scale-invariant in most of them, the trace *doubled* and the gap rose 0.013 nats (cpu, 3 seeds);

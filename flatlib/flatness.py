@@ -375,7 +375,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
     Cost per batch: ``mode="reverse"`` one gradient with graph, then one backward per probe (about
     2x a gradient each); ``mode="forward"`` one ``jvp(grad)`` per probe (about 3x a gradient).
     Memory: one batch's graph at a time (see ``_batch_quadratic_forms``). Probes run one after
-    the other: ``vmap`` over probes gave no speed-up on CPU and multiplies memory (PILOT.md).
+    the other: ``vmap`` over probes gave no speed-up on CPU and multiplies memory (docs/lessons.md).
 
     Args:
         n_probes: number of Rademacher probes, fixed (>= 2, for a standard error).

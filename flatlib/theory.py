@@ -45,7 +45,7 @@ The module provides:
 Derivatives are taken with respect to one flat vector ``theta`` (``FlatModel``: the trainable
 parameters in ``named_parameters`` order, as ``flatlib.flatness`` orders them). Second derivatives:
 forward-over-reverse (``jvp`` of ``grad``) or classic double backward only, never
-``torch.func.hessian`` / ``jacrev(jacrev)`` (wrong with affine LayerNorm on torch 2.13, DESIGN.md).
+``torch.func.hessian`` / ``jacrev(jacrev)`` (wrong with affine LayerNorm on torch 2.13, docs/lessons.md).
 All randomness comes from explicit ``torch.Generator`` s; everything is float64.
 """
 
@@ -443,7 +443,7 @@ class FactoredSoftmax(nn.Module):
 
 class OneLayerTransformer(nn.Module):
     """The one-layer transformer of notebook 06: minimal, ours in detail, after the paper's synthetic
-    language theorem (PAPER.md, "The flattest optimum transfers").
+    language theorem (docs/paper.md, "Flatness and theory").
 
     Tokens ``0..V-1`` are words and ``V`` is [MASK]; a row holds the context's words and one
     [MASK] (read out at the last position). With fixed one-hot encodings ``e_x in R^{V+1}``:

@@ -1,7 +1,7 @@
 """Tests of flatlib.flatness against dense Hessians built by classic double backward.
 
 Reference Hessians are built row by row with ``torch.autograd.grad(create_graph=True)`` (never
-``torch.func.hessian``, which is wrong for affine LayerNorm on torch 2.13 CPU, see DESIGN.md) in
+``torch.func.hessian``, which is wrong for affine LayerNorm on torch 2.13 CPU, see docs/design.md) in
 float64, and asserted symmetric. Two models: a tiny MLP with an affine LayerNorm, and a tiny flatlib
 Transformer with the single-mask MLM loss on two batches of unequal size (so that the batch-size
 weighting is tested too).

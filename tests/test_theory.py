@@ -1,7 +1,7 @@
 """Tests of flatlib.theory: the exact identities behind notebook 06, on tiny cases.
 
 Dense reference Hessians come from classic double backward (``torch.autograd.grad`` with
-``create_graph``, row by row), never from ``torch.func.hessian`` (see DESIGN.md); the fast dense
+``create_graph``, row by row), never from ``torch.func.hessian`` (see docs/design.md); the fast dense
 Hessian of ``flatlib.theory`` (forward-over-reverse) is checked against them, and against
 ``flatlib.flatness.hvp``.
 """

@@ -1,7 +1,7 @@
 """What every synthetic language shares: the `Corpus` it samples, the `Language` protocol, and
 the exact optimal losses computed from a language's exact conditionals.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/design.md):
 
 * token ids in a `Corpus` are the language's words, ``0..V-1``; positions at and beyond
   ``lengths[i]`` hold ``PAD`` (-1), which is not a word, so forgetting the mask fails loudly;
