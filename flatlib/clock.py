@@ -66,6 +66,7 @@ def clock_continuation(base: PretrainConfig, from_step: int, tau: float, lr: flo
     not phase 1's again). ``overrides`` go to the config (e.g. ``checkpoint_every``)."""
     from flatlib.experiments import continuation  # noqa: PLC0415 - experiments imports this module's users
 
+    supervised_tokens(base)  # the continuation inherits base's objective: tau counts sentences only if single-mask
     steps = steps_for_clock(tau, lr, batch_size)
     if steps < 1:
         raise ValueError(f"tau: {tau} is less than one step at lr {lr} and batch size {batch_size}")
@@ -96,6 +97,8 @@ def clock_runs(base: PretrainConfig, taus: list[float], lr: float, batch_size: i
     if sorted(taus) != list(taus) or len(set(taus)) != len(taus) or not taus or taus[0] < 0:
         raise ValueError(f"taus: expected increasing values >= 0, got {taus!r}")
     positive = [t for t in taus if t > 0]
+    # every anneal of one noise seed, the control's included, draws the same batches: the doses differ
+    # only by where the anneal starts (a paired design)
     seed = derived_seed("clock noise", base.seed, noise_seed)
     out: dict[float, tuple[PretrainConfig | None, PretrainConfig]] = {}
     sgd = None

@@ -108,3 +108,10 @@ def test_clock_grid_has_one_control_per_lineage():
     controls = [p for p in points if p.tau == 0]
     assert [(p.lineage, p.noise, p.sgd) for p in controls] == [(0, 0, None), (1, 0, None)]
     assert len({p.sgd.key for p in points if p.sgd is not None}) == 2 * 3  # one trajectory per noise seed
+
+
+def test_the_clock_refuses_a_multi_token_objective():
+    from flatlib.clock import clock_continuation
+
+    with pytest.raises(ValueError, match="config: the clock"):
+        clock_continuation(base_config(supervise_all=True), 40, 0.01, lr=0.1, batch_size=8, noise_seed=0)
