@@ -237,8 +237,8 @@ def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[
                 change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max()) for b in batches)
             raw = hessian_trace(m, mlm_loss_fn, batches, protocol.trace_probes, seed)
             inv = invariant_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
-            rows.append({"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.norm()),
-                         "head norm": float(m.head.weight.norm()), "trace": raw.mean, "trace_se": raw.stderr,
+            rows.append({"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
+                         "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean, "trace_se": raw.stderr,
                          "invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
         names = list(trainable_parameters(model))
         blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"], "ln_f": ["ln_f.weight", "ln_f.bias"],
