@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
+from flatlib.downstream import mean_ci
 from flatlib.stats import mean_difference
 
 # ---------------------------------------------------------------------------- the constants
@@ -103,8 +103,8 @@ def t_interval(values: Sequence[float]) -> Interval:
     n = len(x)
     if n < MIN_SEEDS:
         return Interval(float(x.mean()) if n else math.nan, math.nan, math.nan, n)
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
-    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), n)
+    mean, half = mean_ci(x, level=CONFIDENCE)
+    return Interval(mean, mean - half, mean + half, n)
 
 
 def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
