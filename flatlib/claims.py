@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flatlib.downstream import mean_ci
+from flatlib.stats import mean_ci
 from flatlib.stats import mean_difference
 
 # ---------------------------------------------------------------------------- the constants

@@ -21,30 +21,21 @@ The probe protocol (fixed, so that numbers from different checkpoints are compar
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor
 
 from flatlib.device import module_device, preserved_rng
 from flatlib.languages import HMM, Corpus, Language
 from flatlib.model import Transformer
+from flatlib.stats import mean_ci
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
-
-def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided t confidence interval (nan for one value)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(half)
 
 
 def lookup_table_features(language: Language, corpus: Corpus, kind: str = "mlm") -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in Jupyter: inline
@@ -42,3 +43,14 @@ def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -
     fig.savefig(png, metadata={"Software": None})
     fig.savefig(folder / f"{name}.pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return png
+
+
+def saver(profile: str, seed: int) -> Callable[[plt.Figure, str, str], Path]:
+    """``save(fig, name, note)``: ``savefig`` with the notebook's profile and seed filled in (the
+    one figure-saving call every notebook uses)."""
+    figures_dir(profile)  # checks the profile name now, not at the first figure
+
+    def save(fig: plt.Figure, name: str, note: str) -> Path:
+        return savefig(fig, name, profile=profile, seed=seed, note=note)
+
+    return save

@@ -13,6 +13,15 @@ import numpy as np
 from scipy import stats
 
 
+def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided t confidence interval (nan for one value)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
 @dataclass(frozen=True)
 class Difference:
     """``mean(b) - mean(a)`` with the half-width of its Welch 95% confidence interval."""
