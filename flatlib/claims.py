@@ -37,7 +37,7 @@ MIN_LINEAGES = 5  # independent training lineages a correlation across models ne
 MIN_SEEDS = 2  # paired differences a t-interval needs
 CONFIDENCE = 0.95
 DECIDING_TRACE = "invariant"  # flatness.invariant_trace; the raw hessian_trace is shown beside it
-DECIDING_PROBE = "standard"  # the linear probe protocol of experiments.Protocol (others are shown)
+DECIDING_PROBE = "standard"  # the linear probe protocol of measure.Protocol (others are shown)
 
 RULES = {
     "equal loss": (f"two models are at equal loss when their exact gaps to the optimum differ by at most "

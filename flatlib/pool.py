@@ -12,7 +12,7 @@ unfinished future with ``BrokenProcessPool``; ``run_jobs`` builds on that:
 
 Every job finishes or fails; the call always returns. Workers are spawned (fork would copy torch's
 thread pools and locks). Used by ``flatlib.sweep.run_configs(backend="local")`` and
-``flatlib.experiments.measure_many``.
+``flatlib.measure.measure_many``.
 """
 
 from __future__ import annotations

@@ -210,3 +210,13 @@ def write_report(profile: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, render_report(profile))
     return path
+
+
+def parameter_lines(params: dict[str, Any], sections: tuple[str, ...] = ()) -> str:
+    """A resolved profile as aligned ``key: value`` lines, the keys of ``sections`` one per line
+    (``section.key``) after the other top-level entries: what a notebook prints under its
+    parameters."""
+    width = max([len(k) for k in params] + [len(s) + 1 + len(k) for s in sections for k in params[s]])
+    lines = [f"{key:>{width}}: {value}" for key, value in params.items() if key not in sections]
+    lines += [f"{section + '.' + key:>{width}}: {value}" for section in sections for key, value in params[section].items()]
+    return "\n".join(lines)

@@ -29,7 +29,7 @@ head. The head (standardization + multinomial logistic regression with L2 ``ADVE
 float64, ``ADVERSARIAL_MAX_ITER`` full-batch L-BFGS iterations from zero: deterministic) is refitted
 at the start and every ``refit_every`` steps, on eval-mode features of a fixed held-out split of
 ``head_sentences`` sentences of its own random stream (independent of the training sentences, the
-masks and the probe corpus of ``flatlib.experiments``). L_down is unbounded above: with a fixed head
+masks and the probe corpus of ``flatlib.measure``). L_down is unbounded above: with a fixed head
 the transformer can raise it without limit by pushing the features far along the head's directions
 (the head then predicts a wrong class confidently: the information is flipped, not erased), which
 also wrecks the MLM loss. Each sentence's term is therefore clipped at ``cap``, the cross-entropy of
@@ -60,7 +60,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -229,6 +229,15 @@ class PretrainConfig:
     @property
     def key(self) -> str:
         return config_hash(self.to_dict())
+
+
+def continuation(base: PretrainConfig, from_step: int, steps: int, **overrides: Any) -> PretrainConfig:
+    """A run that starts from ``base``'s checkpoint at ``from_step`` with a fresh optimizer and the
+    given overrides (e.g. ``optimizer="sgd", lr=0.05``), for ``steps`` more steps. Warm-up and
+    evaluation settings default to: no warm-up, a constant learning rate."""
+    settings = {"warmup_steps": 0, "schedule": "constant", **overrides}
+    return replace(base, steps=steps, init_from={"config": base.to_dict(), "step": from_step},
+                   stop_gap=None, extra_steps=0, **settings)
 
 
 def _check_init_from(init_from: Any) -> None:

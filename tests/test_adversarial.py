@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flatlib.downstream import linear_probe, model_features, probe_inputs
-from flatlib.experiments import continuation
+from flatlib.train import continuation
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, build_language, derived_seed, load_model, pretrain
 from run_helpers import interrupt

@@ -115,3 +115,88 @@ def test_the_clock_refuses_a_multi_token_objective():
 
     with pytest.raises(ValueError, match="config: the clock"):
         clock_continuation(base_config(supervise_all=True), 40, 0.01, lr=0.1, batch_size=8, noise_seed=0)
+
+
+def notebook_frame():
+    """Notebook 02's measurement table in miniature: language 'a', 3 lineages, 2 noise seeds, taus
+    0 / 1 / 10 on the clock, plus phase-1 and AdamW ends. On the clock the invariant trace falls by 2
+    per lineage at tau 10, the standard probe on task t rises by 0.01 (+ 0.001 * lineage), the
+    extra probe is flat, and the gap stays 0.008; AdamW moves nothing. The noise seeds add 0.1 * noise
+    to the invariant trace, so its effect is -1.95."""
+    rows = []
+    for lineage in range(3):
+        for tau, noises in ((0, [0]), (1, [0, 1]), (10, [0, 1])):
+            for noise in noises:
+                dose = tau == 10
+                rows.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau, "continuation": "sgd clock",
+                             "gap": 0.008, "gap_se": 0.0005, "trace": 20.0 - 5 * dose + lineage, "trace_se": 0.5,
+                             "invariant_trace": 10.0 - 2 * dose + lineage + 0.1 * noise, "invariant_trace_se": 0.1,
+                             "acc t": 0.6 + (0.01 + 0.001 * lineage) * dose, "acc t ci95": 0.01, "acc t [limited]": 0.5})
+        for continuation in ("phase 1", "adamw"):
+            rows.append({"language": "a", "lineage": lineage, "noise": 0, "tau": 0, "continuation": continuation,
+                         "gap": 0.008, "gap_se": 0.0005, "trace": 20.0, "trace_se": 0.5, "invariant_trace": 10.0 + lineage,
+                         "invariant_trace_se": 0.1, "acc t": 0.6 + 0.001 * lineage, "acc t ci95": 0.01, "acc t [limited]": 0.5})
+    return __import__("pandas").DataFrame(rows)
+
+
+def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
+    from flatlib.clock import answer, probe_columns, verdict_claims, verdict_table
+
+    frame = notebook_frame()
+    assert probe_columns(frame, ["t"]) == ["acc t", "acc t [limited]"]
+    verdict = verdict_table(frame, {"a": ["t"]}, {"a": True}).set_index(["continuation", "quantity"])
+    trace = verdict.loc[("sgd clock", "invariant_trace")]
+    assert trace["effect"] == pytest.approx(-1.95) and trace["verdict"] == "yes" and trace["equal loss"]
+    assert trace["lineages"] == 3 and trace["decides"]
+    probe = verdict.loc[("sgd clock", "acc t")]
+    assert probe["effect"] == pytest.approx(0.011) and probe["verdict"] == "yes" and probe["decides"]
+    assert not verdict.loc[("sgd clock", "acc t [limited]"), "decides"]
+    assert verdict.loc[("sgd clock", "trace"), "effect"] == pytest.approx(-5.0)
+    assert verdict.loc[("adamw", "invariant_trace"), "effect"] == pytest.approx(0.0)
+    claims = verdict_claims(verdict.reset_index(), tau=10, adamw_lr=3e-4)
+    assert [c.held for c in claims] == ["yes", "yes", verdict.loc[("adamw", "acc t"), "verdict"],
+                                        verdict.loc[("adamw", "invariant_trace"), "verdict"]]
+    assert "t +0.011 [+0.009, +0.013]" in claims[0].ours  # 0.011 ± t(2) 4.303 x 0.001 / sqrt 3 and "3 lineages" in claims[0].ours
+    assert "invariant -1.95 [-1.95, -1.95]" in claims[1].ours and "raw -5.00" in claims[1].ours
+    assert "AdamW at constant lr 0.0003" in claims[2].claim
+    not_converged = verdict_table(frame, {"a": ["t"]}, {"a": False})
+    assert set(not_converged.verdict) == {"not tested"}
+    (line,) = answer(verdict.reset_index(), "cpu", 10, 2)
+    assert "at equal loss (gap 0.0080 -> 0.0080 nats)" in line and "invariant trace by -1.95" in line
+    assert "t +0.011" in line and "3 lineages x 2 noise seeds" in line
+
+
+def test_notebook_02_checks_catch_what_they_name():
+    import pandas as pd
+
+    from flatlib.clock import check_measurements
+
+    frame = notebook_frame()
+    gauge = pd.DataFrame({"language": ["a"] * 3, "max logit change": [0.0, 1e-6, 2e-6],
+                          "invariant_trace": [10.0, 10.0, 10.0]})
+    refs = pd.DataFrame({"language": ["a"], "task": ["t"], "lookup probe": [0.62], "lookup ci95": [0.01],
+                         "majority": [0.3], "Bayes": [0.7], "Bayes se": [0.01]}).set_index(["language", "task"])
+    check_measurements(frame, gauge, refs)
+    with pytest.raises(AssertionError, match="gap"):
+        check_measurements(frame.assign(gap=-frame["gap"]), gauge, refs)
+    with pytest.raises(AssertionError, match="changed the function"):
+        check_measurements(frame, gauge.assign(**{"max logit change": [0.0, 0.1, 0.0]}), refs)
+    with pytest.raises(AssertionError):
+        check_measurements(frame, gauge, refs.assign(Bayes=0.5))  # accuracies of 0.6 above Bayes 0.5 + tolerance
+
+
+def test_measured_models_label_every_checkpoint(tmp_path):
+    from flatlib.clock import clock_grid, measured_models
+    from flatlib.runs import Run
+
+    base = base_config()
+    points = clock_grid({("hmm", 0): base}, {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": 6,
+                                              "anneal_batch_size": 16, "noise_seeds": 2})
+    runs = [Run(tmp_path / str(i), p.anneal.to_dict()) for i, p in enumerate(points)]
+    phase1 = {("hmm", 0): Run(tmp_path / "p", base.to_dict())}
+    adamw = {("hmm", 0): Run(tmp_path / "a", base_config(steps=7).to_dict())}
+    items, labels = measured_models(points, runs, phase1, adamw)
+    assert len(items) == len(labels) == len(points) + 2
+    assert [step for _, step in items] == [6] * len(points) + [40, 7]
+    assert [label["continuation"] for label in labels] == ["sgd clock"] * len(points) + ["phase 1", "adamw"]
+    assert [(label["tau"], label["noise"]) for label in labels[: len(points)]] == [(p.tau, p.noise) for p in points]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flatlib.device import ENVIRONMENT_VARIABLE, default_device, describe, module_device, resolve_device
-from flatlib.experiments import Protocol, measure_checkpoint, measure_finetune, measure_widened_trace
+from flatlib.measure import Protocol, measure_checkpoint, measure_finetune, measure_widened_trace
 from flatlib.profiles import resolve
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, load_model, pretrain

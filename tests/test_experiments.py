@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flatlib.experiments import Protocol, continuation, lookup_table_probe, measure_checkpoint
+from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoint
+from flatlib.train import continuation
 from flatlib.runs import RunStore
 from flatlib.sweep import SweepError, run_configs
 from flatlib.train import PretrainConfig
@@ -70,7 +71,7 @@ def test_bad_sweep_arguments():
 
 
 def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
-    from flatlib.experiments import measure_checkpoints
+    from flatlib.measure import measure_checkpoints
 
     configs = [base_config(seed=s) for s in range(2)]
     runs = [r.run for r in run_configs(configs, RunStore(tmp_path / "a"), progress=False)]
@@ -87,7 +88,7 @@ def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
 
 
 def test_widened_trace_and_finetune_are_cached_and_consistent(tmp_path):
-    from flatlib.experiments import measure_many, measure_widened_trace
+    from flatlib.measure import measure_many, measure_widened_trace
 
     [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)
     raw = measure_checkpoint(result.run, 40, SMALL)
@@ -170,7 +171,7 @@ def test_killed_workers_do_not_hang_the_sweep(tmp_path):
 def test_measure_many_reports_a_failed_item_and_keeps_the_others(tmp_path):
     """In workers, a failing item is reported with its run and step (flatlib.pool.PoolError) after
     the other items have finished and been cached."""
-    from flatlib.experiments import _checkpoint_path, measure_many
+    from flatlib.measure import _checkpoint_path, measure_many
     from flatlib.pool import PoolError
 
     [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flatlib.downstream import linear_probe, model_features
-from flatlib.experiments import PROBES, Protocol, measure_checkpoint
+from flatlib.measure import PROBES, Protocol, measure_checkpoint
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, build_language, load_model, pretrain
@@ -60,7 +60,7 @@ def test_protocol_names_unknown_probes():
 
 
 def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
-    from flatlib.experiments import measure_gauge
+    from flatlib.measure import measure_gauge
 
     run = pretrain(base_config(), RunStore(tmp_path), progress=False)
     g = measure_gauge(run, 40, SMALL)

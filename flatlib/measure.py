@@ -1,0 +1,402 @@
+"""Measuring a checkpoint under one fixed, cached protocol: the gap to the exact optimum, linear-probe
+accuracy per task (``PROBES``), and the raw and gauge-invariant Hessian traces; also the LayerNorm
+gauge of one model, the trace after widening, fine-tuning, and the lookup-table probe.
+
+A checkpoint's measurements are cached in its run directory (``evals/<step>_<protocol hash>.json``,
+written atomically), keyed by everything that determines them, so notebooks that revisit a model
+(02, 05) read the numbers instead of recomputing them. ``measure_many`` runs many in worker
+processes. Which runs the notebooks train is ``flatlib.experiments``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from flatlib.checks import check_int, check_seed
+from flatlib.device import module_device
+from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
+                                probe_pooling)
+from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn,
+                              trainable_parameters)
+from flatlib.languages import HMM, Corpus, Language
+from flatlib.model import rescale_norms
+from flatlib.runs import Run, atomic_write, canonical_json, config_hash
+from flatlib.train import (PretrainConfig, ValidationSet, build_language, derived_seed, evaluate, load_model,
+                           validation_set)
+
+
+# The probes a checkpoint is measured with. Only "standard" decides a claim (flatlib.claims).
+PROBES = {
+    "standard": "final-layer features of the unmasked sentence (HMM: at the task's position; PCFG: all positions "
+                "concatenated), standardised, L2 chosen on a validation split",
+    "all positions": "HMM: every position's final-layer features concatenated (PCFG: the standard probe already is)",
+    "limited": "the standard inputs, few training examples (limited_train), features NOT standardised, one weak L2 "
+               "(limited_l2): close to the theory's minimum-norm head; it sees the feature scales, which the "
+               "LayerNorm gauge changes",
+    "masked": "HMM: the final-layer features at the task's position with that word masked: the representation the "
+              "pre-training loss supervises (the head reads it); PCFG tasks have no single position",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a checkpoint is measured. Every field enters the cache key."""
+
+    probe_sentences: int = 4000  # one fixed downstream corpus per language
+    probe_train: int = 1000
+    probe_test: int = 1000
+    probe_splits: int = 3
+    probe_l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    trace_pairs: int = 1024  # validation pairs the trace is measured on (the first ones)
+    trace_probes: int = 10
+    trace_batch: int = 512
+    seed: int = 0
+    tasks: tuple[str, ...] | None = None  # None: all of the language's tasks
+    # the probes shown beside the standard one (which decides, flatlib.claims.DECIDING_PROBE): see PROBES
+    extra_probes: tuple[str, ...] = ("all positions", "limited", "masked")
+    limited_train: int = 256  # the data-limited probe's training examples ...
+    limited_l2: float = 1e-4  # ... and its (weak, fixed) L2 strength, on unstandardised features
+    invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
+
+    def __post_init__(self) -> None:
+        check_seed("seed", self.seed)
+        for name in ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs", "trace_probes",
+                     "trace_batch", "limited_train"):
+            check_int(name, getattr(self, name), low=2 if name in ("probe_splits", "trace_probes") else 1)
+        unknown = sorted(set(self.extra_probes) - set(PROBES))
+        if unknown:
+            raise ValueError(f"extra_probes: unknown probes {unknown} (expected some of {sorted(PROBES)})")
+
+    def key(self) -> str:
+        return config_hash(asdict(self))
+
+
+def downstream_corpus(language_spec: dict[str, Any], n: int) -> Corpus:
+    """The fixed corpus every probe of a language is trained and tested on."""
+    language = build_language(language_spec)
+    return language.sample(n, seed=derived_seed("downstream corpus", canonical_json(language_spec)))
+
+
+def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol: Protocol,
+           inputs: Any = None, limited: bool = False) -> dict[str, Any]:
+    """``{task: result}`` of the standard probe on ``features`` (``inputs(task)`` overrides the
+    probe's input; ``limited``: the data-limited protocol)."""
+    out = {}
+    for task in protocol.tasks or language.tasks:
+        labels = language.task_labels(corpus, task)
+        x = probe_inputs(language, corpus, features, task) if inputs is None else inputs(task)
+        settings = ({"n_train": protocol.limited_train, "l2_grid": (protocol.limited_l2,), "standardize": False}
+                    if limited else {"n_train": protocol.probe_train, "l2_grid": protocol.probe_l2_grid})
+        result = linear_probe(x, labels, language.n_classes(task), n_test=protocol.probe_test,
+                              n_splits=protocol.probe_splits, seed=protocol.seed, **settings)
+        out[task] = {"accuracy": result.accuracy, "ci95": result.ci95,
+                     "splits": result.split_accuracies, "chosen_l2": result.chosen_l2,
+                     "sweep": {str(k): v for k, v in result.sweep["test_accuracy"].items()}}
+    return out
+
+
+def _extra_probes(model: torch.nn.Module, language: Language, corpus: Corpus, features: torch.Tensor,
+                  protocol: Protocol) -> dict[str, dict[str, Any]]:
+    """``{probe: {task: result}}`` for the protocol's ``extra_probes`` that apply to the language."""
+    out = {}
+    is_hmm = isinstance(language, HMM)
+    for kind in protocol.extra_probes:
+        if kind == "limited":
+            out[kind] = _probe(language, corpus, features, protocol, limited=True)
+        elif kind == "all positions" and is_hmm:
+            out[kind] = _probe(language, corpus, features, protocol, inputs=lambda task: pool(features, corpus))
+        elif kind == "masked" and is_hmm:
+            def masked(task: str) -> torch.Tensor:
+                position = probe_pooling(language, task)[1]
+                return model_features(model, corpus, masked_position=position)[:, position]
+            out[kind] = _probe(language, corpus, features, protocol, inputs=masked)
+    return out
+
+
+def _trace(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> TraceEstimate:
+    """The trace of the Hessian of the *expected* single-mask loss at the first ``trace_pairs``
+    validation contexts (targets = the exact conditionals: the sampled words' noise does not enter
+    it), with the protocol's probes."""
+    return hessian_trace(model, mlm_loss_fn, _trace_batches(model, val, protocol), n_probes=protocol.trace_probes,
+                         seed=derived_seed("trace probes", protocol.seed))
+
+
+def _trace_batches(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> list[tuple]:
+    n = min(protocol.trace_pairs, len(val.inputs))
+    batches = mlm_batches((val.inputs[:n], val.positions[:n], val.targets[:n], val.true_probs[:n]),
+                          protocol.trace_batch, soft_targets=True)
+    device = module_device(model)
+    return [tuple(t.to(device) for t in batch) for batch in batches]
+
+
+def _traces(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> dict[str, Any]:
+    """The raw trace (``hessian_trace``) and, if the protocol asks, the LayerNorm-gauge-invariant
+    trace (``invariant_trace``, the deciding one) on the same pairs, as measurement fields."""
+    raw = _trace(model, val, protocol)
+    out = {"trace": raw.mean, "trace_se": raw.stderr, "trace_description": raw.description}
+    if protocol.invariant_trace:
+        inv = invariant_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
+                              n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
+        out.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr,
+                    "trace_body": inv.body.mean, "trace_gauge": inv.gauge,
+                    "invariant_trace_description": inv.description})
+    return out
+
+
+def measure_checkpoint(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """Gap to the exact optimum, probe accuracy per task (mean, 95% CI over resplits, the L2
+    sweep; ``probes`` the standard probe, ``extra_probes`` the others of ``PROBES``) and the raw and
+    gauge-invariant Hessian traces (± SE) of ``run``'s model at ``step``. Cached in the run."""
+
+    def compute() -> dict[str, Any]:
+        config = PretrainConfig.from_dict(run.config)
+        language = build_language(config.language)
+        model = load_model(run, step)
+        val = validation_set(config, language)
+        gap = evaluate(model, val)
+        corpus = downstream_corpus(config.language, protocol.probe_sentences)
+        features = model_features(model, corpus)
+        probes = _probe(language, corpus, features, protocol)
+        extra = _extra_probes(model, language, corpus, features, protocol)
+        return {"run": run.key, "step": step, **gap, **_traces(model, val, protocol), "probes": probes,
+                "extra_probes": extra}
+
+    return _cached(_checkpoint_path(run, step, protocol), compute)
+
+
+def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """The same probe on the exact conditionals (the paper's lookup table), plus each task's
+    majority-class rate and, for HMM and teacher tasks, the Bayes accuracy (exact per sentence, ± SE over
+    sentences)."""
+    language = build_language(language_spec)
+    corpus = downstream_corpus(language_spec, protocol.probe_sentences)
+    features = lookup_table_features(language, corpus).to(torch.float32)
+    out = _probe(language, corpus, features, protocol)
+    for task in out:
+        labels = language.task_labels(corpus, task)
+        labels = labels[labels >= 0]
+        out[task]["majority"] = float(torch.bincount(labels).max()) / len(labels)
+        if hasattr(language, "bayes_accuracy"):  # HMM and teacher tasks (a PCFG label is a function of the sentence)
+            bayes = language.bayes_accuracy(corpus, task)
+            out[task]["bayes"], out[task]["bayes_se"] = bayes.mean, bayes.stderr
+    return out
+
+
+def measure_checkpoints(checkpoints: list[tuple[Run, int]], protocol: Protocol = Protocol(),
+                        workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
+    """``measure_checkpoint`` for every ``(run, step)`` of ``checkpoints`` (same order), cached ones
+    read at once, the others in ``workers`` spawned processes (see ``measure_many``): on a 2-core
+    machine two single-threaded processes beat one two-threaded one, as for training."""
+    return measure_many("checkpoint", [(run, step, {}) for run, step in checkpoints], protocol, workers,
+                        threads_per_worker)
+
+
+# ---------------------------------------------------------------------------- traces in one parameterization
+def _cached(path: Path, compute: Any) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    atomic_write(path, json.dumps(result, indent=1))
+    return result
+
+
+def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """The LayerNorm gauge on ``run``'s model at ``step``: one function in three parameterizations
+    (as trained; the final LayerNorm's gain folded into the head, ``rescale_norms`` with ``c = 1 /
+    |gain|``; then the gain x3 and the head's columns /3), each with the largest logit change, the raw
+    trace and the invariant trace (the protocol's pairs and probes); and where the raw trace of the
+    trained model sits (``hessian_trace`` of the diagonal blocks: head weights, head bias, final
+    LayerNorm, everything else). Cached in the run."""
+
+    def compute() -> dict[str, Any]:
+        config = PretrainConfig.from_dict(run.config)
+        model = load_model(run, step)
+        val = validation_set(config, build_language(config.language))
+        batches = _trace_batches(model, val, protocol)
+        seed = derived_seed("trace probes", protocol.seed)
+        gain = model.ln_f.weight.detach().abs()
+        points = {"as trained": model, "ln_f gain folded into the head": rescale_norms(model, {"ln_f": 1 / gain}),
+                  "then ln_f gain x3, head columns /3": rescale_norms(model, {"ln_f": 3 / gain})}
+        rows = []
+        for name, m in points.items():
+            with torch.no_grad():
+                change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max()) for b in batches)
+            raw = hessian_trace(m, mlm_loss_fn, batches, protocol.trace_probes, seed)
+            inv = invariant_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
+            rows.append({"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
+                         "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean, "trace_se": raw.stderr,
+                         "invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
+        names = list(trainable_parameters(model))
+        blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"], "ln_f": ["ln_f.weight", "ln_f.bias"],
+                  "everything else": [n for n in names if not n.startswith(("head.", "ln_f."))]}
+        parts = {}
+        for name, block in blocks.items():
+            e = hessian_trace(model, mlm_loss_fn, batches, protocol.trace_probes, seed, parameters=block)
+            parts[name] = {"trace": e.mean, "trace_se": e.stderr}
+        return {"run": run.key, "step": step, "points": rows, "blocks": parts}
+
+    return _cached(run.dir / "evals" / f"gauge_{step}_{protocol.key()}.json", compute)
+
+
+def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
+    """The Hessian trace of ``run``'s model at ``step`` after ``widen`` to ``d_model = width``
+    (a function-preserving embedding into the wider architecture, ``flatlib.model.widen``), on the
+    same validation pairs, probes seed and loss as ``measure_checkpoint``'s trace. The trace depends
+    on the parameterization: comparing models of different sizes in one architecture is what makes
+    their traces comparable (the paper's procedure). Also returns the largest logit difference
+    between the model and its widening on those pairs (0 up to float error). Cached in the run."""
+    from flatlib.model import widen  # noqa: PLC0415
+
+    config = PretrainConfig.from_dict(run.config)
+    d_model = config.model["d_model"]
+    if width % d_model:
+        raise ValueError(f"width: {width} is not a multiple of the model's d_model {d_model}")
+    factor = width // d_model
+
+    def compute() -> dict[str, Any]:
+        language = build_language(config.language)
+        model = load_model(run, step)
+        wide = widen(model, factor).eval()
+        val = validation_set(config, language)
+        n = min(protocol.trace_pairs, len(val.inputs))
+        device = module_device(model)
+        inputs, positions = val.inputs[:n].to(device), val.positions[:n].to(device)
+        with torch.no_grad():
+            drift = float((wide(inputs, positions) - model(inputs, positions)).abs().max())
+        return {"run": run.key, "step": step, "width": width, "factor": factor, **_traces(wide, val, protocol),
+                "n_params": sum(p.numel() for p in wide.parameters()), "max_logit_change": drift}
+
+    return _cached(_widened_trace_path(run, step, protocol, width), compute)
+
+
+def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epochs: int = 10,
+                     lr: float = 1e-4) -> dict[str, Any]:
+    """Full fine-tuning accuracy per task (``flatlib.downstream.finetune``: AdamW on the whole model
+    and a linear head on the same pooled features as the probe, the head initialised at the fitted
+    probe: LP-FT) on the probe's corpus, ``probe_train`` / ``probe_test`` examples, one split (the
+    spread comes from the training seeds). Cached in the run."""
+    from flatlib.downstream import finetune  # noqa: PLC0415
+
+    config = PretrainConfig.from_dict(run.config)
+
+    def compute() -> dict[str, Any]:
+        language = build_language(config.language)
+        model = load_model(run, step)
+        corpus = downstream_corpus(config.language, protocol.probe_sentences)
+        out = {}
+        for task in protocol.tasks or language.tasks:
+            pooling, position = probe_pooling(language, task)
+            out[task] = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
+                                 protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
+                                 seed=protocol.seed, pooling=pooling, position=position, init_head="probe")
+        return {"run": run.key, "step": step, "epochs": epochs, "lr": lr, "init_head": "probe", "accuracy": out}
+
+    return _cached(_finetune_path(run, step, protocol, epochs, lr), compute)
+
+
+def _checkpoint_path(run: Run, step: int, protocol: Protocol) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}.json"
+
+
+def _widened_trace_path(run: Run, step: int, protocol: Protocol, width: int) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}_wide{width}.json"
+
+
+def _finetune_path(run: Run, step: int, protocol: Protocol, epochs: int = 10, lr: float = 1e-4) -> Path:
+    return run.dir / "evals" / f"{step:08d}_{protocol.key()}_lpft{epochs}_{lr:g}.json"
+
+
+_MEASURES = {"checkpoint": (measure_checkpoint, _checkpoint_path),
+             "widened_trace": (measure_widened_trace, _widened_trace_path),
+             "finetune": (measure_finetune, _finetune_path)}
+
+
+def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
+    kind, directory, config, step, protocol, kwargs, threads = args
+    torch.set_num_threads(threads)
+    fields = {**protocol, "probe_l2_grid": tuple(protocol["probe_l2_grid"])}
+    if fields.get("tasks") is not None:
+        fields["tasks"] = tuple(fields["tasks"])
+    return _MEASURES[kind][0](Run(Path(directory), config), step, protocol=Protocol(**fields), **kwargs)
+
+
+def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protocol: Protocol = Protocol(),
+                 workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
+    """Run one of the cached measurements (``kind``: "checkpoint", "widened_trace" or "finetune") for
+    every ``(run, step, keyword arguments)`` of ``items``, in ``workers`` spawned single-threaded
+    processes (or in this process for ``workers == 1``). Same numbers whichever way (each is a
+    function of the checkpoint, the protocol and the arguments); cached ones cost nothing. In workers,
+    an item that fails (or whose worker dies: ``flatlib.pool``) does not stop the others; then
+    ``flatlib.pool.PoolError`` lists the failed items with their causes."""
+    if kind not in _MEASURES:
+        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError("workers, threads_per_worker: expected >= 1")
+    measure, path = _MEASURES[kind]
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    todo = []
+    for index, (run, step, kwargs) in enumerate(items):
+        cached = path(run, step, protocol, **kwargs)
+        if cached.exists():
+            results[index] = json.loads(cached.read_text())
+        else:
+            todo.append(index)
+    if workers == 1 or len(todo) <= 1:
+        for index in todo:
+            run, step, kwargs = items[index]
+            results[index] = measure(run, step, protocol=protocol, **kwargs)
+    else:
+        from flatlib.pool import PoolError, run_jobs  # noqa: PLC0415
+
+        jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
+                 threads_per_worker) for i in todo]
+        # a worker that raises or dies fails only its own item; the others finish (and are cached)
+        failed = []
+        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers)):
+            results[index] = outcome.value
+            if not outcome.ok:
+                run, step, kwargs = items[index]
+                failed.append(f"- {kind} of run {run.key} at step {step} {kwargs}:\n{outcome.error}")
+        if failed:
+            raise PoolError(f"{len(failed)} of {len(items)} measurements failed:\n" + "\n".join(failed))
+    return results  # type: ignore[return-value]
+
+
+def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
+    """A flat table row of a ``measure_checkpoint`` result: gap, gap_se, trace, trace_se,
+    invariant_trace, invariant_trace_se, trace_body, ``acc <task>`` and ``acc <task> ci95`` (the
+    standard probe) and ``acc <task> [<probe>]`` for the extra probes."""
+    row = {key: m[key] for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
+    row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body") if key in m})
+    for task, probe in m["probes"].items():
+        row[f"acc {task}"], row[f"acc {task} ci95"] = probe["accuracy"], probe["ci95"]
+    for kind, tasks in m.get("extra_probes", {}).items():
+        for task, probe in tasks.items():
+            row[f"acc {task} [{kind}]"] = probe["accuracy"]
+    return row
+
+
+def gauge_tables(gauge: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``measure_gauge`` results per language as two tables: the parameterizations (one row each:
+    language, parameterization, max logit change, norms, both traces ± SE) and where the raw trace
+    sits (language, block, trace, trace_se)."""
+    points = pd.DataFrame([{"language": name, **p} for name, g in gauge.items() for p in g["points"]])
+    blocks = pd.DataFrame([{"language": name, "block": block, **v} for name, g in gauge.items()
+                           for block, v in g["blocks"].items()])
+    return points, blocks
+
+
+def reference_table(lookup: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """``lookup_table_probe`` results per language as one table indexed by (language, task): the
+    lookup-table probe's accuracy and CI, the majority rate, and the Bayes accuracy ± SE (1 and 0
+    where a task's label is a function of the sentence, as for the PCFG)."""
+    rows = [{"language": name, "task": task, "lookup probe": r["accuracy"], "lookup ci95": r["ci95"],
+             "majority": r["majority"], "Bayes": r.get("bayes", 1.0), "Bayes se": r.get("bayes_se", 0.0)}
+            for name, tasks in lookup.items() for task, r in tasks.items()]
+    return pd.DataFrame(rows).set_index(["language", "task"])

@@ -1,0 +1,63 @@
+"""Small table builders the notebooks share: parameters, final gaps, gauge and reference tables,
+and the figure saver."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from flatlib.measure import gauge_tables, reference_table  # noqa: E402
+from flatlib.plotting import saver  # noqa: E402
+from flatlib.report import parameter_lines  # noqa: E402
+
+
+def test_parameter_lines_expand_the_named_sections():
+    text = parameter_lines({"profile": "cpu", "seed": 0, "clock": {"lr": 0.1, "taus": [0, 1]}}, ("clock",))
+    lines = text.splitlines()
+    assert [line.split(": ")[0].strip() for line in lines] == ["profile", "seed", "clock.lr", "clock.taus"]
+    assert len({line.index(":") for line in lines}) == 1  # aligned
+    assert lines[-1].endswith(": [0, 1]")
+
+
+def test_gauge_and_reference_tables():
+    gauge = {"hmm": {"points": [{"parameterization": "as trained", "trace": 20.0}, {"parameterization": "x3", "trace": 300.0}],
+                     "blocks": {"head weights": {"trace": 15.0, "trace_se": 1.0}}}}
+    points, blocks = gauge_tables(gauge)
+    assert list(points.trace) == [20.0, 300.0] and list(points.language) == ["hmm", "hmm"]
+    assert blocks.set_index("block").loc["head weights", "trace"] == 15.0
+    lookup = {"hmm": {"state@3": {"accuracy": 0.5, "ci95": 0.01, "majority": 0.3, "bayes": 0.6, "bayes_se": 0.02}},
+              "pcfg": {"A": {"accuracy": 0.9, "ci95": 0.02, "majority": 0.4}}}
+    refs = reference_table(lookup)
+    assert refs.loc[("hmm", "state@3"), "Bayes"] == 0.6 and refs.loc[("hmm", "state@3"), "Bayes se"] == 0.02
+    assert refs.loc[("pcfg", "A"), "Bayes"] == 1.0 and refs.loc[("pcfg", "A"), "Bayes se"] == 0.0  # a function of the sentence
+
+
+def test_saver_stamps_profile_and_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATLIB_FIGURES", str(tmp_path))
+    save = saver("smoke", 7)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    png = save(fig, "x", "a note")
+    assert png == tmp_path / "smoke" / "x.png" and png.exists() and (tmp_path / "smoke" / "x.pdf").exists()
+    assert any("profile=smoke · seed=7 · a note" in t.get_text() for t in fig.texts)
+    with pytest.raises(ValueError, match="profile"):
+        saver("../up", 0)
+
+
+def test_final_gaps_reads_each_runs_summary():
+    from flatlib.experiments import final_gaps
+
+    class Finished:  # what final_gaps reads of a run
+        def __init__(self, gap):
+            self.gap = gap
+
+        def summary(self):
+            return {"steps": 100, "n_params": 5000, "val_optimum": 1.5, "final_val_loss": 1.5 + self.gap,
+                    "final_gap": self.gap, "final_gap_se": 0.001}
+
+    table = final_gaps({("hmm", 0): Finished(0.01), ("hmm", 1): Finished(0.03)}, epsilon=0.025)
+    assert list(table.index) == [("hmm", 0), ("hmm", 1)]
+    assert list(table["within ε=0.025"]) == [True, False]
+    assert table.loc[("hmm", 1), "val loss"] == pytest.approx(1.53)
