@@ -221,8 +221,8 @@ def summary_lines(params: dict[str, Any], models: pd.DataFrame, correlations: pd
         lines.append(f"{name:>4} {family}: {int(g['within ε'].sum())}/{len(g)} within ε")
     for _, r in correlations.iterrows():
         lines.append(f"{r['language']:>4} {r['family']} {r['task']}: partial ρ(acc,inv. trace|gap) "
-                     f"{r['spearman acc~invariant trace|gap']:+.1f} · ρ(acc,raw trace) {r['spearman acc~raw trace']:+.1f} · "
-                     f"ρ(acc,gap) {r['spearman acc~gap']:+.1f}")
+                     f"{r['spearman acc~invariant trace|gap']:+.1f} · "
+                     f"ρ(acc,raw trace) {r['spearman acc~raw trace']:+.1f} · ρ(acc,gap) {r['spearman acc~gap']:+.1f}")
     lines += [f"claim: {c.claim.split(':')[0]} -> {c.held}" for c in claims]
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
