@@ -61,6 +61,11 @@ RULES = {
              "else 'inconclusive' (or 'not tested' if every part is)",
     "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (LayerNorm gauge fixed); the raw trace is shown",
     "probe": f"transfer claims are decided on the {DECIDING_PROBE} probe; the other probes are shown",
+    "adversary weight": (f"notebook 04's adversary weight λ is chosen on a held-out training seed (not one of the "
+                         f"evaluated lineages): the largest λ of the profile's grid whose continuation ends within "
+                         f"{EQUAL_LOSS_NATS} nats of the AdamW continuation's gap (same seed and steps): the strongest "
+                         "adversary at equal loss; none: the smallest λ of the grid, and its claims read as the "
+                         "equal-loss rule decides"),
 }
 
 # Every change of a rule after results it judges were seen: (rule, what changed, commit, seen).
@@ -74,6 +79,16 @@ RULE_CHANGES: list[tuple[str, str, str, str]] = [
 
 
 # ---------------------------------------------------------------------------- the rules
+def adversary_weight(gaps: dict[float, float], reference_gap: float) -> tuple[float, bool]:
+    """Rule "adversary weight": from the held-out seed's final gaps ``{λ: gap}`` of the adversarial
+    continuations and the gap of its AdamW continuation (``reference_gap``), the largest λ at equal
+    loss with it (rule "equal loss"), and True; if none is, the smallest λ and False."""
+    if not gaps or any(not (w > 0 and math.isfinite(w)) for w in gaps):
+        raise ValueError(f"gaps: expected {{weight: gap}} with positive weights, got {gaps!r}")
+    equal = [w for w, gap in gaps.items() if math.isfinite(gap) and equal_loss(gap, reference_gap)]
+    return (max(equal), True) if equal else (min(gaps), False)
+
+
 def equal_loss(gap_a: float, gap_b: float) -> bool:
     """Rule "equal loss": ``|gap_a - gap_b| <= EQUAL_LOSS_NATS`` (gaps in nats)."""
     for name, value in (("gap_a", gap_a), ("gap_b", gap_b)):

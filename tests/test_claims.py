@@ -117,3 +117,17 @@ def test_flatness_verdict_needs_the_trace_and_an_unrelated_gap():
     assert flatness_verdict(trace_yes, Interval(0.0, -0.6, 0.6, 8)) == "inconclusive"  # the gap might explain it
     assert flatness_verdict(Interval(0.6, 0.3, 0.8, 8), gap_flat) == "no"
     assert flatness_verdict(Interval(-0.7, -0.9, -0.4, 3), gap_flat) == "not tested"
+
+
+def test_adversary_weight_is_the_strongest_at_equal_loss():
+    from flatlib.claims import adversary_weight
+
+    # gaps rise with λ; the AdamW continuation of the same held-out seed ends at 0.0080
+    gaps = {0.01: 0.0081, 0.03: 0.0095, 0.1: 0.0102, 0.3: 0.05}
+    assert adversary_weight(gaps, 0.0080) == (0.03, True)  # 0.0095 is 0.0015 away; 0.1's 0.0022 is not
+    assert adversary_weight({0.1: 0.02, 0.03: 0.015}, 0.0080) == (0.03, False)  # none: the smallest, flagged
+    assert adversary_weight({0.1: float("nan"), 0.03: 0.0081}, 0.0080) == (0.03, True)  # a diverged run is no choice
+    with pytest.raises(ValueError, match="gaps"):
+        adversary_weight({}, 0.008)
+    with pytest.raises(ValueError, match="gaps"):
+        adversary_weight({0.0: 0.008}, 0.008)

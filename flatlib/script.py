@@ -1,0 +1,177 @@
+"""Run a notebook without Jupyter: ``python -m flatlib.script notebooks/02_....ipynb out.ipynb -p profile gpu``.
+
+A machine without papermill, ipykernel or nbclient (a rented GPU box, a Slurm node) can still run the
+notebooks: this module executes the code cells of the ``.ipynb`` (plain JSON) in one fresh Python
+namespace, in order, with the parameters injected after the cell tagged ``parameters`` (papermill's
+convention), and writes an executed copy with the outputs a reader expects: what a cell printed, the
+value of its last expression, and every figure shown with ``plt.show()`` as a PNG. ``display(x)``
+prints like a last expression. A failing cell stops the run; the copy is written up to and including
+that cell (its traceback as an error output) and the exit status is 1.
+
+It needs only the standard library, matplotlib and what the notebooks import. The results that matter
+are the ones the notebooks write themselves (figures/, the run store, claims); the executed copy is
+for reading. IPython's magics (``%...``) are not supported: the notebooks have none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import contextlib
+import io
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class NotebookError(RuntimeError):
+    """A cell of the notebook raised; the message names the cell and ends with the exception."""
+
+
+def _source(cell: dict[str, Any]) -> str:
+    return cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+
+
+def parameters_cell(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The cell papermill would inject: one ``name = repr(value)`` line per parameter."""
+    lines = ["# Parameters"] + [f"{name} = {value!r}" for name, value in parameters.items()]
+    return {"cell_type": "code", "execution_count": None, "id": "injected-parameters",
+            "metadata": {"tags": ["injected-parameters"]}, "outputs": [], "source": "\n".join(lines) + "\n"}
+
+
+def with_parameters(notebook: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``notebook`` with ``parameters_cell`` after its cell tagged ``parameters`` (or
+    first, if none is tagged), as papermill does."""
+    cells = list(notebook["cells"])
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if parameters:
+        cells.insert(tagged[0] + 1 if tagged else 0, parameters_cell(parameters))
+    return {**notebook, "cells": cells}
+
+
+def _figure_outputs() -> list[dict[str, Any]]:
+    """Every open matplotlib figure as a PNG display output, then closed (what ``plt.show()``
+    leaves in a Jupyter notebook)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - only when a figure is shown
+
+    outputs = []
+    for number in plt.get_fignums():
+        buffer = io.BytesIO()
+        plt.figure(number).savefig(buffer, format="png")
+        outputs.append({"output_type": "display_data", "metadata": {},
+                        "data": {"image/png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+                                 "text/plain": "<Figure>"}})
+    plt.close("all")
+    return outputs
+
+
+def _text(value: Any) -> str:
+    with contextlib.suppress(Exception):  # a DataFrame's text form, as Jupyter shows it
+        if hasattr(value, "to_string"):
+            return value.to_string()
+    return repr(value)
+
+
+def run_cell(source: str, namespace: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Execute ``source`` in ``namespace`` like a notebook cell; return its outputs (printed text,
+    figures shown, the last expression's value). Raises what the cell raises."""
+    outputs: list[dict[str, Any]] = []
+    stdout = io.StringIO()
+
+    def flush() -> None:
+        if stdout.tell():
+            outputs.append({"output_type": "stream", "name": "stdout", "text": stdout.getvalue()})
+            stdout.seek(0)
+            stdout.truncate()
+
+    def show(*args: Any, **kwargs: Any) -> None:
+        flush()
+        outputs.extend(_figure_outputs())
+
+    def display(*values: Any) -> None:
+        flush()
+        outputs.extend({"output_type": "display_data", "metadata": {}, "data": {"text/plain": _text(v)}}
+                       for v in values)
+
+    tree = ast.parse(source, filename=name)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    namespace["display"] = display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    original_show, plt.show = plt.show, show
+    try:
+        with contextlib.redirect_stdout(stdout):
+            exec(compile(tree, name, "exec"), namespace)  # noqa: S102 - running the notebook is the point
+            value = eval(compile(ast.Expression(last.value), name, "eval"), namespace) if last else None  # noqa: S307
+    finally:
+        plt.show = original_show
+        flush()
+    if value is not None:
+        outputs.append({"output_type": "execute_result", "execution_count": None, "metadata": {},
+                        "data": {"text/plain": _text(value)}})
+    return outputs
+
+
+def execute_notebook(input_path: str | Path, output_path: str | Path, parameters: dict[str, Any] | None = None,
+                     cwd: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Execute ``input_path`` with ``parameters`` (in ``cwd``, default the notebook's folder) and
+    write the executed copy to ``output_path``; ``log`` gets one line per cell. Raises
+    ``NotebookError`` naming the failing cell (the copy is written first)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    notebook = with_parameters(json.loads(Path(input_path).read_text()), parameters or {})
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    previous = Path.cwd()
+    os.chdir(cwd or Path(input_path).resolve().parent)
+    count = 0
+    try:
+        for index, cell in enumerate(notebook["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            count += 1
+            cell["execution_count"] = count
+            name = f"<{Path(input_path).name} cell {index}>"
+            if log:
+                log(f"{name} ...")
+            try:
+                cell["outputs"] = run_cell(_source(cell), namespace, name)
+            except Exception as error:
+                cell["outputs"] = [{"output_type": "error", "ename": type(error).__name__, "evalue": str(error),
+                                    "traceback": traceback.format_exc().splitlines()}]
+                Path(output_path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+                raise NotebookError(f"{name} raised {type(error).__name__}: {error}") from error
+    finally:
+        os.chdir(previous)
+    Path(output_path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    return notebook
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a parameter; VALUE is read as a Python literal if it is one, else as a string")
+    args = parser.parse_args(argv)
+    parameters = {}
+    for name, value in args.parameter:
+        try:
+            parameters[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parameters[name] = value
+    try:
+        execute_notebook(args.input, args.output, parameters, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except NotebookError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

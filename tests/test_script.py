@@ -1,0 +1,82 @@
+"""flatlib.script: notebooks executed without Jupyter (the GPU machine's way), with papermill's
+parameter injection and a readable executed copy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flatlib.script import NotebookError, execute_notebook, with_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def notebook(*cells):
+    def cell(source, tags=()):
+        kind = "markdown" if source.startswith("#md ") else "code"
+        return {"cell_type": kind, "metadata": {"tags": list(tags)}, "source": source.removeprefix("#md "),
+                **({"outputs": [], "execution_count": None} if kind == "code" else {})}
+    return {"cells": [cell(*c) if isinstance(c, tuple) else cell(c) for c in cells], "metadata": {},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_parameters_are_injected_after_the_tagged_cell():
+    nb = notebook("#md title", ('profile = "cpu"\nseed = 0', ["parameters"]), "x = 1")
+    out = with_parameters(nb, {"profile": "gpu", "seed": 3})
+    assert [c["source"] for c in out["cells"]][2] == "# Parameters\nprofile = 'gpu'\nseed = 3\n"
+    assert out["cells"][2]["metadata"]["tags"] == ["injected-parameters"]
+    assert len(nb["cells"]) == 3  # the input is not modified
+    assert with_parameters(nb, {})["cells"] == nb["cells"]
+
+
+def test_cells_run_in_order_with_printed_text_values_figures_and_display(tmp_path):
+    (tmp_path / "data.txt").write_text("from the notebook's folder")
+    nb = notebook(('profile = "cpu"', ["parameters"]),
+                  "import matplotlib.pyplot as plt\nprint('hello', profile)\nopen('data.txt').read()",
+                  "fig, ax = plt.subplots()\nax.plot([1, 2])\nplt.show()\ndisplay({'a': 1})\nprint('after')",
+                  "x = 2\nx * 21")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    out = execute_notebook(path, tmp_path / "out.ipynb", {"profile": "gpu"})
+    code = [c for c in out["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == [1, 2, 3, 4, 5]
+    first = code[2]["outputs"]
+    assert first[0] == {"output_type": "stream", "name": "stdout", "text": "hello gpu\n"}
+    assert first[1]["data"]["text/plain"] == "\"from the notebook's folder\""
+    kinds = [o["output_type"] for o in code[3]["outputs"]]
+    assert kinds == ["display_data", "display_data", "stream"]
+    assert code[3]["outputs"][0]["data"]["image/png"].startswith("iVBOR")  # a PNG, base64
+    assert code[3]["outputs"][1]["data"]["text/plain"] == "{'a': 1}"
+    assert code[4]["outputs"][0]["data"]["text/plain"] == "42"
+    assert json.loads((tmp_path / "out.ipynb").read_text()) == out
+    assert Path.cwd() != tmp_path  # the working directory is restored
+
+
+def test_a_failing_cell_names_itself_and_the_copy_keeps_its_traceback(tmp_path):
+    nb = notebook("print('ran')", "raise ValueError('seed: expected an integer')", "print('never')")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    with pytest.raises(NotebookError, match=r"cell 1> raised ValueError: seed: expected an integer"):
+        execute_notebook(path, tmp_path / "out.ipynb")
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert out["cells"][1]["outputs"][0]["ename"] == "ValueError"
+    assert out["cells"][2]["outputs"] == []
+
+
+def test_the_command_line_reads_literals_and_strings(tmp_path):
+    nb = notebook(('profile = "cpu"\nseed = 0', ["parameters"]), "print(repr(profile), seed + 1)")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb"),
+                           "-p", "profile", "smoke", "-p", "seed", "4"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert out["cells"][-1]["outputs"][0]["text"] == "'smoke' 5\n"
+    path.write_text(json.dumps(notebook("1 / 0")))
+    failed = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb")],
+                            capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
