@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in Jupyter: inline
 import seaborn as sns
@@ -42,3 +43,14 @@ def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -
     fig.savefig(png, metadata={"Software": None})
     fig.savefig(folder / f"{name}.pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return png
+
+
+def figure_saver(profile: str, seed: int) -> Callable[[plt.Figure, str, str], Path]:
+    """``save(fig, name, note)``: ``savefig`` with a notebook's ``profile`` and ``seed`` filled in (the
+    one-line wrapper every notebook defined for itself)."""
+    figures_dir(profile)  # a bad profile name fails here, not at the first figure
+
+    def save(fig: plt.Figure, name: str, note: str) -> Path:
+        return savefig(fig, name, profile=profile, seed=seed, note=note)
+
+    return save
