@@ -96,8 +96,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import cpu_model, print_table
-from flatlib.flatness import (TraceEstimate, fisher_diagonal, fisher_trace, hessian_mode, hessian_trace, hvp,
-                              invariant_trace, mlm_logits_fn, mlm_loss_fn, rademacher_probes, trainable_parameters)
+from flatlib.flatness import (TraceEstimate, dense_hessian, fisher_diagonal, fisher_trace, hessian_mode, hessian_trace,
+                              hvp, invariant_trace, mlm_logits_fn, mlm_loss_fn, rademacher_probes, trainable_parameters)
 from flatlib.model import gauge_pairs, rescale_norms
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, build_language, evaluate, load_model, pretrain, validation_set
@@ -540,20 +540,6 @@ def main_model_rows(model: nn.Module, full: list[Batch], sizes: dict[str, int],
 
 
 # ----------------------------------------------------------------------------- dense check
-def dense_hessian(model: nn.Module, batches: Sequence[Batch]) -> Tensor:
-    """H of ``sum_b (n_b / N) mlm_loss_fn(model, batch_b)``, by classic double backward, one row at
-    a time. Never torch.func.hessian: on torch 2.13 CPU it is wrong for an affine LayerNorm."""
-    with hessian_mode(model), torch.enable_grad():
-        params = list(trainable_parameters(model).values())
-        n = n_examples(batches)
-        loss = sum(len(b[0]) / n * mlm_loss_fn(model, b) for b in batches)
-        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-        rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(
-            flat[i], params, retain_graph=True, allow_unused=True, materialize_grads=True)])
-            for i in range(flat.numel())]
-    return torch.stack(rows)
-
-
 def relative_errors(values: Sequence[float], exact: float) -> dict[str, float]:
     errors = [(v - exact) / exact for v in values]
     return {"mean": statistics.fmean(errors),  # the bias, if any
@@ -571,9 +557,9 @@ def dense_check(sizes: dict[str, int]) -> dict[str, Any]:
     full = split((val.inputs, val.positions, val.targets, val.true_probs), n, sizes["tiny_batch"])
     batches = [b[:3] for b in full]
 
-    dense_s, H = timed(lambda: dense_hessian(model, batches))
+    dense_s, H = timed(lambda: dense_hessian(model, mlm_loss_fn, batches))
     exact = float(H.trace())
-    exact_expected = float(dense_hessian(model, [(b[0], b[1], b[3]) for b in full]).trace())
+    exact_expected = float(dense_hessian(model, mlm_loss_fn, [(b[0], b[1], b[3]) for b in full]).trace())
     exact_fisher = fisher_trace(model, mlm_logits_fn, batches, seed=0, n_samples=None).mean
     # Hutchinson's exact per-probe variance with Rademacher probes: 2 sum_{i != j} H_ij^2
     cv_exact = math.sqrt(2 * (float((H * H).sum()) - float((H.diagonal() ** 2).sum()))) / exact

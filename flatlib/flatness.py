@@ -25,6 +25,7 @@ touched and the global RNG is never used (probes and sampled labels come from pr
   affine LayerNorm, and so does ``jvp(jacrev(f))`` (what curvlinops 3.0.1 uses) for every second
   derivative involving the LayerNorm gain; both modes here agree with classic double backward and
   finite differences (tests/test_flatness.py).
+* ``dense_hessian``: the whole Hessian, row by row (small models: the reference of the others).
 * ``hessian_trace``: Hutchinson, ``Tr H = E_v[v^T H v]`` with Rademacher ``v``, a fixed number of
   probes, returning a ``TraceEstimate`` (mean, standard error over probes, per-probe samples).
 * ``fisher_trace``: the paper's estimator ``E_x E_{y ~ q_theta(.|x)} ||grad_theta log q_theta(y|x)||^2``
@@ -301,6 +302,36 @@ def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Vector,
             for t, h in zip(total, _batch_hvp(call, params, batch, vectors, mode)):
                 t.add_(h, alpha=weight)
     return dict(zip(names, total)) if isinstance(v, dict) else total
+
+
+def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> Tensor:
+    """``[P, P]`` the whole Hessian of ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)``, by classic
+    double backward, one row at a time: the gradient with its graph, then ``d(grad L)_i / d theta`` for
+    every ``i`` (``P`` backward passes, so for small models only: references and exact checks).
+
+    Coordinates: the trainable parameters flattened and concatenated in ``trainable_parameters``
+    order; under ``hessian_mode``; the model is not modified (``functional_call`` on detached copies).
+    Not symmetrised: its asymmetry is the rounding, which a caller can check. The reference of
+    every Hessian in flatlib (tests compare ``hvp``, ``hessian_trace``, the invariant trace and
+    ``flatlib.theory.exact_hessian`` with it). Never ``torch.func.hessian``: on torch 2.13 CPU it is
+    wrong for an affine LayerNorm (see above).
+    """
+    batches = _check_batches(batches)
+    model = _unwrap(model)
+    names, params = _parameters(model)
+    weights, _ = _weights(batches)
+    call = _functional(model, loss_fn, names)
+    with hessian_mode(model), torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in params]
+        loss = sum(weight * _scalar_loss(call, leaves, batch) for batch, weight in zip(batches, weights))
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if not flat.requires_grad:  # the loss is linear in the parameters
+            return torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
+        rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(
+            flat[i], leaves, retain_graph=True, allow_unused=True, materialize_grads=True)])
+            for i in range(flat.numel())]
+    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------------- Hutchinson

@@ -8,8 +8,9 @@
   shape, one level deeper so that sentences reach 32 words as the paper describes; sparsity
   calibrated to the paper's optima), for GPUs and clusters.
 
-Notebooks call ``resolve(profile, **overrides)`` in their validation cell: an unknown profile, an
-unknown parameter or an invalid value is a ValueError that names the parameter.
+Notebooks call ``resolve(profile, **overrides)`` in their validation cell (notebook 06:
+``theory_params``, for the profile's ``theory`` section alone): an unknown profile, an unknown
+parameter or an invalid value is a ValueError that names the parameter.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import math
 from typing import Any
 
-from flatlib.checks import check_int, check_seed
+from flatlib.checks import check_int, check_number, check_seed
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -201,6 +202,47 @@ PROFILES: dict[str, dict[str, Any]] = {
 for _key in ("hmm", "pcfg", "teacher", "language_seed"):
     PROFILES["gpu"][_key] = copy.deepcopy(PROFILES["cpu"][_key])
 
+# Notebook 06's theory (flatlib.theory): tiny exact demonstrations, float64 on the CPU whatever the profile;
+# "paper" only adds seeds, draws and samples, and "gpu" (whose machine has 16 cores) takes the paper's.
+# Each profile's "theory" section; notebook 06 reads it through theory_params.
+_THEORY: dict[str, dict[str, Any]] = {
+    "smoke": {
+        # 1-2: the single-mask contexts of a tiny HMM (3 words, length 3: 27 contexts)
+        "hmm": {"n_states": 2, "vocab_size": 3, "seq_len": 3, "concentration": 0.5},
+        "language_seed": 0,
+        "rank": 4,  # inner dimension r of the factored model (>= vocab_size: exact fits exist)
+        "noise": {"n_samples": 2000, "n_forms": 3, "offset": 0.5},
+        "implicit_bias": {"init_scale": 2.0, "configs": ((0.1, 1), (0.1, 4)), "time": 2.0, "n_chains": 4,
+                          "n_records": 4, "flow_dt": 0.2},
+        # 3: the bag-of-words language and the one-layer transformer
+        "transformer": {"n_words": 8, "seq_len": 4, "strengths": (0.5, 0.3), "width": 16, "d_key": 2},
+        "downstream": {"n_train": (1, 2, 4, 8, 16, 32), "draws": 40},
+    },
+    "cpu": {
+        "hmm": {"n_states": 2, "vocab_size": 3, "seq_len": 3, "concentration": 0.5},
+        "language_seed": 0,
+        "rank": 5,
+        "noise": {"n_samples": 20000, "n_forms": 4, "offset": 0.5},
+        "implicit_bias": {"init_scale": 2.0, "configs": ((0.1, 1), (0.05, 1), (0.1, 2), (0.1, 4)),
+                          "time": 12.0, "n_chains": 16, "n_records": 12, "flow_dt": 0.2},
+        "transformer": {"n_words": 16, "seq_len": 4, "strengths": (0.5, 0.3), "width": 64, "d_key": 2},
+        "downstream": {"n_train": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), "draws": 400},
+    },
+    "paper": {
+        "hmm": {"n_states": 3, "vocab_size": 3, "seq_len": 4, "concentration": 0.5},
+        "language_seed": 0,
+        "rank": 5,
+        "noise": {"n_samples": 100000, "n_forms": 8, "offset": 0.5},
+        "implicit_bias": {"init_scale": 2.0, "configs": ((0.1, 1), (0.05, 1), (0.025, 1), (0.1, 2), (0.1, 4)),
+                          "time": 12.0, "n_chains": 64, "n_records": 12, "flow_dt": 0.1},
+        "transformer": {"n_words": 24, "seq_len": 4, "strengths": (0.5, 0.3), "width": 96, "d_key": 2},
+        "downstream": {"n_train": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128), "draws": 2000},
+    },
+}
+_THEORY["gpu"] = copy.deepcopy(_THEORY["paper"])
+for _name, _sizes in _THEORY.items():
+    PROFILES[_name]["theory"] = _sizes
+
 DEFAULT_PROFILE = "cpu"
 
 
@@ -237,12 +279,8 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
     _check_model_size(params["model_size"], params["pretraining"])
     _check_algorithms(params)
     _check_clock(params["clock"])
+    _check_theory(params["theory"])
     return params
-
-
-def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-        raise ValueError(f"{name}: expected a number in ({low}, {high}), got {value!r}")
 
 
 _PROTOCOL_INTS = ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs",
@@ -286,12 +324,12 @@ def _check_pretraining(p: dict[str, Any]) -> None:
     if p["continue_steps"] % p["checkpoint_every"]:
         raise ValueError(f"{name}.checkpoint_every: must divide continue_steps ({p['continue_steps']})")
     for key in ("lr", "sgd_lr", "adamw_lr", "epsilon"):
-        _check_number(f"{name}.{key}", p[key])
+        check_number(f"{name}.{key}", p[key])
     scan = p["lr_scan"]
     if not isinstance(scan, (tuple, list)) or not scan:
         raise ValueError(f"{name}.lr_scan: expected a non-empty list of learning rates, got {scan!r}")
     for value in scan:
-        _check_number(f"{name}.lr_scan", value)
+        check_number(f"{name}.lr_scan", value)
     protocol = p["protocol"]
     allowed = set(_PROTOCOL_INTS) | {"probe_l2_grid"}
     if not isinstance(protocol, dict) or not set(protocol) <= allowed:
@@ -359,7 +397,7 @@ def _check_clock(c: dict[str, Any]) -> None:
     for key in ("batch_size", "anneal_steps", "anneal_batch_size"):
         check_int(f"{name}.{key}", c[key])
     check_int(f"{name}.noise_seeds", c["noise_seeds"], low=2)
-    _check_number(f"{name}.lr", c["lr"])
+    check_number(f"{name}.lr", c["lr"])
     taus = c["taus"]
     if (not isinstance(taus, (list, tuple)) or len(taus) < 2 or taus[0] != 0 or list(taus) != sorted(set(taus))
             or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in taus)):
@@ -390,13 +428,90 @@ def _check_algorithms(params: dict[str, Any]) -> None:
         tasks = build_language(language_spec(params, language)).tasks
         if a["tasks"][language] not in tasks:
             raise ValueError(f"{name}.tasks: {a['tasks'][language]!r} is not a task of {language} {tasks}")
-        _check_number(f"{name}.weights.{language}", a["weights"][language])
+        check_number(f"{name}.weights.{language}", a["weights"][language])
     adversarial = a["adversarial"]
     keys = {"refit_every", "head_sentences", "batch_sentences"}
     if not isinstance(adversarial, dict) or set(adversarial) != keys:
         raise ValueError(f"{name}.adversarial: expected the keys {sorted(keys)}, got {adversarial!r}")
     for key in sorted(keys):
         check_int(f"{name}.adversarial.{key}", adversarial[key])
+
+
+def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """Notebook 06's parameters: the ``theory`` section of ``profile`` with ``overrides`` applied (a dict
+    merges into a subsection, ``None`` keeps the profile's value), validated (a ValueError names the
+    bad parameter: ``profile``, ``seed``, ``theory.implicit_bias.n_chains``...), with ``profile`` and
+    ``seed`` added. The theory's languages are built here so that a bad language parameter fails now."""
+    params = get_profile(profile)["theory"]
+    check_seed("seed", seed)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in params:
+            raise ValueError(f"theory.{key}: unknown parameter (known: {sorted(params)})")
+        if isinstance(params[key], dict):
+            if not isinstance(value, dict) or not set(value) <= set(params[key]):
+                raise ValueError(f"theory.{key}: expected a dict with keys among {sorted(params[key])}, "
+                                 f"got {value!r}")
+            params[key] = {**params[key], **{k: v for k, v in value.items() if v is not None}}
+        else:
+            params[key] = value
+    _check_theory(params)
+    return {**params, "profile": profile, "seed": seed}
+
+
+def _check_theory(t: dict[str, Any]) -> None:
+    """The ``theory`` section (notebook 06); errors name the key as ``theory.<key>``."""
+    from flatlib.theory import BagOfWordsLanguage  # noqa: PLC0415 - flatlib.theory is heavy; import on use
+
+    name = "theory"
+    expected = {"hmm", "language_seed", "rank", "noise", "implicit_bias", "transformer", "downstream"}
+    if not isinstance(t, dict) or set(t) != expected:
+        raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {t!r}")
+    check_int(f"{name}.language_seed", t["language_seed"], low=0)
+    try:
+        HMM.random(seed=t["language_seed"], **t["hmm"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}.hmm.{error}") from None
+    check_int(f"{name}.rank", t["rank"])
+    if t["rank"] < t["hmm"]["vocab_size"]:
+        raise ValueError(f"{name}.rank: must be >= hmm.vocab_size ({t['hmm']['vocab_size']}) for exact optima")
+    noise = t["noise"]
+    check_int(f"{name}.noise.n_samples", noise["n_samples"], low=2)
+    check_int(f"{name}.noise.n_forms", noise["n_forms"])
+    check_number(f"{name}.noise.offset", noise["offset"])
+    bias = t["implicit_bias"]
+    for key in ("init_scale", "time", "flow_dt"):
+        check_number(f"{name}.implicit_bias.{key}", bias[key])
+    check_int(f"{name}.implicit_bias.n_chains", bias["n_chains"], low=2)
+    check_int(f"{name}.implicit_bias.n_records", bias["n_records"])
+    configs = bias["configs"]
+    if not isinstance(configs, (tuple, list)) or not configs:
+        raise ValueError(f"{name}.implicit_bias.configs: expected a non-empty list of (lr, batch_size), "
+                         f"got {configs!r}")
+    for config in configs:
+        if not isinstance(config, (tuple, list)) or len(config) != 2:
+            raise ValueError(f"{name}.implicit_bias.configs: expected (lr, batch_size) pairs, got {config!r}")
+        try:
+            check_number("lr", config[0])
+            check_int("batch_size", config[1])
+        except ValueError as error:
+            raise ValueError(f"{name}.implicit_bias.configs: {error}") from None
+    tr = t["transformer"]
+    try:
+        BagOfWordsLanguage.two_features(n_words=tr["n_words"], seq_len=tr["seq_len"], strengths=tr["strengths"])
+    except ValueError as error:
+        raise ValueError(f"{name}.transformer.{error}") from None
+    check_int(f"{name}.transformer.width", tr["width"])
+    check_int(f"{name}.transformer.d_key", tr["d_key"])
+    if tr["width"] < tr["n_words"]:
+        raise ValueError(f"{name}.transformer.width: the random solution needs >= n_words = {tr['n_words']} neurons")
+    n_train = t["downstream"]["n_train"]
+    if not isinstance(n_train, (tuple, list)) or not n_train:
+        raise ValueError(f"{name}.downstream.n_train: expected a non-empty list of sizes, got {n_train!r}")
+    for n in n_train:
+        check_int(f"{name}.downstream.n_train", n)
+    check_int(f"{name}.downstream.draws", t["downstream"]["draws"], low=2)
 
 
 def build_languages(params: dict[str, Any]) -> dict[str, Language]:

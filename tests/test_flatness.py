@@ -1,10 +1,10 @@
 """Tests of flatlib.flatness against dense Hessians built by classic double backward.
 
-Reference Hessians are built row by row with ``torch.autograd.grad(create_graph=True)`` (never
-``torch.func.hessian``, which is wrong for affine LayerNorm on torch 2.13 CPU, see docs/design.md) in
-float64, and asserted symmetric. Two models: a tiny MLP with an affine LayerNorm, and a tiny flatlib
-Transformer with the single-mask MLM loss on two batches of unequal size (so that the batch-size
-weighting is tested too).
+Reference Hessians (``flatlib.flatness.dense_hessian``) are built row by row with
+``torch.autograd.grad(create_graph=True)`` (never ``torch.func.hessian``, which is wrong for affine
+LayerNorm on torch 2.13 CPU, see docs/design.md) in float64, and asserted symmetric. Two models: a tiny
+MLP with an affine LayerNorm, and a tiny flatlib Transformer with the single-mask MLM loss on two batches
+of unequal size (so that the batch-size weighting is tested too).
 """
 
 import math
@@ -17,6 +17,7 @@ from torch import nn
 from flatlib.flatness import (
     EigenEstimate,
     TraceEstimate,
+    dense_hessian,
     fisher_trace,
     hessian_mode,
     hessian_trace,
@@ -93,22 +94,6 @@ def transformer_batches() -> list:
     return mlm_batches(tiny_validation_set(), batch_size=5)  # sizes 5 and 3
 
 
-def dense_hessian(model, loss_fn, batches) -> torch.Tensor:
-    """H of sum_b (n_b / N) loss_fn(model, batch_b), by classic double backward, one row at a time."""
-    with hessian_mode(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        n = sum(len(b[0]) for b in batches)
-        loss = sum(len(b[0]) / n * loss_fn(model, b) for b in batches)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        rows = []
-        for i in range(flat.numel()):
-            row = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True,
-                                      materialize_grads=True)
-            rows.append(torch.cat([r.reshape(-1) for r in row]))
-    return torch.stack(rows)
-
-
 CASES = {}
 
 
@@ -148,6 +133,38 @@ def test_dense_reference_is_symmetric(name):
     assert n > 40
     assert rel_err(H, H.T) < 1e-12
     assert H.diagonal().abs().max() > 1e-3  # not trivially zero
+
+
+class Quadratic(nn.Module):
+    """``loss(batch) = mean_i c_i (theta^T A theta / 2 + b . theta)``: the Hessian is ``mean_i c_i A`` exactly."""
+
+    def __init__(self, A: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.linspace(-1.0, 1.0, len(b), dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+
+    def loss(self, batch) -> torch.Tensor:
+        value = 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+        return (batch[0] * value).mean()
+
+
+def test_dense_hessian_of_a_quadratic_weights_batches_by_size_and_leaves_the_model_alone():
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A, b = M @ M.T, torch.randn(5, generator=g, dtype=torch.float64)
+    model = Quadratic(A, b)
+    before = model.theta.detach().clone()
+    batches = [(torch.full((1,), 2.0, dtype=torch.float64),), (torch.full((3,), 6.0, dtype=torch.float64),)]
+    H = dense_hessian(model, lambda m, batch: m.loss(batch), batches)
+    torch.testing.assert_close(H, (1 / 4 * 2.0 + 3 / 4 * 6.0) * A, atol=1e-12, rtol=1e-12)  # n_b / N weights
+    assert torch.equal(model.theta.detach(), before) and model.theta.grad is None
+    assert model.training  # hessian_mode restored the mode
+    # a loss linear in the parameters has a zero Hessian
+    linear = dense_hessian(Quadratic(torch.zeros(5, 5, dtype=torch.float64), b), lambda m, batch: m.loss(batch),
+                           batches)
+    assert torch.equal(linear, torch.zeros(5, 5, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------- HVP

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from flatlib.flatness import (fisher_diagonal, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn,
-                              mlm_loss_fn, trainable_parameters)
+from flatlib.flatness import (dense_hessian, fisher_diagonal, hessian_trace, invariant_trace, mlm_batches,
+                              mlm_logits_fn, mlm_loss_fn, trainable_parameters)
 from flatlib.model import gauge_pairs, rescale_norms, widen
-from test_flatness import dense_hessian, make_transformer, optimum_case, tiny_validation_set
+from test_flatness import make_transformer, optimum_case, tiny_validation_set
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

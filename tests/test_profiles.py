@@ -1,7 +1,10 @@
+import math
+
 import pytest
 
+from flatlib.checks import check_number
 from flatlib.languages import HMM, PCFG
-from flatlib.profiles import PROFILES, build_languages, resolve
+from flatlib.profiles import PROFILES, build_languages, resolve, theory_params
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -75,12 +78,38 @@ def test_pretraining_overrides_merge_into_the_section():
 
 
 def test_every_profile_has_theory_sizes():
-    """Notebook 06 takes the same profile names as the others (its sizes live in flatlib.theory)."""
-    from flatlib.theory import THEORY_SIZES, theory_params
-
-    assert set(THEORY_SIZES) == set(PROFILES)
+    """Notebook 06 takes the same profiles as the others: their "theory" section, validated by resolve too."""
     for name in PROFILES:
         assert theory_params(name)["profile"] == name
+        assert resolve(name)["theory"] == PROFILES[name]["theory"]
+    assert PROFILES["gpu"]["theory"] == PROFILES["paper"]["theory"]
+
+
+@pytest.mark.parametrize(
+    "theory, match",
+    [
+        ({"rank": 2}, "theory.rank"),
+        ({"noise": {"n_samples": 1, "n_forms": 4, "offset": 0.5}}, "theory.noise.n_samples"),
+        ({"hmm": {"n_states": 0, "vocab_size": 3, "seq_len": 3, "concentration": 0.5}}, "theory.hmm.n_states"),
+        ({"colour": 1}, "theory: expected the keys"),
+    ],
+)
+def test_resolve_checks_the_theory_section(theory, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("smoke", theory={**PROFILES["smoke"]["theory"], **theory})
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "1", None])
+def test_check_number_refuses_what_is_not_a_positive_number(value):
+    with pytest.raises(ValueError, match=r"^lr: expected a positive number, got"):
+        check_number("lr", value)
+
+
+def test_check_number_with_bounds():
+    check_number("p", 0.5, low=0.0, high=1.0)
+    check_number("lr", 3)  # an int is a number
+    with pytest.raises(ValueError, match=r"p: expected a number in \(0.0, 1.0\), got 1.0"):
+        check_number("p", 1.0, low=0.0, high=1.0)
 
 
 def test_the_gpu_profile_shares_the_cpu_languages():

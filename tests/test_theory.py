@@ -1,49 +1,58 @@
-"""Tests of flatlib.theory: the exact identities behind notebook 06, on tiny cases.
+"""Tests of flatlib.theory: the exact identities behind notebook 06, on tiny cases, and the
+sections of the notebook (``noise_vs_curvature``, ``sgd_vs_flow``, ``flat_vs_sharp``: their tables
+and verdicts).
 
-Dense reference Hessians come from classic double backward (``torch.autograd.grad`` with
-``create_graph``, row by row), never from ``torch.func.hessian`` (see docs/design.md); the fast dense
-Hessian of ``flatlib.theory`` (forward-over-reverse) is checked against them, and against
+Dense reference Hessians come from ``flatlib.flatness.dense_hessian`` (classic double backward,
+``torch.autograd.grad`` with ``create_graph``, row by row), never from ``torch.func.hessian`` (see
+docs/design.md); the batched exact Hessian of ``flatlib.theory`` is checked against them, and against
 ``flatlib.flatness.hvp``.
 """
 
+import copy
+import dataclasses
 import itertools
 import math
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
-from flatlib.flatness import hvp
+from flatlib.flatness import dense_hessian, hvp
 from flatlib.languages import HMM, Corpus
+from flatlib.profiles import PROFILES, theory_params
 from flatlib.theory import (
-    THEORY_SIZES,
     BagOfWordsLanguage,
     ContextSet,
     FactoredSoftmax,
     FlatModel,
     OneLayerTransformer,
     balance_neurons,
-    dense_hessian,
-    exact_gradient_covariance,
     exact_fisher,
+    exact_gradient_covariance,
+    exact_hessian,
     expected_loss,
     expected_loss_fn,
     feature_solution,
     fisher_trace_at_optimum,
+    flat_vs_sharp,
     gradient_noise,
-    hessian_double_backward,
     hessian_traces,
     hmm_contexts,
     min_norm_head_errors,
     neuron_trace_parts,
+    noise_vs_curvature,
     random_solution,
     retract,
     run_gd,
     run_sgd,
+    sgd_vs_flow,
     slow_flow,
-    theory_params,
+    tiny,
     trace_gradient,
     with_ids,
 )
+from flatlib.theory.figures import implicit_bias_figure, noise_vs_curvature_figure, transfer_figure
 
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -78,6 +87,13 @@ def contexts(raw_contexts) -> ContextSet:
 @pytest.fixture(scope="module")
 def optimum(contexts):
     return FactoredSoftmax.at_optimum(contexts, rank=4, scale=1.5, seed=1)
+
+
+def reference_hessian(flat: FlatModel, theta: torch.Tensor, contexts: ContextSet) -> torch.Tensor:
+    """``flatlib.flatness.dense_hessian`` of the expected loss at ``theta`` (on a copy of the model)."""
+    model = copy.deepcopy(flat.model)
+    FlatModel(model).load_(theta)
+    return dense_hessian(model, expected_loss_fn, [contexts.batch()])
 
 
 def off_optimum(model: FactoredSoftmax, scale: float = 0.4, seed: int = 2) -> FactoredSoftmax:
@@ -169,12 +185,12 @@ def test_bag_language_validates():
 
 
 # ---------------------------------------------------------------------------- dense Hessians
-def test_dense_hessian_matches_double_backward_and_flatness_hvp(contexts, optimum):
+def test_exact_hessian_matches_the_reference_and_flatness_hvp(contexts, optimum):
     model = off_optimum(optimum)
     flat = FlatModel(model)
     theta = flat.vector()
-    fast = dense_hessian(flat, theta, contexts)
-    reference = hessian_double_backward(flat, theta, contexts)
+    fast = exact_hessian(flat, theta, contexts)
+    reference = reference_hessian(flat, theta, contexts)
     assert torch.allclose(reference, reference.T, atol=1e-12), "the reference must be symmetric"
     torch.testing.assert_close(fast, reference, atol=1e-10, rtol=1e-10)
     # and flatlib.flatness.hvp (double backward through the model) on the same expected loss
@@ -189,20 +205,20 @@ def test_hessian_traces_of_many_points(contexts, optimum):
     thetas = flat.vector() + 0.3 * torch.randn(3, flat.n_params, generator=g)
     traces = hessian_traces(flat, thetas, contexts)
     for theta, trace in zip(thetas, traces):
-        reference = hessian_double_backward(flat, theta, contexts)
+        reference = reference_hessian(flat, theta, contexts)
         assert float(trace) == pytest.approx(float(reference.trace()), rel=1e-10)
 
 
-def test_transformer_dense_hessian_matches_double_backward():
+def test_transformer_exact_hessian_matches_the_reference():
     lang = BagOfWordsLanguage.two_features(n_words=4, seq_len=4)
     ctx = lang.contexts()
     model = random_solution(lang, width=24, seed=0)
     g = torch.Generator().manual_seed(5)
     flat = FlatModel(model)
     theta = flat.vector() + 0.05 * torch.randn(flat.n_params, generator=g)  # attention non-uniform too
-    reference = hessian_double_backward(flat, theta, ctx)
+    reference = reference_hessian(flat, theta, ctx)
     assert torch.allclose(reference, reference.T, atol=1e-10)
-    torch.testing.assert_close(dense_hessian(flat, theta, ctx), reference, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(exact_hessian(flat, theta, ctx), reference, atol=1e-9, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------- noise = curvature
@@ -217,7 +233,7 @@ def test_optimum_is_exact(contexts, optimum):
 def test_exact_covariance_equals_hessian_and_fisher_at_the_optimum(contexts, optimum):
     flat = FlatModel(optimum)
     theta = flat.vector()
-    H = hessian_double_backward(flat, theta, contexts)
+    H = reference_hessian(flat, theta, contexts)
     C = exact_gradient_covariance(flat, theta, contexts)
     F = exact_fisher(flat, theta, contexts)
     scale = float(H.abs().max())
@@ -229,7 +245,7 @@ def test_exact_covariance_equals_hessian_and_fisher_at_the_optimum(contexts, opt
 def test_exact_covariance_differs_from_hessian_away_from_the_optimum(contexts, optimum):
     flat = FlatModel(off_optimum(optimum))
     theta = flat.vector()
-    H = hessian_double_backward(flat, theta, contexts)
+    H = reference_hessian(flat, theta, contexts)
     C = exact_gradient_covariance(flat, theta, contexts)
     F = exact_fisher(flat, theta, contexts)
     assert float((C - H).abs().max()) > 1e-2 * float(H.abs().max())
@@ -251,7 +267,7 @@ def test_sampled_noise_matches_exact_within_its_standard_error(contexts, optimum
     theta = flat.vector()
     g = torch.Generator().manual_seed(4)
     vectors = torch.randn(4, flat.n_params, generator=g)
-    H = hessian_double_backward(flat, theta, contexts)
+    H = reference_hessian(flat, theta, contexts)
     est = gradient_noise(flat, theta, contexts, vectors, n_samples=4000, seed=7)
     z_trace = (est.trace - float(H.trace())) / est.trace_se
     z_forms = (est.forms - torch.einsum("ki,ij,kj->k", vectors, H, vectors)) / est.forms_se
@@ -265,7 +281,7 @@ def test_sampled_noise_matches_exact_within_its_standard_error(contexts, optimum
 def test_sampled_noise_detects_the_difference_away_from_the_optimum(contexts, optimum):
     flat = FlatModel(off_optimum(optimum, scale=0.6))
     theta = flat.vector()
-    H = hessian_double_backward(flat, theta, contexts)
+    H = reference_hessian(flat, theta, contexts)
     C = exact_gradient_covariance(flat, theta, contexts)
     est = gradient_noise(flat, theta, contexts, torch.zeros(0, flat.n_params), n_samples=4000, seed=8)
     assert abs(est.trace - float(C.trace())) < 4 * est.trace_se  # it estimates C...
@@ -292,7 +308,7 @@ def test_factored_trace_matches_closed_form(contexts, optimum):
     A, B = optimum.A.detach(), optimum.B.detach()
     closed = (contexts.weights * (torch.einsum("jk,ckl,jl->c", B, S, B)
                                   + (A ** 2).sum(1) * S.diagonal(dim1=1, dim2=2).sum(1))).sum()
-    trace = float(dense_hessian(flat, flat.vector(), contexts).trace())
+    trace = float(exact_hessian(flat, flat.vector(), contexts).trace())
     assert trace == pytest.approx(float(closed), rel=1e-10)
     # and its gradient: ∂/∂B = 2 Σ w_c B S_c, ∂/∂a_c = 2 w_c tr(S_c) a_c
     grad = trace_gradient(flat, flat.vector(), contexts)
@@ -397,7 +413,7 @@ def test_two_solutions_have_equal_loss_and_different_traces(bag):
         flat = FlatModel(model)
         theta = flat.vector()
         losses.append(float(expected_loss(flat, theta, ctx)))
-        H = hessian_double_backward(flat, theta, ctx)
+        H = reference_hessian(flat, theta, ctx)
         traces.append(float(H.trace()))
         assert fisher_trace_at_optimum(flat, theta, ctx) == pytest.approx(traces[-1], rel=1e-8)
     assert abs(losses[0] - losses[1]) < 1e-6
@@ -459,19 +475,189 @@ def test_min_norm_head(bag):
 
 # ---------------------------------------------------------------------------- sizes
 def test_theory_params():
-    for profile in THEORY_SIZES:
+    for profile in PROFILES:
         params = theory_params(profile, seed=0)
         assert params["profile"] == profile and params["seed"] == 0
+        assert {k: v for k, v in params.items() if k not in ("profile", "seed")} == PROFILES[profile]["theory"]
     with pytest.raises(ValueError, match="profile"):
         theory_params("nope", seed=0)
     with pytest.raises(ValueError, match="seed"):
         theory_params("smoke", seed=-1)
-    with pytest.raises(ValueError, match="implicit_bias.n_chains"):
+    with pytest.raises(ValueError, match="theory.implicit_bias.n_chains"):
         theory_params("smoke", seed=0, implicit_bias={"n_chains": 1})
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="theory.nonsense: unknown"):
         theory_params("smoke", seed=0, nonsense=1)
-    with pytest.raises(ValueError, match="implicit_bias.configs"):
+    with pytest.raises(ValueError, match="theory.implicit_bias.configs"):
         theory_params("smoke", seed=0, implicit_bias={"configs": ((0.1, 0),)})
+    with pytest.raises(ValueError, match="theory.noise.offset"):
+        theory_params("smoke", seed=0, noise={"offset": 0.0})
+    with pytest.raises(ValueError, match="theory.transformer.n_words"):
+        theory_params("smoke", seed=0, transformer={"n_words": 6})
     params = theory_params("smoke", seed=3, implicit_bias={"n_chains": 3, "time": None})
     assert params["implicit_bias"]["n_chains"] == 3 and params["seed"] == 3
-    assert params["implicit_bias"]["time"] == THEORY_SIZES["smoke"]["implicit_bias"]["time"]
+    assert params["implicit_bias"]["time"] == PROFILES["smoke"]["theory"]["implicit_bias"]["time"]
+    assert PROFILES["smoke"]["theory"]["implicit_bias"]["n_chains"] != 3  # the profile itself is untouched
+
+
+# ---------------------------------------------------------------------------- the notebook's sections
+def test_tiny():
+    assert tiny(3e-13) == "< 1e-12" and tiny(-3e-13) == "< 1e-12"
+    assert tiny(0.01234) == "0.012" and tiny(2.0) == "2"
+
+
+@pytest.fixture(scope="module")
+def noise_result():
+    return noise_vs_curvature(tiny_hmm(), rank=4, n_samples=1000, n_forms=2, offset=0.5, seed=0)
+
+
+def test_noise_vs_curvature_measures_what_its_table_says(noise_result):
+    r = noise_result
+    table = r.table
+    assert list(table.point.unique()) == ["at the optimum", "away from it"]
+    assert list(table.quantity) == ["Tr", "v1", "v2"] * 2
+    torch.testing.assert_close(r.vectors.norm(dim=1), torch.ones(2, dtype=torch.float64))
+    assert abs(r.points["at the optimum"].gap) < 1e-12 and r.points["away from it"].gap > 0.01
+    for point, frame in table.groupby("point", sort=False):
+        H, C = r.points[point].hessian, r.points[point].covariance
+        flat = FlatModel(FactoredSoftmax(r.contexts.n_contexts, 4, r.contexts.vocab_size))
+        assert H.shape == (flat.n_params, flat.n_params) == (r.n_params, r.n_params)
+        expected_h = [float(H.trace())] + [float(v @ H @ v) for v in r.vectors]
+        expected_c = [float(C.trace())] + [float(v @ C @ v) for v in r.vectors]
+        np.testing.assert_allclose(frame["H exact"], expected_h, rtol=1e-12)
+        np.testing.assert_allclose(frame["C exact"], expected_c, rtol=1e-12)
+        np.testing.assert_allclose(frame["z"], (frame["C sampled"] - frame["H exact"]) / frame["C se"], rtol=1e-12)
+        # the forms through flatlib.flatness.hvp are those of the dense H
+        torch.testing.assert_close(r.points[point].hvp_forms, torch.tensor(expected_h[1:], dtype=torch.float64))
+    # at the optimum the sampled noise estimates H (within 4 SE); away from it the exact C is not H
+    assert (table[table.point == "at the optimum"]["z"].abs() < 4).all()
+    away = table[table.point == "away from it"].iloc[0]
+    assert abs(away["C exact"] - away["H exact"]) > 0.1 * away["H exact"]
+
+
+def test_noise_verdict_holds_at_an_optimum_and_not_when_nothing_moves(noise_result):
+    v = noise_result.verdict()
+    assert v.equal_at_optimum < 1e-9 and min(v.differ_away.values()) > 1e-2 and v.z_away_trace > 3
+    assert v.hvp_agreement < 1e-8
+    assert v.held == "yes" and v.claim().held == "yes" and v.failed_checks() == []
+    assert "Prediction (C = H = F at the optimum, not away from it): HELD." in v.report()
+    assert v.summary().startswith("1 noise = curvature") and v.summary().endswith("held: yes")
+    # "away" moved by 1e-7 only: C = H = F there too, so the prediction's second half fails
+    still = noise_vs_curvature(tiny_hmm(), rank=4, n_samples=200, n_forms=1, offset=1e-7, seed=0).verdict()
+    assert max(still.differ_away.values()) < 1e-4 and still.held == "no" and "NOT HELD" in still.report()
+
+
+def test_noise_checks_catch_a_broken_estimate(noise_result):
+    table = noise_result.table.copy()
+    table.loc[1, "C se"] = math.nan
+    broken = dataclasses.replace(noise_result, table=table).verdict()
+    assert broken.failed_checks() == ["section 1: a sampled estimate or its standard error is not finite and positive"]
+
+
+@pytest.fixture(scope="module")
+def bias_result(contexts):
+    return sgd_vs_flow(contexts, rank=4, init_scale=2.0, configs=((0.1, 1), (0.1, 4)), time=1.0, n_chains=3,
+                       n_records=2, flow_dt=0.25, seed=0)
+
+
+def test_sgd_vs_flow_table(bias_result):
+    r = bias_result
+    table = r.table
+    assert len(table) == 2 * 3 and list(r.runs) == [(0.1, 1), (0.1, 4)]
+    np.testing.assert_allclose(table["tau"], table["lr"] ** 2 * table["step"] / table["batch"], rtol=1e-12)
+    np.testing.assert_allclose(sorted(set(table["tau"])), r.taus, atol=1e-12)
+    start = table[table.step == 0]
+    np.testing.assert_allclose(start["trace"], r.trace0, rtol=1e-12)  # every chain starts at the optimum
+    assert (start["gap"].abs() < 1e-12).all()
+    np.testing.assert_allclose(table["flow trace"], np.interp(table["tau"], r.flow.time, r.flow.trace), rtol=1e-12)
+    np.testing.assert_allclose(table["level eta Tr/(4B)"], table["lr"] * table["trace"] / (4 * table["batch"]))
+    for (lr, batch), run in r.runs.items():
+        rows = table[(table.lr == lr) & (table.batch == batch)]
+        np.testing.assert_allclose(rows["trace"], run.trace.mean(1).numpy(), rtol=1e-12)
+        last = rows.iloc[-1]
+        flow_drop = r.trace0 - last["flow trace"]
+        assert last["rel. error of the drop"] == pytest.approx((r.trace0 - last["trace"] - flow_drop) / flow_drop)
+    assert math.isnan(start["rel. error of the drop"].iloc[0])  # the flow has not dropped at tau = 0
+    assert list(r.excerpt().index.names) == ["lr", "batch", "tau"]
+
+
+def test_sgd_verdict(bias_result):
+    r = bias_result
+    v = r.verdict()
+    assert list(v.table["eta/B"]) == sorted(v.table["eta/B"])
+    for _, row in v.table.iterrows():
+        run = r.runs[row["lr"], int(row["batch"])]
+        assert row["drop"] == pytest.approx(float((run.trace[0] - run.trace[-1]).mean()), rel=1e-12)
+        assert row["flow drop"] == pytest.approx(r.trace0 - float(r.flow.trace[-1]), rel=1e-12)
+    assert v.gd_static and v.gd_change < 1e-8
+    assert v.fell  # SGD lowered the trace beyond its CI under both configurations
+    flags = v.gd_static and v.loss_optimal and v.fell and v.close_at_smallest and v.ordered
+    assert v.held == ("yes" if flags else "partly" if v.gd_static and v.fell else "no")
+    assert v.failed_checks() == [] and v.claim().held == v.held
+    assert len(v.summary().splitlines()) == 2 + len(r.runs)
+    # a diverged chain is caught
+    run = r.runs[0.1, 1]
+    bad = dataclasses.replace(run, trace=run.trace.clone().index_fill_(0, torch.tensor([1]), math.inf))
+    broken = dataclasses.replace(r, runs={**r.runs, (0.1, 1): bad}).verdict()
+    assert "section 2: an SGD run diverged" in broken.failed_checks()
+
+
+@pytest.fixture(scope="module")
+def transfer_result():
+    return flat_vs_sharp(n_words=4, seq_len=4, strengths=(0.5, 0.3), width=24, d_key=2, n_train=(1, 2, 8, 64),
+                         draws=10, seed=0)
+
+
+def test_flat_vs_sharp_tables(transfer_result):
+    r = transfer_result
+    st = r.solution_table
+    assert list(st.index) == ["feature", "random"]
+    assert (st["loss - L*"].abs() < 1e-10).all()
+    assert st.loc["feature", "live neurons"] == 4
+    assert (st["Tr H (exact)"] <= st["Tr H before balancing"] + 1e-12).all()
+    assert st.loc["feature", "Tr H (exact)"] < st.loc["random", "Tr H (exact)"]
+    for name, model in r.solutions.items():
+        flat = FlatModel(model)
+        assert st.loc[name, "parameters"] == flat.n_params
+        exact = float(reference_hessian(flat, flat.vector(), r.contexts).trace())
+        assert st.loc[name, "Tr H (exact)"] == pytest.approx(exact, rel=1e-8)
+        assert abs(st.loc[name, "Tr H Hutchinson"] - exact) < 5 * st.loc[name, "Hutchinson se"]
+    ht = r.head_table
+    assert len(ht) == 2 * 4 and r.n_train == (1, 2, 8, 64)
+    assert r.p_positive == pytest.approx(0.5, abs=1e-12)  # no field: the two halves are symmetric
+    np.testing.assert_allclose(ht["paper bound 1 - 2^-n"], 1 - 0.5 ** ht["n"])
+    np.testing.assert_allclose(ht["both signs 1 - p+^n - p-^n"], 1 - 2 * 0.5 ** ht["n"], atol=1e-12)
+    for name, head in r.head.items():
+        rows = ht[ht.solution == name]
+        np.testing.assert_allclose(rows["error"], head.mean().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(rows["P(error = 0)"], head.zero_error_rate().numpy(), rtol=1e-12)
+    feature = ht[ht.solution == "feature"].set_index("n")
+    assert feature.loc[1, "P(error = 0)"] == 0.0 and feature.loc[64, "P(error = 0)"] == 1.0
+
+
+def test_flat_vs_sharp_verdict(transfer_result):
+    r = transfer_result
+    v = r.verdict()
+    ht = r.head_table
+    for name in r.solutions:
+        rows = ht[(ht.solution == name) & (ht["P(error = 0)"] >= 0.9)]
+        assert r.first_n(name) == v.n90[name] == (int(rows["n"].min()) if len(rows) else None)
+    assert v.loss_equal and v.flatter and v.hutchinson_agrees
+    assert 1 in v.below and not v.bound_ok  # one example shows one sign only: the paper's 1 - 2^-n fails at n = 1
+    assert v.held == ("partly" if v.transfers else "no")
+    assert v.failed_checks() == [] and v.claim().held == v.held
+    assert "not met at n = 1" in v.claim().ours
+    table = ht.copy()
+    table.loc[0, "error"] = 1.5
+    broken = dataclasses.replace(r, head_table=table).verdict()
+    assert broken.failed_checks() == ["section 3: a head error is outside [0, 1]"]
+
+
+def test_figures_draw_every_section(noise_result, bias_result, transfer_result):
+    for draw, result, n_axes, words in [(noise_vs_curvature_figure, noise_result, 2, "1000 sampled examples"),
+                                        (implicit_bias_figure, bias_result, 3, "3 SGD chains"),
+                                        (transfer_figure, transfer_result, 3, "10 draws per n")]:
+        fig, note = draw(result)
+        try:
+            assert len(fig.axes) == n_axes and words in note
+        finally:
+            plt.close(fig)

@@ -1,0 +1,26 @@
+"""flatlib.plotting: figures saved under the profile's folder, stamped with profile and seed."""
+
+import matplotlib.pyplot as plt
+import pytest
+
+from flatlib.plotting import saver, figures_dir
+
+
+def test_saver_fills_in_profile_and_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATLIB_FIGURES", str(tmp_path))
+    save = saver("smoke", 7)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    try:
+        png = save(fig, "06_test", "a note")
+        footer = [t.get_text() for t in fig.texts]
+    finally:
+        plt.close(fig)
+    assert png == figures_dir("smoke") / "06_test.png" == tmp_path / "smoke" / "06_test.png"
+    assert png.exists() and png.with_suffix(".pdf").exists()
+    assert footer == ["profile=smoke · seed=7 · a note"]
+
+
+def test_saver_refuses_a_bad_profile_at_once():
+    with pytest.raises(ValueError, match="profile"):
+        saver("../elsewhere", 0)
