@@ -94,7 +94,8 @@ def design(params: dict[str, Any]) -> Design:
     t, s = params["pretraining"], params["model_size"]
     specs = {name: language_spec(params, name) for name in s["languages"]}
     return Design(seeds=[params["seed"] + i for i in range(t["seeds"])], languages=list(s["languages"]),
-                  widths=list(s["widths"]), epsilon=t["epsilon"], protocol=Protocol(**t["protocol"], seed=params["seed"]),
+                  widths=list(s["widths"]), epsilon=t["epsilon"],
+                  protocol=Protocol(**t["protocol"], seed=params["seed"]),
                   tasks={name: tuple(build_language(spec).tasks) for name, spec in specs.items()}, specs=specs)
 
 
@@ -125,8 +126,9 @@ def size_table(runs: Mapping[Key, Any], epsilon: float) -> pd.DataFrame:
 
 def width_summary(sizes: pd.DataFrame) -> pd.DataFrame:
     """Per (language, width): parameters, mean and max gap over seeds, seeds within ε (rounded)."""
-    return sizes.groupby(["language", "width"]).agg(parameters=("parameters", "first"), gap_mean=("gap", "mean"),
-                                                    gap_max=("gap", "max"), within_eps=("within ε", "sum")).round(4)
+    per = sizes.groupby(["language", "width"])
+    return per.agg(parameters=("parameters", "first"), gap_mean=("gap", "mean"), gap_max=("gap", "max"),
+                   within_eps=("within ε", "sum")).round(4)
 
 
 def gap_curves(runs: Mapping[Key, Any]) -> pd.DataFrame:
@@ -143,7 +145,7 @@ def converged(sizes: pd.DataFrame) -> dict[tuple[str, int], bool]:
 
 
 def mean_gaps(sizes: pd.DataFrame) -> dict[tuple[str, int], float]:
-    """Per (language, width): the mean final gap over seeds (NaN if a seed diverged)."""
+    """Per (language, width): the mean final gap over the seeds that did not diverge."""
     return {(name, w): g["gap"].mean() for (name, w), g in sizes.groupby(["language", "width"])}
 
 
@@ -190,8 +192,8 @@ def measure(runs: Mapping[Key, Any], configs: Mapping[Key, PretrainConfig], d: D
     wide_keys = [key for key in kept if key[1] != d.widest]
     wide_items = [(runs[key], configs[key].steps, {"width": d.widest}) for key in wide_keys]
     widened = measure_many("widened_trace", wide_items, d.protocol, workers=workers)
-    tuned = measure_many("finetune", [(run, step, {"epochs": finetune_epochs}) for run, step in finals], d.protocol,
-                         workers=workers)
+    tune_items = [(run, step, {"epochs": finetune_epochs}) for run, step in finals]
+    tuned = measure_many("finetune", tune_items, d.protocol, workers=workers)
     lookup = {name: lookup_table_probe(d.specs[name], d.protocol) for name in d.languages}
     return Measurements(checkpoint=dict(zip(kept, measured)), widened=dict(zip(wide_keys, widened)),
                         finetune=dict(zip(kept, tuned)), lookup=lookup,
@@ -283,11 +285,12 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
         out.append(Claim(
             claim=f"{name}: larger models transfer better at the same loss (linear probe)", paper=PAPER[name][0],
             ours=f"{widths_text}: {effects} (Welch 95% CI over {n_seeds} seeds)",
-            held=rules.combine(v.loc[probes, "verdict"].tolist()), notebook=NOTEBOOK, figure="03_size_accuracy.png",
-            detail=gap_text, rule="equal-loss pair, unpaired effect, parts, probe"))
+            held=rules.combine(v.loc[probes, "verdict"].tolist()), notebook=NOTEBOOK,
+            figure="03_size_accuracy.png", detail=gap_text, rule="equal-loss pair, unpaired effect, parts, probe"))
         t, raw = v.loc["widened invariant trace"], v.loc["widened trace"]
         out.append(Claim(
-            claim=f"{name}: larger models are flatter (invariant trace after widening into the largest architecture)",
+            claim=(f"{name}: larger models are flatter (invariant trace after widening into the largest "
+                   "architecture)"),
             paper=PAPER[name][1], held=t["verdict"], notebook=NOTEBOOK, figure="03_size_trace.png",
             ours=(f"{widths_text}: invariant {t['before']:.2f} -> {t['after']:.2f} ({t['delta']:+.2f} "
                   f"[{t['low']:+.2f}, {t['high']:+.2f}]); raw {raw['before']:.1f} -> {raw['after']:.1f} "
@@ -318,18 +321,19 @@ def check_measurements(measured: pd.DataFrame, max_change: float, lookup: Mappin
         for task, ref in references.items():
             if "bayes" in ref:
                 tolerance = 3 * ref["bayes_se"] + 3 * ref["ci95"] + 0.03
-                assert (measured.loc[measured.language == name, f"probe {task}"] <= ref["bayes"] + tolerance).all(), \
-                    (name, task)
+                probes = measured.loc[measured.language == name, f"probe {task}"]
+                assert (probes <= ref["bayes"] + tolerance).all(), (name, task)
 
 
 def summary(params: dict[str, Any], d: Design, measured: pd.DataFrame, claims: Sequence[Claim]) -> str:
     """The notebook's checked summary: the setting, per (language, width) the rounded means over
     seeds of the gap, probes and traces, and every claim's verdict."""
     t, s = params["pretraining"], params["model_size"]
-    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={d.seeds} · widths={d.widths} ({s['n_layer']} layers) · "
-             f"{t['steps']} steps · ε={d.epsilon}"]
+    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={d.seeds} · widths={d.widths} "
+             f"({s['n_layer']} layers) · {t['steps']} steps · ε={d.epsilon}"]
     for (name, w), g in measured.groupby(["language", "width"]):
-        lines.append(f"{name:>4} w{w:<4}: gap {g['gap'].mean():.3f} ({int(g['within ε'].sum())}/{len(g)} within ε) · "
+        lines.append(f"{name:>4} w{w:<4}: gap {g['gap'].mean():.3f} "
+                     f"({int(g['within ε'].sum())}/{len(g)} within ε) · "
                      + " · ".join(f"{task} {g[f'probe {task}'].mean():.2f}" for task in d.tasks[name])
                      + f" · trace raw {g['raw trace'].mean():.0f} widened {g['widened trace'].mean():.0f}"
                      + f" · invariant widened {g['widened invariant trace'].mean():.1f}")
@@ -337,5 +341,6 @@ def summary(params: dict[str, Any], d: Design, measured: pd.DataFrame, claims: S
         lines.append(f"claim: {c.claim} -> {c.held}")
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
-    lines.append("checks passed: widening exact · gaps, traces and accuracies finite · probes <= Bayes + tolerance")
+    lines.append("checks passed: widening exact · gaps, traces and accuracies finite · "
+                 "probes <= Bayes + tolerance")
     return "\n".join(lines)

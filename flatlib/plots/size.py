@@ -50,11 +50,12 @@ def accuracy(measured: pd.DataFrame, sizes: pd.DataFrame, lookup: Mapping[str, M
                 ax.axis("off")
                 continue
             task = language_tasks[c]
-            for kind, style, color in [("probe", "-", "C0"), ("finetune", "--", "C2")]:
+            finetune_label = f"fine-tune (LP-FT, {finetune_epochs} epochs)"
+            for kind, style, color, label in [("probe", "-", "C0", "linear probe"),
+                                              ("finetune", "--", "C2", finetune_label)]:
                 st = per_width(frame, f"{kind} {task}")
                 x = np.array([params[name, w] for w in st.index])
-                ax.errorbar(x, st["mean"], yerr=st["ci"], color=color, ls=style, capsize=3, lw=1.6,
-                            label="linear probe" if kind == "probe" else f"fine-tune (LP-FT, {finetune_epochs} epochs)")
+                ax.errorbar(x, st["mean"], yerr=st["ci"], color=color, ls=style, capsize=3, lw=1.6, label=label)
                 for xi, w, mean in zip(x, st.index, st["mean"]):
                     ax.plot(xi, mean, "o", color=color, mfc=color if ok[name, w] else "white", ms=7)
             ax.axhline(lookup[name][task]["accuracy"], color="0.4", ls="-.", lw=1.2,
@@ -77,12 +78,14 @@ def traces(measured: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str]
     for r, name in enumerate(languages):
         frame = measured[measured.language == name]
         x_of = {w: params[name, w] for w in widths}
-        for ax, column, title in [(axes[r, 0], "gap", "final gap (nats)"), (axes[r, 1], "raw trace", "raw trace"),
-                                  (axes[r, 2], "widened trace", f"raw trace after widening to {widest}"),
-                                  (axes[r, 3], "widened invariant trace", f"invariant trace after widening to {widest}")]:
+        panels = [("gap", "final gap (nats)"), ("raw trace", "raw trace"),
+                  ("widened trace", f"raw trace after widening to {widest}"),
+                  ("widened invariant trace", f"invariant trace after widening to {widest}")]
+        for ax, (column, title) in zip(axes[r], panels):
             st = per_width(frame, column)
             x = np.array([x_of[w] for w in st.index])
-            ax.errorbar(x, st["mean"], yerr=st["ci"], color="C0", capsize=3, lw=1.6, label="mean ± 95% CI over seeds")
+            ax.errorbar(x, st["mean"], yerr=st["ci"], color="C0", capsize=3, lw=1.6,
+                        label="mean ± 95% CI over seeds")
             for w in widths:
                 d = frame[frame.width == w]
                 ax.plot(np.full(len(d), x_of[w]) * np.linspace(0.95, 1.05, len(d)), d[column], ".", color="C1",
