@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PROFILE ?= cpu
 
-.PHONY: figures test lab bench venv clean
+.PHONY: figures test lab bench venv clean pairs
 
 $(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(INSTALLED)
 	rm -rf build/smoke
 	$(BIN)/python -m flatlib.reproduce --profile smoke --out build/smoke
 	$(BIN)/python -m pytest --nbval-lax tests build/smoke
+
+# refresh the reviewable py:percent twin of every notebook (jupytext), or the notebook from an edited twin
+pairs: $(INSTALLED)
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.ipynb
 
 lab: $(INSTALLED)
 	$(BIN)/jupyter lab notebooks

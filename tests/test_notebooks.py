@@ -63,3 +63,35 @@ def test_the_third_language_is_one_parameter_away(name, tmp_path, monkeypatch):
 
 def code_cells_of(nb):
     return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def code_lines(path):
+    """Non-blank, non-comment lines of a notebook's code cells."""
+    return sum(1 for c in code_cells(path) for line in "".join(c["source"]).splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_glue(path):
+    """Issue 15: a notebook wires library calls, tables and figures (about 150 code lines at most);
+    computations and decision rules live in flatlib, tested there."""
+    assert code_lines(path) <= 150, f"{path.name}: {code_lines(path)} code lines"
+    source = "\n".join("".join(c["source"]) for c in code_cells(path))
+    assert "\ndef " not in "\n" + source, "a notebook defines no functions: they belong in flatlib"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_py_percent_pair_is_in_sync(path):
+    """Every notebook has a reviewable jupytext `py:percent` twin with the same cells (refresh with
+    `make pairs`); papermill and nbval run the .ipynb."""
+    jupytext = pytest.importorskip("jupytext")
+    twin = path.with_suffix(".py")
+    assert twin.exists(), f"{twin.name} is missing: run `make pairs`"
+    paired = jupytext.read(twin, fmt="py:percent")
+    notebook = json.loads(path.read_text())
+
+    def cells(nb):
+        return [(c["cell_type"], "".join(c["source"]).strip(), "parameters" in c["metadata"].get("tags", []))
+                for c in nb["cells"]]
+
+    assert cells(paired) == cells(notebook), f"{twin.name} and {path.name} differ: run `make pairs`"
