@@ -68,8 +68,8 @@ def describe(params: dict[str, Any]) -> str:
     ``algorithms`` section and the ``pretraining`` keys the continuations use."""
     t, a = params["pretraining"], params["algorithms"]
     lines = [f"{'algorithms.' + key:>26}: {value}" for key, value in a.items()]
-    lines += [f"{'pretraining.' + key:>26}: {t[key]}"
-              for key in ("model", "steps", "continue_steps", "checkpoint_every", "adamw_lr", "sgd_lr", "seeds", "epsilon")]
+    keys = ("model", "steps", "continue_steps", "checkpoint_every", "adamw_lr", "sgd_lr", "seeds", "epsilon")
+    lines += [f"{'pretraining.' + key:>26}: {t[key]}" for key in keys]
     return "\n".join(lines)
 
 
@@ -155,7 +155,8 @@ def curves_table(runs: dict[Key, Run]) -> pd.DataFrame:
     where a run did not log a column)."""
     frames = [run.metrics().assign(language=name, seed=s, algorithm=a) for (name, s, a), run in runs.items()]
     table = pd.concat(frames, ignore_index=True)
-    return table[["language", "seed", "algorithm"] + [c for c in table.columns if c not in ("language", "seed", "algorithm")]]
+    first = ["language", "seed", "algorithm"]
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -205,6 +206,10 @@ def _cell(values: Any) -> str:
     return f"{mean:.3f} ± {ci:.3f}" if np.isfinite(ci) else f"{mean:.3f}"
 
 
+def _mean_pm(values: pd.Series, digits: int) -> str:
+    return f"{values.mean():.{digits}f} ± {mean_ci(values.to_numpy())[1]:.{digits}f}"
+
+
 def result_table(table: pd.DataFrame, lookup: dict[str, dict[str, Any]], name: str, task_names: list[str],
                  label: dict[str, str]) -> pd.DataFrame:
     """The paper's table for language ``name``: one row per model (``PHASE1``, then ``ALGORITHMS``,
@@ -215,9 +220,9 @@ def result_table(table: pd.DataFrame, lookup: dict[str, dict[str, Any]], name: s
     rows = []
     for a in (PHASE1, *ALGORITHMS):
         d = frame[frame.algorithm == a]
-        rows.append({"model": label[a], "gap (nats)": _cell(d["gap"]), **{f"task {t}": _cell(d[f"acc {t}"]) for t in task_names},
-                     "trace": f"{d['trace'].mean():.1f} ± {mean_ci(d['trace'].to_numpy())[1]:.1f}",
-                     "invariant trace": f"{d['invariant_trace'].mean():.2f} ± {mean_ci(d['invariant_trace'].to_numpy())[1]:.2f}"})
+        rows.append({"model": label[a], "gap (nats)": _cell(d["gap"]),
+                     **{f"task {t}": _cell(d[f"acc {t}"]) for t in task_names},
+                     "trace": _mean_pm(d["trace"], 1), "invariant trace": _mean_pm(d["invariant_trace"], 2)})
     rows.append({"model": label["lookup"], "gap (nats)": "0 (exact)",
                  **{f"task {t}": f"{lookup[t]['accuracy']:.3f} ± {lookup[t]['ci95']:.3f}" for t in task_names},
                  "trace": "(no parameters)", "invariant trace": "(no parameters)"})
@@ -295,7 +300,8 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
         adam_converged = bool((adam["gap"] <= epsilon).all())
         v = verdict[verdict.language == name].set_index(["comparison", "quantity"])
         task_names = [q[len("acc "):] for c, q in v.index if c == "adversarial - adamw" and q.startswith("acc ")]
-        vs_adam = {q: v.loc[("adversarial - adamw", q)] for q in [f"acc {x}" for x in task_names] + ["invariant_trace", "trace"]}
+        quantities = [f"acc {x}" for x in task_names] + ["invariant_trace", "trace"]
+        vs_adam = {q: v.loc[("adversarial - adamw", q)] for q in quantities}
         vs_lookup = {x: v.loc[("adamw - lookup table", f"acc {x}")] for x in task_names}
         loss_text = f"gaps AdamW {adam['gap'].mean():.4f}, adversarial {adv['gap'].mean():.4f} nats"
         out.append(Claim(
@@ -312,16 +318,18 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
             paper="trace 8.0 -> 19.3 (PCFG)", held=vs_adam["invariant_trace"]["verdict"], notebook=NOTEBOOK,
             figure="04_algorithms.png", rule="equal loss, paired effect, trace",
             ours=f"invariant {adam['invariant_trace'].mean():.2f} -> {adv['invariant_trace'].mean():.2f} "
-                 f"({_interval(vs_adam['invariant_trace'])}); raw {adam['trace'].mean():.1f} -> {adv['trace'].mean():.1f} "
-                 f"({_interval(vs_adam['trace'])}), paired over seeds",
+                 f"({_interval(vs_adam['invariant_trace'])}); raw {adam['trace'].mean():.1f} -> "
+                 f"{adv['trace'].mean():.1f} ({_interval(vs_adam['trace'])}), paired over seeds",
             detail=f"the raw trace's own verdict: {vs_adam['trace']['verdict']}"))
         out.append(Claim(
-            claim=f"{name}: a trained transformer transfers better than the lookup table (the optimal model's conditionals)",
+            claim=f"{name}: a trained transformer transfers better than the lookup table "
+                  "(the optimal model's conditionals)",
             paper="A 89.9 vs 71.2, B 49.2 vs 39.7 (PCFG)",
             ours="; ".join(f"{x} {_interval(vs_lookup[x])}" for x in task_names) + " (AdamW - lookup, Welch 95% CI)",
             held=rules.combine([vs_lookup[x]["verdict"] for x in task_names]), notebook=NOTEBOOK,
             figure="04_algorithms.png", rule="unpaired effect, parts, probe",
-            detail=f"AdamW's gap {adam['gap'].mean():.4f} nats" + ("" if adam_converged else f", not within ε = {epsilon}")))
+            detail=f"AdamW's gap {adam['gap'].mean():.4f} nats"
+                   + ("" if adam_converged else f", not within ε = {epsilon}")))
     return out
 
 
@@ -355,7 +363,8 @@ def summary_lines(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Cl
              f"steps · ε={t['epsilon']}"]
     for _, v in verdict.iterrows():
         lines.append(f"{v['language']:>4} {v['comparison']:>20} {v['quantity']:>15}: {v['effect']:+.3f} "
-                     f"[{v['low']:+.3f}, {v['high']:+.3f}] · gaps {v['gap adamw']:.3f}/{v['gap adversarial']:.3f} · {v['verdict']}")
+                     f"[{v['low']:+.3f}, {v['high']:+.3f}] · gaps {v['gap adamw']:.3f}/{v['gap adversarial']:.3f} "
+                     f"· {v['verdict']}")
     for c in claims:
         lines.append(f"claim: {c.claim.split(':')[0]}: {c.claim.split(': ')[1][:45]} -> {c.held}")
     if params["profile"] == "smoke":

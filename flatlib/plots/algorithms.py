@@ -37,7 +37,8 @@ def continuations(curves: pd.DataFrame, params: dict[str, Any]) -> plt.Figure:
             m = curves[(curves.language == name) & (curves.algorithm == "adversarial") & (curves.seed == s)]
             ax_adv.plot(m["step"], m["adv_loss"], color=COLORS["adversarial"],
                         alpha=0.4 + 0.6 * i / max(1, len(seed_list) - 1), lw=1.2, label=f"seed {s}")
-        ax_adv.set(title=f"{name}: adversary's L_down (task {adversary['tasks'][name]}, λ = {adversary['weights'][name]})",
+        task, weight = adversary["tasks"][name], adversary["weights"][name]
+        ax_adv.set(title=f"{name}: adversary's L_down (task {task}, λ = {weight})",
                    xlabel="continuation step", ylabel="cross-entropy of the refit head (nats)")
         ax_adv.legend(fontsize=8)
     fig.tight_layout()
@@ -82,8 +83,9 @@ def accuracy_and_trace(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str
             mean, ci = mean_ci(d)
             ax_trace.errorbar(k, mean, yerr=ci, fmt="o", ms=8, capsize=4, color=COLORS[a])
             ax_trace.plot(np.full(len(d), k + 0.15), d, ".", color=COLORS[a], ms=5, alpha=0.7)
-        span = frame["invariant_trace"].max() - frame["invariant_trace"].min()
-        ax_trace.set_ylim(max(0.0, frame["invariant_trace"].min() - 0.4 * span), frame["invariant_trace"].max() + 0.4 * span)
+        lowest, highest = frame["invariant_trace"].min(), frame["invariant_trace"].max()
+        span = highest - lowest
+        ax_trace.set_ylim(max(0.0, lowest - 0.4 * span), highest + 0.4 * span)
         ax_trace.set_xticks(range(len(order)), [label[a].split(" (")[0] for a in order], rotation=20, fontsize=8)
         ax_trace.set(title=f"{name}: invariant trace (small dots: seeds)", ylabel="invariant trace (mean loss, nats)")
     fig.tight_layout()
