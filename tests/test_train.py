@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flatlib.runs import CorruptCheckpointError, RunStore
-from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain, single_mask_batch
+from flatlib.objective import single_mask_batch
+from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain
 from run_helpers import interrupt
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
@@ -40,11 +41,12 @@ def test_masks_are_independent_of_the_sentences():
     """Regression: drawing the masked positions from the sentences' own random stream made the
     position predictive of the hidden states, and a model beat the 'optimum'."""
     config = tiny_config()
-    from flatlib.train import _mask_generator, _training_corpus, build_language
+    from flatlib.languages import build_language
+    from flatlib.objective import mask_generator, training_corpus
 
     language = build_language(config.language)
-    corpus = _training_corpus(config, language, 0, None)
-    _, positions, _ = single_mask_batch(corpus, 9, 8, _mask_generator(config, 0))
+    corpus = training_corpus(config, language, 0, None)
+    _, positions, _ = single_mask_batch(corpus, 9, 8, mask_generator(config, 0))
     first_states = corpus.latents["states"][:, 0]
     # under independence, the mean position is the same whatever the first hidden state
     means = torch.stack([positions[first_states == h].double().mean() for h in first_states.unique()])
@@ -211,7 +213,8 @@ def test_learning_rate_schedules():
 def test_invalid_configs_name_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         config = tiny_config(**overrides)
-        from flatlib.train import build_language, model_config
+        from flatlib.languages import build_language
+        from flatlib.train import model_config
 
         model_config(config, build_language(config.language))
 
