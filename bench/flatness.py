@@ -98,9 +98,11 @@ from torch import Tensor, nn
 from bench.common import cpu_model, print_table
 from flatlib.flatness import (TraceEstimate, dense_hessian, fisher_diagonal, fisher_trace, hessian_mode, hessian_trace,
                               hvp, invariant_trace, mlm_logits_fn, mlm_loss_fn, rademacher_probes, trainable_parameters)
+from flatlib.languages import build_language
 from flatlib.model import gauge_pairs, rescale_norms
+from flatlib.objective import evaluate, validation_set
 from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, build_language, evaluate, load_model, pretrain, validation_set
+from flatlib.train import PretrainConfig, load_model, pretrain
 
 try:  # a bench-only dependency: without it the PyHessian rows are n/a, and the rest still runs
     import pyhessian

@@ -64,9 +64,9 @@ from bench import common
 from bench.common import cpu_model
 from flatlib.languages import Language
 from flatlib.model import Transformer
+from flatlib.objective import mask_generator, single_mask_batch, training_corpus
 from flatlib.profiles import build_languages, resolve
-from flatlib.train import (PretrainConfig, _mask_generator, _training_corpus, learning_rate, make_optimizer,
-                           new_model, single_mask_batch)
+from flatlib.train import PretrainConfig, learning_rate, make_optimizer, new_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEAK_TARGET = 0.40  # achieved / matmul peak for the cpu-profile model
@@ -151,9 +151,9 @@ def measure(spec: Spec, barrier: Any = None) -> Result:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, i)
-        corpus = _training_corpus(config, language, i, None)
+        corpus = training_corpus(config, language, i, None)
         t1 = time.perf_counter()
-        inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id, _mask_generator(config, i))
+        inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id, mask_generator(config, i))
         t2 = time.perf_counter()
         loss = compute(inputs, positions, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -263,8 +263,8 @@ def time_breakdown(model_name: str, batch_size: int, steps: int = 10) -> dict[st
     torch.set_num_threads(1)
     config, language, model, optimizer = _setup(model_name, batch_size)
     mc = model.config
-    batches = [single_mask_batch(_training_corpus(config, language, i, None), mc.mask_id, mc.pad_id,
-                                 _mask_generator(config, i)) for i in range(steps + 3)]
+    batches = [single_mask_batch(training_corpus(config, language, i, None), mc.mask_id, mc.pad_id,
+                                 mask_generator(config, i)) for i in range(steps + 3)]
 
     def step(batch: tuple[torch.Tensor, ...]) -> None:
         inputs, positions, targets = batch

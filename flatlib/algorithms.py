@@ -33,7 +33,8 @@ from flatlib.report import Claim
 from flatlib.runs import Run
 from flatlib.stats import mean_ci
 from flatlib.sweep import BACKENDS, run_configs
-from flatlib.train import PretrainConfig, build_language
+from flatlib.languages import build_language
+from flatlib.train import PretrainConfig
 
 NOTEBOOK = "04_training_algorithms"
 ALGORITHMS = ("adamw", "sgd", "adversarial")  # every one continues the same phase-1 checkpoint

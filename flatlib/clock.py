@@ -31,9 +31,10 @@ import pandas as pd
 
 from flatlib.claims import combine, equal_loss, paired_effect, t_interval
 from flatlib.measure import measurement_row
+from flatlib.objective import derived_seed
 from flatlib.report import Claim
 from flatlib.runs import Run
-from flatlib.train import PretrainConfig, continuation, derived_seed
+from flatlib.train import PretrainConfig, continuation
 
 
 def supervised_tokens(config: PretrainConfig) -> int:

@@ -96,7 +96,7 @@ def pool(features: Tensor, corpus: Corpus, pooling: str = "concat", position: in
 def probe_inputs(language: Language, corpus: Corpus, features: Tensor, task: str) -> Tensor:
     """The probe's input for ``task``: for an HMM state task, the representation at the task's
     position (the sensitive choice, docs/lessons.md); for a PCFG task, all positions concatenated (the
-    paper's choice). Differentiable: the adversarial objective (``flatlib.train``) pools its
+    paper's choice). Differentiable: the adversarial objective (``flatlib.adversary``) pools its
     downstream batch with it, exactly as the evaluation probe does."""
     return pool(features, corpus, *probe_pooling(language, task))
 

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from flatlib.clock import clock_grid
+from flatlib.profiles import language_spec
 from flatlib.runs import Run
 from flatlib.train import PretrainConfig, continuation
 
@@ -36,8 +37,6 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
     at the cpu profile a 2x128 HMM model at the 2x64 model's lr 3e-3 stalls at a gap of 0.035 nats,
     at 1.5e-3 it reaches 0.015). An earlier version scaled each width's own rate, which confounded
     size with learning rate (issue 14)."""
-    from flatlib.profiles import language_spec  # noqa: PLC0415 - profiles imports the languages
-
     t = params["pretraining"]
     steps = t["steps"][name] if width is None else params["model_size"]["steps"][name]
     widest = max(params["model_size"]["widths"])
@@ -129,7 +128,7 @@ def adversarial_config(params: dict[str, Any], name: str, seed: int) -> Pretrain
     """Notebook 04's adversarial continuation of ``name`` (None if the profile's ``algorithms``
     section does not list ``name``): AdamW at ``pretraining.adamw_lr`` from the same phase-1
     checkpoint as notebook 02's continuations, on L_mlm - weight * L_downstream for the language's
-    adversarial task (``flatlib.train``, option ``adversarial``)."""
+    adversarial task (``flatlib.adversary``, option ``adversarial``)."""
     a = params.get("algorithms")
     if a is None or name not in a["languages"]:
         return None

@@ -20,15 +20,16 @@ import torch
 
 from flatlib.checks import check_int, check_seed
 from flatlib.device import module_device
-from flatlib.downstream import (linear_probe, lookup_table_features, model_features, pool, probe_inputs,
-                                probe_pooling)
+from flatlib.downstream import (finetune, linear_probe, lookup_table_features, model_features, pool,
+                                probe_inputs, probe_pooling)
 from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn,
                               trainable_parameters)
-from flatlib.languages import HMM, Corpus, Language
-from flatlib.model import rescale_norms
+from flatlib.languages import HMM, Corpus, Language, build_language
+from flatlib.model import rescale_norms, widen
+from flatlib.objective import ValidationSet, derived_seed, evaluate, validation_set
+from flatlib.pool import PoolError, run_jobs
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash
-from flatlib.train import (PretrainConfig, ValidationSet, build_language, derived_seed, evaluate, load_model,
-                           validation_set)
+from flatlib.train import PretrainConfig, load_model
 
 
 # The probes a checkpoint is measured with. Only "standard" decides a claim (flatlib.claims).
@@ -251,8 +252,6 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
     on the parameterization: comparing models of different sizes in one architecture is what makes
     their traces comparable (the paper's procedure). Also returns the largest logit difference
     between the model and its widening on those pairs (0 up to float error). Cached in the run."""
-    from flatlib.model import widen  # noqa: PLC0415
-
     config = PretrainConfig.from_dict(run.config)
     d_model = config.model["d_model"]
     if width % d_model:
@@ -281,8 +280,6 @@ def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epoch
     and a linear head on the same pooled features as the probe, the head initialised at the fitted
     probe: LP-FT) on the probe's corpus, ``probe_train`` / ``probe_test`` examples, one split (the
     spread comes from the training seeds). Cached in the run."""
-    from flatlib.downstream import finetune  # noqa: PLC0415
-
     config = PretrainConfig.from_dict(run.config)
 
     def compute() -> dict[str, Any]:
@@ -352,8 +349,6 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
             run, step, kwargs = items[index]
             results[index] = measure(run, step, protocol=protocol, **kwargs)
     else:
-        from flatlib.pool import PoolError, run_jobs  # noqa: PLC0415
-
         jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
                  threads_per_worker) for i in todo]
         # a worker that raises or dies fails only its own item; the others finish (and are cached)

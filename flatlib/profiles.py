@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from flatlib.checks import check_int, check_number, check_seed
-from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM
+from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
                        "finetune_epochs": 2},
-        # 04_training_algorithms: the adversary (flatlib.train's `adversarial` option) per language
+        # 04_training_algorithms: the adversary (flatlib.adversary: PretrainConfig's `adversarial` option) per language
         "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
                        "weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1},
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
@@ -388,7 +388,7 @@ def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
 
 def _check_clock(c: dict[str, Any]) -> None:
     """The ``clock`` section (notebook 02's continuation); errors name the key as ``clock.<key>``."""
-    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports train, which imports this module's users
+    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports report, which imports this module
 
     name = "clock"
     expected = {"taus", "lr", "batch_size", "anneal_steps", "anneal_batch_size", "noise_seeds"}
@@ -423,8 +423,6 @@ def _check_algorithms(params: dict[str, Any]) -> None:
         if not isinstance(a[key], dict) or not set(a["languages"]) <= set(a[key]):
             raise ValueError(f"{name}.{key}: expected an entry for each of {a['languages']}, got {a[key]!r}")
     for language in a["languages"]:
-        from flatlib.train import build_language  # noqa: PLC0415 - train imports this module's users
-
         tasks = build_language(language_spec(params, language)).tasks
         if a["tasks"][language] not in tasks:
             raise ValueError(f"{name}.tasks: {a['tasks'][language]!r} is not a task of {language} {tasks}")
@@ -538,7 +536,7 @@ def build_teacher(params: dict[str, Any]) -> TeacherLM:
 
 def language_spec(params: dict[str, Any], name: str) -> dict[str, Any]:
     """The run-store spec of the profile's language ``name`` ("hmm", "pcfg" or "teacher"), as
-    ``flatlib.train.build_language`` takes it: the same spec, the same runs, whichever notebook asks."""
+    ``flatlib.languages.build_language`` takes it: the same spec, the same runs, whichever notebook asks."""
     if name not in LANGUAGES:
         raise ValueError(f"languages: expected names among {LANGUAGES}, got {name!r}")
     return {"kind": name, "seed": params["language_seed"], **params[name]}

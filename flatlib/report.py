@@ -22,6 +22,7 @@ from typing import Any
 
 from flatlib.claims import HELD, RULE_CHANGES, RULES
 from flatlib.plotting import REPO_ROOT, figures_dir
+from flatlib.profiles import get_profile
 from flatlib.runs import atomic_write
 
 
@@ -136,8 +137,6 @@ def _cell(text: str) -> str:
 
 def render_report(profile: str) -> str:
     """REPORT.md's text at ``profile`` from the recorded claims and notebook runs."""
-    from flatlib.profiles import get_profile  # noqa: PLC0415 - profiles imports the languages
-
     recorded = _load(profile)
     claims = {name: items for name, (items, _) in recorded.items()}
     runs_path = claims_dir(profile) / "_runs.json"

@@ -31,7 +31,8 @@ from flatlib.profiles import language_spec, resolve
 from flatlib.report import Claim
 from flatlib.stats import mean_ci, rank_correlation
 from flatlib.sweep import BACKENDS
-from flatlib.train import PretrainConfig, build_language
+from flatlib.languages import build_language
+from flatlib.train import PretrainConfig
 
 NOTEBOOK = "03_model_size"
 Key = tuple[str, int, int]  # (language, width, seed): one training run

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from flatlib.downstream import linear_probe, model_features, probe_inputs
-from flatlib.train import continuation
+from flatlib.languages import build_language
+from flatlib.objective import derived_seed
 from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, build_language, derived_seed, load_model, pretrain
+from flatlib.train import PretrainConfig, continuation, load_model, pretrain
 from run_helpers import interrupt
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}

@@ -30,7 +30,7 @@ from flatlib.flatness import (
     trainable_parameters,
 )
 from flatlib.model import Transformer, TransformerConfig
-from flatlib.train import ValidationSet
+from flatlib.objective import ValidationSet
 
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -482,7 +482,7 @@ def test_mlm_helpers_on_a_real_validation_set():
     """mlm_batches splits a flatlib ValidationSet; mlm_loss_fn is the loss that train.evaluate
     reports (hard targets) and its soft-target form gives the exact conditionals' cross-entropy."""
     from flatlib.languages import HMM
-    from flatlib.train import evaluate, single_mask_batch
+    from flatlib.objective import evaluate, single_mask_batch
 
     language = HMM.random(n_states=3, vocab_size=5, seq_len=4, seed=0)
     corpus = language.sample(10, seed=1)

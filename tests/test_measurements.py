@@ -10,7 +10,8 @@ from flatlib.downstream import linear_probe, model_features
 from flatlib.measure import PROBES, Protocol, measure_checkpoint
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, build_language, load_model, pretrain
+from flatlib.languages import build_language
+from flatlib.train import PretrainConfig, load_model, pretrain
 from test_experiments import LANGUAGE, SMALL, base_config
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from flatlib.languages import HMM, PCFG, TeacherLM
 from flatlib.profiles import resolve
-from flatlib.train import build_language
+from flatlib.languages import build_language
 
 TINY = {"hmm": {"kind": "hmm", "n_states": 3, "vocab_size": 4, "seq_len": 4},
         "pcfg": {"kind": "pcfg", "depth": 2, "n_types": 2, "n_per_level": 3, "n_binary_rules": 2,

@@ -7,7 +7,7 @@ import torch
 
 from brute_force import causal_conditional, mlm_conditional, sample_fit_pvalue
 from flatlib.languages import Corpus, TeacherLM
-from flatlib.train import build_language
+from flatlib.languages import build_language
 
 
 def tiny_teacher(**overrides) -> TeacherLM:

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flatlib.languages import build_language
+from flatlib.objective import single_mask_batch
 from flatlib.runs import CorruptCheckpointError, RunStore
-from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain, single_mask_batch
+from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain
 from run_helpers import interrupt
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
@@ -40,11 +42,11 @@ def test_masks_are_independent_of_the_sentences():
     """Regression: drawing the masked positions from the sentences' own random stream made the
     position predictive of the hidden states, and a model beat the 'optimum'."""
     config = tiny_config()
-    from flatlib.train import _mask_generator, _training_corpus, build_language
+    from flatlib.objective import mask_generator, training_corpus
 
     language = build_language(config.language)
-    corpus = _training_corpus(config, language, 0, None)
-    _, positions, _ = single_mask_batch(corpus, 9, 8, _mask_generator(config, 0))
+    corpus = training_corpus(config, language, 0, None)
+    _, positions, _ = single_mask_batch(corpus, 9, 8, mask_generator(config, 0))
     first_states = corpus.latents["states"][:, 0]
     # under independence, the mean position is the same whatever the first hidden state
     means = torch.stack([positions[first_states == h].double().mean() for h in first_states.unique()])
@@ -211,7 +213,7 @@ def test_learning_rate_schedules():
 def test_invalid_configs_name_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         config = tiny_config(**overrides)
-        from flatlib.train import build_language, model_config
+        from flatlib.train import model_config
 
         model_config(config, build_language(config.language))
 
@@ -286,3 +288,17 @@ def test_a_diverging_run_stops_and_is_finished_as_diverged(tmp_path):
     assert run.finished and summary["diverged"] and summary["final_gap"] is None
     assert summary["steps"] < 60  # it stopped where the loss became non-finite
     assert pretrain(config, store, progress=False).summary() == summary  # and is not retrained
+
+
+def test_a_language_is_built_once_per_spec():
+    """PretrainConfig validates by building its language: equal specs share one (immutable)
+    instance, and a build leaves the global random state alone, cached or not (a TeacherLM
+    initialises a Transformer before drawing its weights from its seed)."""
+    assert build_language(TINY_HMM) is build_language(dict(TINY_HMM))
+    assert build_language({**TINY_HMM, "seed": 1}) is not build_language(TINY_HMM)
+    teacher = {"kind": "teacher", "vocab_size": 6, "seq_len": 4, "n_topics": 2, "n_layer": 1, "d_model": 8,
+               "n_head": 2, "seed": 12345}
+    before = torch.random.get_rng_state()
+    first = build_language(teacher)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert build_language(teacher) is first
