@@ -125,6 +125,9 @@ def execute_notebook(input_path: str | Path, output_path: str | Path, parameters
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    plt.close("all")  # a figure left open by the caller is not this notebook's
     notebook = with_parameters(json.loads(Path(input_path).read_text()), parameters or {})
     namespace: dict[str, Any] = {"__name__": "__main__"}
     previous = Path.cwd()
