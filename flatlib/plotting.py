@@ -1,10 +1,12 @@
-"""One figure style, and ``savefig``: PNG + PDF under figures/, stamped with how the figure was made."""
+"""One figure style, and ``savefig``: PNG + PDF under figures/, stamped with how the figure was made;
+``figure_saver`` binds it to a notebook's parameters."""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in Jupyter: inline
 import seaborn as sns
@@ -42,3 +44,20 @@ def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -
     fig.savefig(png, metadata={"Software": None})
     fig.savefig(folder / f"{name}.pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return png
+
+
+def figure_saver(params: Mapping[str, Any], show: bool = True) -> Callable[[plt.Figure, str, str], None]:
+    """A notebook's ``save(fig, name, note)``: ``savefig`` with the profile and seed of ``params``
+    (a resolved profile, ``flatlib.profiles.resolve``), so every figure goes to the profile's figures
+    folder stamped with how it was made; with ``show`` it then shows the figure (``plt.show()``).
+    ``save`` returns nothing, so a cell ending with it displays only the figure (``savefig`` returns
+    the PNG path where one is needed)."""
+    profile, seed = params["profile"], params["seed"]
+    figures_dir(profile)  # a bad profile name fails here, not at the first figure
+
+    def save(fig: plt.Figure, name: str, note: str) -> None:
+        savefig(fig, name, profile=profile, seed=seed, note=note)
+        if show:
+            plt.show()
+
+    return save
