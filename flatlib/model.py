@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatlib.checks import check_int
+
 N_SPECIAL = 4  # PAD, MASK, CLS, EOS
 
 
@@ -40,9 +42,7 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "n_layer", "n_head", "d_model", "d_ff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model: {self.d_model} is not divisible by n_head={self.n_head}")
 
@@ -210,8 +210,7 @@ def widen(model: Transformer, factor: int) -> Transformer:
     the head, whose output is not copied, gets ``[W, ..., W] / factor``. Heads are copied too
     (``n_head * factor`` heads of the same size), so every attention pattern is unchanged.
     """
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor: expected a positive integer, got {factor!r}")
+    check_int("factor", factor)
     c = model.config
     wide_config = replace(c, d_model=c.d_model * factor, d_ff=c.d_ff * factor, n_head=c.n_head * factor)
     reference = next(model.parameters())

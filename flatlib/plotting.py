@@ -1,4 +1,5 @@
-"""One figure style, and ``savefig``: PNG + PDF under figures/, stamped with how the figure was made."""
+"""One figure style, and ``savefig``: PNG + PDF under figures/, stamped with how the figure was made;
+``saver`` binds it to a notebook's profile and seed."""
 
 from __future__ import annotations
 
@@ -45,12 +46,14 @@ def savefig(fig: plt.Figure, name: str, *, profile: str, seed: int, note: str) -
     return png
 
 
-def saver(profile: str, seed: int) -> Callable[[plt.Figure, str, str], Path]:
-    """``save(fig, name, note)``: ``savefig`` with the notebook's profile and seed filled in (the
-    one figure-saving call every notebook uses)."""
-    figures_dir(profile)  # checks the profile name now, not at the first figure
+def saver(profile: str, seed: int) -> Callable[[plt.Figure, str, str], None]:
+    """A notebook's ``save(fig, name, note)``: ``savefig`` with the notebook's ``profile`` and ``seed``
+    filled in, then ``plt.show()``. It returns nothing, so a cell ending with it displays only the
+    figure (``savefig`` returns the PNG path where one is needed)."""
+    figures_dir(profile)  # a bad profile name fails here, not at the first figure
 
-    def save(fig: plt.Figure, name: str, note: str) -> Path:
-        return savefig(fig, name, profile=profile, seed=seed, note=note)
+    def save(fig: plt.Figure, name: str, note: str) -> None:
+        savefig(fig, name, profile=profile, seed=seed, note=note)
+        plt.show()
 
     return save

@@ -125,3 +125,20 @@ def test_bad_arguments_raise():
         hmm.mlm_conditionals(Corpus(torch.tensor([[0, 1, 7, 0]]), torch.tensor([4])))
     with pytest.raises(ValueError, match="n:"):
         hmm.sample(-1)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+@pytest.mark.parametrize("name", ["n_states", "vocab_size", "seq_len"])
+def test_integer_arguments_reject_bools_and_floats(name, bad):
+    """A bool is an int to Python: HMM.random(seq_len=True) must not build a one-word language."""
+    with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1, got {bad!r}"):
+        HMM.random(**{"n_states": 3, "vocab_size": 3, "seq_len": 4, name: bad})
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+def test_sample_size_and_task_positions_reject_bools_and_floats(bad):
+    hmm = tiny_hmm()
+    with pytest.raises(ValueError, match=f"n: expected an integer >= 0, got {bad!r}"):
+        hmm.sample(bad)
+    with pytest.raises(ValueError, match=f"task_positions: expected an integer >= 0, got {bad!r}"):
+        HMM(hmm.initial, hmm.transition, hmm.emission, seq_len=4, task_positions=(bad,))

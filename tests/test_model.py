@@ -103,3 +103,17 @@ def test_logits_at_positions_and_unmasked_fast_path():
     # rows without padding take the mask-free attention path; same numbers as inside a padded batch
     torch.testing.assert_close(model(tokens[1:]), full[1:], atol=1e-6, rtol=0)
     assert model.attention_mask(tokens[1:]) is None and model.attention_mask(tokens) is not None
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+@pytest.mark.parametrize("name", ["vocab_size", "max_len", "n_layer", "n_head", "d_model", "d_ff"])
+def test_config_integers_reject_bools_and_floats(name, bad):
+    sizes = dict(vocab_size=5, max_len=4, n_layer=1, n_head=1, d_model=8, d_ff=16)
+    with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1, got {bad!r}"):
+        TransformerConfig(**{**sizes, name: bad})
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+def test_widen_factor_rejects_bools_and_floats(bad):
+    with pytest.raises(ValueError, match=f"factor: expected an integer >= 1, got {bad!r}"):
+        widen(tiny(), bad)

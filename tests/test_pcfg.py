@@ -210,3 +210,20 @@ def test_bad_usage_raises():
         PCFG.random(vocab_size=10, words_per_preterminal=20)
     with pytest.raises(ValueError, match="depth"):
         PCFG.random(depth=0)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+@pytest.mark.parametrize("name", ["depth", "n_types", "n_per_level", "n_binary_rules", "vocab_size",
+                                  "words_per_preterminal"])
+def test_integer_arguments_reject_bools_and_floats(name, bad):
+    with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1, got {bad!r}"):
+        PCFG.random(**{name: bad})
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+def test_sample_size_and_task_spans_reject_bools_and_floats(bad):
+    g = PCFG.from_rules(TINY_RULES)
+    with pytest.raises(ValueError, match=f"n: expected an integer >= 0, got {bad!r}"):
+        g.sample(bad)
+    with pytest.raises(ValueError, match=f"task_spans\\['B'\\]: expected an integer >= 1, got {bad!r}"):
+        PCFG.from_rules(TINY_RULES, task_spans={"B": bad})

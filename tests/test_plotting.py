@@ -12,11 +12,12 @@ def test_saver_fills_in_profile_and_seed(tmp_path, monkeypatch):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     try:
-        png = save(fig, "06_test", "a note")
+        assert save(fig, "06_test", "a note") is None  # a cell ending with save(...) shows no path
         footer = [t.get_text() for t in fig.texts]
+        png = figures_dir("smoke") / "06_test.png"
     finally:
         plt.close(fig)
-    assert png == figures_dir("smoke") / "06_test.png" == tmp_path / "smoke" / "06_test.png"
+    assert png == tmp_path / "smoke" / "06_test.png"
     assert png.exists() and png.with_suffix(".pdf").exists()
     assert footer == ["profile=smoke · seed=7 · a note"]
 

@@ -1,16 +1,9 @@
-"""Small table builders the notebooks share: parameters, final gaps, gauge and reference tables,
-and the figure saver."""
+"""Small table builders the notebooks share: parameters, final gaps, gauge and reference tables."""
 
-import matplotlib
+import pytest
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-
-from flatlib.measure import gauge_tables, reference_table  # noqa: E402
-from flatlib.plotting import saver  # noqa: E402
-from flatlib.report import parameter_lines  # noqa: E402
+from flatlib.measure import gauge_tables, reference_table
+from flatlib.report import parameter_lines
 
 
 def test_parameter_lines_expand_the_named_sections():
@@ -34,16 +27,6 @@ def test_gauge_and_reference_tables():
     assert refs.loc[("pcfg", "A"), "Bayes"] == 1.0 and refs.loc[("pcfg", "A"), "Bayes se"] == 0.0  # a function of the sentence
 
 
-def test_saver_stamps_profile_and_seed(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLATLIB_FIGURES", str(tmp_path))
-    save = saver("smoke", 7)
-    fig, ax = plt.subplots()
-    ax.plot([0, 1])
-    png = save(fig, "x", "a note")
-    assert png == tmp_path / "smoke" / "x.png" and png.exists() and (tmp_path / "smoke" / "x.pdf").exists()
-    assert any("profile=smoke · seed=7 · a note" in t.get_text() for t in fig.texts)
-    with pytest.raises(ValueError, match="profile"):
-        saver("../up", 0)
 
 
 def test_final_gaps_reads_each_runs_summary():

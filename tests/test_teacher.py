@@ -177,3 +177,19 @@ def test_bad_arguments_raise(tiny):
         lm.task_labels(Corpus(torch.zeros(1, 4, dtype=torch.long), torch.tensor([4])), "topic")
     with pytest.raises(ValueError, match="n:"):
         lm.sample(-1)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+@pytest.mark.parametrize("name", ["vocab_size", "seq_len", "n_topics", "n_layer", "d_model", "n_head", "d_ff"])
+def test_integer_arguments_reject_bools_and_floats(name, bad):
+    with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1, got {bad!r}"):
+        tiny_teacher(**{name: bad})
+
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+def test_sample_size_and_max_rows_reject_bools_and_floats(bad):
+    lm = tiny_teacher()
+    with pytest.raises(ValueError, match=f"n: expected an integer >= 0, got {bad!r}"):
+        lm.sample(bad)
+    with pytest.raises(ValueError, match=f"max_rows: expected an integer >= 1, got {bad!r}"):
+        TeacherLM(lm.teacher, lm.seq_len, lm.n_topics, max_rows=bad)

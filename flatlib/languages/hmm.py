@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.checks import check_seed
+from flatlib.checks import check_int, check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
 
 PAPER_TASK_POSITIONS = (6, 10)
@@ -56,12 +56,12 @@ class HMM(LanguageBase):
             raise ValueError(f"emission: expected shape ({n_states}, V), got {tuple(emission.shape)}")
         for name, matrix in (("initial", initial), ("transition", transition), ("emission", emission)):
             check_probability_rows(name, matrix)
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len: expected a positive integer, got {seq_len!r}")
+        check_int("seq_len", seq_len)
         if task_positions is None:
             task_positions = tuple(p for p in PAPER_TASK_POSITIONS if p < seq_len) or (seq_len // 2,)
         for position in task_positions:
-            if not 0 <= position < seq_len:
+            check_int("task_positions", position, low=0)
+            if not position < seq_len:
                 raise ValueError(f"task_positions: position {position} outside [0, {seq_len})")
         self.initial, self.transition, self.emission = initial, transition, emission
         self.n_states, self.vocab_size = emission.shape
@@ -80,8 +80,7 @@ class HMM(LanguageBase):
         predictable rows (lower entropy); larger = closer to uniform. The paper's sizes are the
         defaults (100 states, 200 words, length 16)."""
         for name, value in (("n_states", n_states), ("vocab_size", vocab_size), ("seq_len", seq_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, value)
         if not concentration > 0:
             raise ValueError(f"concentration: expected > 0, got {concentration!r}")
         if not 0 <= floor < 1 / max(n_states, vocab_size):
@@ -99,8 +98,7 @@ class HMM(LanguageBase):
     # ---------------------------------------------------------------- sampling
     def sample(self, n: int, seed: int = 0) -> Corpus:
         """``n`` sentences of length ``seq_len``; latents: ``"states"`` [n, L] (hidden path)."""
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+        check_int("n", n, low=0)
         generator = torch.Generator().manual_seed(seed)
         states = torch.empty(n, self.seq_len, dtype=torch.long)
         tokens = torch.empty(n, self.seq_len, dtype=torch.long)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.checks import check_seed
+from flatlib.checks import check_int, check_seed
 from flatlib.languages.base import PAD, Corpus, LanguageBase, LossEstimate, RowSampler, loss_estimate
 
 Rule = tuple[str, tuple[str, ...], float]
@@ -151,8 +151,10 @@ class PCFG(LanguageBase):
             task_spans = {t: s for t, s in RELEASED_TASK_SPANS.items() if s is None or s <= self.max_len}
         self.task_spans = dict(task_spans)
         for task, span in self.task_spans.items():
-            if span is not None and not (isinstance(span, int) and 1 <= span <= self.max_len):
-                raise ValueError(f"task_spans: span of task {task!r} must be in [1, {self.max_len}], got {span!r}")
+            if span is not None:
+                check_int(f"task_spans[{task!r}]", span)
+                if span > self.max_len:
+                    raise ValueError(f"task_spans: span of task {task!r} must be in [1, {self.max_len}], got {span!r}")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -367,8 +369,7 @@ class PCFG(LanguageBase):
                   "n_binary_rules": n_binary_rules, "vocab_size": vocab_size,
                   "words_per_preterminal": words_per_preterminal}
         for name, value in checks.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, value)
         if words_per_preterminal > vocab_size:
             raise ValueError(f"words_per_preterminal: {words_per_preterminal} > vocab_size {vocab_size}")
         if n_binary_rules > n_per_level**2:
@@ -449,8 +450,7 @@ class PCFG(LanguageBase):
         words it derives) and ``node_depth``. ``trees=False`` skips them (about 2x faster: for
         training on fresh samples; the tasks' labels come from the words alone).
         """
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+        check_int("n", n, low=0)
         generator = torch.Generator().manual_seed(seed)
         # chunks of ~1k sentences keep the frontier in cache (2-3x faster than one big batch)
         chunks = [self._sample_chunk(min(self.sample_chunk, n - i), generator, trees)

@@ -43,16 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatlib.checks import check_seed
+from flatlib.checks import check_int, check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase
 from flatlib.model import N_SPECIAL, Transformer, TransformerConfig
 
 TOPIC_TASK = "topic"
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 class TeacherLM(LanguageBase):
@@ -72,9 +67,9 @@ class TeacherLM(LanguageBase):
                  max_rows: int = 8192) -> None:
         if not isinstance(teacher, Transformer) or not teacher.config.causal:
             raise ValueError("teacher: expected a causal flatlib.model.Transformer")
-        _positive_int("seq_len", seq_len)
-        _positive_int("n_topics", n_topics)
-        _positive_int("max_rows", max_rows)
+        check_int("seq_len", seq_len)
+        check_int("n_topics", n_topics)
+        check_int("max_rows", max_rows)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0
         ):
@@ -105,10 +100,10 @@ class TeacherLM(LanguageBase):
         """A teacher with random weights drawn from ``seed`` (scaled as in the module doc)."""
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("n_topics", n_topics),
                             ("n_layer", n_layer), ("d_model", d_model), ("n_head", n_head)):
-            _positive_int(name, value)
+            check_int(name, value)
         if d_ff is None:
             d_ff = 4 * d_model
-        _positive_int("d_ff", d_ff)
+        check_int("d_ff", d_ff)
         check_seed("seed", seed)
         config = TransformerConfig(vocab_size=vocab_size, max_len=seq_len + 1, n_layer=n_layer,
                                    n_head=n_head, d_model=d_model, d_ff=d_ff, causal=True)
@@ -149,8 +144,7 @@ class TeacherLM(LanguageBase):
         """``n`` sentences of length ``seq_len``; latents: ``"topic"`` [n]. Ancestral sampling, one
         teacher forward per position for the whole batch (chunked by ``max_rows``); the random draws
         (the topics, then one uniform per word, inverse-CDF) do not depend on the chunking."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+        check_int("n", n, low=0)
         if n == 0:
             return Corpus(torch.empty(0, self.seq_len, dtype=torch.long), torch.empty(0, dtype=torch.long),
                           {"topic": torch.empty(0, dtype=torch.long)})
