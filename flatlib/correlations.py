@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
-from flatlib.experiments import ModelRef, experiment_models
+from flatlib.experiments import ModelRef, choose_adversary_weights, experiment_models
 from flatlib.measure import Protocol, measure_checkpoints, measure_many
 from flatlib.report import Claim
 from flatlib.stats import rank_correlation
@@ -96,8 +96,10 @@ def collect_models(params: dict[str, Any], names: list[str], protocol: Protocol,
     """Every model of notebooks 02-04 at the resolved profile ``params`` (``experiment_models``):
     train the missing runs (``backend``), leave out the checkpoints of diverged runs (they stopped
     early, not at the optimum), measure every checkpoint with ``protocol`` (the widened models' traces
-    after widening), and build ``model_table``. Cached runs and measurements come from the store."""
+    after widening), and build ``model_table``. Cached runs and measurements come from the store.
+    The adversary's weights are notebook 04's held-out choice (``choose_adversary_weights``)."""
     t = params["pretraining"]
+    params, _ = choose_adversary_weights(params, backend)
     models = experiment_models(params, names)
     configs = list({m.config.key: m.config for m in models}.values())
     start = time.perf_counter()

@@ -6,14 +6,17 @@ of 02-04 without retraining. How a checkpoint is measured is ``flatlib.measure``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from flatlib.claims import adversary_weight
 from flatlib.clock import clock_grid
 from flatlib.profiles import language_spec
 from flatlib.runs import Run
+from flatlib.sweep import run_configs
 from flatlib.train import PretrainConfig, continuation
 
 
@@ -124,16 +127,82 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
     return out
 
 
-def adversarial_config(params: dict[str, Any], name: str, seed: int) -> PretrainConfig | None:
+def adversarial_config(params: dict[str, Any], name: str, seed: int, weight: float | None = None) -> PretrainConfig | None:
     """Notebook 04's adversarial continuation of ``name`` (None if the profile's ``algorithms``
     section does not list ``name``): AdamW at ``pretraining.adamw_lr`` from the same phase-1
     checkpoint as notebook 02's continuations, on L_mlm - weight * L_downstream for the language's
-    adversarial task (``flatlib.adversary``, option ``adversarial``)."""
+    adversarial task (``flatlib.adversary``, option ``adversarial``). ``weight`` defaults to
+    ``algorithms.weights[name]``, which ``choose_adversary_weights`` fills in."""
     a = params.get("algorithms")
     if a is None or name not in a["languages"]:
         return None
-    settings = {**a["adversarial"], "task": a["tasks"][name], "weight": a["weights"][name]}
+    if weight is None:
+        if "weights" not in a:
+            raise ValueError("algorithms.weights: not chosen yet; call flatlib.experiments.choose_adversary_weights "
+                             "(the held-out choice) or give the weights as a parameter")
+        weight = a["weights"][name]
+    settings = {**a["adversarial"], "task": a["tasks"][name], "weight": weight}
     return phase2_config(params, name, seed, "adamw", adversarial=settings)
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """The adversary's weight for ``language``, chosen on the held-out training ``seed`` by rule
+    "adversary weight" (``flatlib.claims.adversary_weight``): the final ``gaps`` of the adversarial
+    continuations per λ of the grid, the gap of the AdamW continuation of the same seed
+    (``reference_gap``), the chosen ``weight`` and whether it is ``at_equal_loss``."""
+
+    language: str
+    seed: int
+    gaps: dict[float, float]
+    reference_gap: float
+    weight: float
+    at_equal_loss: bool
+
+    def describe(self) -> str:
+        return (f"λ = {self.weight} chosen on held-out seed {self.seed} (rule 'adversary weight': gaps "
+                + ", ".join(f"λ {w}: {g:.4f}" for w, g in self.gaps.items())
+                + f" against AdamW's {self.reference_gap:.4f}"
+                + ("" if self.at_equal_loss else "; none at equal loss, the smallest taken") + ")")
+
+
+def held_out_configs(params: dict[str, Any], name: str) -> dict[str, PretrainConfig]:
+    """The runs that choose ``name``'s adversary weight: phase 1, the AdamW continuation and one
+    adversarial continuation per λ of ``algorithms.weight_grid``, all of the held-out training
+    seed ``seed + algorithms.held_out_seed`` (never an evaluated lineage). Keys: "phase 1",
+    "adamw", and each λ."""
+    a = params["algorithms"]
+    seed = params["seed"] + a["held_out_seed"]
+    out: dict[Any, PretrainConfig] = {"phase 1": phase1_config(params, name, seed),
+                                      "adamw": phase2_config(params, name, seed, "adamw")}
+    out.update({weight: adversarial_config(params, name, seed, weight) for weight in a["weight_grid"][name]})
+    return out
+
+
+def choose_adversary_weights(params: dict[str, Any], backend: str = "local"
+                             ) -> tuple[dict[str, Any], dict[str, WeightChoice]]:
+    """``params`` with ``algorithms.weights`` filled in by rule "adversary weight" on the held-out
+    seed (training its runs, ``held_out_configs``, or reading them from the store), and the choice
+    per language. Weights given as a parameter are kept as they are (no choices returned)."""
+    a = params["algorithms"]
+    if "weights" in a:
+        return params, {}
+    configs = {name: held_out_configs(params, name) for name in a["languages"]}
+    workers = params["pretraining"]["workers"]
+    run_configs([c["phase 1"] for c in configs.values()], backend=backend, workers=workers, progress=False)
+    rest = [(name, key, config) for name, c in configs.items() for key, config in c.items() if key != "phase 1"]
+    results = run_configs([config for _, _, config in rest], backend=backend, workers=workers, progress=False)
+    gaps: dict[str, dict[Any, float]] = {name: {} for name in configs}
+    for (name, key, _), result in zip(rest, results):
+        summary = result.run.summary()
+        gaps[name][key] = math.nan if summary.get("diverged", False) else summary["final_gap"]
+    choices = {}
+    for name, g in gaps.items():
+        by_weight = {w: gap for w, gap in g.items() if w != "adamw"}
+        weight, equal = adversary_weight(by_weight, g["adamw"])
+        choices[name] = WeightChoice(name, params["seed"] + a["held_out_seed"], by_weight, g["adamw"], weight, equal)
+    chosen = {**params, "algorithms": {**a, "weights": {name: c.weight for name, c in choices.items()}}}
+    return chosen, choices
 
 
 def final_gaps(runs: dict[tuple[str, int], Run], epsilon: float) -> pd.DataFrame:

@@ -34,7 +34,8 @@ class FakeRun:
 
 @pytest.fixture(scope="module")
 def smoke():
-    return algorithms.parameters("smoke", 0)
+    """The smoke profile with the adversary's weights given (as the notebook's `weights` parameter)."""
+    return algorithms.parameters("smoke", 0, weights={"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1})
 
 
 def small_params(languages=("x",), n_seeds=3, epsilon=0.025):
@@ -262,17 +263,17 @@ def test_claims_quote_the_numbers_and_combine_the_tasks():
     params = small_params()
     table = measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    worse, sharper, lookup = algorithms.algorithm_claims(params, table, v)
+    worse, sharper, lookup = algorithms.algorithm_claims(params, table, v, {})
     assert worse.held == "partly"  # task A yes, task B inconclusive
     assert "A -0.105 [-0.117, -0.093]" in worse.ours and "B +0.000 [+0.000, +0.000]" in worse.ours
     assert "95% CI over 3 seeds; gaps AdamW 0.0101, adversarial 0.0105 nats" in worse.ours
-    assert "89.9 -> 83.1" in worse.paper and "λ = 0.1 on task A" in worse.detail
+    assert "89.9 -> 83.1" in worse.paper and "λ = 0.1 given as a parameter (not chosen on a held-out seed), on task A" in worse.detail
     assert worse.notebook == algorithms.NOTEBOOK
     assert sharper.held == "yes" and sharper.ours.startswith("invariant 6.00 -> 9.00 (+3.000 [")
     assert "raw 11.0 -> 14.0" in sharper.ours and sharper.detail == "the raw trace's own verdict: yes"
     assert lookup.held == "yes" and "A +0.090 [" in lookup.ours and lookup.detail == "AdamW's gap 0.0101 nats"
     strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.0101)
-    last = algorithms.algorithm_claims(small_params(epsilon=0.0101), table, strict)[2]
+    last = algorithms.algorithm_claims(small_params(epsilon=0.0101), table, strict, {})[2]
     assert last.held == "not tested" and last.detail.endswith("not within ε = 0.0101")
 
 
@@ -302,7 +303,7 @@ def test_check_summary_passes_and_fails_with_its_messages():
 def test_summary_lines():
     params, table = small_params(), measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    lines = algorithms.summary_lines(params, v, algorithms.algorithm_claims(params, table, v))
+    lines = algorithms.summary_lines(params, v, algorithms.algorithm_claims(params, table, v, {}))
     assert lines[0] == "04_training_algorithms · profile=cpu · seeds=[0, 1, 2] · 100 continuation steps · ε=0.025"
     assert lines[1] == "   x  adversarial - adamw           acc A: -0.105 [-0.117, -0.093] · gaps 0.010/0.011 · yes"
     first_claim = lines[len(v) + 1]
@@ -337,3 +338,19 @@ def test_accuracy_and_trace_figure(smoke):
     labels = [t.get_text() for t in ax_trace.get_xticklabels()]
     assert labels == ["phase-1 end", "AdamW lr 0.001", "SGD lr 0.1", "adversarial"]
     matplotlib.pyplot.close(fig)
+
+
+def test_weight_table_and_claims_say_how_lambda_was_chosen():
+    from flatlib.experiments import WeightChoice
+
+    choice = WeightChoice("x", 1000, {0.01: 0.0101, 0.03: 0.0112, 0.1: 0.0150}, 0.0100, 0.03, True)
+    table = algorithms.weight_table({"x": choice})
+    assert table["λ"].tolist() == [0.01, 0.03, 0.1] and table["chosen"].tolist() == [False, True, False]
+    assert table["equal loss"].tolist() == [True, True, False]  # 0.0012 nats apart is equal loss, 0.0050 is not
+    assert table["difference"].tolist() == pytest.approx([0.0001, 0.0012, 0.0050])
+    params, frame = small_params(), measurement_frame()
+    v = algorithms.verdict_table(frame, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
+    worse, sharper, _ = algorithms.algorithm_claims(params, frame, v, {"x": choice})
+    assert worse.detail.startswith("λ = 0.03 chosen on held-out seed 1000 (rule 'adversary weight': gaps λ 0.01: "
+                                   "0.0101, λ 0.03: 0.0112, λ 0.1: 0.0150 against AdamW's 0.0100)")
+    assert "adversary weight" in worse.rule and "adversary weight" in sharper.rule

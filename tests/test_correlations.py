@@ -99,12 +99,15 @@ def test_collect_models_leaves_out_diverged_runs_and_widens(monkeypatch):
         return [{"trace": 99.0, "trace_se": 1.0, "invariant_trace": 9.0, "invariant_trace_se": 0.5}]
 
     monkeypatch.setattr(corr, "experiment_models", lambda params, names: models)
+    chosen = []
+    monkeypatch.setattr(corr, "choose_adversary_weights", lambda params, backend: chosen.append(backend) or (params, {}))
     monkeypatch.setattr(corr, "run_configs", run_configs)
     monkeypatch.setattr(corr, "measure_checkpoints", measure_checkpoints)
     monkeypatch.setattr(corr, "measure_many", measure_many)
     params = {"seed": 0, "pretraining": {"workers": 3, "epsilon": 0.015}}
     got = corr.collect_models(params, ["hmm"], protocol=None, backend="serial")
     assert got.runs == 3 and got.diverged == ("d",)
+    assert chosen == ["serial"]  # the adversary's weights are notebook 04's held-out choice
     assert got.table["step"].tolist() == [10, 20, 5]
     assert got.table["invariant trace"].tolist() == [1.0, 2.0, 9.0] and got.table["raw trace"].tolist() == [10, 20, 99.0]
     assert got.table["within ε"].tolist() == [True, False, True]

@@ -119,7 +119,7 @@ def test_notebook_grids_share_runs():
     from flatlib.model import Transformer, TransformerConfig, widen
     from flatlib.profiles import resolve
 
-    params = resolve("smoke")
+    params = resolve("smoke", algorithms={"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}})
     models = experiment_models(params, ["hmm"])
     keys = {m.config.key for m in models}
     assert phase2_config(params, "hmm", 1, "sgd").key in keys and phase1_config(params, "hmm", 1, width=8).key in keys
@@ -178,3 +178,35 @@ def test_measure_many_reports_a_failed_item_and_keeps_the_others(tmp_path):
     with pytest.raises(PoolError, match=rf"run {result.run.key} at step 999"):
         measure_many("checkpoint", [(result.run, 999, {}), (result.run, 40, {})], SMALL, workers=2)
     assert _checkpoint_path(result.run, 40, SMALL).exists()
+
+
+def test_the_adversary_weight_is_chosen_on_a_held_out_seed(monkeypatch):
+    """Rule "adversary weight" applied to the held-out seed's runs: the largest λ at equal loss with
+    that seed's AdamW continuation; the evaluated seeds' runs are not involved."""
+    import flatlib.experiments as experiments
+    from flatlib.profiles import resolve
+
+    params = resolve("smoke")
+    with pytest.raises(ValueError, match="algorithms.weights: not chosen yet"):
+        experiments.experiment_models(params, ["hmm"])
+    configs = experiments.held_out_configs(params, "hmm")
+    assert list(configs) == ["phase 1", "adamw", 0.03, 0.1]
+    assert {c.seed for c in configs.values()} == {params["seed"] + params["algorithms"]["held_out_seed"]}
+    assert configs[0.1].adversarial["weight"] == 0.1 and configs["adamw"].adversarial is None
+    final_gaps = {"adamw": 0.0100, 0.03: 0.0115, 0.1: 0.0125}
+    trained = []
+
+    class Finished:
+        def __init__(self, config):
+            key = next(k for k, c in configs.items() if c.key == config.key)
+            self.run = type("R", (), {"summary": lambda _: {"final_gap": final_gaps.get(key, 0.02)}})()
+            trained.append(key)
+
+    monkeypatch.setattr(experiments, "run_configs", lambda configs_, **kw: [Finished(c) for c in configs_])
+    chosen, choices = experiments.choose_adversary_weights(params)
+    assert trained == ["phase 1", "adamw", 0.03, 0.1]  # the parent first
+    assert chosen["algorithms"]["weights"] == {"hmm": 0.03} and "weights" not in params["algorithms"]
+    assert choices["hmm"].weight == 0.03 and choices["hmm"].at_equal_loss  # 0.1 is 0.0025 nats off
+    assert choices["hmm"].gaps == {0.03: 0.0115, 0.1: 0.0125} and choices["hmm"].reference_gap == 0.0100
+    given = resolve("smoke", algorithms={"weights": {"hmm": 0.2, "pcfg": 0.1, "teacher": 0.1}})
+    assert experiments.choose_adversary_weights(given) == (given, {})

@@ -117,3 +117,16 @@ def test_the_gpu_profile_shares_the_cpu_languages():
     cpu, gpu = resolve("cpu"), resolve("gpu")
     assert all(gpu[name] == cpu[name] for name in ("hmm", "pcfg", "teacher", "language_seed"))
     assert gpu["pretraining"]["seeds"] >= 5  # notebook 05 decides a correlation from 5 lineages on
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"weight_grid": {"hmm": [0.1, 0.03], "pcfg": [0.1]}}, "algorithms.weight_grid.hmm: expected increasing"),
+    ({"weight_grid": {"hmm": [], "pcfg": [0.1]}}, "algorithms.weight_grid.hmm: expected a list"),
+    ({"weight_grid": {"hmm": [0.0, 0.1], "pcfg": [0.1]}}, "algorithms.weight_grid.hmm"),
+    ({"weight_grid": {"hmm": [0.1]}}, "algorithms.weight_grid: expected an entry for each"),
+    ({"held_out_seed": 1}, "algorithms.held_out_seed"),  # seed + 1 is an evaluated seed (3 seeds at cpu)
+    ({"weights": {"hmm": -1.0, "pcfg": 0.1}}, "algorithms.weights.hmm"),
+])
+def test_the_adversary_weight_settings_are_checked(override, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("cpu", algorithms=override)
