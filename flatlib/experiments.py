@@ -355,10 +355,14 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
             results[index] = json.loads(cached.read_text())
         else:
             todo.append(index)
+    from flatlib import progress  # noqa: PLC0415 - what flatlib.reproduce shows
+
+    shown = progress.start(f"measuring ({kind})", len(todo), "measurements", skipped=len(items) - len(todo))
     if workers == 1 or len(todo) <= 1:
         for index in todo:
             run, step, kwargs = items[index]
             results[index] = measure(run, step, protocol=protocol, **kwargs)
+            shown.advance()
     else:
         from flatlib.pool import PoolError, run_jobs  # noqa: PLC0415
 
@@ -366,13 +370,14 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
                  threads_per_worker) for i in todo]
         # a worker that raises or dies fails only its own item; the others finish (and are cached)
         failed = []
-        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers)):
+        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers, on_done=shown.advance)):
             results[index] = outcome.value
             if not outcome.ok:
                 run, step, kwargs = items[index]
                 failed.append(f"- {kind} of run {run.key} at step {step} {kwargs}:\n{outcome.error}")
         if failed:
             raise PoolError(f"{len(failed)} of {len(items)} measurements failed:\n" + "\n".join(failed))
+    shown.finish()
     return results  # type: ignore[return-value]
 
 
