@@ -34,6 +34,7 @@ from flatlib import progress
 from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.profiles import PROFILES
 from flatlib.report import claims_dir, record_runs, write_report
+from flatlib.script import execute_in_subprocess
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -178,7 +179,12 @@ def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = Non
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose names contain these")
+    parser.add_argument("--runner", choices=("papermill", "script"), default="papermill",
+                        help="papermill (a Jupyter kernel), or script: flatlib.script in a fresh Python process, "
+                             "for a machine without Jupyter (scripts/gpu_story.sh)")
     args = parser.parse_args(argv)
+    if execute is None and args.runner == "script":
+        execute = execute_in_subprocess
     out_dir = args.out or REPO_ROOT / "build" / args.profile
     try:
         return _run(args.profile, out_dir, args.only, execute)
