@@ -60,18 +60,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
     },
     "cpu": {
-        # Smaller than the pilot's 8 states / 16 words / length 12, on which a 2x64 model stalls
-        # at a gap of ~0.024 nats after 3000 steps: on this one it gets to ~0.012 in 8000.
+        # How each value was sized, with the measurements: docs/lessons.md, "How the cpu profile was sized".
+        # An HMM small enough that a 2x64 model gets within ~0.01 nats of its optimum.
         "hmm": {"n_states": 6, "vocab_size": 12, "seq_len": 10, "concentration": 0.2,
                 "task_positions": (3, 6)},
-        # PCFGs are much harder for small transformers than HMMs: on depth 3 with 6 symbols a level
-        # and 32 words a 2x64 model is still 0.25 nats away after 3000 steps. On this shape with
-        # Dirichlet(1) rules and 6 words a pre-terminal (optimum 1.50 nats/token): 0.062 after 3000,
-        # 0.030 after 8000 (4x64: 0.029). What makes it learnable is the rules' sparsity, the paper
-        # profile's calibration (Dirichlet(0.3)), with 3 words a pre-terminal: 0.014 after 3000 steps
-        # (optimum 0.79, uniform 2.77; the same sparsity with 6 words: 0.033, with 3 words and
-        # Dirichlet(1) rules: 0.057, 3 symbols a level: 0.058; one seed each). Its tasks keep headroom:
-        # the lookup-table probe gets 0.88 / 0.91 / 0.98 on A / B / C (majority 0.58 / 0.65 / 0.68).
+        # PCFGs are much harder for small transformers than HMMs: what makes this one learnable is the
+        # rules' sparsity (the paper profile's Dirichlet(0.3)) and 3 words a pre-terminal; its tasks
+        # keep headroom over the majority class.
         "pcfg": {"depth": 3, "n_types": 3, "n_per_level": 4, "n_binary_rules": 4, "vocab_size": 16,
                  "words_per_preterminal": 3, "rule_concentration": 0.3,
                  "task_spans": {"A": None, "B": 4, "C": 2}},
@@ -79,13 +74,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "d_model": 64, "n_head": 2},
         "language_seed": 0,
         "n_eval_sentences": 4096,
-        # 02_pretraining_to_optimality, sized for ~20 minutes on 2 cores (measured on one thread: a
-        # 2x64 model takes ~30-45 ms/step; one checkpoint's measurement ~7 s (HMM) / ~14 s (PCFG)).
-        # Both languages get 8000 steps (~4 min a run). epsilon stays 0.025 so that notebook 03's
-        # 3000-step models (0.011-0.029) can be compared at all.
+        # 02_pretraining_to_optimality, sized for ~20 minutes on 2 cores. 8000 steps reach the 0.01 target
+        # (4 heads of 16 beat 2 of 32); epsilon stays 0.025 so that notebook 03's 3000-step models compare.
         "pretraining": {
-            # 4 heads of 16: 0.013 nats after 3000 steps where 2 heads of 32 reach 0.016, and 0.008 after
-            # 8000 (one seed), which meets the 0.01 target: the HMM gets 8000 steps (~4 min a run)
             "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
             "batch_size": 256, "lr": 3e-3, "warmup_steps": 200,
             "steps": {"hmm": 8000, "pcfg": 8000, "teacher": 3000}, "languages": ["hmm", "pcfg"],
@@ -99,16 +90,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock). Notebook 06 sees the drift
         # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
-        # 14's. SGD runs ~300 steps/s here (tau = 10 is 16,000 steps, ~55 s), an anneal ~10 s.
+        # 14's (tau = 10 is 16,000 SGD steps).
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16, "anneal_steps": 1000, "anneal_batch_size": 64,
                   "noise_seeds": 6},
-        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM, where a
-        # 2x64 model gets to ~0.01-0.02 nats of the optimum in 3000 steps (the PCFG ~0.014 at one seed;
-        # it is left out for the budget: pass languages=["hmm", "pcfg"] to add it). Heads of a fixed size (head_dim), so that widening a model into
-        # the widest architecture gives exactly that architecture (widen() multiplies the heads).
-        # Measured on one thread (2 heads each): 9 / 12 / 28 / 73 ms per step.
-        # Its own step budget (3000, the same recipe otherwise): 12 runs at notebook 02's 8000 steps
-        # would take ~25 min.
+        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM (the PCFG is
+        # left out for the budget: pass languages=["hmm", "pcfg"] to add it), 3000 steps each (notebook 02's
+        # 8000 would not fit). Heads of a fixed size (head_dim), so that widening a model into the widest
+        # architecture gives exactly that architecture (widen() multiplies the heads).
         "model_size": {"languages": ["hmm"], "widths": [16, 32, 64, 128], "n_layer": 2, "head_dim": 16,
                        "steps": {"hmm": 3000, "pcfg": 3000, "teacher": 3000},
                        "ff_mult": 4, "finetune_epochs": 10},
@@ -116,8 +104,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # The adversary's weight λ is chosen on a held-out training seed (seed + held_out_seed) from
         # weight_grid by flatlib.claims' rule "adversary weight"; the grid brackets the values an earlier
         # version had tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1; docs/lessons.md). The head is
-        # refit every 5 steps: with a stale head the adversary only fools that head. An adversarial step
-        # costs ~2.5 plain ones.
+        # refit every 5 steps: with a stale head the adversary only fools that head.
         "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
                        "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3], "teacher": [0.03, 0.1, 0.3]},
                        "held_out_seed": 1000,
@@ -127,11 +114,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # The cpu profile's languages, so that the two reports compare; what the cpu profile cannot
         # afford: 4-layer models, the PCFG in notebook 03, five seeds (notebook 05 decides a
         # correlation only with >= 5 training lineages), the teacher in notebook 02, larger probe and
-        # trace sets. Sized by estimate for about 20-30 minutes of `make figures PROFILE=gpu` on one
-        # H100 with 16 CPU cores, NOT measured (no GPU has been lent to this project's sessions yet):
-        # these models are launch-bound on a GPU (~5-10 ms a step whatever their size), hence
-        # 8 workers sharing the GPU. The PCFG gets 30000 steps: on the cpu profile's PCFG shape with
-        # Dirichlet(1) rules 2x64 and 4x64 models were still 0.03 away after 8000 (see "cpu").
+        # trace sets. Sized by estimate (NOT measured) for 20-30 minutes of `make figures PROFILE=gpu` on
+        # one H100 with 16 CPU cores: such small models are launch-bound on a GPU, hence 8 workers sharing
+        # it; the PCFG gets 30000 steps (docs/lessons.md, "How the cpu profile was sized").
         # (languages: the cpu profile's, copied in below the table)
         "n_eval_sentences": 16_384,
         "pretraining": {
