@@ -8,6 +8,11 @@ Attention has two paths that compute the same function: PyTorch's fused
 to use whenever second derivatives are taken (fused kernels are not twice differentiable). Switch
 with ``model.explicit_attention = True`` or the ``explicit_attention(model)`` context manager.
 
+A causal model can also run a sequence in pieces: ``KVCache`` holds one attention layer's keys and
+values of the positions run so far, and ``model(tokens, cache=caches)`` runs the next positions
+attending to them (the teacher language, ``flatlib.languages.teacher``, scores many continuations of
+one shared prefix this way).
+
 ``widen(model, factor)`` embeds a trained model into one ``factor`` times wider that computes exactly
 the same function, so that Hessian traces of models of different sizes can be compared in one
 parameterization (as the paper does).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -70,6 +76,27 @@ class TransformerConfig:
         return asdict(self)
 
 
+@dataclass
+class KVCache:
+    """One attention layer's keys and values ``[B, H, l, d/H]`` of the ``l`` positions run so far
+    (empty: None). An attention layer called with a cache attends to the cached keys and values
+    before its own and appends its own to the cache. For causal models: a prefix's keys and values do
+    not depend on what follows it."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``keys``, ``values`` ``[B, H, s, d/H]``; returns all the cached ones."""
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -78,11 +105,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.explicit = False  # set by Transformer.explicit_attention
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        # x: [B, L, d]; mask: [B, 1, L, L] bool, True where attention is allowed (None: everywhere)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        # x: [B, L, d]; mask: [B, 1, L, L'] bool, True where attention is allowed (None: everywhere);
+        # L' = L, or len(cache) + L with a cache (whose keys and values come first)
         b, length, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.extend(k, v)
         if self.explicit:  # twice differentiable
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
             if mask is not None:
@@ -113,8 +143,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -164,22 +194,45 @@ class Transformer(nn.Module):
         eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         return keys | eye
 
-    def features(self, tokens: Tensor) -> Tensor:
-        """[B, L] model token ids -> [B, L, d_model], the final (layer-normed) representations."""
-        if tokens.shape[1] > self.config.max_len:
-            raise ValueError(f"tokens: length {tokens.shape[1]} > max_len {self.config.max_len}")
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    def _cached_mask(self, tokens: Tensor, cache: list[KVCache]) -> tuple[Tensor, int]:
+        """The ``[L, start + L]`` causal mask of ``tokens`` continuing the ``start`` cached positions."""
+        if not self.config.causal:
+            raise ValueError("cache: only a causal model runs a sequence in pieces")
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"cache: expected one KVCache per block ({len(self.blocks)}), got {len(cache)}")
+        if bool((tokens == self.config.pad_id).any()):
+            raise ValueError("tokens: no padding when running with a cache")
+        start, length = len(cache[0]), tokens.shape[1]
+        ones = partial(torch.ones, dtype=torch.bool, device=tokens.device)
+        return torch.cat([ones(length, start), ones(length, length).tril()], dim=1), start
+
+    def features(self, tokens: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        """[B, L] model token ids -> [B, L, d_model], the final (layer-normed) representations.
+
+        With ``cache`` (causal models; one ``KVCache`` per block, empty or holding the same ``start``
+        earlier positions): ``tokens`` are positions ``start..start+L-1``, attending to the cached
+        positions and causally to each other, and their keys and values are appended to ``cache``
+        (no padding: every token is one of the sequence)."""
+        start, mask = 0, None
+        if cache is not None:
+            mask, start = self._cached_mask(tokens, cache)
+        if start + tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"tokens: length {start + tokens.shape[1]} > max_len {self.config.max_len}")
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.tok_emb(tokens) + self.pos_emb(positions)
-        mask = self.attention_mask(tokens)
-        for block in self.blocks:
-            x = block(x, mask)
+        if cache is None:
+            mask = self.attention_mask(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, None if cache is None else cache[i])
         return self.ln_f(x)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None,
+                cache: list[KVCache] | None = None) -> Tensor:
         """[B, L] model token ids -> [B, L, V] logits over the language's words; with
         ``positions`` [B], only each row's logits at its position, [B, V] (the head is the largest
-        matmul of a small model: skip it where nothing is predicted)."""
-        features = self.features(tokens)
+        matmul of a small model: skip it where nothing is predicted). ``cache``: see ``features``
+        (``positions`` then index the new tokens)."""
+        features = self.features(tokens, cache)
         if positions is not None:
             features = features[torch.arange(len(tokens), device=tokens.device), positions]
         return self.head(features)

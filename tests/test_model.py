@@ -1,7 +1,9 @@
+import contextlib
+
 import pytest
 import torch
 
-from flatlib.model import Transformer, TransformerConfig, explicit_attention, widen
+from flatlib.model import KVCache, Transformer, TransformerConfig, explicit_attention, widen
 
 
 def tiny(causal=False, **kw):
@@ -62,6 +64,27 @@ def test_causal_model_ignores_the_future():
     changed = tokens.clone()
     changed[:, 4:] = 3
     torch.testing.assert_close(model(changed)[:, :4], model(tokens)[:, :4])
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cache_runs_a_causal_sequence_in_pieces(explicit):
+    """Positions run in pieces through a KVCache get the logits of the whole sequence at once."""
+    model = tiny(causal=True).double().eval()
+    tokens = batch(model.config)[2:]  # no padding, no mask token
+    whole = model(tokens)
+    cache = [KVCache() for _ in model.blocks]
+    with explicit_attention(model) if explicit else contextlib.nullcontext():
+        pieces = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 3), (3, 4), (4, 7))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
+    assert all(len(c) == 7 and c.keys.shape == (3, 2, 7, 4) for c in cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model(tokens[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="causal"):
+        tiny().eval()(tokens, cache=[KVCache(), KVCache()])
+    with pytest.raises(ValueError, match="one KVCache per block"):
+        model(tokens, cache=[KVCache()])
+    with pytest.raises(ValueError, match="padding"):
+        model(batch(model.config)[:1], cache=[KVCache(), KVCache()])
 
 
 @pytest.mark.parametrize("factor", [1, 2, 3])
