@@ -53,7 +53,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from flatlib.checks import check_int
-from flatlib.model import SelfAttention, gauge_pairs
+from flatlib.model import explicit_attention, gauge_pairs
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
 LogitsFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> [m, C] logits, one row per example
@@ -106,23 +106,18 @@ class EigenEstimate:
 # ---------------------------------------------------------------------------- set-up
 @contextlib.contextmanager
 def hessian_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for every submodule, and the explicit (twice-differentiable) attention path for
-    every flatlib attention layer inside ``model``; both restored module by module on exit (also on
-    an exception). Any other module just gets eval mode."""
+    """Eval mode for every submodule of ``model``, restored module by module on exit (also on an
+    exception), and inside the block the explicit (twice-differentiable) attention path
+    (``flatlib.model.explicit_attention``: every flatlib attention layer, whichever model holds it)."""
     modules = list(model.modules())
     training = [m.training for m in modules]
-    attention = [m for m in modules if isinstance(m, SelfAttention)]
-    explicit = [m.explicit for m in attention]
     try:
         model.eval()
-        for m in attention:
-            m.explicit = True
-        yield model
+        with explicit_attention():
+            yield model
     finally:
         for m, flag in zip(modules, training):
             m.training = flag  # not m.train(flag), which would recurse into children
-        for m, flag in zip(attention, explicit):
-            m.explicit = flag
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:

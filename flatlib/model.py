@@ -5,8 +5,13 @@ Token ids: the language's words are ``0..V-1``; the model's special tokens come 
 
 Attention has two paths that compute the same function: PyTorch's fused
 ``scaled_dot_product_attention`` (fast, for training) and an explicit softmax path, which is the one
-to use whenever second derivatives are taken (fused kernels are not twice differentiable). Switch
-with ``model.explicit_attention = True`` or the ``explicit_attention(model)`` context manager.
+to use whenever second derivatives are taken (fused kernels are not twice differentiable). One switch
+chooses: ``with explicit_attention():`` makes every flatlib attention layer in this process (any
+model, also inside a DDP or ``torch.compile`` wrapper) take the explicit path inside the block and
+restores the previous setting on exit (``flatlib.flatness.hessian_mode`` uses it);
+``explicit_attention_on()`` says which path is taken. It is a process-wide flag, not a per-model
+one (flatlib never runs models concurrently in threads of one process), so a copy of a model
+(``widen``, ``rescale_norms``) has no setting to carry over.
 
 A causal model can also run a sequence in pieces: ``KVCache`` holds one attention layer's keys and
 values of the positions run so far, and ``model(tokens, cache=caches)`` runs the next positions
@@ -33,6 +38,25 @@ from torch import Tensor, nn
 from flatlib.checks import check_int
 
 N_SPECIAL = 4  # PAD, MASK, CLS, EOS
+
+_EXPLICIT_ATTENTION = False  # set by explicit_attention() only
+
+
+@contextlib.contextmanager
+def explicit_attention(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, every flatlib attention layer takes the explicit, twice-differentiable
+    path (``enabled=False``: the fused one); the previous setting is restored on exit."""
+    global _EXPLICIT_ATTENTION
+    previous, _EXPLICIT_ATTENTION = _EXPLICIT_ATTENTION, bool(enabled)
+    try:
+        yield
+    finally:
+        _EXPLICIT_ATTENTION = previous
+
+
+def explicit_attention_on() -> bool:
+    """Whether attention takes the explicit path now (inside ``explicit_attention()``)."""
+    return _EXPLICIT_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -103,7 +127,6 @@ class SelfAttention(nn.Module):
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.explicit = False  # set by Transformer.explicit_attention
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
         # x: [B, L, d]; mask: [B, 1, L, L'] bool, True where attention is allowed (None: everywhere);
@@ -113,7 +136,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.extend(k, v)
-        if self.explicit:  # twice differentiable
+        if _EXPLICIT_ATTENTION:  # twice differentiable
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -166,15 +189,6 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @property
-    def explicit_attention(self) -> bool:
-        return all(block.attn.explicit for block in self.blocks)
-
-    @explicit_attention.setter
-    def explicit_attention(self, value: bool) -> None:
-        for block in self.blocks:
-            block.attn.explicit = bool(value)
-
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -184,7 +198,7 @@ class Transformer(nn.Module):
         padding = tokens == self.config.pad_id
         # (the skip branches on the data, which torch.func.vmap cannot trace: the explicit path,
         # used for second derivatives and per-example gradients, always builds the mask)
-        if not self.config.causal and not self.explicit_attention and not bool(padding.any()):
+        if not self.config.causal and not _EXPLICIT_ATTENTION and not bool(padding.any()):
             return None
         keys = (~padding)[:, None, None, :]
         if self.config.causal:
@@ -238,18 +252,6 @@ class Transformer(nn.Module):
         return self.head(features)
 
 
-@contextlib.contextmanager
-def explicit_attention(model: Transformer) -> Iterator[Transformer]:
-    """Use the twice-differentiable attention path inside the block; restore the previous setting."""
-    previous = [block.attn.explicit for block in model.blocks]
-    model.explicit_attention = True
-    try:
-        yield model
-    finally:
-        for block, flag in zip(model.blocks, previous):
-            block.attn.explicit = flag
-
-
 @torch.no_grad()
 def widen(model: Transformer, factor: int) -> Transformer:
     """A model ``factor`` times wider (d_model, d_ff and the number of heads) computing the same
@@ -268,7 +270,6 @@ def widen(model: Transformer, factor: int) -> Transformer:
     wide_config = replace(c, d_model=c.d_model * factor, d_ff=c.d_ff * factor, n_head=c.n_head * factor)
     reference = next(model.parameters())
     wide = Transformer(wide_config).to(device=reference.device, dtype=reference.dtype)
-    wide.explicit_attention = model.explicit_attention
 
     def tile(t: Tensor) -> Tensor:  # a vector living in a copied space
         return t.repeat(factor)
@@ -332,7 +333,6 @@ def rescale_norms(model: Transformer, scales: dict[str, Tensor | float]) -> Tran
         raise ValueError(f"scales: {unknown} are not LayerNorms of the model (expected some of {sorted(readers)})")
     out = Transformer(model.config).to(next(model.parameters()))
     out.load_state_dict(model.state_dict())
-    out.explicit_attention = model.explicit_attention
     modules = dict(out.named_modules())
     for name, scale in scales.items():
         norm, reader = modules[name], modules[readers[name]]

@@ -29,7 +29,7 @@ from flatlib.flatness import (
     top_eigenvalue,
     trainable_parameters,
 )
-from flatlib.model import Transformer, TransformerConfig
+from flatlib.model import Transformer, TransformerConfig, explicit_attention_on
 from flatlib.objective import ValidationSet
 
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
@@ -345,17 +345,17 @@ def test_hessian_mode_sets_and_restores_the_state():
     model = make_transformer()
     model.train()
     model.blocks[0].mlp.eval()  # a mixed state, restored module by module
-    assert not model.explicit_attention
+    assert not explicit_attention_on()
     with hessian_mode(model) as m:
         assert m is model
         assert not any(module.training for module in model.modules())
-        assert model.explicit_attention
+        assert explicit_attention_on()
     assert model.training and not model.blocks[0].mlp.training and model.blocks[0].attn.training
-    assert not model.explicit_attention
+    assert not explicit_attention_on()
     with pytest.raises(RuntimeError):
         with hessian_mode(model):
             raise RuntimeError
-    assert model.training and not model.explicit_attention
+    assert model.training and not explicit_attention_on()
     mlp = make_mlp().train()  # any module: eval mode only
     with hessian_mode(mlp):
         assert not mlp.training
@@ -368,7 +368,7 @@ def test_estimators_leave_the_model_as_they_found_it():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hessian_trace(model, loss_fn, batches, n_probes=2, seed=0)
     fisher_trace(model, mlm_logits_fn, batches, seed=0)
-    assert model.training and not model.explicit_attention
+    assert model.training and not explicit_attention_on()
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()

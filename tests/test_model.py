@@ -1,9 +1,7 @@
-import contextlib
-
 import pytest
 import torch
 
-from flatlib.model import KVCache, Transformer, TransformerConfig, explicit_attention, widen
+from flatlib.model import KVCache, Transformer, TransformerConfig, explicit_attention, explicit_attention_on, widen
 
 
 def tiny(causal=False, **kw):
@@ -31,17 +29,21 @@ def test_fast_and_explicit_attention_agree(causal):
     model = tiny(causal).eval()
     tokens = batch(model.config)
     fast = model(tokens)
-    with explicit_attention(model):
-        assert model.explicit_attention
+    with explicit_attention():
+        assert explicit_attention_on()
         slow = model(tokens)
-    assert not model.explicit_attention
+        with explicit_attention(False):  # nested: the fused path, then back
+            assert not explicit_attention_on()
+            torch.testing.assert_close(model(tokens), fast, atol=0, rtol=0)
+        assert explicit_attention_on()
+    assert not explicit_attention_on()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_attention_is_twice_differentiable():
     model = tiny().eval()
     tokens = batch(model.config)
-    with explicit_attention(model):
+    with explicit_attention():
         loss = model(tokens).logsumexp(-1).mean()
         params = [p for p in model.parameters()]
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -73,7 +75,7 @@ def test_cache_runs_a_causal_sequence_in_pieces(explicit):
     tokens = batch(model.config)[2:]  # no padding, no mask token
     whole = model(tokens)
     cache = [KVCache() for _ in model.blocks]
-    with explicit_attention(model) if explicit else contextlib.nullcontext():
+    with explicit_attention(explicit):
         pieces = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 3), (3, 4), (4, 7))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
     assert all(len(c) == 7 and c.keys.shape == (3, 2, 7, 4) for c in cache)
@@ -96,7 +98,7 @@ def test_widen_preserves_the_function(factor, causal):
     assert wide.config.d_model == 8 * factor and wide.config.n_head == 2 * factor
     assert wide.n_params() > model.n_params() or factor == 1
     torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
-    with explicit_attention(wide):
+    with explicit_attention():
         torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
 
 
