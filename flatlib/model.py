@@ -1,7 +1,8 @@
 """A small pre-LN transformer with a masked-LM head (and a causal mode), in nanoGPT's tone.
 
 Token ids: the language's words are ``0..V-1``; the model's special tokens come after them
-(``PAD = V``, ``MASK = V+1``, ``CLS = V+2``, ``EOS = V+3``). The MLM head predicts words only.
+(``PAD = V``, ``MASK = V+1``; ``V+2`` and ``V+3``, once CLS and EOS, are reserved and never used,
+kept so that embedding shapes, hence checkpoints, stay as they are). The MLM head predicts words only.
 
 Attention has two paths that compute the same function: PyTorch's fused
 ``scaled_dot_product_attention`` (fast, for training) and an explicit softmax path, which is the one
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from flatlib.checks import check_int
 
-N_SPECIAL = 4  # PAD, MASK, CLS, EOS
+N_SPECIAL = 4  # PAD, MASK and two reserved ids (once CLS, EOS)
 
 _EXPLICIT_ATTENTION = False  # set by explicit_attention() only
 
@@ -83,14 +84,6 @@ class TransformerConfig:
     @property
     def mask_id(self) -> int:
         return self.vocab_size + 1
-
-    @property
-    def cls_id(self) -> int:
-        return self.vocab_size + 2
-
-    @property
-    def eos_id(self) -> int:
-        return self.vocab_size + 3
 
     @property
     def n_tokens(self) -> int:
