@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,26 @@ def _functional(model: nn.Module, fn: Callable, names: list[str]) -> Callable[[S
     return call
 
 
+class _Setup(NamedTuple):
+    batches: list[Any]  # checked, non-empty
+    model: nn.Module  # unwrapped
+    names: list[str]  # the trainable parameters differentiated (in model order)
+    params: list[Tensor]  # their detached copies
+    weights: list[float]  # n_b / N per batch
+    total: int  # N
+    call: Callable  # fn(model with params swapped in, batch) = call(params, batch)
+
+
+def _setup(model: nn.Module, fn: Callable, batches: Sequence[Any],
+           parameters: Sequence[str] | None = None) -> _Setup:
+    """What every estimator starts from (see ``_Setup``); ``parameters``: only those (default: all)."""
+    batches = _check_batches(batches)
+    model = _unwrap(model)
+    names, params = _parameters(model, parameters)
+    weights, total = _weights(batches)
+    return _Setup(batches, model, names, params, weights, total, _functional(model, fn, names))
+
+
 def _scalar_loss(call: Callable, params: Sequence[Tensor], batch: Any) -> Tensor:
     loss = call(params, batch)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -271,13 +291,9 @@ def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Tensor,
 
     Batches are processed one at a time; only one batch's graph is alive at any moment.
     """
-    batches = _check_batches(batches)
     _check_mode(mode)
-    model = _unwrap(model)
-    names, params = _parameters(model)
+    batches, model, _, params, weights, _, call = _setup(model, loss_fn, batches)
     vectors = _unflatten(v, params)
-    weights, _ = _weights(batches)
-    call = _functional(model, loss_fn, names)
     total = [torch.zeros_like(p) for p in params]
     with hessian_mode(model), torch.enable_grad():
         for batch, weight in zip(batches, weights):
@@ -298,21 +314,17 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> 
     ``flatlib.theory.exact_hessian`` with it). Never ``torch.func.hessian``: on torch 2.13 CPU it is
     wrong for an affine LayerNorm (see above).
     """
-    batches = _check_batches(batches)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    weights, _ = _weights(batches)
-    call = _functional(model, loss_fn, names)
+    batches, model, _, params, weights, _, call = _setup(model, loss_fn, batches)
     with hessian_mode(model), torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in params]
         loss = sum(weight * _scalar_loss(call, leaves, batch) for batch, weight in zip(batches, weights))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flatten(grads)
         if not flat.requires_grad:  # the loss is linear in the parameters
             return torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
-        rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(
-            flat[i], leaves, retain_graph=True, allow_unused=True, materialize_grads=True)])
-            for i in range(flat.numel())]
+        rows = [_flatten(torch.autograd.grad(flat[i], leaves, retain_graph=True, allow_unused=True,
+                                             materialize_grads=True))
+                for i in range(flat.numel())]
     return torch.stack(rows)
 
 
@@ -398,12 +410,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
             (``Tr H_PP``, the others held fixed); default every trainable parameter.
     """
     check_int("n_probes", n_probes, 2)
-    batches = _check_batches(batches)
     _check_mode(mode)
-    model = _unwrap(model)
-    names, params = _parameters(model, parameters)
-    weights, total = _weights(batches)
-    call = _functional(model, loss_fn, names)
+    batches, model, names, params, weights, total, call = _setup(model, loss_fn, batches, parameters)
     samples = torch.zeros(n_probes, dtype=torch.float64)
     with hessian_mode(model), torch.enable_grad():
         for batch, weight in zip(batches, weights):
@@ -459,13 +467,9 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
             the per-example gradients (chunk_size x n_params). 64 was the fastest on a 2x64
             Transformer on CPU (None: 1.8x slower at 512 examples).
     """
-    batches = _check_batches(batches)
     if n_samples is not None:
         check_int("n_samples", n_samples, 1)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    _, total = _weights(batches)
-    call = _functional(model, logits_fn, names)
+    batches, model, _, params, _, total, call = _setup(model, logits_fn, batches)
     generator = _generator(seed)
 
     def squared_norm(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
@@ -521,11 +525,7 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     ``sum_y (q_y - p_y) grad^2 z_y`` of ``H`` vanishes). Cost: C per-example gradients per example
     (``vmap`` in chunks of ``chunk_size``), like ``fisher_trace(n_samples=None)``.
     """
-    batches = _check_batches(batches)
-    model = _unwrap(model)
-    names, params = _parameters(model, parameters)
-    _, total = _weights(batches)
-    call = _functional(model, logits_fn, names)
+    batches, model, names, params, _, total, call = _setup(model, logits_fn, batches, parameters)
 
     def squared_gradient(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> tuple[Tensor, ...]:
         g = grad(_log_prob(call))(ps, example, onehot)

@@ -17,7 +17,7 @@ Choices (documented here once):
 * **The topic is the teacher's first input token**, in place of the start (CLS) token. The teacher
   is a ``flatlib.model.Transformer(TransformerConfig(vocab_size=V, max_len=L + 1, causal=True))``
   whose input embedding is extended by ``n_topics`` rows: topic ``k`` has input id
-  ``V + N_SPECIAL + k`` (after the model's words and its PAD/MASK/CLS/EOS ids, none of which the
+  ``V + N_SPECIAL + k`` (after the model's words and its ``N_SPECIAL`` special ids, none of which the
   teacher ever reads). Its outputs are the ``V`` words; the output at position ``t`` predicts ``x_t``
   from ``[topic, x_<t]``. (``max_len = L + 1`` leaves room for the start token before ``L`` words;
   the teacher only ever reads ``L`` inputs.)
@@ -220,8 +220,9 @@ class TeacherLM(LanguageBase):
         ``t`` the ``V`` variants of every sentence are run through the teacher under every topic: the
         words up to ``x_t`` are scored by the original run, and only the positions after ``t`` are
         recomputed for the variants, attending to the original run's cached keys and values of the
-        shared prefix. In log space. Cost per sentence: ``V * K`` teacher runs over ``L - 1 - t``
-        positions for each ``t``. Words beyond a sentence's length are ignored (a prefix).
+        shared prefix (``flatlib.model.KVCache``). In log space. Cost per sentence: ``V * K`` teacher
+        runs over ``L - 1 - t`` positions for each ``t``. Words beyond a sentence's length are ignored
+        (a prefix).
         """
         lp, true = self._topic_log_probs(corpus)
         n, k, length, v = lp.shape
