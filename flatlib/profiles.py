@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32},
             "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
             "languages": ["hmm", "pcfg"],
-            "seeds": 2, "eval_every": 10, "eval_pairs": 512, "epsilon": 0.5,
+            "seeds": 2, "correlation_seeds": 2, "eval_every": 10, "eval_pairs": 512, "epsilon": 0.5,
             "continue_steps": 40, "checkpoint_every": 40, "continue_eval_every": 5,
             "sgd_lr": 0.1, "adamw_lr": 1e-3, "lr_scan": (0.1, 1.0), "scan_steps": 10,
             "protocol": {"probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2,
@@ -83,7 +83,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
             "batch_size": 256, "lr": 3e-3, "warmup_steps": 200,
             "steps": {"hmm": 8000, "pcfg": 8000, "teacher": 3000}, "languages": ["hmm", "pcfg"],
-            "seeds": 3, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
+            # notebook 05's rule "correlation" needs 5 training lineages: seeds 3 and 4 add phase 1, the
+            # constant-rate continuations and the adversary (not the clock) to its 2x64 family
+            "seeds": 3, "correlation_seeds": 5, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
             "continue_steps": 1200, "checkpoint_every": 400, "continue_eval_every": 25,
             "sgd_lr": 0.1, "adamw_lr": 3e-4, "lr_scan": (0.05, 0.1, 0.2, 0.5, 1.0), "scan_steps": 150,
             "protocol": {"probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3,
@@ -126,7 +128,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
             "batch_size": 512, "lr": 2e-3, "warmup_steps": 500,
             "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000}, "languages": ["hmm", "pcfg", "teacher"],
-            "seeds": 5, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
+            "seeds": 5, "correlation_seeds": 5, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
             "continue_steps": 4000, "checkpoint_every": 1000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 2e-4, "lr_scan": (0.03, 0.05, 0.1, 0.2, 0.5), "scan_steps": 300,
             "protocol": {"probe_sentences": 8000, "probe_train": 2000, "probe_test": 2000, "probe_splits": 5,
@@ -166,7 +168,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 6, "n_head": 4, "d_model": 256, "d_ff": 1024},
             "batch_size": 512, "lr": 1e-3, "warmup_steps": 1800,
             "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000}, "languages": ["hmm", "pcfg", "teacher"],
-            "seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
+            "seeds": 5, "correlation_seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
             "continue_steps": 20_000, "checkpoint_every": 4000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 1e-4, "lr_scan": (0.03, 0.1, 0.3, 1.0), "scan_steps": 500,
             "protocol": {"probe_sentences": 20_000, "probe_train": 5000, "probe_test": 5000, "probe_splits": 5,
@@ -262,6 +264,7 @@ PROFILE = Dict(
         model=Dict(n_layer=Int(), n_head=Int(), d_model=Int(), d_ff=Int()),
         languages=LANGUAGE_LIST, steps=PerLanguage(Int()), warmup_steps=Int(0), batch_size=Int(),
         lr=Number(), seeds=Int(2),  # >= 2: confidence intervals over seeds
+        correlation_seeds=Int(2),  # notebook 05's lineages: max(seeds, this); those beyond seeds skip the clock
         eval_every=Int(), eval_pairs=Int(), epsilon=Number(), continue_steps=Int(), checkpoint_every=Int(),
         continue_eval_every=Int(), sgd_lr=Number(), adamw_lr=Number(), lr_scan=ListOf(Number()),
         scan_steps=Int(), workers=Int(),
@@ -358,8 +361,9 @@ def _check_relations(params: dict[str, Any]) -> None:
         _require(a["tasks"][language] in tasks, "algorithms.tasks",
                  f"{a['tasks'][language]!r} is not a task of {language} {tasks}")
     # the held-out seed is seed + held_out_seed: it must not be one of the evaluated seeds
-    _require(a["held_out_seed"] >= p["seeds"], "algorithms.held_out_seed",
-             f"expected an integer >= pretraining.seeds ({p['seeds']}), got {a['held_out_seed']!r}")
+    lineages = max(p["seeds"], p["correlation_seeds"])
+    _require(a["held_out_seed"] >= lineages, "algorithms.held_out_seed",
+             f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got {a['held_out_seed']!r}")
     taus = c["taus"]
     _require(taus[0] == 0, "clock.taus", f"expected increasing numbers starting with 0 (the anneal-only "
                                          f"control), got {taus!r}")
