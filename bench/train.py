@@ -27,7 +27,7 @@ Beside the default (eager, fused attention, ``--threads`` threads, default 1):
 * ``torch.compile`` of the forward + loss (backward through AOTAutograd; the optimizer stays eager),
   in a child process with a time limit, since its warm-up costs tens of seconds on this CPU (the
   "first step" column; inductor's on-disk cache makes it much shorter on later runs);
-* explicit attention (``model.explicit_attention = True``, the twice-differentiable path that the
+* explicit attention (``with flatlib.model.explicit_attention():``, the twice-differentiable path that the
   flatness computations use) for the 2x64 model;
 * one process with 2 threads vs two single-threaded processes side by side, as aggregate tokens/s:
   on a 2-core machine this decides whether to parallelise inside a run or run two runs at once.
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from bench import common
 from bench.common import cpu_model
 from flatlib.languages import Language
-from flatlib.model import Transformer
+from flatlib.model import Transformer, explicit_attention
 from flatlib.objective import mask_generator, single_mask_batch, training_corpus
 from flatlib.profiles import build_languages, resolve
 from flatlib.train import PretrainConfig, learning_rate, make_optimizer, new_model
@@ -133,9 +133,13 @@ def _setup(model_name: str, batch_size: int) -> tuple[PretrainConfig, Language, 
 def measure(spec: Spec, barrier: Any = None) -> Result:
     """Train ``spec``'s model as ``pretrain`` does and time it. With a ``barrier``, wait there after
     the warm-up so that side-by-side processes time the same window."""
+    with explicit_attention(spec.explicit):
+        return _measure(spec, barrier)
+
+
+def _measure(spec: Spec, barrier: Any) -> Result:
     torch.set_num_threads(spec.threads)
     config, language, model, optimizer = _setup(spec.model, spec.batch_size)
-    model.explicit_attention = spec.explicit
     mc = model.config
 
     def loss_fn(inputs: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -91,11 +91,15 @@ class ModelRef:
 def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
     """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
     1, every constant-lr continuation checkpoint (SGD, AdamW) and every clock anneal's end (02), the
-    adversarial continuations of notebook 04 (for the languages of its profile section), and every width of notebook 03 (for
-    ``model_size.languages``, traces after widening to the widest)."""
+    adversarial continuations of notebook 04 (for the languages of its profile section), and every width of
+    notebook 03 (for ``model_size.languages``, traces after widening to the widest). The 2x64 family
+    has ``pretraining.correlation_seeds`` lineages (notebook 05's rule "correlation" needs 5): those
+    beyond ``pretraining.seeds`` have phase 1, the constant-rate continuations and the adversary,
+    not the clock's doses."""
     t = params["pretraining"]
     names = list(names or t["languages"])
-    seeds = [params["seed"] + i for i in range(t["seeds"])]
+    seeds = [params["seed"] + i for i in range(max(t["seeds"], t["correlation_seeds"]))]
+    clock_seeds = set(seeds[: t["seeds"]])
     base = model_of(params)
     family = f"{base['n_layer']}x{base['d_model']}"
     checkpoints = list(range(t["checkpoint_every"], t["continue_steps"] + 1, t["checkpoint_every"]))
@@ -108,7 +112,7 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
             for optimizer in ("sgd", "adamw"):  # constant-lr continuations (notebook 04's SGD, 02's and 04's AdamW)
                 config = phase2_config(params, name, s, optimizer)
                 out += [ModelRef(name, f"02 {optimizer}", family, lineage, config, k) for k in checkpoints]
-            if "clock" in params:  # notebook 02's dose-response: every anneal's end
+            if "clock" in params and s in clock_seeds:  # notebook 02's dose-response: every anneal's end
                 out += [ModelRef(name, "02 sgd clock", family, lineage, p.anneal, p.anneal.steps)
                         for p in clock_grid({(name, s): first}, params["clock"])]
             adversarial = adversarial_config(params, name, s)
@@ -120,7 +124,7 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
         if name not in sizes["languages"]:
             continue
         for w in sizes["widths"]:
-            for s in seeds:
+            for s in seeds[: t["seeds"]]:  # notebook 03's seeds
                 config = phase1_config(params, name, s, width=w)
                 out.append(ModelRef(name, "03 sizes", f"widths widened to {widest}", f"{name} w{w} seed {s}",
                                     config, config.steps, None if w == widest else widest))

@@ -1,4 +1,4 @@
-"""Flatness: Hessian-vector products, the Hessian trace, the Fisher trace, the top eigenvalue.
+"""Flatness: Hessian-vector products; the Hessian, Fisher and gauge-invariant traces.
 
 Everything here is about one objective, the *evaluation loss*
 
@@ -31,8 +31,17 @@ touched and the global RNG is never used (probes and sampled labels come from pr
 * ``fisher_trace``: the paper's estimator ``E_x E_{y ~ q_theta(.|x)} ||grad_theta log q_theta(y|x)||^2``
   with labels sampled from the model; at a global minimum (``q_theta = p``) it equals ``Tr H`` of
   the expected loss ``E_x E_{y ~ p}[-log q_theta(y|x)]``.
-* ``top_eigenvalue``: power iteration on ``hvp``.
+* ``fisher_diagonal`` and ``invariant_trace``: the exact Fisher diagonal, and the trace with the
+  LayerNorm gauge fixed.
 * MLM helpers for flatlib's single-mask objective: ``mlm_batches``, ``mlm_loss_fn``, ``mlm_logits_fn``.
+
+Vectors: a vector of parameter space (``hvp``'s ``v`` and its result, the probes of
+``rademacher_probes``) is one flat 1-D tensor of length ``P``, the trainable parameters flattened and
+concatenated in ``trainable_parameters`` order: the coordinates of ``dense_hessian``'s ``[P, P]`` and of
+``flatlib.theory.FlatModel``. Inside, the kernels work on lists of per-parameter tensors (autograd's
+form); ``_unflatten`` / ``_flatten`` convert at the public boundary and nowhere else. (``fisher_diagonal``
+returns its diagonal as per-parameter tensors keyed by name: it is computed for a chosen subset of
+the parameters and read by name, not a vector the Hessian acts on.)
 
 Every estimate carries a ``description`` of its scale conventions (which loss, reduction, data,
 how many probes) and prints it with the number.
@@ -42,9 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +61,10 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from flatlib.checks import check_int
-from flatlib.model import SelfAttention, gauge_pairs
+from flatlib.model import explicit_attention, gauge_pairs
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
 LogitsFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> [m, C] logits, one row per example
-Vector = list[Tensor] | dict[str, Tensor]  # shaped like the trainable parameters
 
 MODES = ("reverse", "forward")
 
@@ -83,46 +90,21 @@ class TraceEstimate:
         return f"{self.mean:.4g} ± {self.stderr:.2g}  ({self.description})"
 
 
-@dataclass(frozen=True)
-class EigenEstimate:
-    """Power iteration's result: the Rayleigh quotient ``value`` of the unit ``vector`` (shaped like
-    the parameters), after ``iterations`` matrix-vector products; ``rel_change`` is
-    ``|value_k - value_{k-1}| / |value_k|`` at the last step, ``converged`` whether it fell below
-    ``tol``."""
-
-    value: float
-    iterations: int
-    rel_change: float
-    converged: bool
-    vector: list[Tensor]
-    description: str
-
-    def __str__(self) -> str:
-        state = "converged" if self.converged else "NOT converged"
-        return (f"{self.value:.6g}  ({self.description}; {state} after {self.iterations} iterations, "
-                f"last relative change {self.rel_change:.1e})")
-
-
 # ---------------------------------------------------------------------------- set-up
 @contextlib.contextmanager
 def hessian_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for every submodule, and the explicit (twice-differentiable) attention path for
-    every flatlib attention layer inside ``model``; both restored module by module on exit (also on
-    an exception). Any other module just gets eval mode."""
+    """Eval mode for every submodule of ``model``, restored module by module on exit (also on an
+    exception), and inside the block the explicit (twice-differentiable) attention path
+    (``flatlib.model.explicit_attention``: every flatlib attention layer, whichever model holds it)."""
     modules = list(model.modules())
     training = [m.training for m in modules]
-    attention = [m for m in modules if isinstance(m, SelfAttention)]
-    explicit = [m.explicit for m in attention]
     try:
         model.eval()
-        for m in attention:
-            m.explicit = True
-        yield model
+        with explicit_attention():
+            yield model
     finally:
         for m, flag in zip(modules, training):
             m.training = flag  # not m.train(flag), which would recurse into children
-        for m, flag in zip(attention, explicit):
-            m.explicit = flag
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -210,6 +192,26 @@ def _functional(model: nn.Module, fn: Callable, names: list[str]) -> Callable[[S
     return call
 
 
+class _Setup(NamedTuple):
+    batches: list[Any]  # checked, non-empty
+    model: nn.Module  # unwrapped
+    names: list[str]  # the trainable parameters differentiated (in model order)
+    params: list[Tensor]  # their detached copies
+    weights: list[float]  # n_b / N per batch
+    total: int  # N
+    call: Callable  # fn(model with params swapped in, batch) = call(params, batch)
+
+
+def _setup(model: nn.Module, fn: Callable, batches: Sequence[Any],
+           parameters: Sequence[str] | None = None) -> _Setup:
+    """What every estimator starts from (see ``_Setup``); ``parameters``: only those (default: all)."""
+    batches = _check_batches(batches)
+    model = _unwrap(model)
+    names, params = _parameters(model, parameters)
+    weights, total = _weights(batches)
+    return _Setup(batches, model, names, params, weights, total, _functional(model, fn, names))
+
+
 def _scalar_loss(call: Callable, params: Sequence[Tensor], batch: Any) -> Tensor:
     loss = call(params, batch)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -217,20 +219,21 @@ def _scalar_loss(call: Callable, params: Sequence[Tensor], batch: Any) -> Tensor
     return loss
 
 
-def _vector_list(v: Vector, names: list[str], params: list[Tensor]) -> list[Tensor]:
-    if isinstance(v, dict):
-        if set(v) != set(names):
-            missing, extra = set(names) - set(v), set(v) - set(names)
-            raise ValueError(f"v: names differ from the trainable parameters (missing {sorted(missing)}, "
-                             f"unexpected {sorted(extra)})")
-        v = [v[name] for name in names]
-    v = list(v)
-    if len(v) != len(params):
-        raise ValueError(f"v: expected {len(params)} tensors (one per trainable parameter), got {len(v)}")
-    for name, t, p in zip(names, v, params):
-        if t.shape != p.shape:
-            raise ValueError(f"v: {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-    return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(v, params)]
+def _unflatten(v: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """A flat parameter-space vector ``[P]`` (see the module doc) -> per-parameter tensors shaped
+    like ``params`` (views), in their device and dtype."""
+    n = sum(p.numel() for p in params)
+    if not isinstance(v, Tensor) or v.shape != (n,):
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"v: expected a flat tensor of shape ({n},) (the trainable parameters flattened "
+                         f"in trainable_parameters order), got {shape}")
+    return [t.view(p.shape).to(device=p.device, dtype=p.dtype)
+            for t, p in zip(v.split([p.numel() for p in params]), params)]
+
+
+def _flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-parameter tensors -> the flat ``[P]`` vector (the inverse of ``_unflatten``)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -274,34 +277,29 @@ def _batch_hvp(call: Callable, params: list[Tensor], batch: Any, v: Sequence[Ten
     return _hvp_from_graph(_gradient_graph(call, leaves, batch), leaves, v, retain=False)
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Vector,
-        mode: str = "reverse") -> Vector:
+def hvp(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], v: Tensor,
+        mode: str = "reverse") -> Tensor:
     """The Hessian-vector product ``H v`` of ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)``.
 
     Args:
         model: evaluated under ``hessian_mode`` (eval, explicit attention), in its own dtype.
         loss_fn: ``(model, batch) -> scalar``, the mean loss over the batch's examples.
         batches: non-empty list of batches; ``n_b`` is the leading dimension of a batch's first tensor.
-        v: a list of tensors shaped like ``trainable_parameters(model).values()`` (that order), or a
-            dict keyed by parameter name; the result has the same form.
+        v: ``[P]``, a flat parameter-space vector (see the module doc); the result is one too.
         mode: ``"reverse"`` (double backward: one forward, one backward with ``create_graph``, one
             backward of ``<grad, v>``) or ``"forward"`` (``jvp`` of ``grad``).
 
     Batches are processed one at a time; only one batch's graph is alive at any moment.
     """
-    batches = _check_batches(batches)
     _check_mode(mode)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    vectors = _vector_list(v, names, params)
-    weights, _ = _weights(batches)
-    call = _functional(model, loss_fn, names)
+    batches, model, _, params, weights, _, call = _setup(model, loss_fn, batches)
+    vectors = _unflatten(v, params)
     total = [torch.zeros_like(p) for p in params]
     with hessian_mode(model), torch.enable_grad():
         for batch, weight in zip(batches, weights):
             for t, h in zip(total, _batch_hvp(call, params, batch, vectors, mode)):
                 t.add_(h, alpha=weight)
-    return dict(zip(names, total)) if isinstance(v, dict) else total
+    return _flatten(total)
 
 
 def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> Tensor:
@@ -316,21 +314,17 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> 
     ``flatlib.theory.exact_hessian`` with it). Never ``torch.func.hessian``: on torch 2.13 CPU it is
     wrong for an affine LayerNorm (see above).
     """
-    batches = _check_batches(batches)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    weights, _ = _weights(batches)
-    call = _functional(model, loss_fn, names)
+    batches, model, _, params, weights, _, call = _setup(model, loss_fn, batches)
     with hessian_mode(model), torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in params]
         loss = sum(weight * _scalar_loss(call, leaves, batch) for batch, weight in zip(batches, weights))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flatten(grads)
         if not flat.requires_grad:  # the loss is linear in the parameters
             return torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
-        rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(
-            flat[i], leaves, retain_graph=True, allow_unused=True, materialize_grads=True)])
-            for i in range(flat.numel())]
+        rows = [_flatten(torch.autograd.grad(flat[i], leaves, retain_graph=True, allow_unused=True,
+                                             materialize_grads=True))
+                for i in range(flat.numel())]
     return torch.stack(rows)
 
 
@@ -347,14 +341,14 @@ def _rademacher(like: Sequence[Tensor], generator: torch.Generator) -> list[Tens
             for p in like]
 
 
-def rademacher_probes(model: nn.Module, n_probes: int, seed: int) -> Iterator[list[Tensor]]:
-    """The probes ``hessian_trace(..., n_probes, seed)`` uses, in order: lists of +-1 tensors
-    shaped like the trainable parameters, from ``torch.Generator().manual_seed(seed)`` (on the CPU,
-    then moved to the parameters' device: the same probes on any device)."""
+def rademacher_probes(model: nn.Module, n_probes: int, seed: int) -> Iterator[Tensor]:
+    """The probes ``hessian_trace(..., n_probes, seed)`` uses, in order: flat ``[P]`` +-1 vectors
+    (see the module doc), from ``torch.Generator().manual_seed(seed)`` (on the CPU, then moved to
+    the parameters' device: the same probes on any device)."""
     _, params = _parameters(_unwrap(model))
     generator = _generator(seed)
     for _ in range(n_probes):
-        yield _rademacher(params, generator)
+        yield _flatten(_rademacher(params, generator))
 
 
 def _batch_quadratic_forms(call: Callable, params: list[Tensor], batch: Any, n_probes: int,
@@ -392,7 +386,7 @@ def _describe(fn: Callable, batch: Any, fallback: str) -> str:
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_probes: int, seed: int,
-                  mode: str = "reverse", method: str = "hutchinson", data: str = "examples",
+                  mode: str = "reverse", data: str = "examples",
                   parameters: Sequence[str] | None = None) -> TraceEstimate:
     """Hutchinson's estimate of ``Tr H``, ``H`` the Hessian of
     ``L(theta) = sum_b (n_b / N) loss_fn(model, batch_b)`` (see the module docstring).
@@ -411,20 +405,13 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
     Args:
         n_probes: number of Rademacher probes, fixed (>= 2, for a standard error).
         seed: seeds a private ``torch.Generator``; the global RNG is not touched.
-        method: ``"hutchinson"`` (the only one implemented).
         data: what the examples are, for the description (e.g. ``"validation pairs"``).
         parameters: names of the trainable parameters whose diagonal block ``H_PP`` is traced
             (``Tr H_PP``, the others held fixed); default every trainable parameter.
     """
     check_int("n_probes", n_probes, 2)
-    batches = _check_batches(batches)
     _check_mode(mode)
-    if method != "hutchinson":
-        raise ValueError(f"method: only 'hutchinson' is implemented, got {method!r}")
-    model = _unwrap(model)
-    names, params = _parameters(model, parameters)
-    weights, total = _weights(batches)
-    call = _functional(model, loss_fn, names)
+    batches, model, names, params, weights, total, call = _setup(model, loss_fn, batches, parameters)
     samples = torch.zeros(n_probes, dtype=torch.float64)
     with hessian_mode(model), torch.enable_grad():
         for batch, weight in zip(batches, weights):
@@ -448,7 +435,7 @@ def _log_prob(call: Callable) -> Callable[[tuple[Tensor, ...], Any, Tensor], Ten
 
 
 def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], seed: int,
-                 n_samples: int | None = 1, chunk_size: int | None = 64, vectorize: bool | None = None,
+                 n_samples: int | None = 1, chunk_size: int | None = 64,
                  data: str = "examples") -> TraceEstimate:
     """The paper's flatness estimator: the trace of the Fisher information of the model's own
     predictive distribution,
@@ -479,45 +466,17 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
         chunk_size: examples per ``vmap`` chunk (None: the whole batch at once); bounds the memory of
             the per-example gradients (chunk_size x n_params). 64 was the fastest on a 2x64
             Transformer on CPU (None: 1.8x slower at 512 examples).
-        vectorize: ``True``: ``vmap`` over examples; ``False``: a Python loop over them (the same
-            per-example function, ~10x slower on a 2x64 Transformer), for a ``logits_fn`` that
-            ``vmap`` cannot trace (data-dependent control flow such as ``if mask.any():`` on the
-            inputs); ``None`` (default): ``vmap``, falling back to the loop with a
-            ``RuntimeWarning`` if ``vmap`` raises.
     """
-    batches = _check_batches(batches)
     if n_samples is not None:
         check_int("n_samples", n_samples, 1)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    _, total = _weights(batches)
-    call = _functional(model, logits_fn, names)
+    batches, model, _, params, _, total, call = _setup(model, logits_fn, batches)
     generator = _generator(seed)
 
     def squared_norm(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> Tensor:
         g = grad(_log_prob(call))(ps, example, onehot)
         return sum(torch.sum(t * t, dtype=torch.float64) for t in g)
 
-    def looped(ps: tuple[Tensor, ...], batch: Any, onehot: Tensor) -> Tensor:
-        return torch.stack([squared_norm(ps, tree_map(lambda t: t[i], batch), onehot[i])
-                            for i in range(len(onehot))])
-
-    vmapped = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
-
-    def per_example(ps: tuple[Tensor, ...], batch: Any, onehot: Tensor) -> Tensor:
-        nonlocal vectorize
-        if vectorize is not False:
-            try:
-                return vmapped(ps, batch, onehot)
-            except RuntimeError as error:
-                if vectorize or "vmap" not in str(error):
-                    raise
-                warnings.warn(f"fisher_trace: vmap over examples failed ({str(error)[:60]}...), looping over "
-                              "examples instead (slower, same numbers); the model or logits_fn probably "
-                              "branches on its inputs' values. Pass vectorize=False to silence this.",
-                              RuntimeWarning, stacklevel=3)
-                vectorize = False
-        return looped(ps, batch, onehot)
+    per_example = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
     values = []
     with hessian_mode(model):
         for batch in batches:
@@ -566,11 +525,7 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     ``sum_y (q_y - p_y) grad^2 z_y`` of ``H`` vanishes). Cost: C per-example gradients per example
     (``vmap`` in chunks of ``chunk_size``), like ``fisher_trace(n_samples=None)``.
     """
-    batches = _check_batches(batches)
-    model = _unwrap(model)
-    names, params = _parameters(model, parameters)
-    _, total = _weights(batches)
-    call = _functional(model, logits_fn, names)
+    batches, model, names, params, _, total, call = _setup(model, logits_fn, batches, parameters)
 
     def squared_gradient(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> tuple[Tensor, ...]:
         g = grad(_log_prob(call))(ps, example, onehot)
@@ -695,69 +650,6 @@ def invariant_trace(model: nn.Module, loss_fn: LossFn, logits_fn: LogitsFn, batc
                           body=body, gauge=gauge, raw_mean=raw, scales=scales)
 
 
-# ---------------------------------------------------------------------------- top eigenvalue
-def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_iter: int, seed: int,
-                   tol: float = 1e-4, mode: str = "reverse", keep_graphs: bool | None = None,
-                   data: str = "examples") -> EigenEstimate:
-    """The eigenvalue of largest magnitude of ``H`` (the Hessian of the evaluation loss, see
-    ``hvp``) by power iteration: ``v <- H v / ||H v||`` from a Gaussian start (private generator
-    seeded by ``seed``), the estimate being the Rayleigh quotient ``v^T H v`` (``||v|| = 1``,
-    Euclidean norm over all parameters). Near a minimum ``H`` is (nearly) PSD and this is the top
-    eigenvalue; away from one it may be a negative eigenvalue of larger magnitude. Stops after
-    ``n_iter`` products or once the relative change of the estimate is below ``tol``.
-
-    ``keep_graphs``: keep every batch's gradient graph across iterations (reverse mode; memory: all
-    batches' graphs at once); default: only when there is a single batch. Otherwise each iteration
-    recomputes every batch's gradient.
-    """
-    check_int("n_iter", n_iter, 1)
-    if not tol > 0:
-        raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
-    batches = _check_batches(batches)
-    _check_mode(mode)
-    model = _unwrap(model)
-    names, params = _parameters(model)
-    weights, total = _weights(batches)
-    call = _functional(model, loss_fn, names)
-    keep = (len(batches) == 1 if keep_graphs is None else keep_graphs) and mode == "reverse"
-    generator = _generator(seed)
-    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-    norm = math.sqrt(_dot(v, v))
-    v = [t / norm for t in v]
-    value, previous, rel_change, converged, iterations = math.nan, math.nan, math.inf, False, 0
-    with hessian_mode(model), torch.enable_grad():
-        leaves = [p.detach().requires_grad_() for p in params] if keep else []
-        graphs = [_gradient_graph(call, leaves, batch) for batch in batches] if keep else []
-
-        def matvec(u: list[Tensor]) -> list[Tensor]:
-            out = [torch.zeros_like(p) for p in params]
-            for i, (batch, weight) in enumerate(zip(batches, weights)):
-                hu = (_hvp_from_graph(graphs[i], leaves, u, retain=True) if keep
-                      else _batch_hvp(call, params, batch, u, mode))
-                for o, h in zip(out, hu):
-                    o.add_(h, alpha=weight)
-            return out
-
-        for iterations in range(1, n_iter + 1):
-            hv = matvec(v)
-            value = _dot(v, hv)
-            if iterations > 1:
-                rel_change = abs(value - previous) / max(abs(value), 1e-300)
-            norm = math.sqrt(_dot(hv, hv))
-            if norm == 0.0:  # v is in the null space: value = 0 exactly
-                converged, rel_change = True, 0.0
-                break
-            v = [t / norm for t in hv]
-            if rel_change < tol:
-                converged = True
-                break
-            previous = value
-    loss = _describe(loss_fn, batches[0], f"{getattr(loss_fn, '__name__', 'loss_fn')} (mean over examples)")
-    description = (f"top Hessian eigenvalue (largest magnitude, power iteration, seed {seed}) of {loss} "
-                   f"on {total} {data} in {len(batches)} batches")
-    return EigenEstimate(value, iterations, rel_change, converged, v, description)
-
-
 # ---------------------------------------------------------------------------- the MLM case
 def mlm_logits_fn(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
     """``[m, V]``: a flatlib Transformer's logits at the masked position of each row of
@@ -799,7 +691,7 @@ def mlm_batches(val: Any, batch_size: int, soft_targets: bool = False) -> list[t
     (or a tuple ``(inputs, positions, targets[, true_probs])``), at most ``batch_size`` rows each.
     ``targets`` are the sampled words ``[b]``, or with ``soft_targets`` the exact conditionals
     ``[b, V]`` (float64), for the expected loss. Use the same batches for ``hessian_trace``
-    (``mlm_loss_fn``), ``fisher_trace`` (``mlm_logits_fn``) and ``top_eigenvalue``."""
+    (``mlm_loss_fn``), ``fisher_trace`` and ``invariant_trace`` (``mlm_logits_fn``)."""
     check_int("batch_size", batch_size, 1)
     if isinstance(val, (tuple, list)):
         inputs, positions, targets = val[0], val[1], val[2]

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from flatlib import progress
 from flatlib.checks import check_int, check_seed
 from flatlib.device import module_device
 from flatlib.downstream import (finetune, linear_probe, lookup_table_features, model_features, pool,
@@ -344,22 +345,25 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
             results[index] = json.loads(cached.read_text())
         else:
             todo.append(index)
+    shown = progress.start(f"measuring ({kind})", len(todo), "measurements", skipped=len(items) - len(todo))
     if workers == 1 or len(todo) <= 1:
         for index in todo:
             run, step, kwargs = items[index]
             results[index] = measure(run, step, protocol=protocol, **kwargs)
+            shown.advance()
     else:
         jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
                  threads_per_worker) for i in todo]
         # a worker that raises or dies fails only its own item; the others finish (and are cached)
         failed = []
-        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers)):
+        for index, outcome in zip(todo, run_jobs(_measure_job, jobs, workers, on_done=shown.advance)):
             results[index] = outcome.value
             if not outcome.ok:
                 run, step, kwargs = items[index]
                 failed.append(f"- {kind} of run {run.key} at step {step} {kwargs}:\n{outcome.error}")
         if failed:
             raise PoolError(f"{len(failed)} of {len(items)} measurements failed:\n" + "\n".join(failed))
+    shown.finish()
     return results  # type: ignore[return-value]
 
 

@@ -1,12 +1,23 @@
 """A small pre-LN transformer with a masked-LM head (and a causal mode), in nanoGPT's tone.
 
 Token ids: the language's words are ``0..V-1``; the model's special tokens come after them
-(``PAD = V``, ``MASK = V+1``, ``CLS = V+2``, ``EOS = V+3``). The MLM head predicts words only.
+(``PAD = V``, ``MASK = V+1``; ``V+2`` and ``V+3``, once CLS and EOS, are reserved and never used,
+kept so that embedding shapes, hence checkpoints, stay as they are). The MLM head predicts words only.
 
 Attention has two paths that compute the same function: PyTorch's fused
 ``scaled_dot_product_attention`` (fast, for training) and an explicit softmax path, which is the one
-to use whenever second derivatives are taken (fused kernels are not twice differentiable). Switch
-with ``model.explicit_attention = True`` or the ``explicit_attention(model)`` context manager.
+to use whenever second derivatives are taken (fused kernels are not twice differentiable). One switch
+chooses: ``with explicit_attention():`` makes every flatlib attention layer in this process (any
+model, also inside a DDP or ``torch.compile`` wrapper) take the explicit path inside the block and
+restores the previous setting on exit (``flatlib.flatness.hessian_mode`` uses it);
+``explicit_attention_on()`` says which path is taken. It is a process-wide flag, not a per-model
+one (flatlib never runs models concurrently in threads of one process), so a copy of a model
+(``widen``, ``rescale_norms``) has no setting to carry over.
+
+A causal model can also run a sequence in pieces: ``KVCache`` holds one attention layer's keys and
+values of the positions run so far, and ``model(tokens, cache=caches)`` runs the next positions
+attending to them (the teacher language, ``flatlib.languages.teacher``, scores many continuations of
+one shared prefix this way).
 
 ``widen(model, factor)`` embeds a trained model into one ``factor`` times wider that computes exactly
 the same function, so that Hessian traces of models of different sizes can be compared in one
@@ -18,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -26,7 +38,26 @@ from torch import Tensor, nn
 
 from flatlib.checks import check_int
 
-N_SPECIAL = 4  # PAD, MASK, CLS, EOS
+N_SPECIAL = 4  # PAD, MASK and two reserved ids (once CLS, EOS)
+
+_EXPLICIT_ATTENTION = False  # set by explicit_attention() only
+
+
+@contextlib.contextmanager
+def explicit_attention(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, every flatlib attention layer takes the explicit, twice-differentiable
+    path (``enabled=False``: the fused one); the previous setting is restored on exit."""
+    global _EXPLICIT_ATTENTION
+    previous, _EXPLICIT_ATTENTION = _EXPLICIT_ATTENTION, bool(enabled)
+    try:
+        yield
+    finally:
+        _EXPLICIT_ATTENTION = previous
+
+
+def explicit_attention_on() -> bool:
+    """Whether attention takes the explicit path now (inside ``explicit_attention()``)."""
+    return _EXPLICIT_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -55,19 +86,32 @@ class TransformerConfig:
         return self.vocab_size + 1
 
     @property
-    def cls_id(self) -> int:
-        return self.vocab_size + 2
-
-    @property
-    def eos_id(self) -> int:
-        return self.vocab_size + 3
-
-    @property
     def n_tokens(self) -> int:
         return self.vocab_size + N_SPECIAL
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class KVCache:
+    """One attention layer's keys and values ``[B, H, l, d/H]`` of the ``l`` positions run so far
+    (empty: None). An attention layer called with a cache attends to the cached keys and values
+    before its own and appends its own to the cache. For causal models: a prefix's keys and values do
+    not depend on what follows it."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``keys``, ``values`` ``[B, H, s, d/H]``; returns all the cached ones."""
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 class SelfAttention(nn.Module):
@@ -76,14 +120,16 @@ class SelfAttention(nn.Module):
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.explicit = False  # set by Transformer.explicit_attention
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        # x: [B, L, d]; mask: [B, 1, L, L] bool, True where attention is allowed (None: everywhere)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        # x: [B, L, d]; mask: [B, 1, L, L'] bool, True where attention is allowed (None: everywhere);
+        # L' = L, or len(cache) + L with a cache (whose keys and values come first)
         b, length, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.explicit:  # twice differentiable
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        if _EXPLICIT_ATTENTION:  # twice differentiable
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -113,8 +159,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,15 +182,6 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @property
-    def explicit_attention(self) -> bool:
-        return all(block.attn.explicit for block in self.blocks)
-
-    @explicit_attention.setter
-    def explicit_attention(self, value: bool) -> None:
-        for block in self.blocks:
-            block.attn.explicit = bool(value)
-
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -154,7 +191,7 @@ class Transformer(nn.Module):
         padding = tokens == self.config.pad_id
         # (the skip branches on the data, which torch.func.vmap cannot trace: the explicit path,
         # used for second derivatives and per-example gradients, always builds the mask)
-        if not self.config.causal and not self.explicit_attention and not bool(padding.any()):
+        if not self.config.causal and not _EXPLICIT_ATTENTION and not bool(padding.any()):
             return None
         keys = (~padding)[:, None, None, :]
         if self.config.causal:
@@ -164,37 +201,48 @@ class Transformer(nn.Module):
         eye = torch.eye(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         return keys | eye
 
-    def features(self, tokens: Tensor) -> Tensor:
-        """[B, L] model token ids -> [B, L, d_model], the final (layer-normed) representations."""
-        if tokens.shape[1] > self.config.max_len:
-            raise ValueError(f"tokens: length {tokens.shape[1]} > max_len {self.config.max_len}")
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    def _cached_mask(self, tokens: Tensor, cache: list[KVCache]) -> tuple[Tensor, int]:
+        """The ``[L, start + L]`` causal mask of ``tokens`` continuing the ``start`` cached positions."""
+        if not self.config.causal:
+            raise ValueError("cache: only a causal model runs a sequence in pieces")
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"cache: expected one KVCache per block ({len(self.blocks)}), got {len(cache)}")
+        if bool((tokens == self.config.pad_id).any()):
+            raise ValueError("tokens: no padding when running with a cache")
+        start, length = len(cache[0]), tokens.shape[1]
+        ones = partial(torch.ones, dtype=torch.bool, device=tokens.device)
+        return torch.cat([ones(length, start), ones(length, length).tril()], dim=1), start
+
+    def features(self, tokens: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        """[B, L] model token ids -> [B, L, d_model], the final (layer-normed) representations.
+
+        With ``cache`` (causal models; one ``KVCache`` per block, empty or holding the same ``start``
+        earlier positions): ``tokens`` are positions ``start..start+L-1``, attending to the cached
+        positions and causally to each other, and their keys and values are appended to ``cache``
+        (no padding: every token is one of the sequence)."""
+        start, mask = 0, None
+        if cache is not None:
+            mask, start = self._cached_mask(tokens, cache)
+        if start + tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"tokens: length {start + tokens.shape[1]} > max_len {self.config.max_len}")
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.tok_emb(tokens) + self.pos_emb(positions)
-        mask = self.attention_mask(tokens)
-        for block in self.blocks:
-            x = block(x, mask)
+        if cache is None:
+            mask = self.attention_mask(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, None if cache is None else cache[i])
         return self.ln_f(x)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None,
+                cache: list[KVCache] | None = None) -> Tensor:
         """[B, L] model token ids -> [B, L, V] logits over the language's words; with
         ``positions`` [B], only each row's logits at its position, [B, V] (the head is the largest
-        matmul of a small model: skip it where nothing is predicted)."""
-        features = self.features(tokens)
+        matmul of a small model: skip it where nothing is predicted). ``cache``: see ``features``
+        (``positions`` then index the new tokens)."""
+        features = self.features(tokens, cache)
         if positions is not None:
             features = features[torch.arange(len(tokens), device=tokens.device), positions]
         return self.head(features)
-
-
-@contextlib.contextmanager
-def explicit_attention(model: Transformer) -> Iterator[Transformer]:
-    """Use the twice-differentiable attention path inside the block; restore the previous setting."""
-    previous = [block.attn.explicit for block in model.blocks]
-    model.explicit_attention = True
-    try:
-        yield model
-    finally:
-        for block, flag in zip(model.blocks, previous):
-            block.attn.explicit = flag
 
 
 @torch.no_grad()
@@ -215,7 +263,6 @@ def widen(model: Transformer, factor: int) -> Transformer:
     wide_config = replace(c, d_model=c.d_model * factor, d_ff=c.d_ff * factor, n_head=c.n_head * factor)
     reference = next(model.parameters())
     wide = Transformer(wide_config).to(device=reference.device, dtype=reference.dtype)
-    wide.explicit_attention = model.explicit_attention
 
     def tile(t: Tensor) -> Tensor:  # a vector living in a copied space
         return t.repeat(factor)
@@ -279,7 +326,6 @@ def rescale_norms(model: Transformer, scales: dict[str, Tensor | float]) -> Tran
         raise ValueError(f"scales: {unknown} are not LayerNorms of the model (expected some of {sorted(readers)})")
     out = Transformer(model.config).to(next(model.parameters()))
     out.load_state_dict(model.state_dict())
-    out.explicit_attention = model.explicit_attention
     modules = dict(out.named_modules())
     for name, scale in scales.items():
         norm, reader = modules[name], modules[readers[name]]

@@ -18,12 +18,15 @@ thread pools and locks). Used by ``flatlib.sweep.run_configs(backend="local")`` 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
+
+from flatlib.progress import ENV
 
 WORKER_DIED = ("its worker process died (killed by a signal, e.g. SIGKILL or the out-of-memory "
                "killer) twice, the second time running alone")
@@ -50,6 +53,7 @@ class Outcome:
 def _init_worker(started: Any) -> None:
     global _started
     _started = started
+    os.environ.pop(ENV, None)  # only the process that counts the jobs reports progress (flatlib.progress)
 
 
 def _call(function: Callable[[Any], Any], index: int, job: Any) -> Any:

@@ -10,7 +10,9 @@
 
 Notebooks call ``resolve(profile, **overrides)`` in their validation cell (notebook 06:
 ``theory_params``, for the profile's ``theory`` section alone): an unknown profile, an unknown
-parameter or an invalid value is a ValueError that names the parameter.
+parameter or an invalid value is a ValueError that names the parameter (``pretraining.steps.hmm``).
+What every value must be is declared once, in ``PROFILE`` (field types from ``flatlib.schema``);
+``_check_relations`` checks what relates two values.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import copy
 import math
 from typing import Any
 
-from flatlib.checks import check_int, check_number, check_seed
+from flatlib.checks import check_seed
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
+from flatlib.schema import Dict, Int, Kwargs, ListOf, MapOf, Number, OneOf, Opt, Pair, Seed, Str
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -38,7 +41,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32},
             "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
             "languages": ["hmm", "pcfg"],
-            "seeds": 2, "eval_every": 10, "eval_pairs": 512, "epsilon": 0.5,
+            "seeds": 2, "correlation_seeds": 2, "eval_every": 10, "eval_pairs": 512, "epsilon": 0.5,
             "continue_steps": 40, "checkpoint_every": 40, "continue_eval_every": 5,
             "sgd_lr": 0.1, "adamw_lr": 1e-3, "lr_scan": (0.1, 1.0), "scan_steps": 10,
             "protocol": {"probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2,
@@ -60,18 +63,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
     },
     "cpu": {
-        # Smaller than the pilot's 8 states / 16 words / length 12, on which a 2x64 model stalls
-        # at a gap of ~0.024 nats after 3000 steps: on this one it gets to ~0.012 in 8000.
+        # How each value was sized, with the measurements: docs/lessons.md, "How the cpu profile was sized".
+        # An HMM small enough that a 2x64 model gets within ~0.01 nats of its optimum.
         "hmm": {"n_states": 6, "vocab_size": 12, "seq_len": 10, "concentration": 0.2,
                 "task_positions": (3, 6)},
-        # PCFGs are much harder for small transformers than HMMs: on depth 3 with 6 symbols a level
-        # and 32 words a 2x64 model is still 0.25 nats away after 3000 steps. On this shape with
-        # Dirichlet(1) rules and 6 words a pre-terminal (optimum 1.50 nats/token): 0.062 after 3000,
-        # 0.030 after 8000 (4x64: 0.029). What makes it learnable is the rules' sparsity, the paper
-        # profile's calibration (Dirichlet(0.3)), with 3 words a pre-terminal: 0.014 after 3000 steps
-        # (optimum 0.79, uniform 2.77; the same sparsity with 6 words: 0.033, with 3 words and
-        # Dirichlet(1) rules: 0.057, 3 symbols a level: 0.058; one seed each). Its tasks keep headroom:
-        # the lookup-table probe gets 0.88 / 0.91 / 0.98 on A / B / C (majority 0.58 / 0.65 / 0.68).
+        # PCFGs are much harder for small transformers than HMMs: what makes this one learnable is the
+        # rules' sparsity (the paper profile's Dirichlet(0.3)) and 3 words a pre-terminal; its tasks
+        # keep headroom over the majority class.
         "pcfg": {"depth": 3, "n_types": 3, "n_per_level": 4, "n_binary_rules": 4, "vocab_size": 16,
                  "words_per_preterminal": 3, "rule_concentration": 0.3,
                  "task_spans": {"A": None, "B": 4, "C": 2}},
@@ -79,17 +77,15 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "d_model": 64, "n_head": 2},
         "language_seed": 0,
         "n_eval_sentences": 4096,
-        # 02_pretraining_to_optimality, sized for ~20 minutes on 2 cores (measured on one thread: a
-        # 2x64 model takes ~30-45 ms/step; one checkpoint's measurement ~7 s (HMM) / ~14 s (PCFG)).
-        # Both languages get 8000 steps (~4 min a run). epsilon stays 0.025 so that notebook 03's
-        # 3000-step models (0.011-0.029) can be compared at all.
+        # 02_pretraining_to_optimality, sized for ~20 minutes on 2 cores. 8000 steps reach the 0.01 target
+        # (4 heads of 16 beat 2 of 32); epsilon stays 0.025 so that notebook 03's 3000-step models compare.
         "pretraining": {
-            # 4 heads of 16: 0.013 nats after 3000 steps where 2 heads of 32 reach 0.016, and 0.008 after
-            # 8000 (one seed), which meets the 0.01 target: the HMM gets 8000 steps (~4 min a run)
             "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
             "batch_size": 256, "lr": 3e-3, "warmup_steps": 200,
             "steps": {"hmm": 8000, "pcfg": 8000, "teacher": 3000}, "languages": ["hmm", "pcfg"],
-            "seeds": 3, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
+            # notebook 05's rule "correlation" needs 5 training lineages: seeds 3 and 4 add phase 1, the
+            # constant-rate continuations and the adversary (not the clock) to its 2x64 family
+            "seeds": 3, "correlation_seeds": 5, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
             "continue_steps": 1200, "checkpoint_every": 400, "continue_eval_every": 25,
             "sgd_lr": 0.1, "adamw_lr": 3e-4, "lr_scan": (0.05, 0.1, 0.2, 0.5, 1.0), "scan_steps": 150,
             "protocol": {"probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3,
@@ -99,16 +95,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock). Notebook 06 sees the drift
         # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
-        # 14's. SGD runs ~300 steps/s here (tau = 10 is 16,000 steps, ~55 s), an anneal ~10 s.
+        # 14's (tau = 10 is 16,000 SGD steps).
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16, "anneal_steps": 1000, "anneal_batch_size": 64,
                   "noise_seeds": 6},
-        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM, where a
-        # 2x64 model gets to ~0.01-0.02 nats of the optimum in 3000 steps (the PCFG ~0.014 at one seed;
-        # it is left out for the budget: pass languages=["hmm", "pcfg"] to add it). Heads of a fixed size (head_dim), so that widening a model into
-        # the widest architecture gives exactly that architecture (widen() multiplies the heads).
-        # Measured on one thread (2 heads each): 9 / 12 / 28 / 73 ms per step.
-        # Its own step budget (3000, the same recipe otherwise): 12 runs at notebook 02's 8000 steps
-        # would take ~25 min.
+        # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM (the PCFG is
+        # left out for the budget: pass languages=["hmm", "pcfg"] to add it), 3000 steps each (notebook 02's
+        # 8000 would not fit). Heads of a fixed size (head_dim), so that widening a model into the widest
+        # architecture gives exactly that architecture (widen() multiplies the heads).
         "model_size": {"languages": ["hmm"], "widths": [16, 32, 64, 128], "n_layer": 2, "head_dim": 16,
                        "steps": {"hmm": 3000, "pcfg": 3000, "teacher": 3000},
                        "ff_mult": 4, "finetune_epochs": 10},
@@ -116,8 +109,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # The adversary's weight λ is chosen on a held-out training seed (seed + held_out_seed) from
         # weight_grid by flatlib.claims' rule "adversary weight"; the grid brackets the values an earlier
         # version had tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1; docs/lessons.md). The head is
-        # refit every 5 steps: with a stale head the adversary only fools that head. An adversarial step
-        # costs ~2.5 plain ones.
+        # refit every 5 steps: with a stale head the adversary only fools that head.
         "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
                        "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3], "teacher": [0.03, 0.1, 0.3]},
                        "held_out_seed": 1000,
@@ -127,18 +119,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         # The cpu profile's languages, so that the two reports compare; what the cpu profile cannot
         # afford: 4-layer models, the PCFG in notebook 03, five seeds (notebook 05 decides a
         # correlation only with >= 5 training lineages), the teacher in notebook 02, larger probe and
-        # trace sets. Sized by estimate for about 20-30 minutes of `make figures PROFILE=gpu` on one
-        # H100 with 16 CPU cores, NOT measured (no GPU has been lent to this project's sessions yet):
-        # these models are launch-bound on a GPU (~5-10 ms a step whatever their size), hence
-        # 8 workers sharing the GPU. The PCFG gets 30000 steps: on the cpu profile's PCFG shape with
-        # Dirichlet(1) rules 2x64 and 4x64 models were still 0.03 away after 8000 (see "cpu").
+        # trace sets. Sized by estimate (NOT measured) for 20-30 minutes of `make figures PROFILE=gpu` on
+        # one H100 with 16 CPU cores: such small models are launch-bound on a GPU, hence 8 workers sharing
+        # it; the PCFG gets 30000 steps (docs/lessons.md, "How the cpu profile was sized").
         # (languages: the cpu profile's, copied in below the table)
         "n_eval_sentences": 16_384,
         "pretraining": {
             "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
             "batch_size": 512, "lr": 2e-3, "warmup_steps": 500,
             "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000}, "languages": ["hmm", "pcfg", "teacher"],
-            "seeds": 5, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
+            "seeds": 5, "correlation_seeds": 5, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
             "continue_steps": 4000, "checkpoint_every": 1000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 2e-4, "lr_scan": (0.03, 0.05, 0.1, 0.2, 0.5), "scan_steps": 300,
             "protocol": {"probe_sentences": 8000, "probe_train": 2000, "probe_test": 2000, "probe_splits": 5,
@@ -178,7 +168,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 6, "n_head": 4, "d_model": 256, "d_ff": 1024},
             "batch_size": 512, "lr": 1e-3, "warmup_steps": 1800,
             "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000}, "languages": ["hmm", "pcfg", "teacher"],
-            "seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
+            "seeds": 5, "correlation_seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
             "continue_steps": 20_000, "checkpoint_every": 4000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 1e-4, "lr_scan": (0.03, 0.1, 0.3, 1.0), "scan_steps": 500,
             "protocol": {"probe_sentences": 20_000, "probe_train": 5000, "probe_test": 5000, "probe_splits": 5,
@@ -247,7 +237,57 @@ for _name, _sizes in _THEORY.items():
     PROFILES[_name]["theory"] = _sizes
 
 DEFAULT_PROFILE = "cpu"
+LANGUAGES = ("hmm", "pcfg", "teacher")
 
+
+# ---------------------------------------------------------------------------- the schema
+# What each value of a resolved profile must be (flatlib.schema); _check_relations then checks what
+# relates two values.
+def PerLanguage(value: Any) -> MapOf:  # noqa: N802 - reads as a field type
+    return MapOf(LANGUAGES, value)
+
+
+LANGUAGE_LIST = ListOf(OneOf(LANGUAGES), distinct=True)
+THEORY = Dict(  # notebook 06
+    hmm=Kwargs(), language_seed=Seed(), rank=Int(),
+    noise=Dict(n_samples=Int(2), n_forms=Int(), offset=Number()),
+    implicit_bias=Dict(init_scale=Number(), configs=ListOf(Pair(Number(), Int())),  # (lr, batch_size)
+                       time=Number(), n_chains=Int(2), n_records=Int(), flow_dt=Number()),
+    transformer=Dict(n_words=Int(4), seq_len=Int(2), width=Int(), d_key=Int(),
+                     strengths=Pair(Number(-math.inf), Number(-math.inf))),
+    downstream=Dict(n_train=ListOf(Int()), draws=Int(2)),
+)
+PROFILE = Dict(
+    profile=OneOf(tuple(PROFILES)), seed=Seed(), language_seed=Seed(), n_eval_sentences=Int(2),
+    hmm=Kwargs(), pcfg=Kwargs(), teacher=Kwargs(),  # checked by their generators
+    pretraining=Dict(  # notebook 02
+        model=Dict(n_layer=Int(), n_head=Int(), d_model=Int(), d_ff=Int()),
+        languages=LANGUAGE_LIST, steps=PerLanguage(Int()), warmup_steps=Int(0), batch_size=Int(),
+        lr=Number(), seeds=Int(2),  # >= 2: confidence intervals over seeds
+        correlation_seeds=Int(2),  # notebook 05's lineages: max(seeds, this); those beyond seeds skip the clock
+        eval_every=Int(), eval_pairs=Int(), epsilon=Number(), continue_steps=Int(), checkpoint_every=Int(),
+        continue_eval_every=Int(), sgd_lr=Number(), adamw_lr=Number(), lr_scan=ListOf(Number()),
+        scan_steps=Int(), workers=Int(),
+        protocol=Dict(probe_sentences=Opt(Int()), probe_train=Opt(Int()), probe_test=Opt(Int()),
+                      probe_splits=Opt(Int()), probe_l2_grid=Opt(ListOf(Number(closed=True))),
+                      trace_pairs=Opt(Int()), trace_probes=Opt(Int()), trace_batch=Opt(Int())),
+    ),
+    clock=Dict(  # notebook 02's continuation
+        taus=ListOf(Number(closed=True), min_len=2, increasing=True), lr=Number(), batch_size=Int(),
+        anneal_steps=Int(), anneal_batch_size=Int(), noise_seeds=Int(2),
+    ),
+    model_size=Dict(  # notebook 03
+        languages=LANGUAGE_LIST, steps=PerLanguage(Int()), widths=ListOf(Int(), min_len=2, increasing=True),
+        n_layer=Int(), head_dim=Int(), ff_mult=Int(), finetune_epochs=Int(),
+    ),
+    algorithms=Dict(  # notebook 04
+        languages=LANGUAGE_LIST, tasks=PerLanguage(Str()), held_out_seed=Seed(),
+        weight_grid=PerLanguage(ListOf(Number(), increasing=True)),
+        weights=Opt(PerLanguage(Number())),  # given, λ replaces the held-out choice (flatlib.experiments)
+        adversarial=Dict(refit_every=Int(), head_sentences=Int(), batch_sentences=Int()),
+    ),
+    theory=THEORY,
+)
 
 def get_profile(name: str) -> dict[str, Any]:
     """A copy of the named profile's parameters."""
@@ -273,180 +313,83 @@ def resolve(profile: str, **overrides: Any) -> dict[str, Any]:
         else:
             params[key] = value
     params.setdefault("seed", 0)
-    check_seed("seed", params["seed"])
-    check_seed("language_seed", params["language_seed"])
-    check_int("n_eval_sentences", params["n_eval_sentences"], low=2)
-    build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
-    build_teacher(params)
-    _check_pretraining(params["pretraining"])
-    _check_model_size(params["model_size"], params["pretraining"])
-    _check_algorithms(params)
-    _check_clock(params["clock"])
-    _check_theory(params["theory"])
+    PROFILE.check("", params)
+    _check_relations(params)
     return params
 
 
-_PROTOCOL_INTS = ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs",
-                  "trace_probes", "trace_batch")
-_MODEL_KEYS = {"n_layer", "n_head", "d_model", "d_ff"}
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
 
 
-def _check_pretraining(p: dict[str, Any]) -> None:
-    """The ``pretraining`` section (notebook 02): every value checked, errors name the key as
-    ``pretraining.<key>``."""
-    name = "pretraining"
-    if not isinstance(p, dict):
-        raise ValueError(f"{name}: expected a dict, got {p!r}")
-    expected = {"model", "batch_size", "lr", "warmup_steps", "steps", "languages", "seeds", "eval_every", "eval_pairs",
-                "epsilon", "continue_steps", "checkpoint_every", "continue_eval_every", "sgd_lr",
-                "adamw_lr", "lr_scan", "scan_steps", "protocol", "workers"}
-    unknown, missing = set(p) - expected, expected - set(p)
-    if unknown or missing:
-        raise ValueError(f"{name}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    model = p["model"]
-    if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
-        raise ValueError(f"{name}.model: expected the keys {sorted(_MODEL_KEYS)}, got {model!r}")
-    for key in sorted(_MODEL_KEYS):
-        check_int(f"{name}.model.{key}", model[key])
-    if model["d_model"] % model["n_head"]:
-        raise ValueError(f"{name}.model.n_head: must divide d_model ({model['d_model']})")
-    for key in ("batch_size", "seeds", "eval_every", "eval_pairs", "continue_steps", "checkpoint_every",
-                "continue_eval_every", "scan_steps", "workers"):
-        check_int(f"{name}.{key}", p[key])
-    check_int(f"{name}.warmup_steps", p["warmup_steps"], low=0)
-    if p["seeds"] < 2:
-        raise ValueError(f"{name}.seeds: expected >= 2 (confidence intervals over seeds), got {p['seeds']!r}")
-    _check_languages(f"{name}.languages", p["languages"])
-    steps = p["steps"]
-    if not isinstance(steps, dict) or not set(steps) <= set(LANGUAGES) or not set(p["languages"]) <= set(steps):
-        raise ValueError(f"{name}.steps: expected {{language: steps}} for the languages {p['languages']}, got {steps!r}")
-    for language, value in steps.items():
-        check_int(f"{name}.steps.{language}", value)
-        if value <= p["warmup_steps"]:
-            raise ValueError(f"{name}.steps.{language}: must exceed warmup_steps ({p['warmup_steps']})")
-    if p["continue_steps"] % p["checkpoint_every"]:
-        raise ValueError(f"{name}.checkpoint_every: must divide continue_steps ({p['continue_steps']})")
-    for key in ("lr", "sgd_lr", "adamw_lr", "epsilon"):
-        check_number(f"{name}.{key}", p[key])
-    scan = p["lr_scan"]
-    if not isinstance(scan, (tuple, list)) or not scan:
-        raise ValueError(f"{name}.lr_scan: expected a non-empty list of learning rates, got {scan!r}")
-    for value in scan:
-        check_number(f"{name}.lr_scan", value)
+def _check_relations(params: dict[str, Any]) -> None:
+    """What the schema cannot say: the languages build, and the checks that relate two values."""
+    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports report, which imports us
+
+    build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
+    build_teacher(params)
+    p, m, a, c = (params[key] for key in ("pretraining", "model_size", "algorithms", "clock"))
+    _require(p["model"]["d_model"] % p["model"]["n_head"] == 0, "pretraining.model.n_head",
+             f"must divide d_model ({p['model']['d_model']})")
+    for section, key in (("pretraining", "steps"), ("model_size", "steps"), ("algorithms", "tasks"),
+                         ("algorithms", "weight_grid"), ("algorithms", "weights")):
+        languages, entries = params[section]["languages"], params[section].get(key)
+        _require(entries is None or set(languages) <= set(entries), f"{section}.{key}",
+                 f"expected an entry for each of {languages}, got {entries!r}")
+    for section in ("pretraining", "model_size"):
+        for language, steps in params[section]["steps"].items():
+            _require(steps > p["warmup_steps"], f"{section}.steps.{language}",
+                     f"must exceed pretraining.warmup_steps ({p['warmup_steps']})")
+    _require(p["continue_steps"] % p["checkpoint_every"] == 0, "pretraining.checkpoint_every",
+             f"must divide continue_steps ({p['continue_steps']})")
     protocol = p["protocol"]
-    allowed = set(_PROTOCOL_INTS) | {"probe_l2_grid"}
-    if not isinstance(protocol, dict) or not set(protocol) <= allowed:
-        raise ValueError(f"{name}.protocol: expected keys among {sorted(allowed)}, got {protocol!r}")
-    for key in _PROTOCOL_INTS:
-        if key in protocol:
-            check_int(f"{name}.protocol.{key}", protocol[key])
-    grid = protocol.get("probe_l2_grid", (1e-3,))
-    if not isinstance(grid, (tuple, list)) or not grid or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in grid):
-        raise ValueError(f"{name}.protocol.probe_l2_grid: expected non-negative numbers, got {grid!r}")
     if all(k in protocol for k in ("probe_train", "probe_test", "probe_sentences")):
         needed = protocol["probe_train"] + protocol["probe_test"] + protocol["probe_test"] // 2
-        if needed > protocol["probe_sentences"]:
-            raise ValueError(f"{name}.protocol.probe_sentences: needs at least train + test + test/2 = {needed}")
-
-
-LANGUAGES = ("hmm", "pcfg", "teacher")
-
-
-def _check_languages(name: str, value: Any) -> None:
-    if not isinstance(value, (list, tuple)) or not value or not set(value) <= set(LANGUAGES) \
-            or len(set(value)) != len(value):
-        raise ValueError(f"{name}: expected a non-empty list of distinct names among {LANGUAGES}, got {value!r}")
-
-
-def _check_model_size(m: dict[str, Any], pretraining: dict[str, Any]) -> None:
-    """The ``model_size`` section (notebook 03); errors name the key as ``model_size.<key>``."""
-    name = "model_size"
-    expected = {"languages", "widths", "n_layer", "head_dim", "ff_mult", "finetune_epochs", "steps"}
-    if not isinstance(m, dict) or set(m) != expected:
-        raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {m!r}")
-    _check_languages(f"{name}.languages", m["languages"])
-    steps = m["steps"]
-    if not isinstance(steps, dict) or not set(m["languages"]) <= set(steps):
-        raise ValueError(f"{name}.steps: expected {{language: steps}} for the languages {m['languages']}, got {steps!r}")
-    for language in m["languages"]:
-        check_int(f"{name}.steps.{language}", steps[language])
-        if steps[language] <= pretraining["warmup_steps"]:
-            raise ValueError(f"{name}.steps.{language}: must exceed pretraining.warmup_steps ({pretraining['warmup_steps']})")
-    for key in ("n_layer", "head_dim", "ff_mult", "finetune_epochs"):
-        check_int(f"{name}.{key}", m[key])
+        _require(needed <= protocol["probe_sentences"], "pretraining.protocol.probe_sentences",
+                 f"needs at least train + test + test/2 = {needed}")
     widths = m["widths"]
-    if not isinstance(widths, (list, tuple)) or len(widths) < 2:
-        raise ValueError(f"{name}.widths: expected at least two widths, got {widths!r}")
-    for w in widths:
-        check_int(f"{name}.widths", w)
-    if list(widths) != sorted(set(widths)):
-        raise ValueError(f"{name}.widths: expected distinct widths in increasing order, got {widths!r}")
-    if any(widths[-1] % w for w in widths):
-        raise ValueError(f"{name}.widths: every width must divide the largest ({widths[-1]}) so that every "
-                         f"model can be widened into the largest architecture, got {widths!r}")
-    if any(w % m["head_dim"] for w in widths):
-        raise ValueError(f"{name}.head_dim: must divide every width, got head_dim={m['head_dim']} and {widths!r}")
-
-
-def _check_clock(c: dict[str, Any]) -> None:
-    """The ``clock`` section (notebook 02's continuation); errors name the key as ``clock.<key>``."""
-    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports report, which imports this module
-
-    name = "clock"
-    expected = {"taus", "lr", "batch_size", "anneal_steps", "anneal_batch_size", "noise_seeds"}
-    if not isinstance(c, dict) or set(c) != expected:
-        raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {c!r}")
-    for key in ("batch_size", "anneal_steps", "anneal_batch_size"):
-        check_int(f"{name}.{key}", c[key])
-    check_int(f"{name}.noise_seeds", c["noise_seeds"], low=2)
-    check_number(f"{name}.lr", c["lr"])
-    taus = c["taus"]
-    if (not isinstance(taus, (list, tuple)) or len(taus) < 2 or taus[0] != 0 or list(taus) != sorted(set(taus))
-            or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in taus)):
-        raise ValueError(f"{name}.taus: expected increasing numbers starting with 0 (the anneal-only control), "
-                         f"got {taus!r}")
-    steps = [steps_for_clock(t, c["lr"], c["batch_size"]) for t in taus[1:]]
-    if steps[0] < 1 or len(set(steps)) != len(steps):
-        raise ValueError(f"{name}.taus: {taus[1:]} must map to distinct step counts >= 1 at lr {c['lr']} and "
-                         f"batch_size {c['batch_size']} (got {steps})")
-
-
-def _check_algorithms(params: dict[str, Any]) -> None:
-    """The ``algorithms`` section (notebook 04); errors name the key as ``algorithms.<key>``."""
-    a, name = params["algorithms"], "algorithms"
-    expected = {"languages", "tasks", "weight_grid", "held_out_seed", "adversarial"}
-    # "weights" (λ per language) is optional: given, it replaces the held-out choice (flatlib.experiments)
-    if not isinstance(a, dict) or not expected <= set(a) <= expected | {"weights"}:
-        raise ValueError(f"{name}: expected the keys {sorted(expected)} (and optionally 'weights'), got {a!r}")
-    _check_languages(f"{name}.languages", a["languages"])
-    missing = set(a["languages"]) - set(params["pretraining"]["steps"])
-    if missing:
-        raise ValueError(f"{name}.languages: no pretraining.steps for {sorted(missing)}")
-    for key in ("tasks", "weight_grid") + (("weights",) if "weights" in a else ()):
-        if not isinstance(a[key], dict) or not set(a["languages"]) <= set(a[key]):
-            raise ValueError(f"{name}.{key}: expected an entry for each of {a['languages']}, got {a[key]!r}")
+    _require(all(widths[-1] % w == 0 for w in widths), "model_size.widths",
+             f"every width must divide the largest ({widths[-1]}) so that every model can be widened "
+             f"into the largest architecture, got {widths!r}")
+    _require(all(w % m["head_dim"] == 0 for w in widths), "model_size.head_dim",
+             f"must divide every width, got head_dim={m['head_dim']} and {widths!r}")
+    missing = set(a["languages"]) - set(p["steps"])
+    _require(not missing, "algorithms.languages", f"no pretraining.steps for {sorted(missing)}")
     for language in a["languages"]:
         tasks = build_language(language_spec(params, language)).tasks
-        if a["tasks"][language] not in tasks:
-            raise ValueError(f"{name}.tasks: {a['tasks'][language]!r} is not a task of {language} {tasks}")
-        grid = a["weight_grid"][language]
-        if not isinstance(grid, (list, tuple)) or not grid:
-            raise ValueError(f"{name}.weight_grid.{language}: expected a list of weights, got {grid!r}")
-        for weight in grid:
-            check_number(f"{name}.weight_grid.{language}", weight)
-        if list(grid) != sorted(set(grid)):
-            raise ValueError(f"{name}.weight_grid.{language}: expected increasing weights, got {grid!r}")
-        if "weights" in a:
-            check_number(f"{name}.weights.{language}", a["weights"][language])
+        _require(a["tasks"][language] in tasks, "algorithms.tasks",
+                 f"{a['tasks'][language]!r} is not a task of {language} {tasks}")
     # the held-out seed is seed + held_out_seed: it must not be one of the evaluated seeds
-    check_int(f"{name}.held_out_seed", a["held_out_seed"], low=params["pretraining"]["seeds"])
-    adversarial = a["adversarial"]
-    keys = {"refit_every", "head_sentences", "batch_sentences"}
-    if not isinstance(adversarial, dict) or set(adversarial) != keys:
-        raise ValueError(f"{name}.adversarial: expected the keys {sorted(keys)}, got {adversarial!r}")
-    for key in sorted(keys):
-        check_int(f"{name}.adversarial.{key}", adversarial[key])
+    lineages = max(p["seeds"], p["correlation_seeds"])
+    _require(a["held_out_seed"] >= lineages, "algorithms.held_out_seed",
+             f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got {a['held_out_seed']!r}")
+    taus = c["taus"]
+    _require(taus[0] == 0, "clock.taus", f"expected increasing numbers starting with 0 (the anneal-only "
+                                         f"control), got {taus!r}")
+    steps = [steps_for_clock(t, c["lr"], c["batch_size"]) for t in taus[1:]]
+    _require(steps[0] >= 1 and len(set(steps)) == len(steps), "clock.taus",
+             f"{taus[1:]} must map to distinct step counts >= 1 at lr {c['lr']} and batch_size "
+             f"{c['batch_size']} (got {steps})")
+    _check_theory_relations(params["theory"])
+
+
+def _check_theory_relations(t: dict[str, Any]) -> None:
+    from flatlib.theory import BagOfWordsLanguage  # noqa: PLC0415 - flatlib.theory is heavy; import on use
+
+    try:
+        HMM.random(seed=t["language_seed"], **t["hmm"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"theory.hmm.{error}") from None
+    _require(t["rank"] >= t["hmm"]["vocab_size"], "theory.rank",
+             f"must be >= hmm.vocab_size ({t['hmm']['vocab_size']}) for exact optima")
+    tr = t["transformer"]
+    try:
+        BagOfWordsLanguage.two_features(**{key: tr[key] for key in ("n_words", "seq_len", "strengths")})
+    except ValueError as error:
+        raise ValueError(f"theory.transformer.{error}") from None
+    _require(tr["width"] >= tr["n_words"], "theory.transformer.width",
+             f"the random solution needs >= n_words = {tr['n_words']} neurons")
 
 
 def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, Any]:
@@ -468,62 +411,9 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
             params[key] = {**params[key], **{k: v for k, v in value.items() if v is not None}}
         else:
             params[key] = value
-    _check_theory(params)
+    THEORY.check("theory", params)
+    _check_theory_relations(params)
     return {**params, "profile": profile, "seed": seed}
-
-
-def _check_theory(t: dict[str, Any]) -> None:
-    """The ``theory`` section (notebook 06); errors name the key as ``theory.<key>``."""
-    from flatlib.theory import BagOfWordsLanguage  # noqa: PLC0415 - flatlib.theory is heavy; import on use
-
-    name = "theory"
-    expected = {"hmm", "language_seed", "rank", "noise", "implicit_bias", "transformer", "downstream"}
-    if not isinstance(t, dict) or set(t) != expected:
-        raise ValueError(f"{name}: expected the keys {sorted(expected)}, got {t!r}")
-    check_int(f"{name}.language_seed", t["language_seed"], low=0)
-    try:
-        HMM.random(seed=t["language_seed"], **t["hmm"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name}.hmm.{error}") from None
-    check_int(f"{name}.rank", t["rank"])
-    if t["rank"] < t["hmm"]["vocab_size"]:
-        raise ValueError(f"{name}.rank: must be >= hmm.vocab_size ({t['hmm']['vocab_size']}) for exact optima")
-    noise = t["noise"]
-    check_int(f"{name}.noise.n_samples", noise["n_samples"], low=2)
-    check_int(f"{name}.noise.n_forms", noise["n_forms"])
-    check_number(f"{name}.noise.offset", noise["offset"])
-    bias = t["implicit_bias"]
-    for key in ("init_scale", "time", "flow_dt"):
-        check_number(f"{name}.implicit_bias.{key}", bias[key])
-    check_int(f"{name}.implicit_bias.n_chains", bias["n_chains"], low=2)
-    check_int(f"{name}.implicit_bias.n_records", bias["n_records"])
-    configs = bias["configs"]
-    if not isinstance(configs, (tuple, list)) or not configs:
-        raise ValueError(f"{name}.implicit_bias.configs: expected a non-empty list of (lr, batch_size), "
-                         f"got {configs!r}")
-    for config in configs:
-        if not isinstance(config, (tuple, list)) or len(config) != 2:
-            raise ValueError(f"{name}.implicit_bias.configs: expected (lr, batch_size) pairs, got {config!r}")
-        try:
-            check_number("lr", config[0])
-            check_int("batch_size", config[1])
-        except ValueError as error:
-            raise ValueError(f"{name}.implicit_bias.configs: {error}") from None
-    tr = t["transformer"]
-    try:
-        BagOfWordsLanguage.two_features(n_words=tr["n_words"], seq_len=tr["seq_len"], strengths=tr["strengths"])
-    except ValueError as error:
-        raise ValueError(f"{name}.transformer.{error}") from None
-    check_int(f"{name}.transformer.width", tr["width"])
-    check_int(f"{name}.transformer.d_key", tr["d_key"])
-    if tr["width"] < tr["n_words"]:
-        raise ValueError(f"{name}.transformer.width: the random solution needs >= n_words = {tr['n_words']} neurons")
-    n_train = t["downstream"]["n_train"]
-    if not isinstance(n_train, (tuple, list)) or not n_train:
-        raise ValueError(f"{name}.downstream.n_train: expected a non-empty list of sizes, got {n_train!r}")
-    for n in n_train:
-        check_int(f"{name}.downstream.n_train", n)
-    check_int(f"{name}.downstream.draws", t["downstream"]["draws"], low=2)
 
 
 def build_languages(params: dict[str, Any]) -> dict[str, Language]:

@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -153,6 +154,22 @@ def execute_notebook(input_path: str | Path, output_path: str | Path, parameters
         os.chdir(previous)
     Path(output_path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
     return notebook
+
+
+def execute_in_subprocess(input_path: str, output_path: str, parameters: dict[str, Any] | None = None,
+                          cwd: str | None = None, **_: Any) -> None:
+    """``execute_notebook`` in a fresh Python process (as a Jupyter kernel would be: no state
+    shared between notebooks), with papermill's signature (``flatlib.reproduce --runner script``).
+    The process's per-cell log goes to this process's stderr; a failure raises ``NotebookError``
+    with its last lines."""
+    command = [sys.executable, "-m", "flatlib.script", str(input_path), str(output_path)]
+    for name, value in (parameters or {}).items():
+        command += ["-p", name, repr(value)]
+    done = subprocess.run(command, cwd=cwd, stderr=subprocess.PIPE, text=True, check=False)
+    sys.stderr.write(done.stderr)
+    sys.stderr.flush()
+    if done.returncode:
+        raise NotebookError(" ".join(done.stderr.strip().splitlines()[-3:]) or f"exit status {done.returncode}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ cost, and a failing config is reported with its config without losing the others
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flatlib import progress as _progress
 from flatlib.pool import run_jobs
 from flatlib.runs import Run, RunStore
 from flatlib.train import PretrainConfig, pretrain
@@ -42,7 +44,7 @@ BACKENDS = ("serial", "local", "submitit")
 
 
 def _submit(jobs: list[tuple[dict, str, int]], store: RunStore, cluster: str, slurm: dict[str, Any],
-            bar: tqdm) -> list[tuple[str, str]]:
+            on_done: Callable[[], None]) -> list[tuple[str, str]]:
     import submitit  # imported here: only this backend needs it
 
     executor = submitit.AutoExecutor(folder=store.root / "submitit" / "%j", cluster=cluster)
@@ -54,7 +56,7 @@ def _submit(jobs: list[tuple[dict, str, int]], store: RunStore, cluster: str, sl
             outcomes.append(job.result())
         except Exception as error:  # noqa: BLE001 - a job that died outside pretrain (time limit...)
             outcomes.append(("", f"job {job.job_id}: {error}"))
-        bar.update(1)
+        on_done()
     return outcomes
 
 
@@ -97,6 +99,8 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
     the parent first if needed. To avoid two workers training the same parent at once, list parents
     before their children and run the parents in a first sweep. Returns one result per config (same
     order); raises ``SweepError`` after all have run if any failed (unless ``raise_on_error=False``).
+    Configs whose run is already finished in the store are looked up in this process, whatever the
+    backend; the others count as the phase "training" of ``flatlib.progress``.
     """
     store = store or RunStore()
     if backend not in BACKENDS:
@@ -105,17 +109,32 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
         raise ValueError("workers, threads_per_worker: expected >= 1")
     jobs = [(c.to_dict(), str(store.root), threads_per_worker) for c in configs]
     bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
-    outcomes: list[tuple[str, str]] = []
-    if backend == "submitit":
-        outcomes = _submit(jobs, store, cluster, slurm or {}, bar)
-    elif backend == "serial" or workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            outcomes.append(_run_one(job))
-            bar.update(1)
-    else:
-        # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
-        for outcome in run_jobs(_run_one, jobs, workers, on_done=lambda: bar.update(1)):
-            outcomes.append(outcome.value if outcome.ok else ("", outcome.error))
+    outcomes: list[tuple[str, str]] = [("", "")] * len(jobs)
+    # finished runs are just looked up (pretrain returns them at once), here: only the others take
+    # time, and only they count in the progress shown by flatlib.reproduce (flatlib.progress)
+    finished = [(r := store.find(c.to_dict())) is not None and r.finished for c in configs]
+    stored = [i for i in range(len(jobs)) if finished[i]]
+    todo = [i for i in range(len(jobs)) if not finished[i]]
+    for i in stored:
+        outcomes[i] = _run_one(jobs[i])
+        bar.update(1)
+
+    def done() -> None:
+        bar.update(1)
+        shown.advance()
+
+    with _progress.start("training", len(todo), "runs", skipped=len(stored)) as shown:
+        if backend == "submitit" and todo:
+            for i, outcome in zip(todo, _submit([jobs[i] for i in todo], store, cluster, slurm or {}, done)):
+                outcomes[i] = outcome
+        elif backend == "serial" or workers == 1 or len(todo) <= 1:
+            for i in todo:
+                outcomes[i] = _run_one(jobs[i])
+                done()
+        else:
+            # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
+            for i, outcome in zip(todo, run_jobs(_run_one, [jobs[i] for i in todo], workers, on_done=done)):
+                outcomes[i] = outcome.value if outcome.ok else ("", outcome.error)
     bar.close()
     results = []
     for config, (directory, error) in zip(configs, outcomes):

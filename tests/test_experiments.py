@@ -210,3 +210,19 @@ def test_the_adversary_weight_is_chosen_on_a_held_out_seed(monkeypatch):
     assert choices["hmm"].gaps == {0.03: 0.0115, 0.1: 0.0125} and choices["hmm"].reference_gap == 0.0100
     given = resolve("smoke", algorithms={"weights": {"hmm": 0.2, "pcfg": 0.1, "teacher": 0.1}})
     assert experiments.choose_adversary_weights(given) == (given, {})
+
+
+def test_notebook_05_gets_extra_lineages_without_the_clock():
+    """pretraining.correlation_seeds > seeds: the extra lineages of the 2x64 family have phase 1, the
+    constant-rate continuations and the adversary, but no clock doses, and notebook 03 keeps its seeds."""
+    from flatlib.experiments import experiment_models
+    from flatlib.profiles import resolve
+
+    weights = {"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}}
+    base = experiment_models(resolve("smoke", algorithms=weights), ["hmm"])
+    more = experiment_models(resolve("smoke", algorithms=weights, pretraining={"correlation_seeds": 3}), ["hmm"])
+    extra = [m for m in more if m.lineage == "hmm seed 2"]
+    assert {m.origin for m in extra} == {"02 phase 1", "02 sgd", "02 adamw", "04 adversarial"}
+    assert [m for m in more if m.lineage != "hmm seed 2"] == base  # nothing else changes
+    with pytest.raises(ValueError, match="pretraining.correlation_seeds"):
+        resolve("smoke", pretraining={"correlation_seeds": 1})

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from flatlib.model import Transformer, TransformerConfig, explicit_attention, widen
+from flatlib.model import (KVCache, Transformer, TransformerConfig, explicit_attention, explicit_attention_on,
+                           widen)
 
 
 def tiny(causal=False, **kw):
@@ -29,17 +30,21 @@ def test_fast_and_explicit_attention_agree(causal):
     model = tiny(causal).eval()
     tokens = batch(model.config)
     fast = model(tokens)
-    with explicit_attention(model):
-        assert model.explicit_attention
+    with explicit_attention():
+        assert explicit_attention_on()
         slow = model(tokens)
-    assert not model.explicit_attention
+        with explicit_attention(False):  # nested: the fused path, then back
+            assert not explicit_attention_on()
+            torch.testing.assert_close(model(tokens), fast, atol=0, rtol=0)
+        assert explicit_attention_on()
+    assert not explicit_attention_on()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_attention_is_twice_differentiable():
     model = tiny().eval()
     tokens = batch(model.config)
-    with explicit_attention(model):
+    with explicit_attention():
         loss = model(tokens).logsumexp(-1).mean()
         params = [p for p in model.parameters()]
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -64,6 +69,27 @@ def test_causal_model_ignores_the_future():
     torch.testing.assert_close(model(changed)[:, :4], model(tokens)[:, :4])
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cache_runs_a_causal_sequence_in_pieces(explicit):
+    """Positions run in pieces through a KVCache get the logits of the whole sequence at once."""
+    model = tiny(causal=True).double().eval()
+    tokens = batch(model.config)[2:]  # no padding, no mask token
+    whole = model(tokens)
+    cache = [KVCache() for _ in model.blocks]
+    with explicit_attention(explicit):
+        pieces = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 3), (3, 4), (4, 7))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
+    assert all(len(c) == 7 and c.keys.shape == (3, 2, 7, 4) for c in cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model(tokens[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="causal"):
+        tiny().eval()(tokens, cache=[KVCache(), KVCache()])
+    with pytest.raises(ValueError, match="one KVCache per block"):
+        model(tokens, cache=[KVCache()])
+    with pytest.raises(ValueError, match="padding"):
+        model(batch(model.config)[:1], cache=[KVCache(), KVCache()])
+
+
 @pytest.mark.parametrize("factor", [1, 2, 3])
 @pytest.mark.parametrize("causal", [False, True])
 def test_widen_preserves_the_function(factor, causal):
@@ -73,7 +99,7 @@ def test_widen_preserves_the_function(factor, causal):
     assert wide.config.d_model == 8 * factor and wide.config.n_head == 2 * factor
     assert wide.n_params() > model.n_params() or factor == 1
     torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
-    with explicit_attention(wide):
+    with explicit_attention():
         torch.testing.assert_close(wide(tokens), model(tokens), atol=1e-5, rtol=0)
 
 

@@ -91,7 +91,7 @@ def test_every_profile_has_theory_sizes():
         ({"rank": 2}, "theory.rank"),
         ({"noise": {"n_samples": 1, "n_forms": 4, "offset": 0.5}}, "theory.noise.n_samples"),
         ({"hmm": {"n_states": 0, "vocab_size": 3, "seq_len": 3, "concentration": 0.5}}, "theory.hmm.n_states"),
-        ({"colour": 1}, "theory: expected the keys"),
+        ({"colour": 1}, r"theory: unknown keys \['colour'\]"),
     ],
 )
 def test_resolve_checks_the_theory_section(theory, match):

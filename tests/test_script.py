@@ -80,3 +80,26 @@ def test_the_command_line_reads_literals_and_strings(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb")],
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
+
+
+def test_reproduce_runs_the_notebooks_as_scripts_in_fresh_processes(tmp_path, monkeypatch):
+    """`python -m flatlib.reproduce --runner script` (scripts/gpu_story.sh): each notebook through
+    flatlib.script in its own Python process, with the profile injected."""
+    from flatlib import reproduce
+    from flatlib.script import execute_in_subprocess
+
+    seen = {}
+    monkeypatch.setattr(reproduce, "_run", lambda profile, out_dir, only, execute: seen.update(execute=execute) or 0)
+    assert reproduce.main(["--profile", "smoke", "--runner", "script"]) == 0
+    assert seen["execute"] is execute_in_subprocess
+    nb = notebook(('profile = "cpu"', ["parameters"]), "import os\nprint(profile, os.getpid())")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    execute_in_subprocess(str(path), str(tmp_path / "out.ipynb"), parameters={"profile": "smoke"}, cwd=str(tmp_path),
+                          kernel_name="python3", progress_bar=False)
+    printed = json.loads((tmp_path / "out.ipynb").read_text())["cells"][-1]["outputs"][0]["text"]
+    assert printed.split()[0] == "smoke" and int(printed.split()[1]) != os.getpid()
+    path.write_text(json.dumps(notebook("raise KeyError('x')")))
+    with pytest.raises(NotebookError, match="KeyError"):
+        execute_in_subprocess(str(path), str(tmp_path / "out.ipynb"), cwd=str(tmp_path))

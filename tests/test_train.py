@@ -250,6 +250,27 @@ def test_supervise_all_and_multi_mask_train(tmp_path):
         assert metrics["gap"].iloc[-1] < metrics["gap"].iloc[0]
 
 
+def test_train_sentences_cycles_through_one_fixed_corpus():
+    """A fixed corpus of train_sentences: each epoch's batches are a reshuffle of it, sentence by sentence."""
+    from flatlib.objective import fixed_corpus, training_corpus
+
+    config = tiny_config(train_sentences=96, batch_size=32)
+    language = build_language(config.language)
+    fixed = fixed_corpus(config, language)
+    assert len(fixed) == 96 and fixed_corpus(tiny_config(), language) is None
+
+    def rows(corpus):
+        return sorted(map(tuple, corpus.tokens.tolist()))
+
+    for epoch in range(2):
+        batches = [training_corpus(config, language, 3 * epoch + i, fixed) for i in range(3)]
+        assert rows(fixed) == sorted(sum((rows(b) for b in batches), []))
+    assert not torch.equal(training_corpus(config, language, 0, fixed).tokens,
+                           training_corpus(config, language, 3, fixed).tokens)  # reshuffled
+    with pytest.raises(ValueError, match="train_sentences"):
+        fixed_corpus(tiny_config(train_sentences=16, batch_size=32), language)
+
+
 def test_ddp_with_two_processes_matches_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo), each half of every global batch: the same training as one
     process on the whole batch, up to float rounding."""

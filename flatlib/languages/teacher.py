@@ -17,7 +17,7 @@ Choices (documented here once):
 * **The topic is the teacher's first input token**, in place of the start (CLS) token. The teacher
   is a ``flatlib.model.Transformer(TransformerConfig(vocab_size=V, max_len=L + 1, causal=True))``
   whose input embedding is extended by ``n_topics`` rows: topic ``k`` has input id
-  ``V + N_SPECIAL + k`` (after the model's words and its PAD/MASK/CLS/EOS ids, none of which the
+  ``V + N_SPECIAL + k`` (after the model's words and its ``N_SPECIAL`` special ids, none of which the
   teacher ever reads). Its outputs are the ``V`` words; the output at position ``t`` predicts ``x_t``
   from ``[topic, x_<t]``. (``max_len = L + 1`` leaves room for the start token before ``L`` words;
   the teacher only ever reads ``L`` inputs.)
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from flatlib.checks import check_int, check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase
-from flatlib.model import N_SPECIAL, Transformer, TransformerConfig
+from flatlib.model import N_SPECIAL, KVCache, Transformer, TransformerConfig
 
 TOPIC_TASK = "topic"
 
@@ -200,45 +200,18 @@ class TeacherLM(LanguageBase):
         return torch.exp(torch.logsumexp(log_post.unsqueeze(-1) + lp, dim=1))
 
     @torch.no_grad()
-    def _key_values(self, inputs: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _key_values(self, inputs: Tensor) -> list[KVCache]:
         """Each layer's attention keys and values ``[B, H, l, d/H]`` of a teacher run on ``inputs``
         ``[B, l]`` (a key/value cache: causal, so a prefix's entries do not depend on what follows)."""
-        model = self.teacher
-        length = inputs.shape[1]
-        x = model.tok_emb(inputs) + model.pos_emb(torch.arange(length))
-        mask = torch.ones(length, length, dtype=torch.bool).tril()
-        cache = []
-        for block in model.blocks:
-            x, key_value = self._block(block, x, mask, None)
-            cache.append(key_value)
+        cache = [KVCache() for _ in self.teacher.blocks]
+        self.teacher.features(inputs, cache)
         return cache
 
-    @staticmethod
-    def _block(block, x: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor] | None):
-        """One pre-LN block of ``flatlib.model`` on ``x`` [B, s, d], its queries attending to the
-        cached ``prefix`` keys/values (if any) and causally to themselves; returns (x, (k, v))."""
-        attn, (b, s, d) = block.attn, x.shape
-        q, k, v = attn.qkv(block.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, s, attn.n_head, d // attn.n_head).transpose(1, 2) for z in (q, k, v))
-        key_value = (k, v)
-        if prefix is not None:
-            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + attn.proj(y.transpose(1, 2).reshape(b, s, d))
-        return x + block.mlp(block.ln_2(x)), key_value
-
     @torch.no_grad()
-    def _suffix_log_probs(self, cache: list[tuple[Tensor, Tensor]], inputs: Tensor, start: int) -> Tensor:
-        """``[B, s, V]`` log p(next word) at positions ``start..start+s-1`` of sequences whose inputs
-        there are ``inputs`` [B, s] and whose first ``start`` positions are given by ``cache``."""
-        model = self.teacher
-        b, s = inputs.shape
-        x = model.tok_emb(inputs) + model.pos_emb(torch.arange(start, start + s))
-        mask = torch.cat([torch.ones(s, start, dtype=torch.bool),
-                          torch.ones(s, s, dtype=torch.bool).tril()], dim=1)
-        for block, prefix in zip(model.blocks, cache):
-            x, _ = self._block(block, x, mask, prefix)
-        return F.log_softmax(model.head(model.ln_f(x)) / self.temperature, dim=-1)
+    def _suffix_log_probs(self, cache: list[KVCache], inputs: Tensor) -> Tensor:
+        """``[B, s, V]`` log p(next word) at the ``s`` positions after those held in ``cache`` (which
+        grows by them), for sequences whose inputs there are ``inputs`` [B, s]."""
+        return F.log_softmax(self.teacher(inputs, cache=cache) / self.temperature, dim=-1)
 
     def mlm_conditionals(self, corpus: Corpus) -> Tensor:
         """``[n, L, V]`` float64: p(x_t = w | x_-t), every position, by enumeration.
@@ -247,8 +220,9 @@ class TeacherLM(LanguageBase):
         ``t`` the ``V`` variants of every sentence are run through the teacher under every topic: the
         words up to ``x_t`` are scored by the original run, and only the positions after ``t`` are
         recomputed for the variants, attending to the original run's cached keys and values of the
-        shared prefix. In log space. Cost per sentence: ``V * K`` teacher runs over ``L - 1 - t``
-        positions for each ``t``. Words beyond a sentence's length are ignored (a prefix).
+        shared prefix (``flatlib.model.KVCache``). In log space. Cost per sentence: ``V * K`` teacher
+        runs over ``L - 1 - t`` positions for each ``t``. Words beyond a sentence's length are ignored
+        (a prefix).
         """
         lp, true = self._topic_log_probs(corpus)
         n, k, length, v = lp.shape
@@ -258,7 +232,8 @@ class TeacherLM(LanguageBase):
         scores = self.log_prior[:, None, None] + before.unsqueeze(-1) + lp  # [n, K, L, V]
         inputs = self._inputs(words[:, None, :].expand(n, k, length), torch.arange(k).expand(n, k))
         caches = [self._key_values(chunk) for chunk in inputs.reshape(n * k, length).split(self.max_rows)]
-        cache = [tuple(torch.cat([c[layer][i] for c in caches]).unflatten(0, (n, k)) for i in range(2))
+        cache = [tuple(torch.cat([getattr(c[layer], name) for c in caches]).unflatten(0, (n, k))
+                       for name in ("keys", "values"))
                  for layer in range(len(self.teacher.blocks))]  # [n, K, H, L, d/H]
         chunk = max(1, self.max_rows // (k * v))
         for t in range(length - 1):
@@ -268,10 +243,10 @@ class TeacherLM(LanguageBase):
                 m, rows = len(idx), len(idx) * k * v
                 suffix_inputs = inputs[idx, :, None, t + 1 :].repeat(1, 1, v, 1)  # [m, K, V, L-t-1]
                 suffix_inputs[..., 0] = torch.arange(v)  # input t+1 is x_t = w
-                prefix = [tuple(z[idx, :, None, :, : t + 1].expand(-1, -1, v, -1, -1, -1)
-                                .reshape(rows, *z.shape[2:3], t + 1, z.shape[-1]) for z in kv)
+                prefix = [KVCache(*(z[idx, :, None, :, : t + 1].expand(-1, -1, v, -1, -1, -1)
+                                    .reshape(rows, *z.shape[2:3], t + 1, z.shape[-1]) for z in kv))
                           for kv in cache]
-                var_lp = self._suffix_log_probs(prefix, suffix_inputs.reshape(rows, -1), t + 1)
+                var_lp = self._suffix_log_probs(prefix, suffix_inputs.reshape(rows, -1))
                 following = words[idx, None, None, t + 1 :].expand(m, k, v, -1).reshape(rows, -1, 1)
                 suffix = var_lp.gather(-1, following).squeeze(-1).view(m, k, v, -1)
                 suffix = suffix.masked_fill(~after[idx, None, None, :], 0.0).sum(dim=-1)

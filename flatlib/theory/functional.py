@@ -42,10 +42,6 @@ class FlatModel:
         parts = theta.split(self.sizes)
         return {name: t.view(shape) for name, t, shape in zip(self.names, parts, self.shapes)}
 
-    def unflatten_list(self, theta: Tensor) -> list[Tensor]:
-        """``theta`` as a list of tensors shaped like the parameters (for ``flatlib.flatness.hvp``)."""
-        return list(self.unflatten(theta).values())
-
     def load_(self, theta: Tensor) -> nn.Module:
         """Write ``theta`` into the model's parameters (in place); returns the model."""
         with torch.no_grad():

@@ -171,8 +171,7 @@ def noise_vs_curvature(hmm: HMM, rank: int, n_samples: int, n_forms: int, offset
         H = exact_hessian(fm, theta, contexts)
         C = exact_gradient_covariance(fm, theta, contexts)
         F = exact_fisher(fm, theta, contexts)
-        Hv = torch.stack([torch.cat([t.reshape(-1) for t in hvp(model, expected_loss_fn, [contexts.batch()],
-                                                                   fm.unflatten_list(v))]) for v in vectors])
+        Hv = torch.stack([hvp(model, expected_loss_fn, [contexts.batch()], v) for v in vectors])
         noise = gradient_noise(fm, theta, contexts, vectors, n_samples=n_samples, seed=seed + 1)
         gap = float(expected_loss(fm, theta, contexts)) - optimal
         points[point] = PointCurvature(H, C, F, gap, (vectors * Hv).sum(1), noise)
