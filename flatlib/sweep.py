@@ -86,6 +86,34 @@ def _run_one(args: tuple[dict, str, int]) -> tuple[str, str]:
         torch.set_num_threads(caller)
 
 
+def training_waves(configs: list[PretrainConfig], store: RunStore) -> list[list[PretrainConfig]]:
+    """The unfinished runs among ``configs`` and their unfinished ancestors (``init_from``, listed
+    or not), each once, in waves: wave 0 continues nothing unfinished, wave k continues a run of
+    wave k - 1. Training the waves in order, each in parallel, never trains one run twice at once
+    (a child's ``pretrain`` would otherwise train a missing parent itself, in every worker that
+    needs it)."""
+    depth: dict[str, int] = {}
+    runs: dict[str, PretrainConfig] = {}
+
+    def place(config: PretrainConfig) -> int | None:  # its wave, or None if it is finished
+        if config.key in depth:
+            return depth[config.key]
+        found = store.find(config.to_dict())
+        if found is not None and found.finished:
+            return None
+        parent = None if config.init_from is None else PretrainConfig.from_dict(config.init_from["config"])
+        above = None if parent is None else place(parent)
+        depth[config.key], runs[config.key] = (0 if above is None else above + 1), config
+        return depth[config.key]
+
+    for config in configs:
+        place(config)
+    waves: list[list[PretrainConfig]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for key, wave in depth.items():
+        waves[wave].append(runs[key])
+    return waves
+
+
 def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, backend: str = "serial",
                 workers: int = 2, threads_per_worker: int = 1, progress: bool = True,
                 raise_on_error: bool = True, cluster: str = "slurm",
@@ -95,46 +123,48 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
     e.g. ``{"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 120}``; its logs go to
     ``<store>/submitit``).
 
-    Configs that continue another run (``init_from``) are fine in any order: ``pretrain`` trains
-    the parent first if needed. To avoid two workers training the same parent at once, list parents
-    before their children and run the parents in a first sweep. Returns one result per config (same
-    order); raises ``SweepError`` after all have run if any failed (unless ``raise_on_error=False``).
-    Configs whose run is already finished in the store are looked up in this process, whatever the
-    backend; the others count as the phase "training" of ``flatlib.progress``.
+    Configs that continue another run (``init_from``) are fine in any order: an unfinished parent
+    (listed or not) is trained first, in an earlier wave of its own (``training_waves``), so that
+    no two workers ever train the same run. Returns one result per config (same order); raises
+    ``SweepError`` after all have run if any failed (unless ``raise_on_error=False``). Configs whose
+    run is already finished in the store are looked up in this process, whatever the backend; the
+    others count as the phase "training" of ``flatlib.progress``.
     """
     store = store or RunStore()
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if workers < 1 or threads_per_worker < 1:
         raise ValueError("workers, threads_per_worker: expected >= 1")
-    jobs = [(c.to_dict(), str(store.root), threads_per_worker) for c in configs]
-    bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
-    outcomes: list[tuple[str, str]] = [("", "")] * len(jobs)
-    # finished runs are just looked up (pretrain returns them at once), here: only the others take
-    # time, and only they count in the progress shown by flatlib.reproduce (flatlib.progress)
-    finished = [(r := store.find(c.to_dict())) is not None and r.finished for c in configs]
-    stored = [i for i in range(len(jobs)) if finished[i]]
-    todo = [i for i in range(len(jobs)) if not finished[i]]
-    for i in stored:
-        outcomes[i] = _run_one(jobs[i])
-        bar.update(1)
+    bar = tqdm(total=len(configs), desc="sweep", disable=not progress)
+    waves = training_waves(configs, store)
+    trained: dict[str, tuple[str, str]] = {}  # run key -> (directory, error) of what this call trained
 
     def done() -> None:
-        bar.update(1)
         shown.advance()
 
-    with _progress.start("training", len(todo), "runs", skipped=len(stored)) as shown:
-        if backend == "submitit" and todo:
-            for i, outcome in zip(todo, _submit([jobs[i] for i in todo], store, cluster, slurm or {}, done)):
-                outcomes[i] = outcome
-        elif backend == "serial" or workers == 1 or len(todo) <= 1:
-            for i in todo:
-                outcomes[i] = _run_one(jobs[i])
-                done()
-        else:
-            # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
-            for i, outcome in zip(todo, run_jobs(_run_one, [jobs[i] for i in todo], workers, on_done=done)):
-                outcomes[i] = outcome.value if outcome.ok else ("", outcome.error)
+    # finished runs are just looked up (pretrain returns them at once), here: only the others take
+    # time, and only they count in the progress shown by flatlib.reproduce (flatlib.progress)
+    todo = sum(len(wave) for wave in waves)
+    with _progress.start("training", todo, "runs", skipped=len({c.key for c in configs}) - todo) as shown:
+        for wave in waves:
+            jobs = [(c.to_dict(), str(store.root), threads_per_worker) for c in wave]
+            if backend == "submitit":
+                outcomes = _submit(jobs, store, cluster, slurm or {}, done)
+            elif backend == "serial" or workers == 1 or len(jobs) <= 1:
+                outcomes = []
+                for job in jobs:
+                    outcomes.append(_run_one(job))
+                    done()
+            else:
+                # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
+                outcomes = [o.value if o.ok else ("", o.error) for o in run_jobs(_run_one, jobs, workers, on_done=done)]
+            trained.update({c.key: outcome for c, outcome in zip(wave, outcomes)})
+    outcomes = []
+    for c in configs:
+        if c.key not in trained:  # finished before this call
+            trained[c.key] = _run_one((c.to_dict(), str(store.root), threads_per_worker))
+        outcomes.append(trained[c.key])
+        bar.update(1)
     bar.close()
     results = []
     for config, (directory, error) in zip(configs, outcomes):

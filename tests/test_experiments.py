@@ -226,3 +226,25 @@ def test_notebook_05_gets_extra_lineages_without_the_clock():
     assert [m for m in more if m.lineage != "hmm seed 2"] == base  # nothing else changes
     with pytest.raises(ValueError, match="pretraining.correlation_seeds"):
         resolve("smoke", pretraining={"correlation_seeds": 1})
+
+
+def test_parents_train_first_and_once(tmp_path, monkeypatch):
+    """Two children of one unlisted, untrained parent: the parent trains alone in a first wave (two
+    workers would otherwise each train it inside their child's pretrain), then the children."""
+    from flatlib import sweep
+
+    store = RunStore(tmp_path)
+    base = base_config(steps=20, checkpoint_every=20)
+    middle = continuation(base, from_step=20, steps=10, optimizer="sgd", lr=0.05, checkpoint_every=10)
+    children = [continuation(middle, from_step=10, steps=5, optimizer="sgd", lr=lr, checkpoint_every=5)
+                for lr in (0.01, 0.02)]
+    waves = sweep.training_waves(children + [base], store)
+    assert [[c.key for c in wave] for wave in waves] == [[base.key], [middle.key], [c.key for c in children]]
+    started = []
+    original = sweep._run_one
+    monkeypatch.setattr(sweep, "_run_one", lambda job: started.append(job[0]) or original(job))
+    results = run_configs(children, store, progress=False)
+    assert all(r.ok and r.run.finished for r in results)
+    keys = [PretrainConfig.from_dict(job).key for job in started]
+    assert keys == [base.key, middle.key] + [c.key for c in children]  # each once, parents first
+    assert sweep.training_waves(children + [base], store) == []  # all finished now
