@@ -224,7 +224,7 @@ def test_a_sweep_counts_the_runs_it_trains_and_not_those_in_the_store(status, tm
     monkeypatch.setattr(sweep, "_run_one", fake_run_one)
     results = sweep.run_configs(configs, store, backend="serial", progress=False)
     assert [r.run.dir for r in results] == [store.path(c.to_dict()) for c in configs]  # the same order
-    assert trained == [1, 0, 2]  # the stored one only looked up, first
+    assert trained == [0, 2, 1]  # the two to train, then the stored one, only looked up
     s = progress.read_status(status)
     assert (s["phase"], s["unit"], s["done"], s["total"], s["skipped"], s["finished"]) == ("training", "runs", 2, 2, 1, True)
 
