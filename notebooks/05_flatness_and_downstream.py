@@ -52,7 +52,7 @@ P = resolve(profile, seed=seed, pretraining={"languages": languages} if language
 corr.check_parameters(n_boot, backend)
 T = P["pretraining"]
 print(f"profile {P['profile']} · seed {P['seed']} · languages {T['languages']} · ε = {T['epsilon']} · "
-      f"{T['seeds']} training seeds · bootstrap {n_boot}")
+      f"training lineages {corr.lineage_seeds(P)} (02-04 train the first {T['seeds']}) · bootstrap {n_boot}")
 
 # %%
 set_style()
@@ -74,7 +74,9 @@ FIGURES = figures_dir(P["profile"])
 # parameterization its trace is measured in: the profile's pre-training architecture (02 and 04), or the
 # widest architecture of notebook 03 (its models are widened into it). Traces are only comparable within a
 # family, so correlations are computed per family. Each model also has a **lineage**, the phase-1 run it
-# descends from: models of one lineage are not independent.
+# descends from: models of one lineage are not independent. The rule "correlation" needs 5 lineages, two
+# more than notebooks 02-04 train (`pretraining.correlation_seeds`): those two have phase 1, the
+# constant-rate continuations and the adversary, but not the clock's doses.
 
 # %%
 collected = corr.collect_models(P, NAMES, PROTOCOL, backend)
@@ -98,7 +100,7 @@ for name in NAMES:
         continue
     fig = plots.accuracy_vs_trace_and_gap(M, name, TASKS[name], families=ALL["family"].unique())
     save(fig, f"05_{name}_accuracy_vs_trace_and_gap",
-         f"models of notebooks 02-04 within ε={EPS}; training seeds {P['seed']}..{P['seed'] + T['seeds'] - 1}; "
+         f"models of notebooks 02-04 within ε={EPS}; training lineages {corr.lineage_seeds(P)}; "
          f"error bars ±1 SE (trace: {PROTOCOL.trace_probes} Hutchinson probes; gap: over {T['eval_pairs']} contexts)")
 
 # %% [markdown]
@@ -120,7 +122,11 @@ C.set_index(["language", "family", "task"]).round(3)
 # The same numbers as a forest plot: Spearman's ρ with its 95% interval, partial against the invariant trace
 # given the gap (blue), against the raw trace (grey) and against the gap (orange), one line per language,
 # family and task; the shaded band is the equivalence bound ±0.3 inside which "unrelated" is decided. The
-# paper's claim is that the blue intervals sit below 0 and the orange ones inside the band.
+# paper's claim is that the blue intervals sit below 0 and the orange ones inside the band. Look at the
+# scatter plots above before reading much into one number: within the 2x64 family the models sit in clusters
+# by origin (the clock's doses flattest and best on the HMM, the adversary's least accurate), and a rank
+# correlation across the family weighs those clusters, not a smooth trend inside any one of them. The paired
+# comparisons of notebooks 02 and 04 say which clusters differ in trace at equal loss.
 
 # %%
 if len(C):

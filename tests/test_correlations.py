@@ -271,3 +271,9 @@ def test_correlation_forest_plots_three_intervals_per_row():
     plt.close(fig)
     with pytest.raises(ValueError, match="correlations"):
         plots.correlation_forest(pd.DataFrame())
+
+
+def test_lineage_seeds_cover_notebook_05s_lineages():
+    params = {"seed": 10, "pretraining": {"seeds": 3, "correlation_seeds": 5}}
+    assert corr.lineage_seeds(params) == [10, 11, 12, 13, 14]
+    assert corr.lineage_seeds({"seed": 0, "pretraining": {"seeds": 3, "correlation_seeds": 2}}) == [0, 1, 2]
