@@ -14,18 +14,7 @@ from flatlib.languages.summary import (RELEASED_RULES, causal_sample_size, check
                                        majority_rate, optimal_loss_table, optimal_losses, released_grammar,
                                        sampled_type_agreement, sampling_reproducible, shortcut_sentence,
                                        summary_text, task_table, teacher_sample_size, teacher_summary)
-
-TINY_RULES = """
-S A B 0.5
-S C 0.3
-S x y z 0.2
-A a 0.6
-A B B 0.4
-B a 0.3
-B b 0.7
-C A x 0.5
-C b 0.5
-"""
+from test_pcfg import TINY_RULES  # the same toy grammar as the PCFG tests
 
 
 def tiny_hmm() -> HMM:
