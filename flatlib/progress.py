@@ -21,6 +21,7 @@ by ``flatlib.report.record_runs``) minus the time it has run so far.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,13 +101,11 @@ def _write() -> None:
         return
     state = {"pid": os.getpid(), "time": time.time(), **(_current.state() if _current else {}),
              "ended": [p.state() for p in _ended]}
-    try:
+    with contextlib.suppress(OSError):  # progress must never fail the computation
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
         os.replace(tmp, path)
-    except OSError:
-        pass  # progress must never fail the computation
 
 
 def read_status(path: str | Path) -> dict[str, Any] | None:
@@ -282,6 +281,7 @@ class Monitor:
 
     def __init__(self, path: str | Path, printer: Printer, poll: float = 1.0) -> None:
         self.path, self.printer, self.poll = Path(path), printer, poll
+        self.error: Exception | None = None  # the first display problem, reported once on stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="flatlib-progress", daemon=True)
 
@@ -289,8 +289,11 @@ class Monitor:
         while not self._stop.wait(self.poll):
             try:
                 self.printer.update(read_status(self.path))
-            except Exception:  # noqa: BLE001 - a display problem must not stop the notebook
-                pass
+            except Exception as error:  # noqa: BLE001 - a display problem must not stop the notebook
+                if self.error is None:
+                    self.error = error
+                    print(f"(the progress display failed, the notebook goes on: {type(error).__name__}: {error})",
+                          file=sys.stderr, flush=True)
 
     def __enter__(self) -> Monitor:
         self._thread.start()

@@ -4,6 +4,7 @@ the pool, measure_many, and reproduce's Ctrl-C path (with a stub instead of pape
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,27 @@ def test_the_monitor_polls_the_file_until_stopped(status):
         shown.finish()
     lines = out.getvalue().splitlines()
     assert lines[-1].startswith("nb [0:00:00] training: done, 2/2 runs")  # the end, read at stop
+
+
+def test_a_failing_display_is_reported_once_and_the_monitor_goes_on(status, capsys):
+    class Broken:
+        calls = 0
+
+        def update(self, state):
+            Broken.calls += 1
+            raise RuntimeError("terminal gone")
+
+        def close(self, final=True):
+            pass
+
+    monitor = progress.Monitor(status, Broken(), poll=0.01)
+    monitor._thread.start()
+    while Broken.calls < 3:  # it kept polling after the first failure
+        time.sleep(0.01)
+    monitor._stop.set()
+    monitor._thread.join()
+    assert isinstance(monitor.error, RuntimeError)
+    assert capsys.readouterr().err.count("the progress display failed") == 1
 
 
 # ---------------------------------------------------------------------------- the hooks
