@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
-from flatlib.experiments import WeightChoice, adversarial_config, phase1_config, phase2_config
-from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoints, measurement_row
+from flatlib.experiments import WeightChoice, adversarial_config, phase1_config, phase2_config, training_seeds
+from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoints, measurement_frame
 from flatlib.profiles import language_spec, resolve
 from flatlib.report import Claim
 from flatlib.runs import Run
@@ -72,11 +72,6 @@ def describe(params: dict[str, Any]) -> str:
     keys = ("model", "steps", "continue_steps", "checkpoint_every", "adamw_lr", "sgd_lr", "seeds", "epsilon")
     lines += [f"{'pretraining.' + key:>26}: {t[key]}" for key in keys]
     return "\n".join(lines)
-
-
-def seeds(params: dict[str, Any]) -> list[int]:
-    """The training seeds: ``seed``, ``seed + 1``, ... (``pretraining.seeds`` of them)."""
-    return [params["seed"] + i for i in range(params["pretraining"]["seeds"])]
 
 
 def tasks(params: dict[str, Any]) -> dict[str, list[str]]:
@@ -139,8 +134,8 @@ def train(params: dict[str, Any], backend: str = "local") -> Continuations:
     Raises ``RuntimeError`` if a continuation diverged (``check_not_diverged``)."""
     names, workers = params["algorithms"]["languages"], params["pretraining"]["workers"]
     configs = {(name, s, a): continuation_config(params, name, s, a)
-               for name in names for s in seeds(params) for a in ALGORITHMS}
-    phase1 = {(name, s): phase1_config(params, name, s) for name in names for s in seeds(params)}
+               for name in names for s in training_seeds(params) for a in ALGORITHMS}
+    phase1 = {(name, s): phase1_config(params, name, s) for name in names for s in training_seeds(params)}
     start = time.perf_counter()
     first = run_configs(list(phase1.values()), backend=backend, workers=workers, progress=False)
     results = run_configs(list(configs.values()), backend=backend, workers=workers, progress=False)
@@ -163,11 +158,8 @@ def curves_table(runs: dict[Key, Run]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- measurements
 def measurement_table(keys: list[Key], measured: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per measured checkpoint: ``language``, ``seed``, ``algorithm`` (``PHASE1`` for the
-    checkpoint the continuations start from), then ``flatlib.experiments.measurement_row``."""
-    if len(keys) != len(measured):
-        raise ValueError(f"keys, measured: expected one key per measurement, got {len(keys)} and {len(measured)}")
-    return pd.DataFrame([{"language": name, "seed": s, "algorithm": a, **measurement_row(m)}
-                         for (name, s, a), m in zip(keys, measured)])
+    checkpoint the continuations start from), then ``flatlib.measure.measurement_row``."""
+    return measurement_frame([{"language": name, "seed": s, "algorithm": a} for name, s, a in keys], measured)
 
 
 @dataclass(frozen=True)
@@ -188,7 +180,7 @@ def measure(params: dict[str, Any], trained: Continuations) -> Measurements:
     last = params["pretraining"]["continue_steps"]
     items, keys = [], []
     for name in params["algorithms"]["languages"]:
-        for s in seeds(params):
+        for s in training_seeds(params):
             items.append((trained.phase1[name, s], trained.phase1_configs[name, s].steps))
             keys.append((name, s, PHASE1))
             for a in ALGORITHMS:
@@ -280,7 +272,7 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
 
 def verdicts(params: dict[str, Any], measurements: Measurements) -> pd.DataFrame:
     """``verdict_table`` at the profile's languages, seeds and ε."""
-    return verdict_table(measurements.table, measurements.lookup, tasks(params), seeds(params),
+    return verdict_table(measurements.table, measurements.lookup, tasks(params), training_seeds(params),
                          params["pretraining"]["epsilon"])
 
 
@@ -313,7 +305,7 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
     trace's verdict is in the detail); a trained model transfers better than the lookup table.
     ``choices`` (``choose_adversary_weights``) say how each λ was chosen (empty: given)."""
     t, a = params["pretraining"], params["algorithms"]
-    seed_list, epsilon, last = seeds(params), t["epsilon"], t["continue_steps"]
+    seed_list, epsilon, last = training_seeds(params), t["epsilon"], t["continue_steps"]
     out = []
     for name in a["languages"]:
         adam, adv = _paired(table, name, seed_list)
@@ -379,7 +371,7 @@ def summary_lines(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Cl
     """The checked summary the notebook prints (rounded, so that nbval compares it): the setting,
     one line per verdict row, one per claim, and the checks that passed."""
     t = params["pretraining"]
-    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={seeds(params)} · {t['continue_steps']} continuation "
+    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={training_seeds(params)} · {t['continue_steps']} continuation "
              f"steps · ε={t['epsilon']}"]
     for _, v in verdict.iterrows():
         lines.append(f"{v['language']:>4} {v['comparison']:>20} {v['quantity']:>15}: {v['effect']:+.3f} "

@@ -43,9 +43,9 @@ def _with_parents(configs: dict[str, tuple[str, PretrainConfig]]) -> dict[str, t
     todo = list(configs.values())
     while todo:
         origin, config = todo.pop()
-        if config.init_from is None:
+        parent = config.parent()
+        if parent is None:
             continue
-        parent = PretrainConfig.from_dict(config.init_from["config"])
         if parent.key not in out:
             label = "02 sgd clock trajectory" if origin == "02 sgd clock" else origin
             out[parent.key] = (label, parent)

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from flatlib.claims import combine, equal_loss, paired_effect, t_interval
-from flatlib.measure import measurement_row
 from flatlib.objective import derived_seed
 from flatlib.report import Claim
 from flatlib.runs import Run
@@ -219,12 +218,6 @@ def measured_models(points: list[ClockPoint], anneals: list[Run], phase1: dict[t
             labels.append({"language": language, "lineage": lineage, "noise": 0, "tau": 0,
                            "continuation": continuation})
     return items, labels
-
-
-def measurement_frame(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per measured model: its label and ``flatlib.measure.measurement_row`` of its
-    measurement."""
-    return pd.DataFrame([{**label, **measurement_row(m)} for label, m in zip(labels, measured, strict=True)])
 
 
 def probe_columns(frame: pd.DataFrame, tasks: list[str]) -> list[str]:

@@ -231,11 +231,3 @@ def summary_lines(params: dict[str, Any], models: pd.DataFrame, correlations: pd
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
     lines.append("checks passed: gaps, traces and accuracies finite · correlations inside their intervals")
     return lines
-
-
-def lineage_seeds(params: dict[str, Any]) -> list[int]:
-    """The training seeds of the pre-training family's lineages: ``max(pretraining.seeds,
-    pretraining.correlation_seeds)`` of them from the profile's seed (``experiment_models``); notebooks
-    02-04 train the first ``pretraining.seeds``."""
-    t = params["pretraining"]
-    return [params["seed"] + i for i in range(max(t["seeds"], t["correlation_seeds"]))]

@@ -88,6 +88,20 @@ class ModelRef:
     widen_to: int | None = None
 
 
+def training_seeds(params: dict[str, Any]) -> list[int]:
+    """The training seeds of notebooks 02-04: ``seed``, ``seed + 1``, ... (``pretraining.seeds`` of
+    them)."""
+    return [params["seed"] + i for i in range(params["pretraining"]["seeds"])]
+
+
+def lineage_seeds(params: dict[str, Any]) -> list[int]:
+    """The training seeds of the pre-training family's lineages in notebook 05:
+    ``max(pretraining.seeds, pretraining.correlation_seeds)`` of them from ``seed``; the first
+    ``pretraining.seeds`` are ``training_seeds``."""
+    t = params["pretraining"]
+    return [params["seed"] + i for i in range(max(t["seeds"], t["correlation_seeds"]))]
+
+
 def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
     """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
     1, every constant-lr continuation checkpoint (SGD, AdamW) and every clock anneal's end (02), the
@@ -98,14 +112,13 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
     not the clock's doses."""
     t = params["pretraining"]
     names = list(names or t["languages"])
-    seeds = [params["seed"] + i for i in range(max(t["seeds"], t["correlation_seeds"]))]
-    clock_seeds = set(seeds[: t["seeds"]])
+    clock_seeds = set(training_seeds(params))
     base = model_of(params)
     family = f"{base['n_layer']}x{base['d_model']}"
     checkpoints = list(range(t["checkpoint_every"], t["continue_steps"] + 1, t["checkpoint_every"]))
     out = []
     for name in names:
-        for s in seeds:
+        for s in lineage_seeds(params):
             lineage = f"{name} seed {s}"
             first = phase1_config(params, name, s)
             out.append(ModelRef(name, "02 phase 1", family, lineage, first, first.steps))
@@ -124,7 +137,7 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
         if name not in sizes["languages"]:
             continue
         for w in sizes["widths"]:
-            for s in seeds[: t["seeds"]]:  # notebook 03's seeds
+            for s in training_seeds(params):  # notebook 03's seeds
                 config = phase1_config(params, name, s, width=w)
                 out.append(ModelRef(name, "03 sizes", f"widths widened to {widest}", f"{name} w{w} seed {s}",
                                     config, config.steps, None if w == widest else widest))

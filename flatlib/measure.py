@@ -381,6 +381,14 @@ def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def measurement_frame(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per measured model: its label (e.g. language, seed, what it is), then
+    ``measurement_row`` of its measurement."""
+    if len(labels) != len(measured):
+        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and {len(measured)}")
+    return pd.DataFrame([{**label, **measurement_row(m)} for label, m in zip(labels, measured)])
+
+
 def gauge_tables(gauge: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``measure_gauge`` results per language as two tables: the parameterizations (one row each:
     language, parameterization, max logit change, norms, both traces ± SE) and where the raw trace

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
-from flatlib.experiments import phase1_config
+from flatlib.experiments import phase1_config, training_seeds
 from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoints, measure_many
 from flatlib.profiles import language_spec, resolve
 from flatlib.report import Claim
@@ -95,7 +95,7 @@ def design(params: dict[str, Any]) -> Design:
     the notebook's seed)."""
     t, s = params["pretraining"], params["model_size"]
     specs = {name: language_spec(params, name) for name in s["languages"]}
-    return Design(seeds=[params["seed"] + i for i in range(t["seeds"])], languages=list(s["languages"]),
+    return Design(seeds=training_seeds(params), languages=list(s["languages"]),
                   widths=list(s["widths"]), epsilon=t["epsilon"],
                   protocol=Protocol(**t["protocol"], seed=params["seed"]),
                   tasks={name: tuple(build_language(spec).tasks) for name, spec in specs.items()}, specs=specs)

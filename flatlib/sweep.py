@@ -101,7 +101,7 @@ def training_waves(configs: list[PretrainConfig], store: RunStore) -> list[list[
         found = store.find(config.to_dict())
         if found is not None and found.finished:
             return None
-        parent = None if config.init_from is None else PretrainConfig.from_dict(config.init_from["config"])
+        parent = config.parent()
         above = None if parent is None else place(parent)
         depth[config.key], runs[config.key] = (0 if above is None else above + 1), config
         return depth[config.key]

@@ -129,6 +129,10 @@ class PretrainConfig:
     def key(self) -> str:
         return config_hash(self.to_dict())
 
+    def parent(self) -> "PretrainConfig | None":
+        """The config of the run this one continues (``init_from``), or None."""
+        return None if self.init_from is None else PretrainConfig.from_dict(self.init_from["config"])
+
 
 def continuation(base: PretrainConfig, from_step: int, steps: int, **overrides: Any) -> PretrainConfig:
     """A run that starts from ``base``'s checkpoint at ``from_step`` with a fresh optimizer and the
@@ -356,7 +360,7 @@ def _start(config: PretrainConfig, run: Run, model: Transformer, optimizer: torc
         saved = checkpoint.state
         return _TrainState(checkpoint.step, metrics, saved["reached_at"], saved["running"]), True
     if config.init_from is not None:
-        parent = pretrain(PretrainConfig.from_dict(config.init_from["config"]), store, progress, device)
+        parent = pretrain(config.parent(), store, progress, device)
         _restore(model, None, parent.load_checkpoint(config.init_from["step"]).tensors)
     return _TrainState(0, []), False
 

@@ -58,8 +58,9 @@ import time
 import pandas as pd
 
 from flatlib import clock
-from flatlib.experiments import final_gaps, phase1_config, phase2_config
-from flatlib.measure import PROBES, Protocol, gauge_tables, lookup_table_probe, measure_checkpoints, measure_gauge, reference_table
+from flatlib.experiments import final_gaps, phase1_config, phase2_config, training_seeds
+from flatlib.measure import (PROBES, Protocol, gauge_tables, lookup_table_probe, measure_checkpoints, measure_gauge,
+                             measurement_frame, reference_table)
 from flatlib.plotting import figures_dir, saver, set_style
 from flatlib.plots import pretraining as plots
 from flatlib.profiles import language_spec, resolve
@@ -75,7 +76,7 @@ print(parameter_lines(P, ("pretraining", "clock")))
 # %%
 set_style()
 T, CLOCK = P["pretraining"], P["clock"]
-SEEDS = [P["seed"] + i for i in range(T["seeds"])]
+SEEDS = training_seeds(P)
 NAMES = list(T["languages"])
 TASKS = {name: build_language(language_spec(P, name)).tasks for name in NAMES}
 PROTOCOL = Protocol(**T["protocol"], seed=P["seed"])
@@ -197,7 +198,7 @@ for kind, text in PROBES.items():
     print(f"probe {kind!r}: {text}")
 items, labels = clock.measured_models(points, anneals, phase1, adamw)
 start = time.perf_counter()
-M = clock.measurement_frame(labels, measure_checkpoints(items, PROTOCOL, workers=T["workers"]))
+M = measurement_frame(labels, measure_checkpoints(items, PROTOCOL, workers=T["workers"]))
 refs = reference_table({name: lookup_table_probe(language_spec(P, name), PROTOCOL) for name in NAMES})
 print(f"{len(items)} models measured (or read from the cache) in {time.perf_counter() - start:.0f} s")
 M.to_csv(FIGURES / "02_measurements.csv", index=False)

@@ -41,7 +41,7 @@ backend = "local"  # local (worker processes) | serial | submitit (a Slurm job a
 
 # %%
 from flatlib import algorithms, plotting
-from flatlib.experiments import choose_adversary_weights
+from flatlib.experiments import choose_adversary_weights, training_seeds
 from flatlib.plots import algorithms as plots
 from flatlib.report import record_claims
 
@@ -53,7 +53,7 @@ plotting.set_style()
 save = plotting.saver(P["profile"], P["seed"])
 OUT = plotting.figures_dir(P["profile"])  # the CSVs go beside the figures
 T = P["pretraining"]
-SEEDS, NAMES, PROTOCOL = algorithms.seeds(P), list(P["algorithms"]["languages"]), algorithms.protocol(P)
+SEEDS, NAMES, PROTOCOL = training_seeds(P), list(P["algorithms"]["languages"]), algorithms.protocol(P)
 print(f"languages {NAMES} · tasks {algorithms.tasks(P)} · training seeds {SEEDS}")
 
 # %% [markdown]

@@ -41,6 +41,7 @@ backend = "local"  # how missing runs are trained: local | serial | submitit (se
 
 # %%
 from flatlib import correlations as corr
+from flatlib.experiments import lineage_seeds
 from flatlib.measure import Protocol
 from flatlib.plots import correlations as plots
 from flatlib.plotting import figures_dir, saver, set_style
@@ -52,7 +53,7 @@ P = resolve(profile, seed=seed, pretraining={"languages": languages} if language
 corr.check_parameters(n_boot, backend)
 T = P["pretraining"]
 print(f"profile {P['profile']} · seed {P['seed']} · languages {T['languages']} · ε = {T['epsilon']} · "
-      f"training lineages {corr.lineage_seeds(P)} (02-04 train the first {T['seeds']}) · bootstrap {n_boot}")
+      f"training lineages {lineage_seeds(P)} (02-04 train the first {T['seeds']}) · bootstrap {n_boot}")
 
 # %%
 set_style()
@@ -100,7 +101,7 @@ for name in NAMES:
         continue
     fig = plots.accuracy_vs_trace_and_gap(M, name, TASKS[name], families=ALL["family"].unique())
     save(fig, f"05_{name}_accuracy_vs_trace_and_gap",
-         f"models of notebooks 02-04 within ε={EPS}; training lineages {corr.lineage_seeds(P)}; "
+         f"models of notebooks 02-04 within ε={EPS}; training lineages {lineage_seeds(P)}; "
          f"error bars ±1 SE (trace: {PROTOCOL.trace_probes} Hutchinson probes; gap: over {T['eval_pairs']} contexts)")
 
 # %% [markdown]

@@ -11,6 +11,7 @@ import pytest
 
 from flatlib import algorithms
 from flatlib.claims import welch_interval
+from flatlib.experiments import training_seeds
 from flatlib.plots import algorithms as plots
 
 matplotlib.use("Agg")
@@ -77,8 +78,8 @@ def lookup_probe(tasks=("A", "B"), splits=(0.70, 0.72, 0.74), bayes=None):
 def test_parameters_apply_the_overrides_and_name_a_bad_backend(smoke):
     p = algorithms.parameters("smoke", 3, n_seeds=3, weights={"hmm": 0.2, "pcfg": 0.1, "teacher": 0.1})
     assert p["pretraining"]["seeds"] == 3 and p["algorithms"]["weights"]["hmm"] == 0.2
-    assert algorithms.seeds(p) == [3, 4, 5]
-    assert algorithms.seeds(smoke) == [0, 1]  # the profile's 2 seeds
+    assert training_seeds(p) == [3, 4, 5]
+    assert training_seeds(smoke) == [0, 1]  # the profile's 2 seeds
     with pytest.raises(ValueError, match="backend"):
         algorithms.parameters("smoke", 0, backend="mpi")
     with pytest.raises(ValueError, match="seed"):
@@ -162,7 +163,7 @@ def test_measurement_table_one_row_per_checkpoint():
     assert table[["language", "seed", "algorithm"]].values.tolist() == [["x", 0, "phase 1"], ["x", 0, "adamw"]]
     assert table["gap"].tolist() == [0.01, 0.02] and table["acc A"].tolist() == [0.8, 0.7]
     assert table["acc A [limited]"].tolist() == pytest.approx([0.7, 0.6])
-    with pytest.raises(ValueError, match="keys, measured"):
+    with pytest.raises(ValueError, match="labels, measured"):
         algorithms.measurement_table([("x", 0, "adamw")], [])
 
 

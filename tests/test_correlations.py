@@ -275,5 +275,7 @@ def test_correlation_forest_plots_three_intervals_per_row():
 
 def test_lineage_seeds_cover_notebook_05s_lineages():
     params = {"seed": 10, "pretraining": {"seeds": 3, "correlation_seeds": 5}}
-    assert corr.lineage_seeds(params) == [10, 11, 12, 13, 14]
-    assert corr.lineage_seeds({"seed": 0, "pretraining": {"seeds": 3, "correlation_seeds": 2}}) == [0, 1, 2]
+    from flatlib.experiments import lineage_seeds, training_seeds
+
+    assert lineage_seeds(params) == [10, 11, 12, 13, 14] and training_seeds(params) == [10, 11, 12]
+    assert lineage_seeds({"seed": 0, "pretraining": {"seeds": 3, "correlation_seeds": 2}}) == [0, 1, 2]

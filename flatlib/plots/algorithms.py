@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flatlib.algorithms import ALGORITHMS, PHASE1, labels, seeds, tasks
+from flatlib.algorithms import ALGORITHMS, PHASE1, labels, tasks
+from flatlib.experiments import training_seeds
 from flatlib.stats import mean_ci
 
 COLORS = {"adamw": "C1", "sgd": "C0", "adversarial": "C3", "lookup": "0.5", PHASE1: "0.2"}
@@ -19,7 +20,7 @@ def continuations(curves: pd.DataFrame, params: dict[str, Any]) -> plt.Figure:
     """One row per language of ``algorithms.languages``. Left: each algorithm's gap to the optimum
     during the continuation (``curves``, ``flatlib.algorithms.curves_table``; mean over seeds, band
     min-max), with ε. Right: the adversary's downstream loss ``adv_loss`` per seed."""
-    names, seed_list, label = params["algorithms"]["languages"], seeds(params), labels(params)
+    names, seed_list, label = params["algorithms"]["languages"], training_seeds(params), labels(params)
     eps, adversary = params["pretraining"]["epsilon"], params["algorithms"]
     fig, axes = plt.subplots(len(names), 2, figsize=(13, 4.2 * len(names)), squeeze=False)
     for r, name in enumerate(names):

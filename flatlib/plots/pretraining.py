@@ -65,7 +65,7 @@ def clock_dose_response(measurements: pd.DataFrame, taus: list[float], tasks: di
     """Per language (rows): gap, raw trace, invariant trace and the standard probe's accuracy per
     task against the dose τ (equally spaced). Large dots with 95% CI bars over lineages
     (``flatlib.clock.dose_response``), small dots the lineage means, dashed the phase-1 end's mean.
-    ``measurements`` is notebook 02's table (``flatlib.clock.measurement_frame``)."""
+    ``measurements`` is notebook 02's table (``flatlib.measure.measurement_frame``)."""
     clock = measurements[measurements.continuation == "sgd clock"]
     names = list(tasks)
     panels = ["gap", "trace", "invariant_trace"]
