@@ -511,7 +511,8 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
 
 # ---------------------------------------------------------------------------- the gauge-invariant trace
 def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any],
-                    parameters: Sequence[str] | None = None, chunk_size: int | None = 64) -> dict[str, Tensor]:
+                    parameters: Sequence[str] | None = None, chunk_size: int | None = 64,
+                    method: str = "auto") -> dict[str, Tensor]:
     """The exact diagonal of the Fisher information of the model's predictive distribution,
 
         diag F = (1/N) sum_i sum_y q_theta(y|x_i) (grad_theta log q_theta(y|x_i))^2   (elementwise),
@@ -522,10 +523,44 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     Jacobian of the logits), so ``diag F = diag H`` exactly wherever the logits are *linear* in a
     parameter (the head, and the final LayerNorm's gain and bias, given everything before them), and
     for every parameter at a global minimum of the expected loss (``q_theta = p``: the residual term
-    ``sum_y (q_y - p_y) grad^2 z_y`` of ``H`` vanishes). Cost: C per-example gradients per example
-    (``vmap`` in chunks of ``chunk_size``), like ``fisher_trace(n_samples=None)``.
+    ``sum_y (q_y - p_y) grad^2 z_y`` of ``H`` vanishes).
+
+    Two ways to get the per-example gradients ``g_iy = grad_theta log q_theta(y|x_i) = J_i^T (e_y - q_i)``,
+    the same numbers up to float rounding (tests/test_invariant_trace.py):
+
+    * ``method="vmap"``: ``vmap`` over the examples (in chunks of ``chunk_size``) of ``grad`` of the
+      log-probability of one example, once per class: any parameter, any model that treats examples
+      independently (like ``fisher_trace(n_samples=None)``).
+    * ``method="layers"``: only for weights and biases of ``nn.Linear`` and ``nn.LayerNorm`` modules
+      (each called once per forward, the example as the leading dimension of its input), which
+      covers ``invariant_trace``'s gauge pairs. One forward pass records each module's input ``u``
+      (``[n, T, d_in]``: T positions); for each class y one ordinary batched backward gives
+      ``delta = d log q(y|x_i) / d(module output)`` for every example at once (examples are
+      independent), and the per-example gradients are closed forms: a linear map's weight
+      ``sum_t delta_t u_t^T``, its bias ``sum_t delta_t``; a LayerNorm's gain ``sum_t delta_t *
+      n_t`` (``n`` the normalised input) and bias ``sum_t delta_t``. C backward passes of the batch
+      instead of C per-example ones: several times faster (``bench/flatness.py``).
+    * ``"auto"`` (default): ``"layers"`` where it applies, else ``"vmap"``.
     """
-    batches, model, names, params, _, total, call = _setup(model, logits_fn, batches, parameters)
+    if method not in ("auto", "layers", "vmap"):
+        raise ValueError(f"method: expected 'auto', 'layers' or 'vmap', got {method!r}")
+    setup = _setup(model, logits_fn, batches, parameters)
+    layers = _layer_parameters(setup.model, setup.names)
+    if method == "layers" and layers is None:
+        raise ValueError("method: 'layers' needs every parameter to be the weight or bias of an nn.Linear "
+                         "or a 1-D nn.LayerNorm; use 'vmap' (or 'auto')")
+    if method != "vmap" and layers is not None:
+        diagonal = _fisher_diagonal_layers(setup, layers)
+        if diagonal is not None:
+            return diagonal
+        if method == "layers":
+            raise ValueError("method: 'layers' needs each module called once per forward with the example as "
+                             "the leading dimension of its input; use 'vmap'")
+    return _fisher_diagonal_vmap(setup, chunk_size)
+
+
+def _fisher_diagonal_vmap(setup: _Setup, chunk_size: int | None) -> dict[str, Tensor]:
+    batches, model, names, params, _, total, call = setup
 
     def squared_gradient(ps: tuple[Tensor, ...], example: Any, onehot: Tensor) -> tuple[Tensor, ...]:
         g = grad(_log_prob(call))(ps, example, onehot)
@@ -543,6 +578,82 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
                 squares = per_example(tuple(params), batch, eye[c].expand(len(q), -1))
                 for d, s in zip(diagonal, squares):
                     d += torch.tensordot(q[:, c], s.detach().double(), dims=1)
+    return {name: d / total for name, d in zip(names, diagonal)}
+
+
+def _layer_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[int, str]]] | None:
+    """``{module name: [(index in names, "weight" | "bias")]}`` when every name is the weight or bias
+    of an ``nn.Linear`` or a LayerNorm over the last dimension, else None."""
+    modules = dict(model.named_modules())
+    out: dict[str, list[tuple[int, str]]] = {}
+    for index, name in enumerate(names):
+        module_name, _, attr = name.rpartition(".")
+        module = modules.get(module_name)
+        is_layer = isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm)
+                                                     and len(module.normalized_shape) == 1)
+        if not is_layer or attr not in ("weight", "bias"):
+            return None
+        out.setdefault(module_name, []).append((index, attr))
+    return out
+
+
+def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str]]]) -> dict[str, Tensor] | None:
+    """``fisher_diagonal(method="layers")`` (see there); None if a module is called more than once per
+    forward or its input does not lead with the example."""
+    batches, model, names, params, _, total, call = setup
+    modules = dict(model.named_modules())
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    reused: list[str] = []
+
+    def recorder(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if name in seen:
+                reused.append(name)
+            seen[name] = (inputs[0].detach(), output)
+        return hook
+
+    handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
+    diagonal = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
+    try:
+        with hessian_mode(model):
+            # leaves that share the parameters' storage: module outputs get a graph, no .grad is touched
+            leaves = [p.detach().requires_grad_() for p in params]
+            for batch in batches:
+                seen.clear()
+                logits = call(leaves, batch)  # [m, C]
+                m = logits.shape[0]
+                if reused or any(u.dim() < 2 or u.shape[0] != m for u, _ in seen.values()):
+                    return None
+                q = torch.softmax(logits.detach().double(), dim=-1)
+                q32 = torch.softmax(logits.detach(), dim=-1)
+                outputs = [seen[name][1] for name in layers]
+                normed = {name: F.layer_norm(seen[name][0], modules[name].normalized_shape, None, None,
+                                             modules[name].eps).reshape(m, -1, seen[name][0].shape[-1])
+                          for name in layers if isinstance(modules[name], nn.LayerNorm)}
+                for c in range(q.shape[1]):
+                    # sqrt(q_c) (e_c - q): the square of its gradient is q_c (grad log q(c|x))^2
+                    direction = -q32
+                    direction[:, c] += 1
+                    direction *= q[:, c].sqrt().to(direction.dtype)[:, None]
+                    deltas = torch.autograd.grad(logits, outputs, grad_outputs=direction, retain_graph=True,
+                                                 allow_unused=True)
+                    for (name, which), delta in zip(layers.items(), deltas):
+                        if delta is None:  # the module does not reach the logits
+                            continue
+                        u = seen[name][0].reshape(m, -1, seen[name][0].shape[-1])  # [m, T, d_in]
+                        delta = delta.reshape(m, -1, delta.shape[-1])  # [m, T, d_out]
+                        module = modules[name]
+                        for index, attr in which:
+                            if attr == "bias":
+                                g = delta.sum(1)
+                            elif isinstance(module, nn.Linear):
+                                g = torch.einsum("mto,mti->moi", delta, u)
+                            else:
+                                g = (delta * normed[name]).sum(1)
+                            diagonal[index] += (g * g).sum(0).double()
+    finally:
+        for handle in handles:
+            handle.remove()
     return {name: d / total for name, d in zip(names, diagonal)}
 
 

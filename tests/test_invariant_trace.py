@@ -86,6 +86,29 @@ def test_fisher_diagonal_is_the_hessian_diagonal_of_the_final_pair_anywhere():
     assert float((diagonal[names[3]] - H[names[3]]).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("batches", ["away", "optimum"])
+def test_fisher_diagonal_layers_equals_the_per_example_vmap(batches):
+    data = AWAY if batches == "away" else OPTIMUM
+    modules = dict(MODEL.named_modules())
+    names = [n for n, _ in MODEL.named_parameters()
+             if isinstance(modules[n.rpartition(".")[0]], (torch.nn.Linear, torch.nn.LayerNorm))]
+    assert {"ln_f.weight", "head.bias", "blocks.0.attn.qkv.weight", "blocks.0.mlp.proj.bias"} <= set(names)
+    layers = fisher_diagonal(MODEL, mlm_logits_fn, data, parameters=names, method="layers")
+    reference = fisher_diagonal(MODEL, mlm_logits_fn, data, parameters=names, method="vmap")
+    for name in names:
+        assert torch.allclose(layers[name], reference[name], rtol=1e-10, atol=1e-14), name
+    # "auto" takes the layers path here, and falls back to vmap for an embedding
+    auto = fisher_diagonal(MODEL, mlm_logits_fn, data, parameters=names)
+    assert all(torch.equal(auto[name], layers[name]) for name in names)
+    embedding = next(n for n, _ in MODEL.named_parameters() if n not in names)
+    with pytest.raises(ValueError, match="method: 'layers' needs every parameter"):
+        fisher_diagonal(MODEL, mlm_logits_fn, data, parameters=[embedding], method="layers")
+    both = fisher_diagonal(MODEL, mlm_logits_fn, data, parameters=[embedding, "ln_f.weight"])
+    assert torch.allclose(both["ln_f.weight"], reference["ln_f.weight"], rtol=1e-10)
+    with pytest.raises(ValueError, match="method: expected"):
+        fisher_diagonal(MODEL, mlm_logits_fn, data, method="exact")
+
+
 def test_invariant_trace_against_the_dense_hessian_and_brute_force_rescaling():
     H = dense_hessian(MODEL, mlm_loss_fn, OPTIMUM)
     body, minimum = dense_invariant_parts(MODEL, H)
