@@ -7,16 +7,22 @@ sentences those steps see and the training FLOPs (about 6 x parameters x tokens)
 measurement (``flatlib.measure``) by kind. Nothing is trained or built beyond one model per
 architecture, to count its parameters.
 
-A profile is sized with it (docs/lessons.md, "Sizing a profile"): the cpu profile's measured wall time
-per step and per measurement, times these counts, predicts where the time goes, and the same counts
-for another profile, with that machine's per-step cost, say whether it fits a budget.
+A profile is sized with it (docs/lessons.md, "Sizing a profile"). With ``--costs FILE`` (unit costs
+measured on a machine by ``python -m bench.costs --profile P``: seconds per optimizer step of each
+kind of step, per evaluation, per measurement) it also predicts the compute time of every origin and
+of the whole story, and the wall time on the profile's workers (compute / workers: the sweeps keep
+every worker busy, docs/lessons.md):
+
+    python -m flatlib.census --profile cpu --costs bench/results/costs_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,8 +36,6 @@ from flatlib.train import PretrainConfig, new_model
 
 @lru_cache(maxsize=None)
 def _parameters(spec: str, model: str) -> int:
-    import json  # noqa: PLC0415 - only here: the cache keys are JSON texts
-
     config = PretrainConfig(language=json.loads(spec), model=json.loads(model), steps=1)
     return new_model(config, build_language(config.language)).n_params()
 
@@ -53,11 +57,33 @@ def _with_parents(configs: dict[str, tuple[str, PretrainConfig]]) -> dict[str, t
     return out
 
 
-def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Two tables for the resolved profile ``params``: the training runs per origin (runs, steps,
-    sentences seen, training FLOPs) and the measurements per kind (checkpoint, widened trace,
-    fine-tuning). The adversary's weight is not known before its held-out runs: the census counts
-    the evaluated adversary once at the grid's first weight (the cost does not depend on it)."""
+def step_class(config: PretrainConfig) -> str:
+    """What one optimizer step of ``config`` costs depends on: language kind, model shape, batch size,
+    optimizer, the adversary (e.g. ``"hmm 2x64/256 B16 sgd"``)."""
+    m = config.model
+    adversary = " adversarial" if config.adversarial is not None else ""
+    return (f"{config.language['kind']} {m['n_layer']}x{m['d_model']}/{m['d_ff']} B{config.batch_size} "
+            f"{config.optimizer}{adversary}")
+
+
+def eval_class(config: PretrainConfig) -> str:
+    """What one evaluation of the gap costs depends on: language kind, model shape, evaluation pairs."""
+    m = config.model
+    return f"{config.language['kind']} {m['n_layer']}x{m['d_model']}/{m['d_ff']} pairs{config.eval_pairs}"
+
+
+def measure_class(kind: str, config: PretrainConfig, width: int | None = None) -> str:
+    """What one cached measurement costs depends on: its kind, the language kind, the model shape (and
+    for a widened trace, the width it is widened to)."""
+    m = config.model
+    wide = f" to {width}" if width is not None else ""
+    return f"{kind} {config.language['kind']} {m['n_layer']}x{m['d_model']}/{m['d_ff']}{wide}"
+
+
+def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]], list[tuple[str, str, PretrainConfig, int | None]]]:
+    """Everything the story computes from an empty run store: ``{run key: (origin, config)}`` for
+    every training run (parents included) and ``[(origin, measurement kind, config, width)]`` for
+    every distinct cached measurement ("checkpoint", "widened_trace", "finetune")."""
     a = params["algorithms"]
     if "weights" not in a:
         params = {**params, "algorithms": {**a, "weights": {n: g[0] for n, g in a["weight_grid"].items()}}}
@@ -65,7 +91,49 @@ def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs = {m.config.key: (m.origin, m.config) for m in models}
     for name in a["languages"]:
         runs.update({c.key: ("04 adversary weight (held-out seed)", c) for c in held_out_configs(params, name).values()})
-    runs = _with_parents(runs)
+    measured: dict[tuple, tuple[str, str, PretrainConfig, int | None]] = {}
+    for m in models:
+        measured.setdefault(("checkpoint", m.config.key, m.step), (m.origin, "checkpoint", m.config, None))
+        if m.widen_to is not None:
+            measured.setdefault(("widened_trace", m.config.key, m.step), (m.origin, "widened_trace", m.config, m.widen_to))
+        if m.origin == "03 sizes":
+            measured.setdefault(("finetune", m.config.key, m.step), (m.origin, "finetune", m.config, None))
+    return _with_parents(runs), list(measured.values())
+
+
+def predict(params: dict[str, Any], costs: dict[str, Any]) -> pd.DataFrame:
+    """Compute seconds per origin from measured unit ``costs`` (``bench.costs``' JSON: ``step_s``,
+    ``eval_s``, ``measure_s`` keyed by ``step_class`` / ``eval_class`` / ``measure_class``): a run
+    costs ``steps x step_s + evaluations x eval_s``, a measurement its ``measure_s``. ValueError
+    naming the classes the file does not cover (measure them with ``bench.costs`` on the profile)."""
+    runs, measured = plan(params)
+    rows, missing = [], set()
+    for origin, config in runs.values():
+        step, evaluation = step_class(config), eval_class(config)
+        evals = config.steps // config.eval_every + 1
+        missing |= {c for c, table in ((step, "step_s"), (evaluation, "eval_s")) if c not in costs[table]}
+        if step in costs["step_s"] and evaluation in costs["eval_s"]:
+            rows.append({"origin": origin, "training s": config.steps * costs["step_s"][step]
+                         + evals * costs["eval_s"][evaluation], "measuring s": 0.0})
+    for origin, kind, config, width in measured:
+        c = measure_class(kind, config, width)
+        if c not in costs["measure_s"]:
+            missing.add(c)
+            continue
+        rows.append({"origin": origin, "training s": 0.0, "measuring s": costs["measure_s"][c]})
+    if missing:
+        raise ValueError(f"costs: no measured cost for {sorted(missing)} (run python -m bench.costs on this profile)")
+    out = pd.DataFrame(rows).groupby("origin", sort=False).sum()
+    out["total s"] = out["training s"] + out["measuring s"]
+    return out.reset_index()
+
+
+def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two tables for the resolved profile ``params``: the training runs per origin (runs, steps,
+    sentences seen, training FLOPs) and the measurements per kind (checkpoint, widened trace,
+    fine-tuning). The adversary's weight is not known before its held-out runs: the census counts
+    the evaluated adversary once at the grid's first weight (the cost does not depend on it)."""
+    runs, measured = plan(params)
     rows = []
     for origin, config in runs.values():
         spec = canonical_json(config.language)
@@ -74,26 +142,39 @@ def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({"origin": origin, "runs": 1, "steps": config.steps,
                      "sentences": config.steps * config.batch_size, "TFLOP": 6 * n * tokens / 1e12})
     training = pd.DataFrame(rows).groupby("origin", sort=False).sum().reset_index()
-    checkpoints = {(m.config.key, m.step) for m in models}
-    widened = {(m.config.key, m.step) for m in models if m.widen_to is not None}
-    finetuned = {(m.config.key, m.step) for m in models if m.origin == "03 sizes"}
-    measurements = pd.DataFrame([{"kind": "checkpoint (gap, probes, both traces)", "measurements": len(checkpoints)},
-                                 {"kind": "widened trace (03, 05)", "measurements": len(widened)},
-                                 {"kind": "fine-tuning (03)", "measurements": len(finetuned)}])
+    count = {kind: sum(k == kind for _, k, _, _ in measured) for kind in ("checkpoint", "widened_trace", "finetune")}
+    measurements = pd.DataFrame([{"kind": "checkpoint (gap, probes, both traces)", "measurements": count["checkpoint"]},
+                                 {"kind": "widened trace (03, 05)", "measurements": count["widened_trace"]},
+                                 {"kind": "fine-tuning (03)", "measurements": count["finetune"]}])
     return training, measurements
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    parser.add_argument("--costs", type=Path, default=None,
+                        help="unit costs measured by python -m bench.costs: also predict the time per origin")
     args = parser.parse_args(argv)
-    training, measurements = census(resolve(args.profile))
+    params = resolve(args.profile)
+    training, measurements = census(params)
     total = training.drop(columns="origin").sum()
     print(f"profile {args.profile}: {int(total['runs'])} training runs, {int(total['steps']):,} steps, "
           f"{total['TFLOP']:.1f} TFLOP; {int(measurements['measurements'].sum())} measurements\n")
     print(training.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print()
     print(measurements.to_string(index=False))
+    if args.costs is not None:
+        costs = json.loads(args.costs.read_text())
+        times = predict(params, costs)
+        workers = params["pretraining"]["workers"]
+        total = times[["training s", "measuring s", "total s"]].sum()
+        print(f"\npredicted from {args.costs} (measured {costs.get('date', '?')} on {costs.get('machine', '?')}), "
+              "compute minutes:")
+        shown = times.assign(**{c.replace(" s", " min"): times[c] / 60 for c in ("training s", "measuring s", "total s")})
+        print(shown.drop(columns=["training s", "measuring s", "total s"]).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        print(f"total: {total['total s'] / 60:.1f} compute minutes (training {total['training s'] / 60:.1f}, measuring "
+              f"{total['measuring s'] / 60:.1f}); on {workers} workers about {total['total s'] / 60 / workers:.0f} "
+              "minutes of wall time, plus the notebooks' own serial work")
     return 0
 
 

@@ -104,8 +104,8 @@ def lineage_seeds(params: dict[str, Any]) -> list[int]:
 
 def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
     """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
-    1, every constant-lr continuation checkpoint (SGD, AdamW) and every clock anneal's end (02), the
-    adversarial continuations of notebook 04 (for the languages of its profile section), and every width of
+    1, the end of every constant-lr continuation (SGD, AdamW) and every clock anneal's end (02), the
+    ends of the adversarial continuations of notebook 04 (for the languages of its profile section), and every width of
     notebook 03 (for ``model_size.languages``, traces after widening to the widest). The 2x64 family
     has ``pretraining.correlation_seeds`` lineages (notebook 05's rule "correlation" needs 5): those
     beyond ``pretraining.seeds`` have phase 1, the constant-rate continuations and the adversary,
@@ -115,7 +115,9 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
     clock_seeds = set(training_seeds(params))
     base = model_of(params)
     family = f"{base['n_layer']}x{base['d_model']}"
-    checkpoints = list(range(t["checkpoint_every"], t["continue_steps"] + 1, t["checkpoint_every"]))
+    # a continuation's end only: its earlier checkpoints (every checkpoint_every steps) add models to notebook
+    # 05 but no lineage, and its bootstrap resamples lineages (cut for the budget, issue 14; docs/lessons.md)
+    checkpoints = [t["continue_steps"]]
     out = []
     for name in names:
         for s in lineage_seeds(params):

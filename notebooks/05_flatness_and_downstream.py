@@ -68,8 +68,9 @@ FIGURES = figures_dir(P["profile"])
 # ## 1 · Every model of notebooks 02-04
 #
 # `experiment_models` lists every checkpoint the earlier notebooks measured: the end of phase 1, every
-# anneal's end of notebook 02's dose-response on the clock and the constant-rate continuations (SGD, AdamW),
-# every width of notebook 03, the adversarial runs of notebook 04. Runs and measurements come from the
+# anneal's end of notebook 02's dose-response on the clock, the end of each constant-rate continuation (SGD,
+# AdamW) and of each adversarial run of notebook 04, every width of notebook 03. (Their earlier checkpoints
+# are not measured: they would add models but no lineage, and the bootstrap resamples lineages.) Runs and measurements come from the
 # store; anything missing is trained and measured now with the same protocol (`correlations.collect_models`,
 # which also leaves out the checkpoints of a run that diverged). Each model has a **family**, the
 # parameterization its trace is measured in: the profile's pre-training architecture (02 and 04), or the

@@ -1,0 +1,127 @@
+"""What one unit of the story costs on this machine: seconds per optimizer step (of each kind of step
+the profile trains), per evaluation of the gap, and per cached measurement (of each kind). Times
+``flatlib.census.plan``'s counts, they predict where ``make figures`` spends its time
+(``python -m flatlib.census --profile P --costs bench/results/costs_P.json``) before it runs.
+
+How each cost is measured, single-threaded (as the sweeps' workers run), in a temporary run store:
+
+* a step: for each ``census.step_class`` of the profile, one of its configs started from scratch
+  (``init_from`` dropped: a step costs the same wherever it starts) is trained twice, for ``n1`` and
+  ``n2`` steps with no evaluation in between; ``(t2 - t1) / (n2 - n1)`` leaves out the set-up (the
+  language, the validation set, the first and last evaluation, the checkpoints), which a real run pays
+  once; ``n2`` is chosen so that the difference takes about ``--target`` seconds;
+* an evaluation: ``flatlib.objective.evaluate`` on the config's validation set, best of three;
+* a measurement: ``flatlib.measure``'s cached measurement (checkpoint: gap, probes, both traces;
+  widened trace; fine-tuning) of a one-step model of each ``census.measure_class``, once. The probes'
+  L-BFGS fits stop at their iteration cap on trained and untrained models alike (docs/lessons.md), so a
+  one-step model costs what a trained one does.
+
+    python -m bench.costs --profile cpu      # ~3 minutes here; writes bench/results/costs_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.common import cpu_model, print_table
+from flatlib.algorithms import protocol as protocol_of
+from flatlib.census import eval_class, measure_class, plan, step_class
+from flatlib.languages import build_language
+from flatlib.measure import measure_checkpoint, measure_finetune, measure_widened_trace
+from flatlib.objective import evaluate, validation_set
+from flatlib.profiles import PROFILES, resolve
+from flatlib.runs import RunStore
+from flatlib.train import PretrainConfig, new_model, pretrain
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _fresh(config: PretrainConfig, steps: int) -> PretrainConfig:
+    """``config`` from scratch for ``steps`` steps, evaluated and checkpointed only at the end."""
+    return replace(config, init_from=None, steps=steps, warmup_steps=0, eval_every=steps, checkpoint_every=steps,
+                   stop_gap=None, extra_steps=0)
+
+
+def _seconds(work: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def step_seconds(config: PretrainConfig, store: RunStore, target_s: float) -> float:
+    """Seconds per optimizer step of ``config``'s kind, set-up excluded (see the module doc)."""
+    n1 = 5
+    t1 = _seconds(lambda: pretrain(_fresh(config, n1), store, progress=False))
+    rough = _seconds(lambda: pretrain(_fresh(config, 2 * n1), store, progress=False)) - t1
+    n2 = n1 + max(20, round(target_s / max(rough / n1, 1e-4)))
+    t2 = _seconds(lambda: pretrain(_fresh(config, n2), store, progress=False))
+    return max(t2 - t1, 0.0) / (n2 - n1)
+
+
+def eval_seconds(config: PretrainConfig) -> float:
+    language = build_language(config.language)
+    model = new_model(config, language)
+    val = validation_set(config, language)
+    evaluate(model, val)
+    return min(_seconds(lambda: evaluate(model, val)) for _ in range(3))
+
+
+def measure_seconds(kind: str, config: PretrainConfig, width: int | None, params: dict[str, Any],
+                    store: RunStore) -> float:
+    run = pretrain(_fresh(config, 1), store, progress=False)
+    protocol = protocol_of(params)
+    if kind == "checkpoint":
+        return _seconds(lambda: measure_checkpoint(run, 1, protocol))
+    if kind == "widened_trace":
+        return _seconds(lambda: measure_widened_trace(run, 1, width, protocol))
+    epochs = params["model_size"]["finetune_epochs"]
+    return _seconds(lambda: measure_finetune(run, 1, protocol, epochs=epochs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    parser.add_argument("--target", type=float, default=2.0, help="seconds of timed steps per step kind")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    params = resolve(args.profile)
+    runs, measured = plan(params)
+    steps: dict[str, PretrainConfig] = {}
+    evals: dict[str, PretrainConfig] = {}
+    for _, config in runs.values():
+        steps.setdefault(step_class(config), config)
+        evals.setdefault(eval_class(config), config)
+    measures: dict[str, tuple[str, PretrainConfig, int | None]] = {}
+    for _, kind, config, width in measured:
+        measures.setdefault(measure_class(kind, config, width), (kind, config, width))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore(tmp)
+        step_s = {name: step_seconds(c, store, args.target) for name, c in steps.items()}
+        eval_s = {name: eval_seconds(c) for name, c in evals.items()}
+        measure_s = {name: measure_seconds(kind, c, w, params, store) for name, (kind, c, w) in measures.items()}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": args.profile,
+              "torch": torch.__version__, "threads": 1, "machine": f"{cpu_model()}, {torch.get_num_threads()} thread",
+              "step_s": step_s, "eval_s": eval_s, "measure_s": measure_s,
+              "wall_s": time.perf_counter() - started}
+    rows = ([("step", k, f"{v * 1e3:.2f} ms") for k, v in step_s.items()]
+            + [("evaluation", k, f"{v:.3f} s") for k, v in eval_s.items()]
+            + [("measurement", k, f"{v:.1f} s") for k, v in measure_s.items()])
+    print_table(("unit", "class", "cost"), rows, text_columns=2)
+    out = args.out or RESULTS_DIR / f"costs_{args.profile}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}; predict with: python -m flatlib.census --profile {args.profile} --costs {out}")
+
+
+if __name__ == "__main__":
+    main()
