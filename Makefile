@@ -42,6 +42,7 @@ bench: $(INSTALLED)
 	$(BIN)/python -m bench.languages
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.flatness
+	$(BIN)/python -m bench.costs --profile cpu
 
 clean:
 	rm -rf build figures/smoke

@@ -16,7 +16,7 @@ How each cost is measured, single-threaded (as the sweeps' workers run), in a te
   L-BFGS fits stop at their iteration cap on trained and untrained models alike (docs/lessons.md), so a
   one-step model costs what a trained one does.
 
-    python -m bench.costs --profile cpu      # ~3 minutes here; writes bench/results/costs_cpu.json
+    python -m bench.costs --profile cpu      # ~5 minutes here; writes bench/results/costs_cpu.json
 """
 
 from __future__ import annotations
@@ -59,12 +59,16 @@ def _seconds(work: Callable[[], Any]) -> float:
 
 def step_seconds(config: PretrainConfig, store: RunStore, target_s: float) -> float:
     """Seconds per optimizer step of ``config``'s kind, set-up excluded (see the module doc)."""
+    def train(steps: int) -> float:  # in a store of its own: never a finished run of an earlier call
+        return _seconds(lambda: pretrain(_fresh(config, steps), RunStore(tempfile.mkdtemp(dir=store.root)),
+                                         progress=False))
+
+    train(1)  # builds what later runs find cached (the language, the validation set)
     n1 = 5
-    t1 = _seconds(lambda: pretrain(_fresh(config, n1), store, progress=False))
-    rough = _seconds(lambda: pretrain(_fresh(config, 2 * n1), store, progress=False)) - t1
-    n2 = n1 + max(20, round(target_s / max(rough / n1, 1e-4)))
-    t2 = _seconds(lambda: pretrain(_fresh(config, n2), store, progress=False))
-    return max(t2 - t1, 0.0) / (n2 - n1)
+    t1 = train(n1)
+    rough = (train(n1 + 20) - t1) / 20
+    n2 = n1 + max(40, round(target_s / max(rough, 1e-4)))
+    return max(train(n2) - t1, 0.0) / (n2 - n1)
 
 
 def eval_seconds(config: PretrainConfig) -> float:
@@ -87,12 +91,12 @@ def measure_seconds(kind: str, config: PretrainConfig, width: int | None, params
     return _seconds(lambda: measure_finetune(run, 1, protocol, epochs=epochs))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--target", type=float, default=2.0, help="seconds of timed steps per step kind")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     params = resolve(args.profile)
     runs, measured = plan(params)

@@ -292,6 +292,17 @@ def time_breakdown(model_name: str, batch_size: int, steps: int = 10) -> dict[st
     return {group: value / total for group, value in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def ceiling(of_peak: float, matmul_share: float, target: float) -> dict[str, float]:
+    """What the time breakdown says about the target. The step's FLOPs are (almost) all matmul FLOPs,
+    so while the matmuls run they go at ``of_peak / matmul_share`` of the peak: the most the step could
+    reach if every other op took no time (``matmul_rate``). To reach ``target`` the step's time must
+    fall to ``of_peak / target`` of today's with the matmuls unchanged, so the non-matmul time must
+    fall to ``non_matmul_left`` of today's (0 or less: out of reach even with them free)."""
+    step_left = of_peak / target
+    return {"matmul_rate": of_peak / matmul_share, "step_time_left": step_left,
+            "non_matmul_left": (step_left - matmul_share) / (1 - matmul_share)}
+
+
 # ----------------------------------------------------------------------------- the yardstick
 def matmul_peak(threads: int, sizes: tuple[int, ...], repeats: int, min_s: float = 0.1) -> float:
     """Float32 FLOP/s of the fastest square matmul (best of ``repeats``; each repeat runs long
@@ -420,6 +431,14 @@ def main() -> None:
             share = r.of_peak(peaks)
             print(f"target ({r.label}, {r.model}): {share:.1%} of the {r.threads}-thread matmul peak, "
                   f"{'met' if share >= PEAK_TARGET else 'NOT met'} (>= {PEAK_TARGET:.0%})")
+    bound = None
+    target_row = next((rows[k] for k in sorted(target_rows) if not rows[k].error), None)
+    if target_row is not None and breakdown.get("matmul"):
+        bound = ceiling(target_row.of_peak(peaks), breakdown["matmul"], PEAK_TARGET)
+        print(f"the {CPU_MODEL} matmuls run at {bound['matmul_rate']:.0%} of the peak while they run (the step's "
+              f"ceiling with every other op free); {PEAK_TARGET:.0%} needs the non-matmul time cut to "
+              f"{bound['non_matmul_left']:.0%} of today's ({1 - breakdown['matmul']:.0%} of the step: "
+              + ", ".join(f"{g} {v:.0%}" for g, v in breakdown.items() if g != "matmul") + ")")
     compiled = {r.model: r for r in rows if r.label.startswith("compiled")}
     for name, r in compiled.items():
         if r.error:
@@ -456,6 +475,7 @@ def main() -> None:
         "sizes": sizes,
         "matmul_peak_flops": {str(t): p for t, p in peaks.items()},
         "time_breakdown": {"model": CPU_MODEL, "shares": breakdown},
+        "ceiling": bound,
         "target": PEAK_TARGET,
         "results": [finite(asdict(r)) | {"flops": None if r.error else r.flops(),
                                  "of_peak": None if r.error else r.of_peak(peaks),

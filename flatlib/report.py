@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flatlib.claims import HELD, RULE_CHANGES, RULES
+from flatlib.claims import DESIGN_CHANGES, HELD, RULE_CHANGES, RULES
 from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.profiles import get_profile
 from flatlib.runs import atomic_write
@@ -198,6 +198,9 @@ def render_report(profile: str) -> str:
     lines += ["", "Changes of a rule after results it judges were seen:", "", "| rule | change | when | what had been seen |",
               "|---|---|---|---|"]
     lines += [f"| {_cell(r)} | {_cell(what)} | {_cell(when)} | {_cell(seen)} |" for r, what, when, seen in RULE_CHANGES]
+    lines += ["", "Changes of what is run or measured (not of a rule), made or considered after results they affect "
+              "were seen:", "", "| what | change | when | what had been seen |", "|---|---|---|---|"]
+    lines += [f"| {_cell(w)} | {_cell(what)} | {_cell(when)} | {_cell(seen)} |" for w, what, when, seen in DESIGN_CHANGES]
     lines.insert(lines.index("## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"

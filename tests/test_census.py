@@ -27,3 +27,58 @@ def test_the_smoke_story_counted_by_hand():
 def test_the_command_prints_the_totals(capsys):
     assert main(["--profile", "smoke"]) == 0
     assert capsys.readouterr().out.startswith("profile smoke: 50 training runs, 1,452 steps")
+
+
+def _unit_costs(params, step_s=0.01, eval_s=0.5, measure_s=2.0):
+    """Costs for every class of the smoke story, all steps alike (so the prediction is countable by hand)."""
+    from flatlib.census import eval_class, measure_class, plan, step_class
+
+    runs, measured = plan(params)
+    return {"step_s": {step_class(c): step_s for _, c in runs.values()},
+            "eval_s": {eval_class(c): eval_s for _, c in runs.values()},
+            "measure_s": {measure_class(k, c, w): measure_s for _, k, c, w in measured}}
+
+
+def test_predicted_time_is_steps_evaluations_and_measurements():
+    import pytest
+
+    from flatlib.census import plan, predict
+
+    params = resolve("smoke")
+    costs = _unit_costs(params)
+    times = predict(params, costs).set_index("origin")
+    runs, measured = plan(params)
+    # phase 1: 4 runs of 60 steps, evaluated every 10 steps and at 0: 7 evaluations each; 4 end checkpoints
+    assert times.loc["02 phase 1", "training s"] == pytest.approx(4 * (60 * 0.01 + 7 * 0.5))
+    assert times.loc["02 phase 1", "measuring s"] == pytest.approx(4 * 2.0)
+    training, _ = census(params)
+    evaluations = sum(c.steps // c.eval_every + 1 for _, c in runs.values())
+    assert times["training s"].sum() == pytest.approx(training["steps"].sum() * 0.01 + evaluations * 0.5)
+    assert times["measuring s"].sum() == pytest.approx(len(measured) * 2.0)
+    del costs["step_s"][next(iter(costs["step_s"]))]
+    with pytest.raises(ValueError, match="costs: no measured cost for .*B"):
+        predict(params, costs)
+
+
+def test_the_command_predicts_from_a_costs_file(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(_unit_costs(resolve("smoke"))))
+    assert main(["--profile", "smoke", "--costs", str(path)]) == 0
+    assert "compute minutes" in capsys.readouterr().out
+
+
+def test_unit_costs_measured_by_the_bench_cover_the_whole_story(tmp_path):
+    """bench.costs measures every step, evaluation and measurement class the census plans (smoke: ~15 s)."""
+    import json
+
+    from bench.costs import main as measure_costs
+    from flatlib.census import predict
+
+    out = tmp_path / "costs_smoke.json"
+    measure_costs(["--profile", "smoke", "--target", "0.05", "--out", str(out)])
+    costs = json.loads(out.read_text())
+    assert all(v > 0 for table in ("step_s", "eval_s", "measure_s") for v in costs[table].values())
+    times = predict(resolve("smoke"), costs)
+    assert (times["total s"] > 0).all()

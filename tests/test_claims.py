@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flatlib.claims import (EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
+from flatlib.claims import (DESIGN_CHANGES, EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
                             combine, correlation_verdict, equal_loss, interval_verdict, paired_effect, t_interval,
                             unrelated)
 from flatlib.report import Claim
@@ -79,7 +79,7 @@ def test_combine_parts():
 
 def test_rules_are_printable_and_claims_name_them():
     assert "inconclusive" in HELD and set(RULES) >= {"equal loss", "paired effect", "correlation", "trace", "probe"}
-    assert all(len(change) == 4 for change in RULE_CHANGES)
+    assert all(len(change) == 4 for change in RULE_CHANGES + DESIGN_CHANGES)
     Claim("c", "p", "o", "inconclusive", "02_x", rule="equal loss, paired effect")
     with pytest.raises(ValueError, match="rule: .*equal-ish"):
         Claim("c", "p", "o", "yes", "02_x", rule="equal-ish")

@@ -44,4 +44,6 @@ def test_report_lists_claims_and_keeps_the_last_good_run(figures):
     assert "a \\| b" in text  # table cells are escaped
     assert "**yes**" in text and "19.8 -> 12.6" in text and "seeds = `[0, 1]`" in text
     assert "In short: 1 yes" in text
+    from flatlib.claims import DESIGN_CHANGES, RULE_CHANGES
+    assert all(f"| {change[0]} |" in text for change in RULE_CHANGES + DESIGN_CHANGES)  # every change is printed
     assert write_report("smoke").read_text() == text
