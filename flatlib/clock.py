@@ -142,7 +142,7 @@ def clock_grid(phase1: dict[tuple[str, int], PretrainConfig], clock: dict[str, A
     points = []
     for (language, lineage), base in phase1.items():
         for noise in range(clock["noise_seeds"]):
-            runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"], clock["anneal_steps"],
+            runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"], clock["anneal_steps"][language],
                               clock["anneal_batch_size"], noise)
             points += [ClockPoint(language, lineage, noise, tau, sgd, anneal) for tau, (sgd, anneal) in runs.items()
                        if tau > 0 or noise == 0]

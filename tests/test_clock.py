@@ -101,7 +101,7 @@ def test_clock_grid_has_one_control_per_lineage():
     from flatlib.clock import clock_grid
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
-    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": 6, "anneal_batch_size": 16,
+    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
              "noise_seeds": 3}
     points = clock_grid(phase1, clock)
     assert len(points) == 2 * (1 + 3 * 2)
@@ -190,7 +190,7 @@ def test_measured_models_label_every_checkpoint(tmp_path):
     from flatlib.runs import Run
 
     base = base_config()
-    points = clock_grid({("hmm", 0): base}, {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": 6,
+    points = clock_grid({("hmm", 0): base}, {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
                                               "anneal_batch_size": 16, "noise_seeds": 2})
     runs = [Run(tmp_path / str(i), p.anneal.to_dict()) for i, p in enumerate(points)]
     phase1 = {("hmm", 0): Run(tmp_path / "p", base.to_dict())}
