@@ -12,11 +12,15 @@ How each cost is measured, single-threaded (as the sweeps' workers run), in a te
   once; ``n2`` is chosen so that the difference takes about ``--target`` seconds;
 * an evaluation: ``flatlib.objective.evaluate`` on the config's validation set, best of three;
 * a measurement: ``flatlib.measure``'s cached measurement (checkpoint: gap, probes, both traces;
-  widened trace; fine-tuning) of a one-step model of each ``census.measure_class``, once. The probes'
-  L-BFGS fits stop at their iteration cap on trained and untrained models alike (docs/lessons.md), so a
-  one-step model costs what a trained one does.
+  widened trace; fine-tuning) of a one-step model of each ``census.measure_class``, once. An
+  untrained model could cost less than a trained one (its probe fits might stop before their
+  200-iteration cap); on the cpu profile a one-step 2x64 model's checkpoint measurement took 20.4 s and
+  a trained phase-1 model's 21-22 s.
 
-    python -m bench.costs --profile cpu      # ~5 minutes here; writes bench/results/costs_cpu.json
+Not counted: a run's set-up (the language, the validation set, loading), notebook 02's gauge
+measurements, the lookup-table probes, notebooks 01 and 06: the prediction is a lower bound.
+
+    python -m bench.costs --profile cpu      # ~7 minutes here; writes bench/results/costs_cpu.json
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, new_model, pretrain
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_TIMED_STEPS = 5000  # if the rough estimate is swamped by set-up noise, do not time for an hour
 
 
 def _fresh(config: PretrainConfig, steps: int) -> PretrainConfig:
@@ -60,15 +65,20 @@ def _seconds(work: Callable[[], Any]) -> float:
 def step_seconds(config: PretrainConfig, store: RunStore, target_s: float) -> float:
     """Seconds per optimizer step of ``config``'s kind, set-up excluded (see the module doc)."""
     def train(steps: int) -> float:  # in a store of its own: never a finished run of an earlier call
-        return _seconds(lambda: pretrain(_fresh(config, steps), RunStore(tempfile.mkdtemp(dir=store.root)),
-                                         progress=False))
+        start = time.perf_counter()
+        run = pretrain(_fresh(config, steps), RunStore(tempfile.mkdtemp(dir=store.root)), progress=False)
+        seconds = time.perf_counter() - start
+        if run.summary().get("steps") != steps:
+            raise RuntimeError(f"{step_class(config)}: the timing run stopped at step {run.summary().get('steps')} "
+                               f"of {steps} (diverged?)")
+        return seconds
 
     train(1)  # builds what later runs find cached (the language, the validation set)
     n1 = 5
-    t1 = train(n1)
+    t1 = min(train(n1) for _ in range(2))
     rough = (train(n1 + 20) - t1) / 20
-    n2 = n1 + max(40, round(target_s / max(rough, 1e-4)))
-    return max(train(n2) - t1, 0.0) / (n2 - n1)
+    n2 = n1 + min(MAX_TIMED_STEPS, max(40, round(target_s / max(rough, 1e-4))))
+    return max(min(train(n2) for _ in range(2)) - t1, 0.0) / (n2 - n1)
 
 
 def eval_seconds(config: PretrainConfig) -> float:

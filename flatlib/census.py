@@ -10,8 +10,8 @@ architecture, to count its parameters.
 A profile is sized with it (docs/lessons.md, "Sizing a profile"). With ``--costs FILE`` (unit costs
 measured on a machine by ``python -m bench.costs --profile P``: seconds per optimizer step of each
 kind of step, per evaluation, per measurement) it also predicts the compute time of every origin and
-of the whole story, and the wall time on the profile's workers (compute / workers: the sweeps keep
-every worker busy, docs/lessons.md):
+of the whole story, and a lower bound on the wall time, compute / the profile's workers (the
+notebooks' serial work and idle tails come on top: about 20% at cpu, docs/lessons.md):
 
     python -m flatlib.census --profile cpu --costs bench/results/costs_cpu.json
 """
@@ -80,6 +80,12 @@ def measure_class(kind: str, config: PretrainConfig, width: int | None = None) -
     return f"{kind} {config.language['kind']} {m['n_layer']}x{m['d_model']}/{m['d_ff']}{wide}"
 
 
+def evaluations(config: PretrainConfig) -> int:
+    """How many times ``pretrain`` evaluates the gap in a run: at step 0, at every multiple of
+    ``eval_every`` and at the end (once, if the end is such a multiple)."""
+    return config.steps // config.eval_every + 1 + (config.steps % config.eval_every != 0)
+
+
 def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]], list[tuple[str, str, PretrainConfig, int | None]]]:
     """Everything the story computes from an empty run store: ``{run key: (origin, config)}`` for
     every training run (parents included) and ``[(origin, measurement kind, config, width)]`` for
@@ -110,7 +116,7 @@ def predict(params: dict[str, Any], costs: dict[str, Any]) -> pd.DataFrame:
     rows, missing = [], set()
     for origin, config in runs.values():
         step, evaluation = step_class(config), eval_class(config)
-        evals = config.steps // config.eval_every + 1
+        evals = evaluations(config)
         missing |= {c for c, table in ((step, "step_s"), (evaluation, "eval_s")) if c not in costs[table]}
         if step in costs["step_s"] and evaluation in costs["eval_s"]:
             rows.append({"origin": origin, "training s": config.steps * costs["step_s"][step]

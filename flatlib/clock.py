@@ -137,8 +137,8 @@ class ClockPoint:
 def clock_grid(phase1: dict[tuple[str, int], PretrainConfig], clock: dict[str, Any]) -> list[ClockPoint]:
     """Every point of the dose-response from the phase-1 configs ``{(language, seed): config}`` and
     a profile's ``clock`` section: for each lineage, ``noise_seeds`` SGD trajectories checkpointed at
-    every ``tau > 0``, each dose closed by an anneal; the ``tau = 0`` control once per lineage (the
-    anneal alone from phase 1, on noise seed 0's anneal batches)."""
+    every ``tau > 0``, each dose closed by an anneal of ``anneal_steps[language]`` steps; the ``tau = 0``
+    control once per lineage (the anneal alone from phase 1, on noise seed 0's anneal batches)."""
     points = []
     for (language, lineage), base in phase1.items():
         for noise in range(clock["noise_seeds"]):

@@ -539,8 +539,12 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
       independent), and the per-example gradients are closed forms: a linear map's weight
       ``sum_t delta_t u_t^T``, its bias ``sum_t delta_t``; a LayerNorm's gain ``sum_t delta_t *
       n_t`` (``n`` the normalised input) and bias ``sum_t delta_t``. C backward passes of the batch
-      instead of C per-example ones: several times faster (``bench/flatness.py``).
-    * ``"auto"`` (default): ``"layers"`` where it applies, else ``"vmap"``.
+      instead of C per-example ones: 3-5x faster on the cpu models (docs/lessons.md, "Sizing a profile").
+    * ``"auto"`` (default): ``"layers"`` where it applies, else ``"vmap"``. It applies to exactly those
+      classes (not subclasses), each parameter held by one module; a module called twice or never, an
+      output changed in place, or per-example gradients of a batch that do not sum to autograd's
+      gradient of the batch (a parameter used outside its module) send it to ``"vmap"`` (and make
+      ``"layers"`` a ValueError).
     """
     if method not in ("auto", "layers", "vmap"):
         raise ValueError(f"method: expected 'auto', 'layers' or 'vmap', got {method!r}")
@@ -583,46 +587,56 @@ def _fisher_diagonal_vmap(setup: _Setup, chunk_size: int | None) -> dict[str, Te
 
 def _layer_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[int, str]]] | None:
     """``{module name: [(index in names, "weight" | "bias")]}`` when every name is the weight or bias
-    of an ``nn.Linear`` or a LayerNorm over the last dimension, else None."""
+    of an ``nn.Linear`` or a LayerNorm over the last dimension (those classes exactly: a subclass may
+    compute something else) and no other module holds the same tensor, else None."""
     modules = dict(model.named_modules())
+    owners: dict[int, int] = {}
+    for module in modules.values():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     out: dict[str, list[tuple[int, str]]] = {}
     for index, name in enumerate(names):
         module_name, _, attr = name.rpartition(".")
         module = modules.get(module_name)
-        is_layer = isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm)
-                                                     and len(module.normalized_shape) == 1)
-        if not is_layer or attr not in ("weight", "bias"):
+        is_layer = type(module) is nn.Linear or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1)
+        if not is_layer or attr not in ("weight", "bias") or owners.get(id(getattr(module, attr)), 0) != 1:
             return None
         out.setdefault(module_name, []).append((index, attr))
     return out
 
 
 def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str]]]) -> dict[str, Tensor] | None:
-    """``fisher_diagonal(method="layers")`` (see there); None if a module is called more than once per
-    forward or its input does not lead with the example."""
+    """``fisher_diagonal(method="layers")`` (see there), or None where its closed forms may not hold:
+    a module called twice or never, called without a positional input, with an input that does not
+    lead with the example, or whose recorded output was modified in place; and, as a catch-all (a
+    parameter also used outside its module, a subclass with its own ``forward``), whenever the
+    per-example gradients of a batch's first class do not sum to autograd's gradient of the batch."""
     batches, model, names, params, _, total, call = setup
     modules = dict(model.named_modules())
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    reused: list[str] = []
+    seen: dict[str, tuple[Tensor, Tensor, int]] = {}
+    invalid: list[str] = []
 
     def recorder(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if name in seen:
-                reused.append(name)
-            seen[name] = (inputs[0].detach(), output)
+            if name in seen or not inputs:
+                invalid.append(name)
+                return
+            seen[name] = (inputs[0].detach(), output, output._version)
         return hook
 
-    handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
     diagonal = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
+    handles = []
     try:
-        with hessian_mode(model):
+        handles = [modules[name].register_forward_hook(recorder(name)) for name in layers]
+        with hessian_mode(model), torch.enable_grad():
             # leaves that share the parameters' storage: module outputs get a graph, no .grad is touched
             leaves = [p.detach().requires_grad_() for p in params]
             for batch in batches:
                 seen.clear()
                 logits = call(leaves, batch)  # [m, C]
                 m = logits.shape[0]
-                if reused or any(u.dim() < 2 or u.shape[0] != m for u, _ in seen.values()):
+                if (invalid or set(seen) != set(layers) or any(u.dim() < 2 or u.shape[0] != m for u, _, _ in seen.values())
+                        or any(out._version != version for _, out, version in seen.values())):
                     return None
                 q = torch.softmax(logits.detach().double(), dim=-1)
                 q32 = torch.softmax(logits.detach(), dim=-1)
@@ -637,24 +651,41 @@ def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str
                     direction *= q[:, c].sqrt().to(direction.dtype)[:, None]
                     deltas = torch.autograd.grad(logits, outputs, grad_outputs=direction, retain_graph=True,
                                                  allow_unused=True)
+                    summed: list[Tensor | None] = [None] * len(params)
                     for (name, which), delta in zip(layers.items(), deltas):
                         if delta is None:  # the module does not reach the logits
                             continue
                         u = seen[name][0].reshape(m, -1, seen[name][0].shape[-1])  # [m, T, d_in]
                         delta = delta.reshape(m, -1, delta.shape[-1])  # [m, T, d_out]
-                        module = modules[name]
                         for index, attr in which:
                             if attr == "bias":
                                 g = delta.sum(1)
-                            elif isinstance(module, nn.Linear):
+                            elif isinstance(modules[name], nn.Linear):
                                 g = torch.einsum("mto,mti->moi", delta, u)
                             else:
                                 g = (delta * normed[name]).sum(1)
-                            diagonal[index] += (g * g).sum(0).double()
+                            diagonal[index] += torch.sum(g * g, 0, dtype=torch.float64)
+                            if c == 0:
+                                summed[index] = g.sum(0)
+                    if c == 0 and not _sums_to_autograd(summed, logits, leaves, direction):
+                        return None
     finally:
         for handle in handles:
             handle.remove()
     return {name: d / total for name, d in zip(names, diagonal)}
+
+
+def _sums_to_autograd(summed: list[Tensor | None], logits: Tensor, leaves: list[Tensor], direction: Tensor) -> bool:
+    """Whether per-example gradients summed over the batch (None: the parameter got none) equal
+    autograd's gradient of ``(logits * direction).sum()`` (float rounding allowed)."""
+    full = torch.autograd.grad(logits, leaves, grad_outputs=direction, retain_graph=True, allow_unused=True)
+    for leaf, mine, theirs in zip(leaves, summed, full):
+        theirs = torch.zeros_like(leaf) if theirs is None else theirs
+        mine = torch.zeros_like(leaf) if mine is None else mine
+        scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-5 * scale + 1e-30):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -703,7 +734,7 @@ def invariant_trace(model: nn.Module, loss_fn: LossFn, logits_fn: LogitsFn, batc
 
     How each part is computed: ``Tr H_body`` by Hutchinson (``hessian_trace`` restricted to the
     body, ``n_probes`` probes from ``seed``: the only noise, and the ``stderr``); ``A_i``, ``B_i``
-    exactly, from ``fisher_diagonal`` (C per-example gradients per example). That diagonal *is*
+    exactly, from ``fisher_diagonal`` (C classes' per-example gradients). That diagonal *is*
     the Hessian's for the final pair (``ln_f -> head``: the logits are linear in the head and in
     ``ln_f``'s affine) at any point; for the inner pairs (``ln_1 -> qkv``, ``ln_2 -> fc``) it is
     the Gauss-Newton part, equal to the Hessian's at a global minimum of the expected loss, which

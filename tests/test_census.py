@@ -52,7 +52,7 @@ def test_predicted_time_is_steps_evaluations_and_measurements():
     assert times.loc["02 phase 1", "training s"] == pytest.approx(4 * (60 * 0.01 + 7 * 0.5))
     assert times.loc["02 phase 1", "measuring s"] == pytest.approx(4 * 2.0)
     training, _ = census(params)
-    evaluations = sum(c.steps // c.eval_every + 1 for _, c in runs.values())
+    evaluations = sum(c.steps // c.eval_every + 1 for _, c in runs.values())  # smoke: every run divides evenly
     assert times["training s"].sum() == pytest.approx(training["steps"].sum() * 0.01 + evaluations * 0.5)
     assert times["measuring s"].sum() == pytest.approx(len(measured) * 2.0)
     del costs["step_s"][next(iter(costs["step_s"]))]
@@ -82,3 +82,15 @@ def test_unit_costs_measured_by_the_bench_cover_the_whole_story(tmp_path):
     assert all(v > 0 for table in ("step_s", "eval_s", "measure_s") for v in costs[table].values())
     times = predict(resolve("smoke"), costs)
     assert (times["total s"] > 0).all()
+
+
+def test_evaluations_of_a_run_as_pretrain_does_them():
+    from dataclasses import replace
+
+    from flatlib.census import evaluations
+    from flatlib.experiments import phase1_config
+
+    config = phase1_config(resolve("smoke"), "hmm", 0)  # 60 steps, every 10
+    assert evaluations(config) == 7  # 0, 10, ..., 60
+    assert evaluations(replace(config, steps=65)) == 8  # ... 60, and the end
+    assert evaluations(replace(config, steps=5)) == 2  # 0 and the end

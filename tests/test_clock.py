@@ -200,3 +200,16 @@ def test_measured_models_label_every_checkpoint(tmp_path):
     assert [step for _, step in items] == [6] * len(points) + [40, 7]
     assert [label["continuation"] for label in labels] == ["sgd clock"] * len(points) + ["phase 1", "adamw"]
     assert [(label["tau"], label["noise"]) for label in labels[: len(points)]] == [(p.tau, p.noise) for p in points]
+
+
+def test_each_language_gets_its_own_anneal_length():
+    from flatlib.clock import clock_grid
+
+    base = base_config()
+    clock = {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6, "pcfg": 9},
+             "anneal_batch_size": 16, "noise_seeds": 2}
+    points = clock_grid({("hmm", 0): base, ("pcfg", 0): base}, clock)  # one base, two labels: only the length differs
+    assert {p.anneal.steps for p in points if p.language == "hmm"} == {6}
+    assert {p.anneal.steps for p in points if p.language == "pcfg"} == {9}
+    # the trajectories are shared: only the anneals differ
+    assert {p.sgd.key for p in points if p.sgd and p.language == "hmm"} == {p.sgd.key for p in points if p.sgd and p.language == "pcfg"}

@@ -109,6 +109,43 @@ def test_fisher_diagonal_layers_equals_the_per_example_vmap(batches):
         fisher_diagonal(MODEL, mlm_logits_fn, data, method="exact")
 
 
+class _TwoLayers(torch.nn.Module):
+    """A small classifier whose second Linear can share the first one's weight, or be followed by an
+    in-place activation: cases the closed forms of method="layers" do not cover."""
+
+    def __init__(self, tied: bool = False, inplace: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4).double()
+        if tied:
+            self.b.weight = self.a.weight
+        self.act = torch.nn.ReLU(inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("case", ["tied", "inplace"])
+def test_fisher_diagonal_falls_back_where_the_closed_forms_do_not_hold(case):
+    model = _TwoLayers(tied=case == "tied", inplace=case == "inplace")
+    batches = [(torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),)]
+    names = ["a.weight", "a.bias"] if case == "tied" else ["a.weight", "a.bias", "b.weight", "b.bias"]
+    logits_fn = lambda m, batch: m(batch[0])  # noqa: E731
+    reference = fisher_diagonal(model, logits_fn, batches, parameters=names, method="vmap")
+    auto = fisher_diagonal(model, logits_fn, batches, parameters=names)
+    for name in names:
+        assert torch.allclose(auto[name], reference[name], rtol=1e-10), name
+    with pytest.raises(ValueError, match="method: 'layers' needs"):
+        fisher_diagonal(model, logits_fn, batches, parameters=names, method="layers")
+    if case == "inplace":  # without the in-place activation the closed forms hold and agree
+        plain = fisher_diagonal(_TwoLayers(), logits_fn, batches, parameters=names, method="layers")
+        expected = fisher_diagonal(_TwoLayers(), logits_fn, batches, parameters=names, method="vmap")
+        assert all(torch.allclose(plain[n], expected[n], rtol=1e-10) for n in names)
+        with torch.no_grad():  # also inside no_grad, as the other estimators
+            assert torch.allclose(fisher_diagonal(_TwoLayers(), logits_fn, batches, parameters=names,
+                                                  method="layers")["a.weight"], expected["a.weight"], rtol=1e-10)
+
+
 def test_invariant_trace_against_the_dense_hessian_and_brute_force_rescaling():
     H = dense_hessian(MODEL, mlm_loss_fn, OPTIMUM)
     body, minimum = dense_invariant_parts(MODEL, H)
