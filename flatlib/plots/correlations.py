@@ -64,6 +64,6 @@ def correlation_forest(correlations: pd.DataFrame) -> plt.Figure:
     ax.axvspan(-EQUIVALENCE_RHO, EQUIVALENCE_RHO, color="0.9", zorder=0)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ (95% bootstrap CI over lineages)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)  # above: no data hidden
     fig.tight_layout()
     return fig
