@@ -86,12 +86,23 @@ def _run_one(args: tuple[dict, str, int]) -> tuple[str, str]:
         torch.set_num_threads(caller)
 
 
+def training_cost(config: PretrainConfig) -> float:
+    """A run's cost up to a constant, for ordering only: steps x sentences a step x the weights a token
+    meets (``n_layer (4 d^2 + 2 d d_ff)``), twice for an adversarial run (its head refits; measured
+    ~2x a plain step, ``bench.costs``)."""
+    m = config.model
+    per_token = m["n_layer"] * (4 * m["d_model"] ** 2 + 2 * m["d_model"] * m["d_ff"])
+    return config.steps * config.batch_size * per_token * (2.0 if config.adversarial is not None else 1.0)
+
+
 def training_waves(configs: list[PretrainConfig], store: RunStore) -> list[list[PretrainConfig]]:
     """The unfinished runs among ``configs`` and their unfinished ancestors (``init_from``, listed
     or not), each once, in waves: wave 0 continues nothing unfinished, wave k continues a run of
     wave k - 1. Training the waves in order, each in parallel, never trains one run twice at once
     (a child's ``pretrain`` would otherwise train a missing parent itself, in every worker that
-    needs it)."""
+    needs it). Within a wave the costliest runs come first (``training_cost``; ties keep their
+    order): the workers take jobs in order, so a long run started last would leave the others idle
+    while it finishes. The order changes no number: a run is a function of its config."""
     depth: dict[str, int] = {}
     runs: dict[str, PretrainConfig] = {}
 
@@ -111,7 +122,7 @@ def training_waves(configs: list[PretrainConfig], store: RunStore) -> list[list[
     waves: list[list[PretrainConfig]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for key, wave in depth.items():
         waves[wave].append(runs[key])
-    return waves
+    return [sorted(wave, key=training_cost, reverse=True) for wave in waves]
 
 
 def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, backend: str = "serial",

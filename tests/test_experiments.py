@@ -248,3 +248,18 @@ def test_parents_train_first_and_once(tmp_path, monkeypatch):
     keys = [PretrainConfig.from_dict(job).key for job in started]
     assert keys == [base.key, middle.key] + [c.key for c in children]  # each once, parents first
     assert sweep.training_waves(children + [base], store) == []  # all finished now
+
+
+def test_the_costliest_runs_of_a_wave_come_first(tmp_path):
+    """Workers take jobs in order: a long run started last would leave the others idle."""
+    from dataclasses import replace
+
+    from flatlib import sweep
+
+    short, long = base_config(steps=10), base_config(steps=40)
+    wide = replace(short, model={**short.model, "d_model": 2 * short.model["d_model"]})
+    assert sweep.training_cost(long) == 4 * sweep.training_cost(short)
+    assert sweep.training_cost(wide) > sweep.training_cost(short)
+    waves = sweep.training_waves([short, wide, long], RunStore(tmp_path))
+    assert [c.key for c in waves[0]] == [c.key for c in sorted([short, wide, long], key=sweep.training_cost, reverse=True)]
+    assert waves[0][-1].key == short.key
