@@ -552,14 +552,16 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     layers = _layer_parameters(setup.model, setup.names)
     if method == "layers" and layers is None:
         raise ValueError("method: 'layers' needs every parameter to be the weight or bias of an nn.Linear "
-                         "or a 1-D nn.LayerNorm; use 'vmap' (or 'auto')")
+                         "or a 1-D nn.LayerNorm (exactly those classes) held by no other module; use 'vmap' "
+                         "(or 'auto')")
     if method != "vmap" and layers is not None:
         diagonal = _fisher_diagonal_layers(setup, layers)
         if diagonal is not None:
             return diagonal
         if method == "layers":
-            raise ValueError("method: 'layers' needs each module called once per forward with the example as "
-                             "the leading dimension of its input; use 'vmap'")
+            raise ValueError("method: 'layers' needs each module called once per forward (a positional input "
+                             "leading with the example, its output not changed in place) and its parameters used "
+                             "nowhere else; use 'vmap'")
     return _fisher_diagonal_vmap(setup, chunk_size)
 
 
