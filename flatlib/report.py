@@ -195,15 +195,18 @@ def render_report(profile: str) -> str:
     lines += ["## Decision rules", "", "Declared in `flatlib/claims.py` (tested in `tests/test_claims.py`) before the "
               "experiments they judge:", ""]
     lines += [f"- **{name}**: {text}" for name, text in RULES.items()]
-    lines += ["", "Changes of a rule after results it judges were seen:", "", "| rule | change | when | what had been seen |",
-              "|---|---|---|---|"]
-    lines += [f"| {_cell(r)} | {_cell(what)} | {_cell(when)} | {_cell(seen)} |" for r, what, when, seen in RULE_CHANGES]
-    lines += ["", "Changes of what is run or measured (not of a rule), made or considered after results they affect "
-              "were seen:", "", "| what | change | when | what had been seen |", "|---|---|---|---|"]
-    lines += [f"| {_cell(w)} | {_cell(what)} | {_cell(when)} | {_cell(seen)} |" for w, what, when, seen in DESIGN_CHANGES]
+    lines += _changes("Changes of a rule after results it judges were seen:", "rule", RULE_CHANGES)
+    lines += _changes("Changes of what is run or measured (not of a rule), made or considered after results they "
+                      "affect were seen:", "what", DESIGN_CHANGES)
     lines.insert(lines.index("## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
+
+
+def _changes(title: str, subject: str, changes: list[tuple[str, str, str, str]]) -> list[str]:
+    """A titled table of ``(subject, change, when, what had been seen)`` rows (``flatlib.claims``)."""
+    return (["", title, "", f"| {subject} | change | when | what had been seen |", "|---|---|---|---|"]
+            + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in changes])
 
 
 def write_report(profile: str) -> Path:
