@@ -115,9 +115,6 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
     clock_seeds = set(training_seeds(params))
     base = model_of(params)
     family = f"{base['n_layer']}x{base['d_model']}"
-    # a continuation's end only: its earlier checkpoints (every checkpoint_every steps) add models to notebook
-    # 05 but no lineage, and its bootstrap resamples lineages (cut for the budget, issue 14; docs/lessons.md)
-    checkpoints = [t["continue_steps"]]
     out = []
     for name in names:
         for s in lineage_seeds(params):
@@ -126,13 +123,15 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
             out.append(ModelRef(name, "02 phase 1", family, lineage, first, first.steps))
             for optimizer in ("sgd", "adamw"):  # constant-lr continuations (notebook 04's SGD, 02's and 04's AdamW)
                 config = phase2_config(params, name, s, optimizer)
-                out += [ModelRef(name, f"02 {optimizer}", family, lineage, config, k) for k in checkpoints]
+                # a continuation's end only: its earlier checkpoints (every checkpoint_every steps) would add models
+                # to notebook 05 but no lineage, and its bootstrap resamples lineages (cut for the budget, issue 14)
+                out.append(ModelRef(name, f"02 {optimizer}", family, lineage, config, config.steps))
             if "clock" in params and s in clock_seeds:  # notebook 02's dose-response: every anneal's end
                 out += [ModelRef(name, "02 sgd clock", family, lineage, p.anneal, p.anneal.steps)
                         for p in clock_grid({(name, s): first}, params["clock"])]
             adversarial = adversarial_config(params, name, s)
             if adversarial is not None:
-                out += [ModelRef(name, "04 adversarial", family, lineage, adversarial, k) for k in checkpoints]
+                out.append(ModelRef(name, "04 adversarial", family, lineage, adversarial, adversarial.steps))
     sizes = params["model_size"]
     widest = sizes["widths"][-1]
     for name in names:
