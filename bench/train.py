@@ -30,7 +30,13 @@ Beside the default (eager, fused attention, ``--threads`` threads, default 1):
 * explicit attention (``with flatlib.model.explicit_attention():``, the twice-differentiable path that the
   flatness computations use) for the 2x64 model;
 * one process with 2 threads vs two single-threaded processes side by side, as aggregate tokens/s:
-  on a 2-core machine this decides whether to parallelise inside a run or run two runs at once.
+  on a 2-core machine this decides whether to parallelise inside a run or run two runs at once;
+* the live last block (``live_logits``): the same logits and gradients, but the last block computes
+  only what the masked positions' logits read. With one masked position a sentence, the model as
+  written spends most of its last block on positions nobody reads (for 2 layers of width d, d_ff 4d:
+  10 of the last block's 12 d^2 per position, over a third of the step's matmuls); the row says what
+  skipping them would buy. It is not what ``pretrain`` runs: it changes the float rounding, so adopting
+  it means regenerating every figure.
 
 Timing: warm-up steps first; their speed fixes the number of timed steps (about ``target_s``
 seconds); the timed steps' total wall time gives tokens/s. The load average is recorded at start and
@@ -59,6 +65,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from bench import common
 from bench.common import cpu_model
@@ -90,6 +97,7 @@ class Spec:
     threads: int = 1  # torch threads of each process
     compile: bool = False
     explicit: bool = False  # the explicit (twice-differentiable) attention path
+    live: bool = False  # live_logits instead of model(inputs, positions)
     warmup_steps: int = 5
     target_s: float = 3.0  # timed steps: about this long, from the warm-up's speed
     steps: int | None = None  # or exactly this many (the side-by-side processes must agree)
@@ -130,6 +138,34 @@ def _setup(model_name: str, batch_size: int) -> tuple[PretrainConfig, Language, 
     return config, language, model, make_optimizer(config, model)
 
 
+def live_logits(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+    """``model(tokens, positions)`` (the logits at one position a row, [B, V]) computing in the last
+    block only what those logits read: its keys and values at every position (the query attends to
+    them), its query, attention output and MLP at ``positions`` alone. The same function, so the same
+    gradients, up to float rounding (tests/test_bench.py). Fused attention only; blocks as
+    ``flatlib.model.Block`` (pre-LN, no cache)."""
+    b, length = tokens.shape
+    x = model.tok_emb(tokens) + model.pos_emb(torch.arange(length, device=tokens.device))
+    mask = model.attention_mask(tokens)
+    for block in model.blocks[:-1]:
+        x = block(x, mask)
+    last, rows = model.blocks[-1], torch.arange(b, device=tokens.device)
+    attn, d = last.attn, model.config.d_model
+    heads = attn.n_head
+    h = last.ln_1(x)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    k, v = F.linear(h, weight[d:], bias[d:]).split(d, dim=2)  # every position: the query reads them all
+    x = x[rows, positions]  # [B, d]: from here on, the masked positions only
+    q = F.linear(h[rows, positions], weight[:d], bias[:d])
+    q = q.view(b, 1, heads, d // heads).transpose(1, 2)  # [B, H, 1, d/H]
+    k, v = (t.view(b, length, heads, d // heads).transpose(1, 2) for t in (k, v))
+    query_mask = None if mask is None else mask[rows, :, positions][:, :, None, :]  # [B, 1, 1, L]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask)
+    x = x + attn.proj(y.transpose(1, 2).reshape(b, d))
+    x = x + last.mlp(last.ln_2(x))
+    return model.head(model.ln_f(x))
+
+
 def measure(spec: Spec, barrier: Any = None) -> Result:
     """Train ``spec``'s model as ``pretrain`` does and time it. With a ``barrier``, wait there after
     the warm-up so that side-by-side processes time the same window."""
@@ -143,7 +179,8 @@ def _measure(spec: Spec, barrier: Any) -> Result:
     mc = model.config
 
     def loss_fn(inputs: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs, positions)  # the head at the masked positions only, as in pretrain
+        # the head at the masked positions only, as in pretrain (with spec.live: the last block too)
+        logits = live_logits(model, inputs, positions) if spec.live else model(inputs, positions)
         return F.cross_entropy(logits, targets, reduction="sum") * (1 / len(inputs))
 
     # dynamic=False: every batch has the same shape, so one static graph is all it needs
@@ -292,6 +329,23 @@ def time_breakdown(model_name: str, batch_size: int, steps: int = 10) -> dict[st
     return {group: value / total for group, value in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def matmul_flops(model_name: str, batch_size: int) -> dict[str, int]:
+    """The matmul FLOPs of one step (forward and backward) that ``torch.utils.flop_counter`` counts,
+    for the model as written (``full``) and with ``live_logits`` (``live``)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    config, language, model, _ = _setup(model_name, batch_size)
+    inputs, positions, targets = single_mask_batch(training_corpus(config, language, 0, None), model.config.mask_id,
+                                                   model.config.pad_id, mask_generator(config, 0))
+    out = {}
+    variants = {"full": lambda: model(inputs, positions), "live": lambda: live_logits(model, inputs, positions)}
+    for name, logits in variants.items():
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(logits(), targets).backward()
+        out[name] = int(counter.get_total_flops())
+    return out
+
+
 def ceiling(of_peak: float, matmul_share: float, target: float) -> dict[str, float]:
     """What the time breakdown says about the target. The step's FLOPs are (almost) all matmul FLOPs,
     so while the matmuls run they go at ``of_peak / matmul_share`` of the peak: the most the step could
@@ -400,6 +454,8 @@ def main() -> None:
              for name in MODELS}
     add("explicit attention", measure(Spec(CPU_MODEL, threads=args.threads, explicit=True, **base)),
         target=args.threads == 1)
+    live = add("live last block", measure(Spec(CPU_MODEL, threads=args.threads, live=True, **base)))
+    live_flops = matmul_flops(CPU_MODEL, sizes["batch_size"])
 
     if not args.no_compile:
         print("torch.compile (child process; the first step compiles):", flush=True)
@@ -440,6 +496,10 @@ def main() -> None:
         print(f"the {CPU_MODEL} matmuls run at {bound['matmul_rate']:.0%} of the peak while they run (the step's "
               f"ceiling with every other op free); {needs} ({1 - breakdown['matmul']:.0%} of the step: "
               + ", ".join(f"{g} {v:.0%}" for g, v in breakdown.items() if g != "matmul") + ")")
+    if not live.error:
+        print(f"live last block ({CPU_MODEL}): {live.tokens_per_s / eager[CPU_MODEL].tokens_per_s:.2f}x the eager "
+              f"step's tokens/s, with {live_flops['live'] / live_flops['full']:.0%} of its matmul FLOPs (counted); "
+              "its 'of peak' counts the work of the model as written")
     compiled = {r.model: r for r in rows if r.label.startswith("compiled")}
     for name, r in compiled.items():
         if r.error:
@@ -477,6 +537,7 @@ def main() -> None:
         "matmul_peak_flops": {str(t): p for t, p in peaks.items()},
         "time_breakdown": {"model": CPU_MODEL, "shares": breakdown},
         "ceiling": bound,
+        "live_last_block_matmul_flops": live_flops,
         "target": PEAK_TARGET,
         "results": [finite(asdict(r)) | {"flops": None if r.error else r.flops(),
                                  "of_peak": None if r.error else r.of_peak(peaks),

@@ -14,6 +14,13 @@ of the whole story, and a lower bound on the wall time, compute / the profile's 
 notebooks' serial work and idle tails come on top: about 20% at cpu, docs/lessons.md):
 
     python -m flatlib.census --profile cpu --costs bench/results/costs_cpu.json
+
+With ``--peak FILE`` (``bench.train``'s JSON, whose ``matmul_peak_flops`` is the machine's float32
+matmul rate on 1, 2, ... threads) it prints the training's floor on that machine: the weight matmuls
+of every optimizer step as the model computes it (``step_flops``, counted, not estimated), divided by
+the best measured matmul rate. Whatever else a step does (attention's own products, element-wise work,
+the optimizer, data) only adds to it. Only a different computation of the same function does less
+work: ``bench.train``'s live last block, which skips the last block's positions that no loss reads.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from flatlib.experiments import experiment_models, held_out_configs
 from flatlib.languages import build_language
+from flatlib.objective import mask_generator, mlm_loss, training_corpus
 from flatlib.profiles import PROFILES, resolve
 from flatlib.runs import canonical_json
 from flatlib.train import PretrainConfig, new_model
@@ -84,6 +94,46 @@ def evaluations(config: PretrainConfig) -> int:
     """How many times ``pretrain`` evaluates the gap in a run: at step 0, at every multiple of
     ``eval_every`` and at the end (once, if the end is such a multiple)."""
     return config.steps // config.eval_every + 1 + (config.steps % config.eval_every != 0)
+
+
+def step_flops(config: PretrainConfig) -> int:
+    """The matmul FLOPs of one optimizer step of ``config``, counted by ``torch.utils.flop_counter``
+    on the forward and backward pass of its MLM loss at step 0.
+
+    For the weight matrices W (in x out) of every ``nn.Linear`` applied to ``rows`` vectors this is
+    ``sum 6 rows in out``: 2 for the forward product, 2 each for the gradients of the input and of W.
+    The blocks' linears see every position (``rows = batch x max_len``: batches are padded to the
+    language's longest sentence, so the count is the same at every step); the head only the masked
+    ones. Not counted: attention's ``q k^T`` and ``softmax v`` (CPU attention kernels are not in the
+    counter's table), element-wise work, the optimizer's update and an adversary's extra term, so it is
+    a lower bound on what the step computes."""
+    language = build_language(config.language)
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation must not move anyone's stream
+        model = new_model(config, language).train()
+    corpus = training_corpus(config, language, 0, None)
+    with FlopCounterMode(display=False) as counter:
+        mlm_loss(config, model, model.config, corpus, mask_generator(config, 0), torch.device("cpu")).backward()
+    return int(counter.get_total_flops())
+
+
+def training_floor(params: dict[str, Any], peak_flops: float) -> pd.DataFrame:
+    """Per origin: the training's counted matmul FLOPs (``step_flops`` x steps, as ``matmul TFLOP``) and
+    ``floor s``, the seconds they take at ``peak_flops`` (FLOP/s; the machine's best matmul rate on all
+    its cores): no implementation of these steps, as the model computes them, finishes the training
+    faster on that machine."""
+    if not peak_flops > 0:
+        raise ValueError(f"peak_flops must be > 0 FLOP/s, got {peak_flops!r}")
+    runs, _ = plan(params)
+    per_class: dict[str, int] = {}
+    rows = []
+    for origin, config in runs.values():
+        kind = step_class(config)
+        if kind not in per_class:
+            per_class[kind] = step_flops(config)
+        rows.append({"origin": origin, "matmul TFLOP": config.steps * per_class[kind] / 1e12})
+    out = pd.DataFrame(rows).groupby("origin", sort=False).sum()
+    out["floor s"] = out["matmul TFLOP"] * 1e12 / peak_flops
+    return out.reset_index()
 
 
 def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]], list[tuple[str, str, PretrainConfig, int | None]]]:
@@ -160,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--costs", type=Path, default=None,
                         help="unit costs measured by python -m bench.costs: also predict the time per origin")
+    parser.add_argument("--peak", type=Path, default=None,
+                        help="python -m bench.train's JSON (matmul_peak_flops): also print the training's floor "
+                             "on that machine")
     args = parser.parse_args(argv)
     params = resolve(args.profile)
     training, measurements = census(params)
@@ -181,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"total: {total['total s'] / 60:.1f} compute minutes (training {total['training s'] / 60:.1f}, measuring "
               f"{total['measuring s'] / 60:.1f}); on {workers} workers about {total['total s'] / 60 / workers:.0f} "
               "minutes of wall time, plus the notebooks' own serial work")
+    if args.peak is not None:
+        bench = json.loads(args.peak.read_text())
+        threads, peak = max(((int(t), float(p)) for t, p in bench["matmul_peak_flops"].items()), key=lambda tp: tp[1])
+        floor = training_floor(params, peak)
+        cpu = bench.get("machine", {}).get("cpu", "?") if isinstance(bench.get("machine"), dict) else "?"
+        print(f"\nthe floor: the training's weight matmuls at the best float32 matmul rate measured by {args.peak} "
+              f"({peak / 1e9:.1f} GFLOP/s on {threads} thread{'s' * (threads > 1)}, {cpu}, {bench.get('date', '?')}):")
+        print(floor.assign(**{"floor min": floor["floor s"] / 60}).drop(columns="floor s")
+              .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print(f"total: {floor['matmul TFLOP'].sum():.1f} TFLOP of weight matmuls, {floor['floor s'].sum() / 60:.1f} minutes "
+              "of wall time at the peak on every core: these steps, as the model computes them, cannot train faster on "
+              "this machine")
     return 0
 
 

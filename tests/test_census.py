@@ -94,3 +94,54 @@ def test_evaluations_of_a_run_as_pretrain_does_them():
     assert evaluations(config) == 7  # 0, 10, ..., 60
     assert evaluations(replace(config, steps=65)) == 8  # ... 60, and the end
     assert evaluations(replace(config, steps=5)) == 2  # 0 and the end
+
+
+def test_step_flops_are_six_rows_in_out_of_every_linear():
+    """The counter sees exactly the weight matmuls: 6 x rows x in x out for each nn.Linear, the blocks'
+    on every (padded) position, the head on the masked ones (smoke's HMM and PCFG, one mask a sentence)."""
+    import torch
+
+    from flatlib.census import plan, step_flops
+    from flatlib.languages import build_language
+    from flatlib.train import new_model
+
+    runs, _ = plan(resolve("smoke"))
+    configs = {c.language["kind"]: c for _, c in runs.values() if c.adversarial is None and c.mask_rate is None}
+    for kind, config in configs.items():
+        language = build_language(config.language)
+        model = new_model(config, language)
+        expected = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                rows = config.batch_size * (1 if name == "head" else language.max_len)
+                expected += 6 * rows * module.in_features * module.out_features
+        assert step_flops(config) == expected, kind
+
+
+def test_the_training_floor_is_counted_flops_at_the_peak():
+    import pytest
+
+    from flatlib.census import plan, step_class, step_flops, training_floor
+
+    params = resolve("smoke")
+    floor = training_floor(params, peak_flops=1e9).set_index("origin")
+    runs, _ = plan(params)
+    phase1 = [c for origin, c in runs.values() if origin == "02 phase 1"]
+    flops = sum(c.steps * step_flops(c) for c in phase1)
+    assert floor.loc["02 phase 1", "matmul TFLOP"] == pytest.approx(flops / 1e12)
+    assert floor.loc["02 phase 1", "floor s"] == pytest.approx(flops / 1e9)
+    assert len({step_class(c) for c in phase1}) == 2  # one count per kind of step, HMM and PCFG
+    assert (training_floor(params, peak_flops=2e9)["floor s"] * 2).to_list() == pytest.approx(floor["floor s"].to_list())
+    with pytest.raises(ValueError, match="peak_flops"):
+        training_floor(params, peak_flops=0.0)
+
+
+def test_the_command_prints_the_floor_from_a_bench_file(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"date": "today", "machine": {"cpu": "a CPU"},
+                                "matmul_peak_flops": {"1": 1e9, "2": 1.9e9}}))
+    assert main(["--profile", "smoke", "--peak", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1.9 GFLOP/s on 2 threads, a CPU" in out and "cannot train faster on this machine" in out
