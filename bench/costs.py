@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         steps.setdefault(step_class(config), config)
         evals.setdefault(eval_class(config), config)
     measures: dict[str, tuple[str, PretrainConfig, int | None]] = {}
-    for _, kind, config, width in measured:
-        measures.setdefault(measure_class(kind, config, width), (kind, config, width))
+    for m in measured:
+        measures.setdefault(measure_class(m.kind, m.config, m.width), (m.kind, m.config, m.width))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)

@@ -28,19 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flatlib.algorithms import protocol as protocol_of
 from flatlib.experiments import experiment_models, held_out_configs
 from flatlib.languages import build_language
+from flatlib.measure import Protocol, is_cached
 from flatlib.objective import mask_generator, mlm_loss, training_corpus
 from flatlib.profiles import PROFILES, resolve
-from flatlib.runs import canonical_json
+from flatlib.runs import RunStore, canonical_json
 from flatlib.train import PretrainConfig, new_model
 
 
@@ -136,10 +139,20 @@ def training_floor(params: dict[str, Any], peak_flops: float) -> pd.DataFrame:
     return out.reset_index()
 
 
-def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]], list[tuple[str, str, PretrainConfig, int | None]]]:
+class Measurement(NamedTuple):
+    """One distinct cached measurement of the story: ``kind`` ("checkpoint", "widened_trace",
+    "finetune") of the run ``config`` at ``step``; ``width``: a widened trace's width."""
+
+    origin: str
+    kind: str
+    config: PretrainConfig
+    width: int | None
+    step: int
+
+
+def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]], list[Measurement]]:
     """Everything the story computes from an empty run store: ``{run key: (origin, config)}`` for
-    every training run (parents included) and ``[(origin, measurement kind, config, width)]`` for
-    every distinct cached measurement ("checkpoint", "widened_trace", "finetune")."""
+    every training run (parents included) and every distinct cached measurement."""
     a = params["algorithms"]
     if "weights" not in a:
         params = {**params, "algorithms": {**a, "weights": {n: g[0] for n, g in a["weight_grid"].items()}}}
@@ -147,41 +160,107 @@ def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]],
     runs = {m.config.key: (m.origin, m.config) for m in models}
     for name in a["languages"]:
         runs.update({c.key: ("04 adversary weight (held-out seed)", c) for c in held_out_configs(params, name).values()})
-    measured: dict[tuple, tuple[str, str, PretrainConfig, int | None]] = {}
+    measured: dict[tuple, Measurement] = {}
     for m in models:
-        measured.setdefault(("checkpoint", m.config.key, m.step), (m.origin, "checkpoint", m.config, None))
+        measured.setdefault(("checkpoint", m.config.key, m.step), Measurement(m.origin, "checkpoint", m.config, None, m.step))
         if m.widen_to is not None:
-            measured.setdefault(("widened_trace", m.config.key, m.step), (m.origin, "widened_trace", m.config, m.widen_to))
+            measured.setdefault(("widened_trace", m.config.key, m.step),
+                                Measurement(m.origin, "widened_trace", m.config, m.widen_to, m.step))
         if m.origin == "03 sizes":
-            measured.setdefault(("finetune", m.config.key, m.step), (m.origin, "finetune", m.config, None))
+            measured.setdefault(("finetune", m.config.key, m.step), Measurement(m.origin, "finetune", m.config, None, m.step))
     return _with_parents(runs), list(measured.values())
 
 
-def predict(params: dict[str, Any], costs: dict[str, Any]) -> pd.DataFrame:
-    """Compute seconds per origin from measured unit ``costs`` (``bench.costs``' JSON: ``step_s``,
+def _alternatives(params: dict[str, Any], origin: str, config: PretrainConfig) -> list[PretrainConfig]:
+    """The configs any of which stands for the planned ``config``: itself, or for the evaluated
+    adversary (planned at its grid's first weight, the weight being chosen later) the same run at
+    every weight of the grid."""
+    if origin != "04 adversarial" or config.adversarial is None:
+        return [config]
+    grid = params["algorithms"]["weight_grid"][config.language["kind"]]
+    return [replace(config, adversarial={**config.adversarial, "weight": w}) for w in grid]
+
+
+def _finished(store: RunStore, configs: list[PretrainConfig]) -> bool:
+    return any((run := store.find(c.to_dict())) is not None and run.finished for c in configs)
+
+
+def _measured(store: RunStore, m: Measurement, configs: list[PretrainConfig], protocol: Protocol,
+              params: dict[str, Any]) -> bool:
+    kwargs = ({"width": m.width} if m.kind == "widened_trace" else
+              {"epochs": params["model_size"]["finetune_epochs"]} if m.kind == "finetune" else {})
+    return any((run := store.find(c.to_dict())) is not None and is_cached(m.kind, run, m.step, protocol, **kwargs)
+               for c in configs)
+
+
+def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | None = None) -> pd.DataFrame:
+    """Runs, measurements and compute seconds per origin from measured unit ``costs`` (``bench.costs``' JSON: ``step_s``,
     ``eval_s``, ``measure_s`` keyed by ``step_class`` / ``eval_class`` / ``measure_class``): a run
     costs ``steps x step_s + evaluations x eval_s``, a measurement its ``measure_s``. ValueError
-    naming the classes the file does not cover (measure them with ``bench.costs`` on the profile)."""
+    naming the classes the file does not cover (measure them with ``bench.costs`` on the profile).
+
+    With ``store``: only what is left to compute there, leaving out finished runs and cached
+    measurements (a run started but not finished counts whole: an upper bound for it)."""
     runs, measured = plan(params)
+    if store is not None:
+        protocol = protocol_of(params)
+        runs = {k: (o, c) for k, (o, c) in runs.items() if not _finished(store, _alternatives(params, o, c))}
+        measured = [m for m in measured
+                    if not _measured(store, m, _alternatives(params, m.origin, m.config), protocol, params)]
     rows, missing = [], set()
     for origin, config in runs.values():
         step, evaluation = step_class(config), eval_class(config)
         evals = evaluations(config)
         missing |= {c for c, table in ((step, "step_s"), (evaluation, "eval_s")) if c not in costs[table]}
         if step in costs["step_s"] and evaluation in costs["eval_s"]:
-            rows.append({"origin": origin, "training s": config.steps * costs["step_s"][step]
+            rows.append({"origin": origin, "runs": 1, "measurements": 0, "training s": config.steps * costs["step_s"][step]
                          + evals * costs["eval_s"][evaluation], "measuring s": 0.0})
-    for origin, kind, config, width in measured:
-        c = measure_class(kind, config, width)
+    for m in measured:
+        c = measure_class(m.kind, m.config, m.width)
         if c not in costs["measure_s"]:
             missing.add(c)
             continue
-        rows.append({"origin": origin, "training s": 0.0, "measuring s": costs["measure_s"][c]})
+        rows.append({"origin": m.origin, "runs": 0, "measurements": 1, "training s": 0.0,
+                     "measuring s": costs["measure_s"][c]})
     if missing:
         raise ValueError(f"costs: no measured cost for {sorted(missing)} (run python -m bench.costs on this profile)")
+    if not rows:
+        return pd.DataFrame(columns=["origin", "runs", "measurements", "training s", "measuring s", "total s"])
     out = pd.DataFrame(rows).groupby("origin", sort=False).sum()
     out["total s"] = out["training s"] + out["measuring s"]
     return out.reset_index()
+
+
+COSTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
+SERIAL_SHARE = 0.2  # of make figures' wall time at cpu, beyond the cost model: docs/lessons.md, "Sizing a profile"
+
+
+def forecast(profile: str, store: RunStore | None = None, costs_path: Path | None = None) -> str | None:
+    """One line saying what is left to compute of ``profile``'s whole story in ``store`` (default:
+    the default run store) and how long it should take, from the unit costs in ``costs_path``
+    (default ``bench/results/costs_<profile>.json``); None if no costs were measured for the profile.
+    Printed by ``flatlib.reproduce`` before the notebooks start."""
+    path = costs_path or COSTS_DIR / f"costs_{profile}.json"
+    if not path.exists():
+        return None
+    store = store or RunStore()
+    costs = json.loads(path.read_text())
+    params = resolve(profile)
+    try:
+        left = predict(params, costs, store)
+    except ValueError as error:
+        return f"[{profile}] no time estimate: {error}"
+    runs, measurements = int(left["runs"].sum()), int(left["measurements"].sum())
+    if runs + measurements == 0:
+        return (f"[{profile}] the run store ({store.root}) holds every run and measurement of the story: the "
+                "notebooks only read them and draw (a few minutes)")
+    workers = params["pretraining"]["workers"]
+    minutes = left["total s"].sum() / 60
+    wall = minutes / workers / (1 - SERIAL_SHARE)
+    return (f"[{profile}] left to compute in the run store ({store.root}): {runs} training runs and {measurements} "
+            f"measurements, {minutes:.0f} compute minutes by the unit costs of {path.name} (measured on "
+            f"{costs.get('machine', '?')}): about {wall:.0f} min on {workers} workers with the notebooks' own work "
+            f"(at least {minutes / workers:.0f}; another machine: python -m bench.costs --profile {profile})")
 
 
 def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -198,7 +277,7 @@ def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({"origin": origin, "runs": 1, "steps": config.steps,
                      "sentences": config.steps * config.batch_size, "TFLOP": 6 * n * tokens / 1e12})
     training = pd.DataFrame(rows).groupby("origin", sort=False).sum().reset_index()
-    count = {kind: sum(k == kind for _, k, _, _ in measured) for kind in ("checkpoint", "widened_trace", "finetune")}
+    count = {kind: sum(m.kind == kind for m in measured) for kind in ("checkpoint", "widened_trace", "finetune")}
     measurements = pd.DataFrame([{"kind": "checkpoint (gap, probes, both traces)", "measurements": count["checkpoint"]},
                                  {"kind": "widened trace (03, 05)", "measurements": count["widened_trace"]},
                                  {"kind": "fine-tuning (03)", "measurements": count["finetune"]}])

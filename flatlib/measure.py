@@ -315,6 +315,14 @@ _MEASURES = {"checkpoint": (measure_checkpoint, _checkpoint_path),
              "finetune": (measure_finetune, _finetune_path)}
 
 
+def is_cached(kind: str, run: Run, step: int, protocol: Protocol = Protocol(), **kwargs: Any) -> bool:
+    """Whether ``measure_many(kind, [(run, step, kwargs)], protocol)`` would read its result from the
+    cache (and so cost nothing)."""
+    if kind not in _MEASURES:
+        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
+    return _MEASURES[kind][1](run, step, protocol, **kwargs).exists()
+
+
 def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
     kind, directory, config, step, protocol, kwargs, threads = args
     torch.set_num_threads(threads)

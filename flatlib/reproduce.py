@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlib import progress
+from flatlib.census import forecast
 from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.profiles import PROFILES
 from flatlib.report import claims_dir, record_runs, write_report
@@ -110,6 +111,8 @@ def run_notebooks(profile: str, out_dir: Path, only: list[str] | None = None, ke
     if only:
         paths = [p for p in paths if any(key in p.name for key in only)]
     last = progress.last_wall_times(claims_dir(profile) / "_runs.json")
+    if not only and (line := forecast(profile)) is not None:  # the whole story's time, before it starts
+        print(line, flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="flatlib-progress-") as folder:
         for k, path in enumerate(paths):

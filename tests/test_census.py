@@ -36,7 +36,7 @@ def _unit_costs(params, step_s=0.01, eval_s=0.5, measure_s=2.0):
     runs, measured = plan(params)
     return {"step_s": {step_class(c): step_s for _, c in runs.values()},
             "eval_s": {eval_class(c): eval_s for _, c in runs.values()},
-            "measure_s": {measure_class(k, c, w): measure_s for _, k, c, w in measured}}
+            "measure_s": {measure_class(m.kind, m.config, m.width): measure_s for m in measured}}
 
 
 def test_predicted_time_is_steps_evaluations_and_measurements():
@@ -145,3 +145,76 @@ def test_the_command_prints_the_floor_from_a_bench_file(tmp_path, capsys):
     assert main(["--profile", "smoke", "--peak", str(path)]) == 0
     out = capsys.readouterr().out
     assert "1.9 GFLOP/s on 2 threads, a CPU" in out and "cannot train faster on this machine" in out
+
+
+def test_what_is_left_leaves_out_finished_runs_and_cached_measurements(tmp_path):
+    """predict(store=...) on an empty store is the whole story; after one phase-1 run is trained and
+    measured there, that run's steps and its measurement drop out, and nothing else does."""
+    import pytest
+
+    from flatlib.algorithms import protocol
+    from flatlib.census import plan, predict
+    from flatlib.measure import is_cached, measure_checkpoint
+    from flatlib.runs import RunStore
+    from flatlib.train import pretrain
+
+    params = resolve("smoke")
+    costs = _unit_costs(params)
+    store = RunStore(tmp_path)
+    whole = predict(params, costs).set_index("origin")
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(predict(params, costs, store).set_index("origin"), whole)
+    runs, measured = plan(params)
+    config = next(c for origin, c in runs.values() if origin == "02 phase 1")
+    run = pretrain(config, store, progress=False)
+    assert not is_cached("checkpoint", run, config.steps, protocol(params))
+    measure_checkpoint(run, config.steps, protocol(params))
+    assert is_cached("checkpoint", run, config.steps, protocol(params))
+    left = predict(params, costs, store).set_index("origin")
+    assert left.loc["02 phase 1", "training s"] == pytest.approx(whole.loc["02 phase 1", "training s"] * 3 / 4)
+    assert left.loc["02 phase 1", "measuring s"] == pytest.approx(whole.loc["02 phase 1", "measuring s"] - 2.0)
+    others = [o for o in whole.index if o != "02 phase 1"]
+    pd_testing.assert_frame_equal(left.loc[others], whole.loc[others])
+
+
+def test_the_evaluated_adversary_is_done_at_whichever_weight_was_chosen():
+    from flatlib.census import _alternatives, plan
+    from flatlib.experiments import adversarial_config
+
+    params = resolve("smoke")
+    runs, _ = plan(params)
+    origin, config = next((o, c) for o, c in runs.values() if o == "04 adversarial" and c.language["kind"] == "hmm")
+    grid = params["algorithms"]["weight_grid"]["hmm"]
+    assert config.adversarial["weight"] == grid[0]
+    keys = {c.key for c in _alternatives(params, origin, config)}
+    assert keys == {adversarial_config(params, "hmm", config.seed, w).key for w in grid}
+    phase1 = next(c for o, c in runs.values() if o == "02 phase 1")
+    assert _alternatives(params, "02 phase 1", phase1) == [phase1]
+
+
+def test_the_forecast_line_says_what_is_left_and_when_nothing_is(tmp_path):
+    import json
+
+    from flatlib.census import forecast
+    from flatlib.runs import RunStore
+
+    assert forecast("smoke", RunStore(tmp_path), costs_path=tmp_path / "none.json") is None
+    path = tmp_path / "costs_smoke.json"
+    path.write_text(json.dumps({**_unit_costs(resolve("smoke")), "machine": "a CPU"}))
+    line = forecast("smoke", RunStore(tmp_path / "empty"), costs_path=path)
+    assert "50 training runs and" in line and "a CPU" in line
+    path.write_text(json.dumps({"step_s": {}, "eval_s": {}, "measure_s": {}}))
+    assert "no time estimate: costs: no measured cost" in forecast("smoke", RunStore(tmp_path), costs_path=path)
+
+
+def test_the_forecast_of_a_complete_store(tmp_path, monkeypatch):
+    import json
+
+    from flatlib import census
+    from flatlib.runs import RunStore
+
+    path = tmp_path / "costs_smoke.json"
+    path.write_text(json.dumps(_unit_costs(resolve("smoke"))))
+    monkeypatch.setattr(census, "predict", lambda params, costs, store: census.pd.DataFrame(
+        columns=["origin", "runs", "measurements", "training s", "measuring s", "total s"]))
+    assert "holds every run and measurement" in census.forecast("smoke", RunStore(tmp_path), costs_path=path)
