@@ -181,10 +181,6 @@ def _alternatives(params: dict[str, Any], origin: str, config: PretrainConfig) -
     return [replace(config, adversarial={**config.adversarial, "weight": w}) for w in grid]
 
 
-def _finished(store: RunStore, configs: list[PretrainConfig]) -> bool:
-    return any((run := store.find(c.to_dict())) is not None and run.finished for c in configs)
-
-
 def _measured(store: RunStore, m: Measurement, configs: list[PretrainConfig], protocol: Protocol,
               params: dict[str, Any]) -> bool:
     kwargs = ({"width": m.width} if m.kind == "widened_trace" else
@@ -204,7 +200,7 @@ def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | Non
     runs, measured = plan(params)
     if store is not None:
         protocol = protocol_of(params)
-        runs = {k: (o, c) for k, (o, c) in runs.items() if not _finished(store, _alternatives(params, o, c))}
+        runs = {k: (o, c) for k, (o, c) in runs.items() if not any(store.is_finished(a.to_dict()) for a in _alternatives(params, o, c))}
         measured = [m for m in measured
                     if not _measured(store, m, _alternatives(params, m.origin, m.config), protocol, params)]
     rows, missing = [], set()
@@ -243,7 +239,7 @@ def forecast(profile: str, store: RunStore | None = None, costs_path: Path | Non
     path = costs_path or COSTS_DIR / f"costs_{profile}.json"
     if not path.exists():
         return None
-    store = store or RunStore()
+    store = RunStore() if store is None else store
     costs = json.loads(path.read_text())
     params = resolve(profile)
     try:

@@ -262,6 +262,11 @@ class RunStore:
         directory = self.path(config)
         return Run(directory, config) if (directory / "config.json").exists() else None
 
+    def is_finished(self, config: dict) -> bool:
+        """Whether the run of ``config`` exists and is finished (``pretrain`` would return it at once)."""
+        run = self.find(config)
+        return run is not None and run.finished
+
     def __iter__(self) -> Iterator[Run]:
         """Every run with a readable config; an unreadable one is skipped with a warning naming it
         (one bad directory must not hide the others)."""

@@ -109,8 +109,7 @@ def training_waves(configs: list[PretrainConfig], store: RunStore) -> list[list[
     def place(config: PretrainConfig) -> int | None:  # its wave, or None if it is finished
         if config.key in depth:
             return depth[config.key]
-        found = store.find(config.to_dict())
-        if found is not None and found.finished:
+        if store.is_finished(config.to_dict()):
             return None
         parent = config.parent()
         above = None if parent is None else place(parent)

@@ -16,14 +16,14 @@ def test_config_hash_is_canonical():
 
 def test_open_find_and_reuse(tmp_path):
     store = RunStore(tmp_path)
-    assert store.find(CONFIG) is None
+    assert store.find(CONFIG) is None and not store.is_finished(CONFIG)
     run = store.open(CONFIG)
-    assert store.find(CONFIG).dir == run.dir and not run.finished
+    assert store.find(CONFIG).dir == run.dir and not run.finished and not store.is_finished(CONFIG)
     run.write_metrics([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
     assert run.metrics()["loss"].tolist() == [2.0, 1.5]
     run.mark_finished({"final_gap": 0.01})
     again = store.open(CONFIG)
-    assert again.finished and again.summary()["final_gap"] == 0.01
+    assert again.finished and again.summary()["final_gap"] == 0.01 and store.is_finished(CONFIG)
     assert [r.key for r in store] == [run.key]
 
 
