@@ -11,6 +11,7 @@ processes. Which runs the notebooks train is ``flatlib.experiments``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -315,12 +316,17 @@ _MEASURES = {"checkpoint": (measure_checkpoint, _checkpoint_path),
              "finetune": (measure_finetune, _finetune_path)}
 
 
+def _kind(kind: str) -> tuple[Callable[..., dict[str, Any]], Callable[..., Path]]:
+    """The measurement ``kind`` names and the path of its cached result; ValueError for another."""
+    if kind not in _MEASURES:
+        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
+    return _MEASURES[kind]
+
+
 def is_cached(kind: str, run: Run, step: int, protocol: Protocol = Protocol(), **kwargs: Any) -> bool:
     """Whether ``measure_many(kind, [(run, step, kwargs)], protocol)`` would read its result from the
     cache (and so cost nothing)."""
-    if kind not in _MEASURES:
-        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
-    return _MEASURES[kind][1](run, step, protocol, **kwargs).exists()
+    return _kind(kind)[1](run, step, protocol, **kwargs).exists()
 
 
 def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
@@ -340,11 +346,9 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
     function of the checkpoint, the protocol and the arguments); cached ones cost nothing. In workers,
     an item that fails (or whose worker dies: ``flatlib.pool``) does not stop the others; then
     ``flatlib.pool.PoolError`` lists the failed items with their causes."""
-    if kind not in _MEASURES:
-        raise ValueError(f"kind: expected one of {sorted(_MEASURES)}, got {kind!r}")
+    measure, path = _kind(kind)
     if workers < 1 or threads_per_worker < 1:
         raise ValueError("workers, threads_per_worker: expected >= 1")
-    measure, path = _MEASURES[kind]
     results: list[dict[str, Any] | None] = [None] * len(items)
     todo = []
     for index, (run, step, kwargs) in enumerate(items):
