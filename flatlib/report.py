@@ -7,6 +7,10 @@ atomically), so they always come from the same computation as the figures beside
 ``flatlib.reproduce`` records each notebook's status and wall time (``claims/_runs.json``) and then
 calls ``write_report``, which assembles REPORT.md from those files. Nothing in the report is typed in
 by hand: a notebook that failed keeps its last good claims, marked as such.
+
+A file of the claims folder that cannot be read (truncated, hand-edited, a claim without its ``held``)
+is a ``DamagedFileError`` naming the file, what is wrong and what to do. The report leaves such a file
+out, lists it at the top, and reports everything else (``damaged_files`` says which are damaged).
 """
 
 from __future__ import annotations
@@ -58,6 +62,66 @@ class Claim:
                 raise ValueError(f"{name}: must not be empty")
 
 
+class DamagedFileError(ValueError):
+    """A file of the claims folder that cannot be read as what it should be: ``path``, what is wrong
+    with it (``problem``) and what to do (``remedy``), all three in the message."""
+
+    def __init__(self, path: str | Path, problem: str, remedy: str) -> None:
+        super().__init__(f"{path}: {problem}; {remedy}")
+        self.path, self.problem, self.remedy = str(path), problem, remedy
+
+
+def parse_claims(text: str, source: str | Path, remedy: str | None = None) -> dict[str, Any]:
+    """A claims file's data (``record_claims``), checked for what every reader relies on: a JSON
+    object whose ``claims`` is a list of objects, each with a non-empty ``claim`` text and its verdict
+    ``held`` (a text; ``Claim`` checks its value). Raises ``DamagedFileError`` naming ``source``;
+    ``remedy``: what to do about it (default: rerun the notebook or restore the file from git)."""
+    remedy = remedy or (f"rerun its notebook ({Path(source).stem}), which records its claims again, or restore "
+                        f"the committed file with `git checkout -- {source}`")
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise DamagedFileError(source, f"not valid JSON ({error}; truncated?)", remedy) from None
+    if not isinstance(data, dict) or not isinstance(data.get("claims"), list):
+        raise DamagedFileError(source, "expected a JSON object with a list 'claims'", remedy)
+    if not isinstance(data.get("notebook", ""), str):
+        raise DamagedFileError(source, f"'notebook' is {data['notebook']!r}, not a notebook name", remedy)
+    for k, c in enumerate(data["claims"], 1):
+        if not isinstance(c, dict) or not isinstance(c.get("claim"), str) or not c["claim"]:
+            raise DamagedFileError(source, f"claim {k} has no 'claim' text", remedy)
+        if not isinstance(c.get("held"), str):
+            what = "has no 'held' (its verdict)" if "held" not in c else f"has 'held' = {c['held']!r}, not a verdict"
+            raise DamagedFileError(source, f"claim {k} ({c['claim']!r}) {what}", remedy)
+    return data
+
+
+def read_runs(path: Path) -> dict[str, dict[str, Any]]:
+    """``claims/_runs.json`` (``record_runs``): {notebook: {"ok", "seconds", "error", "when"[,
+    "last_good"]}}, {} if there is none. Raises ``DamagedFileError`` naming the file."""
+    if not path.exists():
+        return {}
+    remedy = (f"delete it (it holds only the notebooks' statuses and wall times; the next `python -m "
+              f"flatlib.reproduce` writes it again) or restore it with `git checkout -- {path}`")
+    try:
+        runs = json.loads(path.read_text())
+    except ValueError as error:
+        raise DamagedFileError(path, f"not valid JSON ({error}; truncated?)", remedy) from None
+    if not isinstance(runs, dict):
+        raise DamagedFileError(path, "expected a JSON object {notebook: its last run}", remedy)
+    for name, r in runs.items():
+        if not _is_run(r) or ("last_good" in r and not _is_run({"ok": True, "error": "", **r["last_good"]})):
+            raise DamagedFileError(path, f"the entry of {name!r} is not {{'ok', 'seconds', 'error', 'when'"
+                                         f"[, 'last_good']}}: {r!r}", remedy)
+    return runs
+
+
+def _is_run(r: object) -> bool:
+    """Whether ``r`` is one notebook's entry of ``_runs.json``, with the types the report uses."""
+    return (isinstance(r, dict) and isinstance(r.get("ok"), bool) and isinstance(r.get("seconds"), (int, float))
+            and not isinstance(r["seconds"], bool) and isinstance(r.get("when"), str)
+            and isinstance(r.get("error"), str))
+
+
 def claims_dir(profile: str) -> Path:
     return figures_dir(profile) / "claims"
 
@@ -78,24 +142,59 @@ def record_claims(profile: str, notebook: str, claims: list[Claim], parameters: 
 
 
 def load_claims(profile: str) -> dict[str, list[Claim]]:
-    """Every recorded notebook's claims at ``profile``, by notebook name (sorted)."""
-    return {name: claims for name, (claims, _) in _load(profile).items()}
+    """Every recorded notebook's claims at ``profile``, by notebook name (sorted). Raises
+    ``DamagedFileError`` for the first claims file that cannot be read."""
+    loaded, damaged = _load(profile)
+    if damaged:
+        raise damaged[0]
+    return {name: claims for name, (claims, _) in loaded.items()}
 
 
-def _load(profile: str) -> dict[str, tuple[list[Claim], dict[str, Any]]]:
-    out = {}
+def _load(profile: str) -> tuple[dict[str, tuple[list[Claim], dict[str, Any]]], list[DamagedFileError]]:
+    """The readable claims files' claims and parameters by notebook, and the damaged files."""
+    out, damaged = {}, []
     for path in sorted(claims_dir(profile).glob("[0-9][0-9]_*.json")):
-        data = json.loads(path.read_text())
-        out[data["notebook"]] = ([Claim(**c) for c in data["claims"]], data.get("parameters", {}))
-    return out
+        try:
+            data = parse_claims(path.read_text(), path)
+            claims = [_claim(c, k, path) for k, c in enumerate(data["claims"], 1)]
+        except DamagedFileError as error:
+            damaged.append(error)
+            continue
+        out[data.get("notebook") or path.stem] = (claims, data.get("parameters", {}))
+    return out, damaged
+
+
+def _claim(fields: dict[str, Any], k: int, path: Path) -> Claim:
+    try:
+        return Claim(**fields)
+    except (TypeError, ValueError) as error:  # an unknown field, a verdict not in HELD...
+        raise DamagedFileError(path, f"claim {k} ({fields['claim']!r}): {error}",
+                               f"rerun its notebook ({path.stem}), which records its claims again") from None
+
+
+def damaged_files(profile: str) -> list[DamagedFileError]:
+    """Every file of the claims folder at ``profile`` that cannot be read (claims, ``_runs.json``)."""
+    damaged = _load(profile)[1]
+    try:
+        read_runs(claims_dir(profile) / "_runs.json")
+    except DamagedFileError as error:
+        damaged.append(error)
+    return damaged
 
 
 def record_runs(profile: str, results: list[dict[str, Any]]) -> Path:
     """Merge notebook results (``{"notebook", "ok", "seconds", "error"}``) into ``claims/_runs.json``:
     the latest status of every notebook at ``profile``; a failure does not erase the time of the
-    last good run."""
+    last good run. If the file is damaged, it is kept as ``_runs.json.damaged``, ``results`` are
+    written to a fresh ``_runs.json`` (earlier runs' times are only in the kept copy), and then
+    ``DamagedFileError`` says so: the results are recorded either way."""
     path = claims_dir(profile) / "_runs.json"
-    runs = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        runs, damage = read_runs(path), None
+    except DamagedFileError as error:
+        runs, damage = {}, error
+        kept = path.with_name(path.name + ".damaged")
+        path.replace(kept)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for r in results:
         name = Path(r["notebook"]).stem
@@ -109,6 +208,10 @@ def record_runs(profile: str, results: list[dict[str, Any]]) -> Path:
         runs[name] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(runs, indent=1, sort_keys=True))
+    if damage is not None:
+        raise DamagedFileError(path, damage.problem, f"kept as {kept}; this run's results are in a fresh "
+                                                     f"{path.name}, without earlier runs' wall times (read them in "
+                                                     "the kept copy, then delete it)")
     return path
 
 
@@ -137,10 +240,13 @@ def _cell(text: str) -> str:
 
 def render_report(profile: str) -> str:
     """REPORT.md's text at ``profile`` from the recorded claims and notebook runs."""
-    recorded = _load(profile)
+    recorded, damaged = _load(profile)
     claims = {name: items for name, (items, _) in recorded.items()}
-    runs_path = claims_dir(profile) / "_runs.json"
-    runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    try:
+        runs = read_runs(claims_dir(profile) / "_runs.json")
+    except DamagedFileError as error:
+        runs = {}
+        damaged.append(error)
     params = get_profile(profile)
     pretraining = params.get("pretraining", {})
     total = sum(r["seconds"] for r in runs.values() if r["ok"])
@@ -159,6 +265,7 @@ def render_report(profile: str) -> str:
         f"the notebooks' own parameters are printed in their executed copies (`build/{profile}/`)",
         f"- wall time of the notebooks' last good runs: {total / 60:.1f} min in total",
         "",
+        *_damaged_lines(damaged, figures_dir(profile)),
         "## Notebooks",
         "",
         "| notebook | status | wall time | when |",
@@ -198,9 +305,21 @@ def render_report(profile: str) -> str:
     lines += _changes("Changes of a rule after results it judges were seen:", "rule", RULE_CHANGES)
     lines += _changes("Changes of what is run or measured (not of a rule), made or considered after results they "
                       "affect were seen:", "what", DESIGN_CHANGES)
-    lines.insert(lines.index("## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
+    lines.insert(lines.index("## Damaged files" if damaged else "## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
+
+
+def _damaged_lines(damaged: list[DamagedFileError], folder: Path) -> list[str]:
+    """The report's list of the files it had to leave out, by their path in the figures folder."""
+    if not damaged:
+        return []
+    lines = ["## Damaged files", "", "These files could not be read; what they held is missing below:", ""]
+    for error in damaged:
+        path = Path(error.path)
+        shown = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else error.path
+        lines.append(f"- **`{shown}`**: {_cell(error.problem)}; {_cell(error.remedy)}")
+    return lines + [""]
 
 
 def _changes(title: str, subject: str, changes: list[tuple[str, str, str, str]]) -> list[str]:

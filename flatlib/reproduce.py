@@ -8,6 +8,12 @@ Afterwards the claims report (``REPORT.md`` in the profile's figures folder) is 
 notebooks recorded (``flatlib.report``), with every notebook's status and wall time, and the
 regenerated CSVs and claims are compared with the committed ones (``flatlib.compare``).
 
+Each notebook gets the parameter ``profile``; a notebook whose ``parameters`` cell does not define it
+fails before it runs (``flatlib.script.check_parameters``), and papermill's "Passed unknown parameter"
+warning is an error while it runs (papermill would run the notebook on its defaults). A damaged file
+of the claims folder (a truncated claims JSON or ``_runs.json``) is named, left out of the report and
+the comparison, which are written from everything else, and makes the exit status 1.
+
 While a notebook runs, the terminal shows what it is doing (``flatlib.progress``): a line when a
 phase (training runs, measuring checkpoints) starts or ends, and a status line (runs or measurements
 done / total, the time left in the phase and, from the notebook's last good wall time, in the
@@ -19,6 +25,7 @@ and measurement, so a rerun resumes), and exit status 130.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,8 +41,8 @@ from flatlib import progress
 from flatlib.census import forecast
 from flatlib.plotting import REPO_ROOT, figures_dir
 from flatlib.profiles import PROFILES
-from flatlib.report import claims_dir, record_runs, write_report
-from flatlib.script import execute_in_subprocess
+from flatlib.report import DamagedFileError, claims_dir, damaged_files, record_runs, write_report
+from flatlib.script import UnknownParameterError, check_parameters, execute_in_subprocess
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -93,6 +100,33 @@ def _environ(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
+class _UnknownParameterFilter(logging.Filter):
+    """Turns papermill's "Passed unknown parameter: x" warning into ``UnknownParameterError``."""
+
+    def __init__(self, notebook: str) -> None:
+        super().__init__()
+        self.notebook = notebook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Passed unknown parameter"):
+            raise UnknownParameterError(f"{self.notebook}: papermill: {message} (not assigned in the notebook's "
+                                        "'parameters' cell: papermill would run the notebook on its defaults)")
+        return True
+
+
+@contextmanager
+def unknown_parameters_are_errors(notebook: str) -> Iterator[None]:
+    """Within the block, papermill's warning that it passed ``notebook`` a parameter the notebook does
+    not define raises ``UnknownParameterError`` (out of ``papermill.execute_notebook``, before it runs)."""
+    logger, refuse = logging.getLogger("papermill"), _UnknownParameterFilter(notebook)
+    logger.addFilter(refuse)
+    try:
+        yield
+    finally:
+        logger.removeFilter(refuse)
+
+
 def run_notebooks(profile: str, out_dir: Path, only: list[str] | None = None, kernel: str = "python3",
                   execute: Callable[..., Any] | None = None, interval: float = 30.0) -> list[NotebookResult]:
     """Execute ``notebooks/*.ipynb`` (sorted, or those whose names contain one of ``only``) with
@@ -126,7 +160,9 @@ def run_notebooks(profile: str, out_dir: Path, only: list[str] | None = None, ke
             printer = progress.Printer(f"[{profile}] {path.stem}", interval=interval, last_seconds=last.get(path.stem))
             start = time.perf_counter()
             try:
-                with _environ(progress.ENV, str(status)), _stderr_to(log), progress.Monitor(status, printer):
+                check_parameters(json.loads(path.read_text()), {"profile": profile}, path)
+                with _environ(progress.ENV, str(status)), _stderr_to(log), progress.Monitor(status, printer), \
+                        unknown_parameters_are_errors(str(path)):
                     execute(str(path), str(partial), parameters={"profile": profile}, kernel_name=kernel,
                             cwd=str(NOTEBOOKS), progress_bar=False)
             except KeyboardInterrupt:
@@ -177,7 +213,8 @@ def interrupted_message(stop: Interrupted, profile: str, out_dir: Path) -> str:
 
 def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = None) -> int:
     """The command line (see the module); ``execute`` as in ``run_notebooks``. Returns the exit
-    status: 0 if every notebook ran, 1 if one failed, 130 on Ctrl-C."""
+    status: 0 if every notebook ran, 1 if one failed or a file of the claims folder is damaged, 130 on
+    Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
@@ -194,7 +231,10 @@ def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = Non
     except Interrupted as stop:
         print(interrupted_message(stop, args.profile, out_dir), file=sys.stderr, flush=True)
         if stop.results:  # the notebooks that did finish keep their status and wall time
-            record_runs(args.profile, [vars(r) for r in stop.results])
+            try:
+                record_runs(args.profile, [vars(r) for r in stop.results])
+            except DamagedFileError as error:
+                print(f"DAMAGED: {error}", file=sys.stderr, flush=True)
         return 130
     except KeyboardInterrupt:  # after the notebooks: writing the report or comparing
         print("\nInterrupted (Ctrl-C) after the notebooks had run; rerun the command to write the claims "
@@ -207,16 +247,24 @@ def _run(profile: str, out_dir: Path, only: list[str] | None, execute: Callable[
     if not results:
         print("no notebooks found", file=sys.stderr)
         return 1
-    record_runs(profile, [vars(r) for r in results])
-    report = write_report(profile)
+    damaged = []
+    try:
+        record_runs(profile, [vars(r) for r in results])
+    except DamagedFileError as error:  # recorded in a fresh file all the same
+        damaged.append(error)
+    report = write_report(profile)  # leaves out, and lists, the claims files it cannot read
+    damaged += damaged_files(profile)
     total = sum(r.seconds for r in results)
     print(f"\n{'notebook':40s} {'status':8s} {'seconds':>8s}")
     for r in results:
         print(f"{r.notebook:40s} {'ok' if r.ok else 'FAILED':8s} {r.seconds:8.0f}")
     print(f"{'total':40s} {'':8s} {total:8.0f}")
-    print(f"claims report: {report}")
+    print(f"claims report: {report}" + (f" (without what the {len(damaged)} damaged file(s) below held)"
+                                        if damaged else ""))
+    for error in damaged:
+        print(f"!! DAMAGED: {error}")
     print_comparison(profile)
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if all(r.ok for r in results) and not damaged else 1
 
 
 def print_comparison(profile: str) -> None:

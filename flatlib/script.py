@@ -5,7 +5,9 @@ notebooks: this module executes the code cells of the ``.ipynb`` (plain JSON) in
 namespace, in order, with the parameters injected after the cell tagged ``parameters`` (papermill's
 convention), and writes an executed copy with the outputs a reader expects: what a cell printed, the
 value of its last expression, and every figure shown with ``plt.show()`` as a PNG. ``display(x)``
-prints like a last expression. A failing cell stops the run; the copy is written up to and including
+prints like a last expression. A parameter the notebook does not define (a name not assigned in its
+``parameters`` cell, e.g. ``-p n_chain 3`` for ``n_chains``) is refused before anything runs
+(``UnknownParameterError``, exit status 2): papermill would only warn and run on the defaults. A failing cell stops the run; the copy is written up to and including
 that cell (its traceback as an error output) and the exit status is 1.
 
 It needs only the standard library, matplotlib and what the notebooks import. The results that matter
@@ -19,6 +21,7 @@ import argparse
 import ast
 import base64
 import contextlib
+import difflib
 import io
 import json
 import os
@@ -34,6 +37,11 @@ class NotebookError(RuntimeError):
     """A cell of the notebook raised; the message names the cell and ends with the exception."""
 
 
+class UnknownParameterError(ValueError):
+    """A parameter given for a notebook that its ``parameters`` cell does not define; the message
+    names the parameter, the notebook and the parameters it does define."""
+
+
 def _source(cell: dict[str, Any]) -> str:
     return cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
 
@@ -45,11 +53,58 @@ def parameters_cell(parameters: dict[str, Any]) -> dict[str, Any]:
             "metadata": {"tags": ["injected-parameters"]}, "outputs": [], "source": "\n".join(lines) + "\n"}
 
 
+def _tagged(notebook: dict[str, Any], tag: str) -> list[int]:
+    return [i for i, c in enumerate(notebook["cells"]) if tag in c.get("metadata", {}).get("tags", [])]
+
+
+def notebook_parameters(notebook: dict[str, Any]) -> list[str] | None:
+    """The names assigned at the top level of the first cell tagged ``parameters`` (``x = 1``,
+    ``x: int = 1``, ``a, b = 1, 2``), in order; None if no cell is tagged. Read with ``ast``,
+    not run."""
+    tagged = _tagged(notebook, "parameters")
+    if not tagged:
+        return None
+    names: list[str] = []
+    for node in ast.parse(_source(notebook["cells"][tagged[0]])).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        names += [name for target in targets for name in _assigned(target) if name not in names]
+    return names
+
+
+def _assigned(target: ast.expr) -> list[str]:
+    """The names an assignment target binds (``d["k"] = 1`` binds none: it changes ``d``)."""
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [name for element in target.elts for name in _assigned(element)]
+    return _assigned(target.value) if isinstance(target, ast.Starred) else []
+
+
+def check_parameters(notebook: dict[str, Any], parameters: dict[str, Any], source: str | Path) -> None:
+    """Refuse (``UnknownParameterError``) every parameter that ``notebook`` (read from ``source``)
+    does not define in its ``parameters`` cell, naming it, its closest known name and all known ones."""
+    known = notebook_parameters(notebook)
+    unknown = [name for name in parameters if known is None or name not in known]
+    if not unknown:
+        return
+    if known is None:
+        raise UnknownParameterError(f"{source}: parameter(s) {', '.join(map(repr, unknown))} given, but the "
+                                    "notebook has no cell tagged 'parameters', so it takes none; tag the cell "
+                                    "that assigns its parameters, or run it without -p")
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise UnknownParameterError(f"{source}: unknown parameter(s) {', '.join(hints)}; the notebook's "
+                                f"'parameters' cell defines: {', '.join(known) or '(nothing)'}")
+
+
 def with_parameters(notebook: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``notebook`` with ``parameters_cell`` after its cell tagged ``parameters`` (or
     first, if none is tagged), as papermill does."""
     cells = list(notebook["cells"])
-    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    tagged = _tagged(notebook, "parameters")
     if parameters:
         cells.insert(tagged[0] + 1 if tagged else 0, parameters_cell(parameters))
     return {**notebook, "cells": cells}
@@ -122,14 +177,17 @@ def execute_notebook(input_path: str | Path, output_path: str | Path, parameters
                      cwd: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Execute ``input_path`` with ``parameters`` (in ``cwd``, default the notebook's folder) and
     write the executed copy to ``output_path``; ``log`` gets one line per cell. Raises
-    ``NotebookError`` naming the failing cell (the copy is written first)."""
+    ``UnknownParameterError`` before anything runs if a parameter is not one of the notebook's
+    (``check_parameters``), ``NotebookError`` naming the failing cell (the copy is written first)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     plt.close("all")  # a figure left open by the caller is not this notebook's
-    notebook = with_parameters(json.loads(Path(input_path).read_text()), parameters or {})
+    source = json.loads(Path(input_path).read_text())
+    check_parameters(source, parameters or {}, input_path)
+    notebook = with_parameters(source, parameters or {})
     namespace: dict[str, Any] = {"__name__": "__main__"}
     previous = Path.cwd()
     os.chdir(cwd or Path(input_path).resolve().parent)
@@ -187,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             parameters[name] = value
     try:
         execute_notebook(args.input, args.output, parameters, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except UnknownParameterError as error:  # nothing ran: a usage error, as argparse's own
+        print(f"flatlib.script: {error}", file=sys.stderr)
+        return 2
     except NotebookError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1

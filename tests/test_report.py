@@ -47,3 +47,53 @@ def test_report_lists_claims_and_keeps_the_last_good_run(figures):
     from flatlib.claims import DESIGN_CHANGES, RULE_CHANGES
     assert all(f"| {change[0]} |" in text for change in RULE_CHANGES + DESIGN_CHANGES)  # every change is printed
     assert write_report("smoke").read_text() == text
+
+
+def test_a_truncated_claims_file_is_named_and_the_rest_is_reported(figures):
+    """It used to crash the report with a bare JSONDecodeError naming no file."""
+    from flatlib.report import DamagedFileError, damaged_files
+
+    record_claims("smoke", "03_model_size", [claim()])
+    path = figures / "smoke" / "claims" / "02_pretraining_to_optimality.json"
+    path.write_text((figures / "smoke" / "claims" / "03_model_size.json").read_text()[:50])
+    text = render_report("smoke")
+    assert "## Damaged files" in text and "`claims/02_pretraining_to_optimality.json`" in text
+    assert "not valid JSON" in text and "### 03_model_size" in text and "In short: 1 yes" in text
+    with pytest.raises(DamagedFileError, match=str(path)):
+        load_claims("smoke")
+    assert [e.path for e in damaged_files("smoke")] == [str(path)]
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda c: c.pop("held"), r"claim 1 \('trace falls'\) has no 'held'"),
+    (lambda c: c.update(held="maybe"), r"claim 1 \('trace falls'\): held: expected one of"),
+    (lambda c: c.update(colour="red"), r"claim 1 \('trace falls'\): .*colour"),
+])
+def test_a_claim_that_is_not_a_claim_names_its_file_and_its_number(figures, edit, problem):
+    import json
+
+    from flatlib.report import DamagedFileError
+
+    path = record_claims("smoke", "03_model_size", [claim()])
+    data = json.loads(path.read_text())
+    edit(data["claims"][0])
+    path.write_text(json.dumps(data))
+    with pytest.raises(DamagedFileError, match=f"{path}: {problem}"):
+        load_claims("smoke")
+    assert "`claims/03_model_size.json`" in render_report("smoke")
+
+
+def test_a_damaged_runs_record_is_kept_aside_and_the_results_recorded_afresh(figures):
+    import json
+
+    from flatlib.report import DamagedFileError
+
+    result = {"notebook": "03_model_size.ipynb", "ok": True, "seconds": 60.0, "error": ""}
+    path = record_runs("smoke", [result])
+    path.write_text(path.read_text()[:30])
+    with pytest.raises(DamagedFileError, match=f"{path}: not valid JSON.*kept as {path}.damaged"):
+        record_runs("smoke", [{**result, "notebook": "01_synthetic_languages.ipynb"}])
+    assert set(json.loads(path.read_text())) == {"01_synthetic_languages"}
+    assert (figures / "smoke" / "claims" / "_runs.json.damaged").read_text().startswith("{")
+    path.write_text(json.dumps({"01_synthetic_languages": {"ok": "yes", "seconds": 1.0}}))
+    assert "the entry of '01_synthetic_languages'" in render_report("smoke")

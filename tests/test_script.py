@@ -103,3 +103,47 @@ def test_reproduce_runs_the_notebooks_as_scripts_in_fresh_processes(tmp_path, mo
     path.write_text(json.dumps(notebook("raise KeyError('x')")))
     with pytest.raises(NotebookError, match="KeyError"):
         execute_in_subprocess(str(path), str(tmp_path / "out.ipynb"), cwd=str(tmp_path))
+
+
+PARAMETERS = 'profile = "cpu"  # smoke | cpu\nseed: int = 0\nn_chains = None\nlow, high = 0.1, 0.9'
+
+
+def test_an_unknown_parameter_is_refused_naming_it_the_close_match_and_the_known_ones(tmp_path):
+    """`-p n_chain 3` for `n_chains` used to run the notebook on its defaults and exit 0."""
+    from flatlib.script import UnknownParameterError
+
+    nb = notebook(("x = 1", ["other"]), (PARAMETERS, ["parameters"]), "open('ran.txt', 'w').write('ran')")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    with pytest.raises(UnknownParameterError) as error:
+        execute_notebook(path, tmp_path / "out.ipynb", {"n_chain": 3, "seed": 1})
+    message = str(error.value)
+    assert "'n_chain'" in message and "did you mean 'n_chains'" in message and str(path) in message
+    assert "profile, seed, n_chains, low, high" in message  # the known ones, in the cell's order
+    assert not (tmp_path / "ran.txt").exists() and not (tmp_path / "out.ipynb").exists()  # nothing ran
+    execute_notebook(path, tmp_path / "out.ipynb", {"n_chains": 3, "seed": 1, "high": 0.5})  # known: runs
+    assert (tmp_path / "ran.txt").read_text() == "ran"
+
+
+def test_a_notebook_without_a_parameters_cell_takes_no_parameter(tmp_path):
+    from flatlib.script import UnknownParameterError, notebook_parameters
+
+    nb = notebook("profile = 'cpu'")  # assigned, but not in a cell tagged 'parameters'
+    assert notebook_parameters(nb) is None
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    with pytest.raises(UnknownParameterError, match=r"'profile'.*no cell tagged 'parameters'"):
+        execute_notebook(path, tmp_path / "out.ipynb", {"profile": "smoke"})
+    execute_notebook(path, tmp_path / "out.ipynb")  # without parameters it runs
+
+
+def test_the_command_line_refuses_a_misspelt_parameter(tmp_path):
+    nb = notebook((PARAMETERS, ["parameters"]), "print(n_chains)")
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb"),
+                           "-p", "n_chain", "3"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "n_chain" in done.stderr and "n_chains" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.ipynb").exists()
