@@ -3,15 +3,20 @@ accuracy per task (``PROBES``), and the raw and gauge-invariant Hessian traces; 
 gauge of one model, the trace after widening, fine-tuning, and the lookup-table probe.
 
 A checkpoint's measurements are cached in its run directory (``evals/<step>_<protocol hash>.json``,
-written atomically), keyed by everything that determines them, so notebooks that revisit a model
+written atomically under a lock, then its SHA-256 beside it: a damaged entry is set aside and
+measured again), keyed by everything that determines them, so notebooks that revisit a model
 (02, 05) read the numbers instead of recomputing them. ``measure_many`` runs many in worker
 processes. Which runs the notebooks train is ``flatlib.experiments``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
-from collections.abc import Callable
+import os
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,7 @@ from flatlib.languages import HMM, Corpus, Language, build_language
 from flatlib.model import rescale_norms, widen
 from flatlib.objective import ValidationSet, derived_seed, evaluate, validation_set
 from flatlib.pool import PoolError, run_jobs
-from flatlib.runs import Run, atomic_write, canonical_json, config_hash
+from flatlib.runs import Run, atomic_write, canonical_json, config_hash, file_lock, writable
 from flatlib.train import PretrainConfig, load_model
 
 
@@ -201,12 +206,75 @@ def measure_checkpoints(checkpoints: list[tuple[Run, int]], protocol: Protocol =
 
 
 # ---------------------------------------------------------------------------- traces in one parameterization
+def _digest_path(path: Path) -> Path:
+    return path.with_suffix(".sha256")
+
+
+def read_cached(path: Path) -> dict[str, Any] | None:
+    """The cached measurement at ``path``, checked against the SHA-256 beside it (written after it, as
+    a checkpoint's is); None when there is none. A damaged entry (digest mismatch, unreadable JSON) is
+    never used: it is renamed ``<name>.corrupt`` with a warning naming it, and None is returned, so
+    the measurement is computed again (each is a deterministic function of the checkpoint and the
+    protocol). An entry from before the digests (no ``.sha256``) is adopted if it parses: it was
+    written atomically, whole."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    digest = _digest_path(path)
+    recorded = digest.read_text().strip() if digest.exists() else None
+    problem = None
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        problem = "does not match the SHA-256 recorded beside it (edited or truncated)"
+    else:
+        try:
+            value = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            value, problem = None, f"is not valid JSON ({error})"
+        if problem is None and not isinstance(value, dict):
+            problem = f"holds a {type(value).__name__}, not a measurement"
+    if problem is not None:
+        aside = path.with_name(path.name + ".corrupt")
+        warnings.warn(f"{path} {problem}: not used; moved to {aside.name} and measured again", stacklevel=2)
+        with contextlib.suppress(OSError):  # a read-only store: leave it, it is ignored all the same
+            os.replace(path, aside)
+            digest.unlink(missing_ok=True)
+        return None
+    if recorded is None:
+        with contextlib.suppress(OSError):
+            atomic_write(digest, hashlib.sha256(data).hexdigest())
+    return value
+
+
 def _cached(path: Path, compute: Any) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    atomic_write(path, json.dumps(result, indent=1))
-    return result
+    """``compute()``'s result, read from the cache entry ``path`` when it holds a good one (see
+    ``read_cached``), else computed under the entry's lock (a second process measuring the same
+    entry waits, then reads it) and written. A store that cannot be written (read-only) is measured
+    uncached, with a warning."""
+    cached = read_cached(path)
+    if cached is not None:
+        return cached
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path.parent / f".{path.name}.lock", f"it is computing {path.name}"))
+        except OSError as error:
+            if writable(error):
+                raise
+            warnings.warn(f"{error}; measuring without the cache", stacklevel=2)
+            return compute()
+        cached = read_cached(path)  # another process may have written it while this one waited
+        if cached is not None:
+            return cached
+        result = compute()
+        data = json.dumps(result, indent=1)
+        try:
+            atomic_write(path, data)
+            atomic_write(_digest_path(path), hashlib.sha256(data.encode()).hexdigest())
+        except OSError as error:
+            if writable(error):
+                raise
+            warnings.warn(f"{error}; the measurement is returned but not cached", stacklevel=2)
+        return result
 
 
 def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
@@ -326,7 +394,9 @@ def _kind(kind: str) -> tuple[Callable[..., dict[str, Any]], Callable[..., Path]
 def is_cached(kind: str, run: Run, step: int, protocol: Protocol = Protocol(), **kwargs: Any) -> bool:
     """Whether ``measure_many(kind, [(run, step, kwargs)], protocol)`` would read its result from the
     cache (and so cost nothing)."""
-    return _kind(kind)[1](run, step, protocol, **kwargs).exists()
+    path = _kind(kind)[1](run, step, protocol, **kwargs)
+    return path.exists() and (not _digest_path(path).exists()
+                              or hashlib.sha256(path.read_bytes()).hexdigest() == _digest_path(path).read_text().strip())
 
 
 def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
@@ -341,8 +411,9 @@ def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict
 def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protocol: Protocol = Protocol(),
                  workers: int = 1, threads_per_worker: int = 1) -> list[dict[str, Any]]:
     """Run one of the cached measurements (``kind``: "checkpoint", "widened_trace" or "finetune") for
-    every ``(run, step, keyword arguments)`` of ``items``, in ``workers`` spawned single-threaded
-    processes (or in this process for ``workers == 1``). Same numbers whichever way (each is a
+    every ``(run, step, keyword arguments)`` of ``items``, in ``workers`` spawned processes of
+    ``threads_per_worker`` threads each (or in this process for ``workers == 1``, at that thread count
+    for the call). Same numbers whichever way (each is a
     function of the checkpoint, the protocol and the arguments); cached ones cost nothing. In workers,
     an item that fails (or whose worker dies: ``flatlib.pool``) does not stop the others; then
     ``flatlib.pool.PoolError`` lists the failed items with their causes."""
@@ -352,18 +423,19 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
     results: list[dict[str, Any] | None] = [None] * len(items)
     todo = []
     for index, (run, step, kwargs) in enumerate(items):
-        cached = path(run, step, protocol, **kwargs)
-        if cached.exists():
-            results[index] = json.loads(cached.read_text())
-        else:
+        results[index] = read_cached(path(run, step, protocol, **kwargs))
+        if results[index] is None:
             todo.append(index)
     shown = progress.start(f"measuring ({kind})", len(todo), "measurements", skipped=len(items) - len(todo))
-    if workers == 1 or len(todo) <= 1:
-        for index in todo:
-            run, step, kwargs = items[index]
-            results[index] = measure(run, step, protocol=protocol, **kwargs)
-            shown.advance()
-    else:
+    if workers == 1:
+        # at the workers' thread count, whatever this process's: float reductions differ at ~1e-9 with it,
+        # and a resumed measurement must be the number an uninterrupted run would have cached
+        with _threads(threads_per_worker):
+            for index in todo:
+                run, step, kwargs = items[index]
+                results[index] = measure(run, step, protocol=protocol, **kwargs)
+                shown.advance()
+    elif todo:  # even one left goes to a worker, at the same thread count as the others'
         # the widest models first (a measurement's cost grows with the width: 6 s at 16, 60 s at 128 on the cpu
         # profile), so that no long one starts last while the other workers idle; results keep the items' order
         todo.sort(key=lambda i: -items[i][0].config["model"]["d_model"])
@@ -380,6 +452,17 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
             raise PoolError(f"{len(failed)} of {len(items)} measurements failed:\n" + "\n".join(failed))
     shown.finish()
     return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measurement_row(m: dict[str, Any]) -> dict[str, Any]:

@@ -10,15 +10,21 @@ unfinished future with ``BrokenProcessPool``; ``run_jobs`` builds on that:
   stopped with it) is run once more *alone*: a job that kills its worker alone is reported failed
   with the cause, one that died only by accident (two big jobs out of memory together) finishes.
 
-Every job finishes or fails; the call always returns. Workers are spawned (fork would copy torch's
+Every job finishes or fails; the call always returns. Workers die with the process that started
+them (``die_with_parent``), so a killed notebook kernel leaves no orphan computing. Workers are spawned (fork would copy torch's
 thread pools and locks). Used by ``flatlib.sweep.run_configs(backend="local")`` and
 ``flatlib.measure.measure_many``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +37,7 @@ from flatlib.progress import ENV
 WORKER_DIED = ("its worker process died (killed by a signal, e.g. SIGKILL or the out-of-memory "
                "killer) twice, the second time running alone")
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _started: Any = None  # in a worker: the queue on which it announces each job it starts
 
 
@@ -50,10 +57,34 @@ class Outcome:
         return not self.error
 
 
-def _init_worker(started: Any) -> None:
+def _init_worker(started: Any, parent: int) -> None:
     global _started
     _started = started
     os.environ.pop(ENV, None)  # only the process that counts the jobs reports progress (flatlib.progress)
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end when ``parent`` does, even by SIGKILL (a kernel killed from JupyterLab,
+    the out-of-memory killer), instead of computing on, orphaned, for minutes. On Linux the kernel
+    sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread
+    polls the parent's pid. Either way, a parent already gone by now ends this process at once."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="flatlib-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _call(function: Callable[[Any], Any], index: int, job: Any) -> Any:
@@ -69,7 +100,7 @@ def _run_pool(function: Callable[[Any], Any], jobs: list[Any], indices: list[int
     started = context.SimpleQueue()
     lost = []
     with ProcessPoolExecutor(min(workers, len(indices)), mp_context=context, initializer=_init_worker,
-                             initargs=(started,)) as pool:
+                             initargs=(started, os.getpid())) as pool:
         futures = {pool.submit(_call, function, i, jobs[i]): i for i in indices}
         for future in as_completed(futures):
             index = futures[future]
