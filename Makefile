@@ -24,11 +24,15 @@ venv: $(INSTALLED)
 figures: $(INSTALLED)
 	$(BIN)/python -m flatlib.reproduce --profile $(PROFILE)
 
-# unit tests, then every notebook executed at profile smoke and checked by nbval
+# the unit tests and every notebook at profile smoke, each notebook executed once, by nbval (papermill only
+# injects the parameter); two pytest workers, a notebook's cells all in one (--dist loadfile)
 test: $(INSTALLED)
-	rm -rf build/smoke
-	$(BIN)/python -m flatlib.reproduce --profile smoke --out build/smoke
-	$(BIN)/python -m pytest --nbval-lax tests build/smoke
+	rm -rf build/smoke && mkdir -p build/smoke
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+	  $(BIN)/papermill --prepare-only --log-level WARNING -k python3 -p profile smoke $$nb build/smoke/$$(basename $$nb) \
+	    || exit 1; \
+	done
+	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval-lax tests build/smoke
 
 # refresh the reviewable py:percent twin of every notebook (jupytext), or the notebook from an edited twin
 pairs: $(INSTALLED)

@@ -177,7 +177,7 @@ size.claims_table(claims)
 # Bayes accuracy plus a tolerance. It prints one rounded summary with the computed verdict.
 
 # %%
-# NBVAL_CHECK_OUTPUT
+# the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 size.check_measurements(M, max_change, measurements.lookup)  # raises AssertionError if any check fails
 print(size.summary(P, D, M, claims))
 record_claims(P["profile"], size.NOTEBOOK, claims, {"seeds": D.seeds, "languages": D.languages, "widths": D.widths})

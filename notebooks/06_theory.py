@@ -249,7 +249,7 @@ pd.DataFrame([vars(c) for c in claims])[["claim", "ours", "held"]]
 # interval is finite, GD's gap stays zero, the flow stays on the optimal set; and it prints one rounded summary with the verdicts.
 
 # %%
-# NBVAL_CHECK_OUTPUT
+# the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 problems = [message for v in verdicts for message in v.failed_checks()]
 assert not problems, problems
 lines = [f"06_theory · profile={P['profile']} · seed={P['seed']}"] + [v.summary() for v in verdicts]

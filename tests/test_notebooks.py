@@ -29,7 +29,7 @@ def test_notebook_is_committed_clean(path):
     assert "parameters" in first["metadata"].get("tags", []), "first code cell must be tagged parameters"
     source = "".join(first["source"])
     assert "profile =" in source and "seed =" in source
-    assert any("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in cells), "no nbval-checked summary"
+    assert any("nbval fails the notebook" in "".join(c["source"]) for c in cells), "no checked summary cell"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
