@@ -11,10 +11,21 @@ recorded claim (``claims/*.json``) it compares the working tree with a git revis
 reports each changed number's difference in units of its own SE, and flags every claim whose verdict
 ("held") changed.
 
+Two numbers within a relative floor of each other (``--floor``, default 1e-9: float noise) are equal,
+whatever their SE: a number with a degenerate CI (an SE of 5e-18) would otherwise be flagged at
+hundreds of SE for a difference in its last bits. The floor applies to floats only: counts (integer
+columns) compare exactly. Exact zeros have no relative floor: 0 against 1e-17 is still a change.
+
+A file that cannot be read on either side (a truncated claims JSON, a claim without its ``held``, a
+CSV that is not text) is named with its side (the working tree, or the revision), left out, and the
+rest is compared; the exit status is then 3 (1 is a changed verdict under ``--strict``, 2 a
+comparison that could not run at all). ``claims/_runs.json`` (wall times) is never compared.
+
 Uncertainty columns follow the naming the notebooks use: ``x_se``, ``x se``, ``x ± se`` (a standard
 error), ``x ci95`` (a 95% CI half-width), ``x low`` / ``x high`` (CI bounds), and cells printed as
 ``"0.008 ± 0.001"`` (mean ± 95% CI, the 04 tables). When ``x`` itself is not a column, the uncertainty
-belongs to the column just before it (``MLM optimum``, ``MLM ± se``). A CI half-width counts as
+belongs to the column just before it (``MLM optimum``, ``MLM ± se``); so do columns named just ``low``
+and ``high`` (the verdict tables' 95% CI of their ``effect`` or ``delta``). A CI half-width counts as
 1.96 SE (a normal approximation; the CIs over 3 seeds are t-based and wider, so differences in those
 units look smaller than they are). Numbers without an uncertainty get a relative difference.
 """
@@ -23,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +47,20 @@ import pandas as pd
 
 from flatlib.plotting import figures_dir
 from flatlib.profiles import PROFILES
+from flatlib.report import DamagedFileError, parse_claims
 
 # suffix -> kind; longest first, so "x ± se" is not read as "x ±" + " se"
 SUFFIXES = ((" ± se", "SE"), ("_se", "SE"), (" se", "SE"), (" ci95", "CI"), (" low", "CI"), (" high", "CI"))
+# whole names: a bare interval belongs to the column before it ("flow" or "below" are values)
+NAMES = {"low": "CI", "high": "CI"}
 PLUS_MINUS = re.compile(r"^\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*±\s*([\d.]+(?:[eE][-+]?\d+)?)\s*$")
 Z_95 = 1.96
+REL_FLOOR = 1e-9   # |new - ref| <= REL_FLOOR * max(|new|, |ref|): equal (float noise), whatever the SE
+EXIT_VERDICTS, EXIT_CANNOT, EXIT_DAMAGED = 1, 2, 3
+# what to do about a damaged file, in the working tree or committed at the reference revision
+FIX_HERE = "regenerate it (rerun its notebook) or restore the committed one with `git checkout`"
+FIX_COMMITTED = ("the committed file is damaged: compare against another revision (--against) or commit "
+                 "a good one")
 
 
 @dataclass
@@ -78,6 +98,7 @@ class FileDiff:
     status: str = "same"         # same / changed / missing (only in the reference) / new (only here)
     rows: int = 0
     numbers: int = 0             # numbers compared
+    within_floor: int = 0        # numbers that differ by at most the relative floor: counted as equal
     changes: list[Change] = field(default_factory=list)      # numeric cells that differ
     decisions: list[Change] = field(default_factory=list)    # text / True-False cells that differ
     rows_missing: list[str] = field(default_factory=list)
@@ -107,6 +128,8 @@ class Comparison:
     verdicts: list[VerdictChange]  # every claim whose "held" differs, including claims added or removed
     claims_compared: int = 0
     reference_files: int = 0       # CSVs and claims files committed at ``against``
+    damaged: list[str] = field(default_factory=list)  # files left out: each names itself, its side, its fault
+    floor: float = REL_FLOOR
 
     @property
     def changed(self) -> bool:
@@ -138,12 +161,13 @@ def split_plus_minus(df: pd.DataFrame) -> pd.DataFrame:
 def uncertainties(columns: list[str]) -> dict[str, tuple[list[str], str]]:
     """{value column: ([its uncertainty columns], "SE" or "CI")} by the notebooks' naming."""
     found: dict[str, tuple[list[str], str]] = {}
-    is_unc = {c: next(((c[: -len(s)], kind) for s, kind in SUFFIXES if c.endswith(s)), None) for c in columns}
+    is_unc = {c: (c, NAMES[c]) if c in NAMES else next(((c[: -len(s)], kind) for s, kind in SUFFIXES
+                                                         if c.endswith(s)), None) for c in columns}
     for i, col in enumerate(columns):
         if is_unc[col] is None:
             continue
         base, kind = is_unc[col]
-        if base not in columns or is_unc.get(base) is not None:
+        if base == col or base not in columns or is_unc.get(base) is not None:
             # the uncertainty of the column before it ("MLM optimum", "MLM ± se")
             before = [c for c in columns[:i] if is_unc[c] is None]
             if not before:
@@ -197,8 +221,23 @@ def _same(a: object, b: object) -> bool:
     return a == b or (pd.isna(a) and pd.isna(b))
 
 
-def compare_frames(name: str, ref: pd.DataFrame | None, new: pd.DataFrame | None) -> FileDiff:
-    """Cell-by-cell comparison of one CSV, rows aligned by their leading label columns."""
+def within_floor(x: object, y: object, floor: float) -> bool:
+    r"""Whether two finite floats are equal up to the relative floor: :math:`|y - x| \le
+    \text{floor} \cdot \max(|x|, |y|)`."""
+    a, b = float(x), float(y)
+    return math.isfinite(a) and math.isfinite(b) and abs(b - a) <= floor * max(abs(a), abs(b))
+
+
+def _check_floor(floor: float) -> None:
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
+        raise ValueError(f"floor: expected a relative difference in [0, 1), e.g. {REL_FLOOR}, got {floor!r}")
+
+
+def compare_frames(name: str, ref: pd.DataFrame | None, new: pd.DataFrame | None,
+                   floor: float = REL_FLOOR) -> FileDiff:
+    """Cell-by-cell comparison of one CSV, rows aligned by their leading label columns; float cells
+    within the relative ``floor`` of each other are equal (counted in ``within_floor``)."""
+    _check_floor(floor)
     if ref is None or new is None:
         frame = new if ref is None else ref
         return FileDiff(name, "new" if ref is None else "missing", rows=0 if frame is None else len(frame))
@@ -215,10 +254,14 @@ def compare_frames(name: str, ref: pd.DataFrame | None, new: pd.DataFrame | None
     owner = uncertainties(list(a.columns))
     for col in columns:
         numeric = _is_number(a[col]) and _is_number(b[col])
+        exact = pd.api.types.is_integer_dtype(a[col]) and pd.api.types.is_integer_dtype(b[col])  # counts
         for row in rows:
             x, y = a.at[row, col], b.at[row, col]
             diff.numbers += numeric
             if _same(x, y):
+                continue
+            if numeric and not exact and within_floor(x, y, floor):
+                diff.within_floor += 1
                 continue
             change = Change(name, row, col, x, y)
             if not numeric:
@@ -248,14 +291,29 @@ def _width(row: pd.Series, uncs: list[str]) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 # claims
 
-def claim_verdicts(texts: dict[str, str]) -> dict[tuple[str, str], str]:
-    """{(notebook, claim): held} from the claims files' texts."""
-    out = {}
+Verdicts = dict[tuple[str, str], str]
+
+
+def claim_verdicts(texts: dict[str, str | DamagedFileError], source: Callable[[str], str] = str,
+                   remedy: str | None = None) -> tuple[dict[str, Verdicts], dict[str, DamagedFileError]]:
+    """{claims file: {(notebook, claim): held}} of the readable claims files among ``texts`` (their
+    texts by path in the figures folder; ``source(path)`` names one in a message), and the damaged
+    ones by path (``flatlib.report.parse_claims``; ``remedy``: what to do about one)."""
+    out, damaged = {}, {}
     for name, text in texts.items():
-        data = json.loads(text)
-        for c in data.get("claims", []):
-            out[(data.get("notebook", name), c["claim"])] = c["held"]
-    return out
+        try:
+            if isinstance(text, DamagedFileError):
+                raise text
+            data = parse_claims(text, source(name), remedy)
+        except DamagedFileError as error:
+            damaged[name] = error
+            continue
+        out[name] = {(data.get("notebook", name), c["claim"]): c["held"] for c in data["claims"]}
+    return out, damaged
+
+
+def _merged(verdicts: dict[str, Verdicts], leave_out: set[str]) -> Verdicts:
+    return {key: held for name, v in verdicts.items() if name not in leave_out for key, held in v.items()}
 
 
 def compare_verdicts(ref: dict[tuple[str, str], str], new: dict[tuple[str, str], str]) -> list[VerdictChange]:
@@ -274,14 +332,19 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout
 
 
+def _in_repository(folder: Path) -> tuple[Path, str]:
+    """The top of the git checkout holding ``folder``, and ``folder``'s path in it."""
+    top = Path(_git(folder if folder.exists() else folder.parent, "rev-parse", "--show-toplevel").strip())
+    return top, folder.resolve().relative_to(top.resolve()).as_posix()
+
+
 def committed_files(folder: Path, against: str) -> dict[str, str]:
     """{path relative to folder: text} of the CSVs and claims files committed at ``against``."""
-    top = Path(_git(folder if folder.exists() else folder.parent, "rev-parse", "--show-toplevel").strip())
+    top, prefix = _in_repository(folder)
     try:
         _git(top, "rev-parse", "--verify", "--quiet", f"{against}^{{commit}}")
     except RuntimeError:
         raise ValueError(f"--against: {against!r} is not a commit of {top}") from None
-    prefix = folder.resolve().relative_to(top.resolve()).as_posix()
     listed = _git(top, "ls-tree", "-r", "--name-only", against, "--", f"{prefix}/").splitlines()
     wanted = [p[len(prefix) + 1:] for p in listed]
     wanted = [p for p in wanted if _is_compared(p)]
@@ -296,27 +359,70 @@ def _is_compared(path: str) -> bool:
         and not path.startswith("claims/_"))
 
 
-def current_files(folder: Path) -> dict[str, str]:
+def current_files(folder: Path) -> dict[str, str | DamagedFileError]:
+    """{path relative to folder: text} of the compared files in ``folder``; a file that is not UTF-8
+    text is a ``DamagedFileError`` in its place."""
     if not folder.is_dir():
         return {}
     paths = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return {p: (folder / p).read_text() for p in sorted(paths) if _is_compared(p)}
+    return {p: _read_text(folder / p) for p in sorted(paths) if _is_compared(p)}
 
 
-def compare(folder: Path, against: str = "HEAD") -> Comparison:
-    """Compare the CSVs and claims in ``folder`` with those committed at git revision ``against``."""
+def _read_text(path: Path) -> str | DamagedFileError:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as error:
+        return DamagedFileError(path, f"not UTF-8 text ({error})", FIX_HERE)
+
+
+def compare(folder: Path, against: str = "HEAD", floor: float = REL_FLOOR) -> Comparison:
+    """Compare the CSVs and claims in ``folder`` with those committed at git revision ``against``;
+    floats within the relative ``floor`` of each other are equal. A damaged file (either side) is
+    named in ``Comparison.damaged`` and left out; everything else is compared."""
+    _check_floor(floor)
     ref, new = committed_files(folder, against), current_files(folder)
-    files = []
+    prefix = _in_repository(folder)[1]
+
+    def committed(name: str) -> str:
+        return f"{prefix}/{name} at {against}"
+
+    def here(name: str) -> str:
+        return str(folder / name)
+
+    files, damaged = [], []
     for name in sorted(p for p in set(ref) | set(new) if p.endswith(".csv")):
         try:
-            files.append(compare_frames(name, read_csv(ref[name]) if name in ref else None,
-                                        read_csv(new[name]) if name in new else None))
-        except (ValueError, pd.errors.ParserError) as error:  # one unreadable file must not hide the rest
+            files.append(compare_frames(name, _frame(ref, name, committed(name), FIX_COMMITTED),
+                                        _frame(new, name, here(name), FIX_HERE), floor))
+        except ValueError as error:  # one unreadable file must not hide the rest
             files.append(FileDiff(name, f"unreadable: {error}"))
-    ref_v = claim_verdicts({p: t for p, t in ref.items() if p.endswith(".json")})
-    new_v = claim_verdicts({p: t for p, t in new.items() if p.endswith(".json")})
-    return Comparison(against, str(folder), files, compare_verdicts(ref_v, new_v),
-                      len(set(ref_v) | set(new_v)), len(ref))
+            damaged.append(str(error) if isinstance(error, DamagedFileError) else f"{here(name)}: {error}")
+    ref_v, ref_bad = claim_verdicts(_claims_files(ref), committed, FIX_COMMITTED)
+    new_v, new_bad = claim_verdicts(_claims_files(new), here)
+    # a file damaged on one side is left out on both: its claims are unknown, not gone or new
+    leave_out = set(ref_bad) | set(new_bad)
+    damaged += [str(e) for bad in (ref_bad, new_bad) for _, e in sorted(bad.items())]
+    ref_m, new_m = _merged(ref_v, leave_out), _merged(new_v, leave_out)
+    return Comparison(against, str(folder), files, compare_verdicts(ref_m, new_m),
+                      len(set(ref_m) | set(new_m)), len(ref), damaged, floor)
+
+
+def _claims_files(texts: dict[str, str | DamagedFileError]) -> dict[str, str | DamagedFileError]:
+    return {path: text for path, text in texts.items() if path.endswith(".json")}
+
+
+def _frame(texts: dict[str, str | DamagedFileError], name: str, where: str,
+           remedy: str) -> pd.DataFrame | None:
+    """One side's CSV (None if absent); raises ``DamagedFileError`` naming ``where`` if it cannot be read."""
+    text = texts.get(name)
+    if text is None:
+        return None
+    if isinstance(text, DamagedFileError):
+        raise text
+    try:
+        return read_csv(text)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DamagedFileError(where, f"not a readable CSV ({error})", remedy) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +441,10 @@ def format_comparison(c: Comparison, top: int = 8) -> str:
     ``top`` largest differences, the changed decisions, and the rows that exist on one side only."""
     lines = [f"Comparing {c.folder} with the files committed at {c.against}: "
              f"{len(c.files)} CSV files, {c.claims_compared} claims."]
+    if c.damaged:
+        lines += ["", f"!! {len(c.damaged)} DAMAGED FILE(S), left out of the comparison (the rest is "
+                      "compared):"]
+        lines += [f"!!   {d}" for d in c.damaged]
     if not c.reference_files:
         return "\n".join(lines + [f"Nothing is committed there at {c.against}: nothing to compare with."])
     changed = [v for v in c.verdicts if "(absent)" not in (v.ref, v.new)]
@@ -346,15 +456,20 @@ def format_comparison(c: Comparison, top: int = 8) -> str:
         lines += [f"  {v.notebook}: {v.claim}: "
                   + (f"new, held: {v.new}" if v.ref == "(absent)" else f"gone (was held: {v.ref})")
                   for v in c.verdicts if v not in changed]
+    noise = sum(f.within_floor for f in c.files)
+    floor = (f"{noise} number(s) differ by at most {c.floor:g} of their value (the relative floor: float "
+             "noise, counted as equal)")
     if not c.changed:
-        return "\n".join(lines + ["No differences: every number and every verdict is identical."])
+        return "\n".join(lines + ["No differences: every number and every verdict is identical."
+                                   + (f" Only {floor}." if noise else "")])
     changes = [ch for f in c.files for ch in f.changes]
     decisions = [d for f in c.files for d in f.decisions]
     lines += _file_table(c.files) + _largest(changes, top) + _decisions(decisions) + _one_sided(c.files, top)
     numbers, beyond = sum(f.numbers for f in c.files), sum(f.beyond for f in c.files)
     lines += ["", f"In short: {len(changes)} of {numbers} numbers differ, {beyond} of them beyond their own "
                   f"95% uncertainty; {len(decisions)} text/True-False cells differ; {len(changed)} claim "
-                  f"verdict(s) changed, {len(c.verdicts) - len(changed)} claim(s) on one side only."]
+                  f"verdict(s) changed, {len(c.verdicts) - len(changed)} claim(s) on one side only"
+                  + (f"; {floor}." if noise else ".")]
     return "\n".join(lines)
 
 
@@ -441,14 +556,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=8, help="how many of the largest differences to list")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a claim's verdict changed (or a claim is on one side only)")
+    parser.add_argument("--floor", type=float, default=REL_FLOOR,
+                        help="relative difference up to which two floats are equal, whatever their SE")
     args = parser.parse_args(argv)
     try:
-        result = compare(figures_dir(args.profile), args.against)
+        result = compare(figures_dir(args.profile), args.against, args.floor)
     except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
         print(f"flatlib.compare: cannot compare: {error}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT
     print(format_comparison(result, args.top))
-    return 1 if args.strict and result.verdicts else 0
+    if result.damaged:
+        return EXIT_DAMAGED
+    return EXIT_VERDICTS if args.strict and result.verdicts else 0
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def parse_claims(text: str, source: str | Path, remedy: str | None = None) -> di
     object whose ``claims`` is a list of objects, each with a non-empty ``claim`` text and its verdict
     ``held`` (a text; ``Claim`` checks its value). Raises ``DamagedFileError`` naming ``source``;
     ``remedy``: what to do about it (default: rerun the notebook or restore the file from git)."""
-    remedy = remedy or (f"rerun its notebook ({Path(source).stem}), which records its claims again, or restore "
-                        f"the committed file with `git checkout -- {source}`")
+    remedy = remedy or (f"rerun its notebook ({Path(source).stem}), which records its claims again, or "
+                        f"restore the committed file with `git checkout -- {source}`")
     try:
         data = json.loads(text)
     except ValueError as error:
@@ -90,7 +90,8 @@ def parse_claims(text: str, source: str | Path, remedy: str | None = None) -> di
         if not isinstance(c, dict) or not isinstance(c.get("claim"), str) or not c["claim"]:
             raise DamagedFileError(source, f"claim {k} has no 'claim' text", remedy)
         if not isinstance(c.get("held"), str):
-            what = "has no 'held' (its verdict)" if "held" not in c else f"has 'held' = {c['held']!r}, not a verdict"
+            what = ("has no 'held' (its verdict)" if "held" not in c
+                    else f"has 'held' = {c['held']!r}, not a verdict")
             raise DamagedFileError(source, f"claim {k} ({c['claim']!r}) {what}", remedy)
     return data
 
@@ -117,9 +118,9 @@ def read_runs(path: Path) -> dict[str, dict[str, Any]]:
 
 def _is_run(r: object) -> bool:
     """Whether ``r`` is one notebook's entry of ``_runs.json``, with the types the report uses."""
-    return (isinstance(r, dict) and isinstance(r.get("ok"), bool) and isinstance(r.get("seconds"), (int, float))
-            and not isinstance(r["seconds"], bool) and isinstance(r.get("when"), str)
-            and isinstance(r.get("error"), str))
+    return (isinstance(r, dict) and isinstance(r.get("ok"), bool)
+            and isinstance(r.get("seconds"), (int, float)) and not isinstance(r["seconds"], bool)
+            and isinstance(r.get("when"), str) and isinstance(r.get("error"), str))
 
 
 def claims_dir(profile: str) -> Path:
@@ -210,8 +211,8 @@ def record_runs(profile: str, results: list[dict[str, Any]]) -> Path:
     atomic_write(path, json.dumps(runs, indent=1, sort_keys=True))
     if damage is not None:
         raise DamagedFileError(path, damage.problem, f"kept as {kept}; this run's results are in a fresh "
-                                                     f"{path.name}, without earlier runs' wall times (read them in "
-                                                     "the kept copy, then delete it)")
+                                                     f"{path.name}, without earlier runs' wall times (read "
+                                                     "them in the kept copy, then delete it)")
     return path
 
 
@@ -305,7 +306,8 @@ def render_report(profile: str) -> str:
     lines += _changes("Changes of a rule after results it judges were seen:", "rule", RULE_CHANGES)
     lines += _changes("Changes of what is run or measured (not of a rule), made or considered after results they "
                       "affect were seen:", "what", DESIGN_CHANGES)
-    lines.insert(lines.index("## Damaged files" if damaged else "## Notebooks"), "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
+    lines.insert(lines.index("## Damaged files" if damaged else "## Notebooks"),
+                 "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
 

@@ -110,8 +110,9 @@ class _UnknownParameterFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith("Passed unknown parameter"):
-            raise UnknownParameterError(f"{self.notebook}: papermill: {message} (not assigned in the notebook's "
-                                        "'parameters' cell: papermill would run the notebook on its defaults)")
+            raise UnknownParameterError(f"{self.notebook}: papermill: {message} (not assigned in the "
+                                        "notebook's 'parameters' cell: papermill would run the notebook on "
+                                        "its defaults)")
         return True
 
 
@@ -161,8 +162,8 @@ def run_notebooks(profile: str, out_dir: Path, only: list[str] | None = None, ke
             start = time.perf_counter()
             try:
                 check_parameters(json.loads(path.read_text()), {"profile": profile}, path)
-                with _environ(progress.ENV, str(status)), _stderr_to(log), progress.Monitor(status, printer), \
-                        unknown_parameters_are_errors(str(path)):
+                with _environ(progress.ENV, str(status)), _stderr_to(log), \
+                        progress.Monitor(status, printer), unknown_parameters_are_errors(str(path)):
                     execute(str(path), str(partial), parameters={"profile": profile}, kernel_name=kernel,
                             cwd=str(NOTEBOOKS), progress_bar=False)
             except KeyboardInterrupt:

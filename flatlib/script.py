@@ -7,8 +7,9 @@ convention), and writes an executed copy with the outputs a reader expects: what
 value of its last expression, and every figure shown with ``plt.show()`` as a PNG. ``display(x)``
 prints like a last expression. A parameter the notebook does not define (a name not assigned in its
 ``parameters`` cell, e.g. ``-p n_chain 3`` for ``n_chains``) is refused before anything runs
-(``UnknownParameterError``, exit status 2): papermill would only warn and run on the defaults. A failing cell stops the run; the copy is written up to and including
-that cell (its traceback as an error output) and the exit status is 1.
+(``UnknownParameterError``, exit status 2): papermill would only warn and run on the defaults. A
+failing cell stops the run; the copy is written up to and including that cell (its traceback as an
+error output) and the exit status is 1.
 
 It needs only the standard library, matplotlib and what the notebooks import. The results that matter
 are the ones the notebooks write themselves (figures/, the run store, claims); the executed copy is
@@ -89,9 +90,9 @@ def check_parameters(notebook: dict[str, Any], parameters: dict[str, Any], sourc
     if not unknown:
         return
     if known is None:
-        raise UnknownParameterError(f"{source}: parameter(s) {', '.join(map(repr, unknown))} given, but the "
-                                    "notebook has no cell tagged 'parameters', so it takes none; tag the cell "
-                                    "that assigns its parameters, or run it without -p")
+        raise UnknownParameterError(f"{source}: parameter(s) {', '.join(map(repr, unknown))} given, but "
+                                    "the notebook has no cell tagged 'parameters', so it takes none; tag "
+                                    "the cell that assigns its parameters, or run it without -p")
     hints = []
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)

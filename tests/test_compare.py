@@ -128,3 +128,111 @@ def test_a_ci_from_low_and_high_bounds_is_its_half_width():
     (change,) = compare_frames("05.csv", ref, new).changes
     assert change.from_ci and change.se == pytest.approx(0.42 / 1.96)
     assert change.sigmas == pytest.approx(0.42 / (0.42 / 1.96))
+
+
+# ---------------------------------------------------------------------------------------------------
+# damaged files: named, left out, the rest compared, exit status 3
+
+def test_a_truncated_claims_file_is_named_and_everything_else_still_compared(repo, monkeypatch, capsys):
+    """It used to drop the whole comparison with "cannot compare: Expecting ',' delimiter" naming no file."""
+    frame = pd.read_csv(repo / "02_measurements.csv")
+    frame.loc[0, "gap"] = 0.0083
+    frame.to_csv(repo / "02_measurements.csv", index=False)
+    path = repo / "claims" / "02_x.json"
+    path.write_text(claims("no")[:60])
+    (repo / "claims" / "_runs.json").write_text('{"02_x": {"ok": tr')  # wall times: never compared
+    result = compare(repo, "HEAD")
+    (damaged,) = result.damaged
+    assert damaged.startswith(f"{path}: not valid JSON")
+    assert [f.status for f in result.files] == ["changed"] and result.files[0].changes  # still compared
+    assert result.verdicts == []  # its claims are left out on both sides, not reported as gone
+    text = format_comparison(result)
+    assert "!! 1 DAMAGED FILE(S)" in text and str(path) in text and "gone" not in text
+    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    assert main([]) == 3 and main(["--strict"]) == 3
+    assert str(path) in capsys.readouterr().out
+
+
+def test_a_damaged_committed_claims_file_is_named_with_its_revision(repo):
+    path = repo / "claims" / "02_x.json"
+    path.write_text("{")
+    git(repo.parent, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "damaged")
+    path.write_text(claims("yes"))
+    (damaged,) = compare(repo, "HEAD").damaged
+    assert damaged.startswith("figures/claims/02_x.json at HEAD: not valid JSON") and "--against" in damaged
+
+
+def test_a_claim_without_held_is_a_damaged_file_not_a_changed_verdict(repo, monkeypatch, capsys):
+    """It used to exit 1 with a KeyError traceback, like a changed verdict under --strict."""
+    data = json.loads(claims("yes"))
+    del data["claims"][1]["held"]
+    (repo / "claims" / "02_x.json").write_text(json.dumps(data))
+    result = compare(repo, "HEAD")
+    assert result.verdicts == [] and "claim 2 ('gap is small') has no 'held'" in result.damaged[0]
+    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    assert main(["--strict"]) == 3
+    assert "has no 'held'" in capsys.readouterr().out
+
+
+def test_an_unreadable_csv_is_a_damaged_file_named_with_its_side(repo):
+    (repo / "02_measurements.csv").write_bytes(b"a,b\n\xff\xfe,\x00\n")
+    result = compare(repo, "HEAD")
+    assert result.files[0].status.startswith("unreadable")
+    assert len(result.damaged) == 1 and str(repo / "02_measurements.csv") in result.damaged[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# interval columns named low / high, and the relative floor
+
+VERDICT = """continuation,language,quantity,effect,low,high,lineages,verdict,flow,below
+sgd clock,hmm,trace,-8.99,-12.63,-5.35,3,yes,1.0,2.0
+"""
+
+
+def test_bare_low_and_high_columns_are_the_interval_of_the_column_before_them():
+    assert uncertainties(["effect", "low", "high", "lineages", "flow", "below"]) == {
+        "effect": (["low", "high"], "CI")}  # 'flow' and 'below' end in 'low' but are values
+    assert uncertainties(["before", "after", "delta", "low", "high", "verdict", "spearman", "spearman low",
+                          "spearman high"]) == {"delta": (["low", "high"], "CI"),
+                                                "spearman": (["spearman low", "spearman high"], "CI")}
+
+
+def test_an_effect_moved_by_its_whole_ci_is_beyond_its_uncertainty():
+    """It showed as "+40% relative, 0 beyond 95%" (the effect had no uncertainty)."""
+    ref = read_csv(VERDICT)
+    new = ref.copy()
+    new.loc[0, "effect"] = -8.99 + 3.64  # moved by the CI's half width: 1.96 SE
+    new.loc[0, "flow"] = 1.1
+    diff = compare_frames("02_verdict.csv", ref, new)
+    by = {c.column: c for c in diff.changes}
+    assert by["effect"].from_ci and by["effect"].se == pytest.approx(3.64 / 1.96)
+    assert by["effect"].sigmas == pytest.approx(1.96)
+    assert by["flow"].sigmas is None  # no uncertainty: a relative difference
+    new.loc[0, "effect"] = -8.99 + 7.28  # the whole CI's width
+    assert compare_frames("02_verdict.csv", ref, new).beyond == 1
+
+
+def test_differences_within_the_relative_floor_are_equal_whatever_their_se(repo, monkeypatch, capsys):
+    """A 9e-16 difference on a value whose SE is 5e-18 (a degenerate CI) was flagged at +178 SE."""
+    ref = read_csv("language,tokens,trace,trace_se\nhmm,10000000000,1.0,5e-18\npcfg,7,2.0,0.1\n")
+    new = ref.copy()
+    new.loc[0, "trace"] = 1.0 + 9e-16
+    new.loc[0, "tokens"] = 10000000001  # a count is exact: a changed count is a change, however small
+    diff = compare_frames("x.csv", ref, new)
+    assert diff.within_floor == 1 and [c.column for c in diff.changes] == ["tokens"]
+    no_floor = {c.column: c for c in compare_frames("x.csv", ref, new, floor=0.0).changes}
+    assert no_floor["trace"].sigmas == pytest.approx(((1.0 + 9e-16) - 1.0) / 5e-18)  # 4 ulp: +178 SE
+    new.loc[1, "trace"] = 2.0 * (1 + 2e-9)  # beyond the floor: compared in SE units as before
+    assert [c.row for c in compare_frames("x.csv", ref, new).changes if c.column == "trace"] == ["pcfg"]
+    with pytest.raises(ValueError, match="floor"):
+        compare_frames("x.csv", ref, new, floor=-1.0)
+    # in the repo: only float noise left, reported as no difference, with how many were within the floor
+    frame = pd.read_csv(repo / "02_measurements.csv")
+    frame.loc[0, "trace"] = 18.0 * (1 + 4e-16)
+    frame.to_csv(repo / "02_measurements.csv", index=False)
+    result = compare(repo, "HEAD")
+    assert not result.changed
+    assert "1 number(s) differ by at most 1e-09 of their value" in format_comparison(result)
+    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    assert main(["--floor", "0"]) == 0 and "1 of 10 numbers differ" in capsys.readouterr().out
+    assert main(["--floor", "-1"]) == 2 and "floor: expected a relative difference" in capsys.readouterr().err

@@ -44,7 +44,8 @@ def test_a_notebook_without_the_profile_parameter_fails_instead_of_running_on_it
     # papermill itself, parameterising and writing the copy, without starting a kernel
     execute = functools.partial(papermill.execute_notebook, prepare_only=True)
     results = reproduce.run_notebooks("smoke", tmp_path / "out", only=["0"], execute=execute)
-    assert [(r.notebook, r.ok) for r in results] == [("01_defines_it.ipynb", True), ("02_lacks_it.ipynb", False)]
+    assert [(r.notebook, r.ok) for r in results] == [("01_defines_it.ipynb", True),
+                                                     ("02_lacks_it.ipynb", False)]
     assert "'profile'" in results[1].error and "02_lacks_it.ipynb" in results[1].error
     assert "seed" in results[1].error  # what it does define
     assert not (tmp_path / "out" / "02_lacks_it.ipynb").exists()
@@ -54,16 +55,17 @@ def test_papermills_unknown_parameter_warning_is_an_error_while_reproduce_runs()
     """Where papermill's reading of a parameters cell and flatlib.script's differ, papermill's warning
     still stops the notebook."""
     logger = logging.getLogger("papermill")
-    with pytest.raises(UnknownParameterError, match="papermill: Passed unknown parameter: n_chain"):
-        with reproduce.unknown_parameters_are_errors("notebooks/06_theory.ipynb"):
-            logger.warning("Passed unknown parameter: n_chain")
+    with pytest.raises(UnknownParameterError, match="papermill: Passed unknown parameter: n_chain"), \
+            reproduce.unknown_parameters_are_errors("notebooks/06_theory.ipynb"):
+        logger.warning("Passed unknown parameter: n_chain")
     logger.warning("Passed unknown parameter: n_chain")  # outside a run: papermill's own warning again
     with reproduce.unknown_parameters_are_errors("x.ipynb"):
         logger.warning("Input notebook does not contain a cell with tag 'parameters'")  # other warnings pass
 
 
 def claim(notebook: str, held: str = "yes") -> Claim:
-    return Claim(claim="trace falls", paper="19.8 -> 12.6", ours="30 ± 2 -> 25 ± 2", held=held, notebook=notebook)
+    return Claim(claim="trace falls", paper="19.8 -> 12.6", ours="30 ± 2 -> 25 ± 2", held=held,
+                 notebook=notebook)
 
 
 def test_damaged_claims_and_runs_files_are_named_and_the_report_is_still_written(figures, tmp_path, capsys):
@@ -83,7 +85,8 @@ def test_damaged_claims_and_runs_files_are_named_and_the_report_is_still_written
     def execute(input_path, output_path, **kwargs):
         Path(output_path).write_text("{}")
 
-    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "01_"], execute=execute)
+    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "01_"],
+                          execute=execute)
     out = capsys.readouterr().out
     assert code == 1
     report = (figures / "smoke" / "REPORT.md").read_text()
