@@ -49,6 +49,10 @@ def test_a_notebook_without_the_profile_parameter_fails_instead_of_running_on_it
     assert "'profile'" in results[1].error and "02_lacks_it.ipynb" in results[1].error
     assert "seed" in results[1].error  # what it does define
     assert not (tmp_path / "out" / "02_lacks_it.ipynb").exists()
+    # without flatlib's own check, papermill's warning stops it
+    monkeypatch.setattr(reproduce, "check_parameters", lambda notebook, parameters, source: None)
+    (again,) = reproduce.run_notebooks("smoke", tmp_path / "out", only=["02_"], execute=execute)
+    assert not again.ok and "papermill: Passed unknown parameter: profile" in again.error
 
 
 def test_papermills_unknown_parameter_warning_is_an_error_while_reproduce_runs():

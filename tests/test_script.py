@@ -147,3 +147,12 @@ def test_the_command_line_refuses_a_misspelt_parameter(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "n_chain" in done.stderr and "n_chains" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out.ipynb").exists()
+
+
+def test_every_notebook_defines_the_profile_that_reproduce_and_make_test_inject():
+    from flatlib.script import check_parameters
+
+    paths = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert paths
+    for path in paths:
+        check_parameters(json.loads(path.read_text()), {"profile": "smoke", "seed": 0}, path)
