@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from flatlib import progress
-from flatlib.checks import check_int, check_seed
+from flatlib.checks import (PROBE_SEED_SCALE, check_bool, check_int, check_names, check_number, check_numbers,
+                            check_seed)
 from flatlib.device import module_device
 from flatlib.downstream import (finetune, linear_probe, lookup_table_features, model_features, pool,
                                 probe_inputs, probe_pooling)
@@ -73,13 +74,38 @@ class Protocol:
     invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
 
     def __post_init__(self) -> None:
-        check_seed("seed", self.seed)
+        """Every field checked now (ValueError naming it), before anything is measured or cached: types
+        exact (a bool is not a number, only a bool is a flag), numbers finite and in range, the seed small
+        enough that every split seed derived from it is valid. ``tasks`` (non-empty names; None for all)
+        is checked against the language where the protocol meets it. Lists, as JSON gives them, become
+        tuples (the key is the same)."""
         for name in ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs", "trace_probes",
                      "trace_batch", "limited_train"):
             check_int(name, getattr(self, name), low=2 if name in ("probe_splits", "trace_probes") else 1)
-        unknown = sorted(set(self.extra_probes) - set(PROBES))
+        if isinstance(self.extra_probes, str) or not isinstance(self.extra_probes, (tuple, list)):
+            raise ValueError(f"extra_probes: expected a tuple of probe names (some of {sorted(PROBES)}), "
+                             f"got {self.extra_probes!r}")
+        unknown = sorted(set(self.extra_probes) - set(PROBES), key=repr)
         if unknown:
             raise ValueError(f"extra_probes: unknown probes {unknown} (expected some of {sorted(PROBES)})")
+        # linear_probe splits the corpus into train, test and validation (test // 2) examples
+        trains = {"probe_train": self.probe_train, **({"limited_train": self.limited_train}
+                                                      if "limited" in self.extra_probes else {})}
+        for name, n_train in trains.items():
+            needed = n_train + self.probe_test + self.probe_test // 2
+            if self.probe_sentences < needed:
+                raise ValueError(f"probe_sentences: expected at least {name} + probe_test + probe_test // 2 "
+                                 f"= {needed} (the probe's splits), got {self.probe_sentences}")
+        check_numbers("probe_l2_grid", self.probe_l2_grid, 0, low_closed=True)
+        check_number("limited_l2", self.limited_l2, 0, low_closed=True)
+        if self.tasks is not None:
+            check_names("tasks", self.tasks)
+        check_bool("invariant_trace", self.invariant_trace)
+        # linear_probe seeds split k with seed * PROBE_SEED_SCALE + k (k < probe_splits)
+        check_seed("seed", self.seed, scale=PROBE_SEED_SCALE, offset=self.probe_splits - 1)
+        for name in ("probe_l2_grid", "tasks", "extra_probes"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def key(self) -> str:
         return config_hash(asdict(self))

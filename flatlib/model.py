@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatlib.checks import check_int
+from flatlib.checks import check_bool, check_int, check_number
 
 N_SPECIAL = 4  # PAD, MASK and two reserved ids (once CLS, EOS)
 
@@ -74,6 +74,9 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "n_layer", "n_head", "d_model", "d_ff"):
             check_int(name, getattr(self, name))
+        check_bool("causal", self.causal)
+        # LayerNorm divides by sqrt(var + eps): eps <= 0 or NaN gives NaN or infinite activations
+        check_number("layer_norm_eps", self.layer_norm_eps)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model: {self.d_model} is not divisible by n_head={self.n_head}")
 

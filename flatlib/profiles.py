@@ -21,7 +21,7 @@ import copy
 import math
 from typing import Any
 
-from flatlib.checks import check_seed
+from flatlib.checks import SEED_LIMIT, check_seed
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
 from flatlib.schema import Dict, Int, Kwargs, ListOf, MapOf, Number, OneOf, Opt, Pair, Seed, Str
 
@@ -296,7 +296,7 @@ PROFILE = Dict(
 
 def get_profile(name: str) -> dict[str, Any]:
     """A copy of the named profile's parameters."""
-    if name not in PROFILES:
+    if not isinstance(name, str) or name not in PROFILES:
         raise ValueError(f"profile: unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     return copy.deepcopy(PROFILES[name])
 
@@ -369,6 +369,7 @@ def _check_relations(params: dict[str, Any]) -> None:
     lineages = max(p["seeds"], p["correlation_seeds"])
     _require(a["held_out_seed"] >= lineages, "algorithms.held_out_seed",
              f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got {a['held_out_seed']!r}")
+    _check_derived_seeds(params)
     taus = c["taus"]
     _require(taus[0] == 0, "clock.taus", f"expected increasing numbers starting with 0 (the anneal-only "
                                          f"control), got {taus!r}")
@@ -377,6 +378,36 @@ def _check_relations(params: dict[str, Any]) -> None:
              f"{taus[1:]} must map to distinct step counts >= 1 at lr {c['lr']} and batch_size "
              f"{c['batch_size']} (got {steps})")
     _check_theory_relations(params["theory"])
+
+
+def _check_derived_seeds(params: dict[str, Any]) -> None:
+    """Every seed the notebooks derive from ``seed`` is valid (< 2**63, ``flatlib.checks.check_seed``):
+    the training seeds ``seed + i`` (i < the lineages), the held-out seed ``seed + held_out_seed``, and
+    the protocol's (``Protocol(**pretraining.protocol, seed=seed)``, checked whole here, whose probe
+    seeds its k-th split with ``seed * 1000 + k``)."""
+    from flatlib.measure import Protocol  # noqa: PLC0415 - measure is heavy; import on use
+
+    p, seed, held_out = params["pretraining"], params["seed"], params["algorithms"]["held_out_seed"]
+    try:
+        Protocol(**p["protocol"], seed=seed)
+    except ValueError as error:  # the protocol's seed is the top-level seed
+        message = str(error)
+        name = "" if message.startswith("seed:") else "pretraining.protocol."
+        raise ValueError(f"{name}{message}") from None
+    check_seed("seed", seed, offset=max(p["seeds"], p["correlation_seeds"]) - 1)
+    _require(seed + held_out < SEED_LIMIT, "algorithms.held_out_seed",
+             f"seed + held_out_seed = {seed + held_out} is the held-out training seed and must be below "
+             f"2**63, got {held_out!r}")
+
+
+# notebook 06 derives seed + 1 (noise), seed + 2 and seed + 10 + i for the i-th (lr, batch_size) config
+# (implicit_bias), and seed + 20 + i for the two solutions of the transfer section (feature, random)
+THEORY_SOLUTIONS = 2
+
+
+def _theory_seed_offset(t: dict[str, Any]) -> int:
+    """The largest ``k`` of the seeds ``seed + k`` notebook 06 derives from its seed."""
+    return max(2, 10 + len(t["implicit_bias"]["configs"]) - 1, 20 + THEORY_SOLUTIONS - 1)
 
 
 def _check_theory_relations(t: dict[str, Any]) -> None:
@@ -417,6 +448,7 @@ def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, An
         else:
             params[key] = value
     THEORY.check("theory", params)
+    check_seed("seed", seed, offset=_theory_seed_offset(params))
     _check_theory_relations(params)
     return {**params, "profile": profile, "seed": seed}
 

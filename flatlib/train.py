@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from flatlib.adversary import Adversary, check_adversarial
-from flatlib.checks import check_int, check_seed
+from flatlib.checks import check_bool, check_int, check_number, check_seed
 from flatlib.device import describe as describe_device
 from flatlib.device import preserved_rng, resolve_device
 from flatlib.languages import Language, build_language, complete_language
@@ -75,31 +75,35 @@ class PretrainConfig:
     adversarial: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        """Every field checked now (ValueError naming it), before a run directory exists: types exact
+        (``flatlib.checks``: a bool is not a number, only a bool is a flag), numbers finite and in range."""
         for name in ("steps", "batch_size", "eval_every", "eval_pairs", "checkpoint_every"):
             check_int(name, getattr(self, name))
         for name in ("warmup_steps", "extra_steps"):
             check_int(name, getattr(self, name), low=0)
-        check_seed("seed", self.seed)
+        check_seed("seed", self.seed)  # every seed derived from it is a 63-bit hash (objective.derived_seed)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"schedule: expected 'constant', 'linear' or 'cosine', got {self.schedule!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr: expected in [0, lr], got {self.min_lr!r}")
-        if not (0 <= self.weight_decay and 0 <= self.momentum < 1):
-            raise ValueError("weight_decay, momentum: expected weight_decay >= 0 and 0 <= momentum < 1")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
-        if self.stop_gap is not None and not self.stop_gap > 0:
-            raise ValueError(f"stop_gap: expected > 0 (an epsilon in nats), got {self.stop_gap!r}")
-        if self.mask_rate is not None and not 0 < self.mask_rate <= 1:
-            raise ValueError(f"mask_rate: expected in (0, 1], got {self.mask_rate!r}")
+        check_number("lr", self.lr)
+        check_number("min_lr", self.min_lr, 0, self.lr, low_closed=True, high_closed=True)
+        check_number("weight_decay", self.weight_decay, low_closed=True)
+        check_number("momentum", self.momentum, 0, 1, low_closed=True)
+        _check_betas(self.betas)
+        object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list; to_dict writes a list
+        check_bool("supervise_all", self.supervise_all)
+        if self.stop_gap is not None:
+            check_number("stop_gap", self.stop_gap)  # an epsilon in nats
+        if self.mask_rate is not None:
+            check_number("mask_rate", self.mask_rate, 0, 1, high_closed=True)
         if self.mask_rate is not None and self.supervise_all:
             raise ValueError("mask_rate: cannot be combined with supervise_all")
         if self.train_sentences is not None:
             check_int("train_sentences", self.train_sentences)
+            if self.train_sentences < self.batch_size:  # a fixed corpus is cut into batches of batch_size
+                raise ValueError(f"train_sentences: expected at least batch_size ({self.batch_size}) sentences, "
+                                 f"got {self.train_sentences}")
         if self.init_from is not None:
             _check_init_from(self.init_from)
         # a rules file is keyed by its contents (frozen dataclass: set the completed spec directly)
@@ -141,6 +145,17 @@ def continuation(base: PretrainConfig, from_step: int, steps: int, **overrides: 
     settings = {"warmup_steps": 0, "schedule": "constant", **overrides}
     return replace(base, steps=steps, init_from={"config": base.to_dict(), "step": from_step},
                    stop_gap=None, extra_steps=0, **settings)
+
+
+def _check_betas(betas: Any) -> None:
+    """Adam's two decay rates: a pair of numbers in [0, 1)."""
+    if isinstance(betas, str) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        try:
+            check_number(f"betas[{i}]", beta, 0, 1, low_closed=True)
+        except ValueError:
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}") from None
 
 
 def _check_init_from(init_from: Any) -> None:

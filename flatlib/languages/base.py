@@ -255,6 +255,13 @@ class LanguageBase:
             raise ValueError("corpus: every sentence needs at least one word")
 
 
+def unknown_task(task: object, language: str, tasks: tuple[str, ...]) -> ValueError:
+    """The error for a task name the language does not have. Where it came from is named, since a
+    ``flatlib.measure.Protocol`` cannot check its ``tasks`` before it meets the language."""
+    return ValueError(f"task: unknown task {task!r}; this {language} has {tasks}: the tasks asked for "
+                      "(Protocol.tasks, algorithms.tasks, adversarial.task) must be among them")
+
+
 def check_probability_rows(name: str, matrix: Tensor, tol: float = 1e-6) -> None:
     """Rows of ``matrix`` (or the vector itself) must be non-negative and sum to 1 within ``tol``."""
     if not torch.isfinite(matrix).all():

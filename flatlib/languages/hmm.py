@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.checks import check_int, check_seed
-from flatlib.languages.base import Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows
+from flatlib.checks import check_int, check_number, check_seed, is_real
+from flatlib.languages.base import (Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows,
+                                    unknown_task)
 
 PAPER_TASK_POSITIONS = (6, 10)
 
@@ -81,9 +82,8 @@ class HMM(LanguageBase):
         defaults (100 states, 200 words, length 16)."""
         for name, value in (("n_states", n_states), ("vocab_size", vocab_size), ("seq_len", seq_len)):
             check_int(name, value)
-        if not concentration > 0:
-            raise ValueError(f"concentration: expected > 0, got {concentration!r}")
-        if not 0 <= floor < 1 / max(n_states, vocab_size):
+        check_number("concentration", concentration)
+        if not (is_real(floor) and 0 <= floor < 1 / max(n_states, vocab_size)):
             raise ValueError(f"floor: expected in [0, 1/max(n_states, vocab_size)), got {floor!r}")
         check_seed("seed", seed)
         rng = np.random.default_rng(seed)
@@ -178,7 +178,7 @@ class HMM(LanguageBase):
 
     def _task_position(self, task: str) -> int:
         if task not in self.tasks:
-            raise ValueError(f"task: unknown task {task!r}; this HMM has {self.tasks}")
+            raise unknown_task(task, "HMM", self.tasks)
         return int(task.split("@")[1])
 
     def n_classes(self, task: str) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -28,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatlib.checks import check_int, check_seed
-from flatlib.languages.base import PAD, Corpus, LanguageBase, LossEstimate, RowSampler, loss_estimate
+from flatlib.checks import check_int, check_seed, is_real
+from flatlib.languages.base import (PAD, Corpus, LanguageBase, LossEstimate, RowSampler, loss_estimate,
+                                    unknown_task)
 
 Rule = tuple[str, tuple[str, ...], float]
 
@@ -49,11 +52,22 @@ def _not_a_rule(line: str) -> bool:
     return False
 
 
+BOM = "\ufeff"  # a UTF-8 byte-order mark, as Windows editors write at the start of a file
+
+
 def parse_rules(path_or_text: str | Path) -> list[Rule]:
-    """Rules from a file path or from the text itself, with line numbers in every error. A string
-    is a path if it is an existing file, or one line that cannot be a rule ("LHS RHS...
+    """Rules from a file path or from the text itself, with the file and line number in every error. A
+    string is a path if it is an existing file, or one line that cannot be a rule ("LHS RHS...
     probability": three fields at least, the last a number); a path that does not exist is a
-    FileNotFoundError naming it (a missing "grammar.txt" was parsed as rule text)."""
+    FileNotFoundError naming it (a missing "grammar.txt" was parsed as rule text). Files are read as
+    UTF-8.
+
+    Invisible characters: a byte-order mark at the very start of the text is removed, with a
+    UserWarning naming the file (it would otherwise become part of the start symbol, ``'\\ufeffS'``);
+    any other non-printing character in a field (zero-width spaces and joiners, a BOM elsewhere, soft
+    hyphens, control characters: ``str.isprintable`` is false) is refused with the file, line and
+    character, since ``'NP\\u200b'`` would silently be a new non-terminal. Whitespace of any kind
+    separates the fields, as ``str.split`` does."""
     if isinstance(path_or_text, str) and "\n" not in path_or_text and (
         Path(path_or_text).is_file() or _not_a_rule(path_or_text)
     ):
@@ -61,29 +75,55 @@ def parse_rules(path_or_text: str | Path) -> list[Rule]:
     if isinstance(path_or_text, Path):
         if not path_or_text.is_file():
             raise FileNotFoundError(f"rules: no such file: {str(path_or_text)!r}")
-        text = path_or_text.read_text()
+        where = f"rules file {str(path_or_text)!r}"
+        try:
+            text = path_or_text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{where}: not UTF-8 text ({error}); save it as UTF-8") from None
     elif isinstance(path_or_text, str):
-        text = path_or_text
+        where, text = "rules", path_or_text
     else:
         raise ValueError(f"rules: expected a path or rule text, got {type(path_or_text).__name__}")
+    if text.startswith(BOM):
+        warnings.warn(f"{where}: starts with a UTF-8 byte-order mark (U+FEFF), removed before parsing; save "
+                      "the file as UTF-8 without a BOM to silence this", UserWarning, stacklevel=3)
+        text = text[len(BOM):]
     rules: list[Rule] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         fields = line.split()
+        for field in fields:
+            _check_visible(field, f"{where} line {number}")
         if len(fields) < 3:
-            raise ValueError(f"rules line {number}: expected 'LHS RHS... probability', got {line!r}")
+            raise ValueError(f"{where} line {number}: expected 'LHS RHS... probability', got {line!r}")
         try:
             prob = float(fields[-1])
         except ValueError:
-            raise ValueError(f"rules line {number}: probability {fields[-1]!r} is not a number") from None
+            raise ValueError(f"{where} line {number}: probability {fields[-1]!r} is not a number") from None
         if not (math.isfinite(prob) and 0 <= prob <= 1):
-            raise ValueError(f"rules line {number}: probability {prob} of {fields[0]} is not in [0, 1]")
+            raise ValueError(f"{where} line {number}: probability {prob} of {fields[0]} is not in [0, 1]")
         rules.append((fields[0], tuple(fields[1:-1]), prob))
     if not rules:
-        raise ValueError("rules: no rules found (empty rule file?)")
+        raise ValueError(f"{where}: no rules found (empty rule file?)")
     return rules
+
+
+def _invisible(symbol: str) -> str | None:
+    """A description of the first non-printing character of ``symbol`` (None if there is none)."""
+    for position, char in enumerate(symbol, start=1):
+        if not char.isprintable():
+            name = unicodedata.name(char, "")
+            return f"U+{ord(char):04X}{f' ({name})' if name else ''} at character {position}"
+    return None
+
+
+def _check_visible(symbol: str, where: str) -> None:
+    invisible = _invisible(symbol)
+    if invisible is not None:
+        raise ValueError(f"{where}: {symbol!r} contains an invisible or non-printing character, {invisible}; "
+                         "delete it (it would make a different symbol that looks the same)")
 
 
 def _check_symbol(symbol: str) -> None:
@@ -93,6 +133,10 @@ def _check_symbol(symbol: str) -> None:
     if not isinstance(symbol, str) or not symbol or symbol.startswith("<") or any(c.isspace() for c in symbol):
         raise ValueError(f"rules: symbol {symbol!r} is not allowed (symbols are non-empty, without "
                          "whitespace, and must not start with '<', which marks the grammar's internal symbols)")
+    invisible = _invisible(symbol)
+    if invisible is not None:  # 'NP\u200b' would be a second NP that prints the same
+        raise ValueError(f"rules: symbol {symbol!r} is not allowed: it contains an invisible or non-printing "
+                         f"character, {invisible}")
 
 
 class PCFG(LanguageBase):
@@ -126,7 +170,8 @@ class PCFG(LanguageBase):
             if not rhs:
                 raise ValueError(f"rules: {lhs} has a rule with an empty right side")
             # each rule on its own: negatives could sum to 1 with the others, and NaN fails no sum check
-            if not (isinstance(prob, numbers.Real) and math.isfinite(prob) and 0 <= prob <= 1):
+            if not (isinstance(prob, numbers.Real) and not isinstance(prob, bool) and math.isfinite(prob)
+                    and 0 <= prob <= 1):
                 raise ValueError(f"rules: probability {prob!r} of {lhs} -> {' '.join(rhs)} is not in [0, 1]")
             for symbol in (lhs, *rhs):
                 _check_symbol(symbol)
@@ -374,12 +419,13 @@ class PCFG(LanguageBase):
             raise ValueError(f"words_per_preterminal: {words_per_preterminal} > vocab_size {vocab_size}")
         if n_binary_rules > n_per_level**2:
             raise ValueError(f"n_binary_rules: {n_binary_rules} > n_per_level**2 = {n_per_level**2}")
-        if not 0 <= shortcut_prob[0] <= shortcut_prob[1] < 1:
+        if not (isinstance(shortcut_prob, (tuple, list)) and len(shortcut_prob) == 2
+                and all(is_real(p) for p in shortcut_prob) and 0 <= shortcut_prob[0] <= shortcut_prob[1] < 1):
             raise ValueError(f"shortcut_prob: expected 0 <= low <= high < 1, got {shortcut_prob!r}")
         for name, value in (("rule_concentration", rule_concentration),
                             ("word_concentration", word_concentration)):
-            # NaN > 0 is False, so NaN passed the old `<= 0` check
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+            # NaN > 0 is False, so NaN passed the old `<= 0` check; a bool is not a number
+            if not (is_real(value) and value > 0):
                 raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         check_seed("seed", seed)
         rng = np.random.default_rng(seed)
@@ -723,7 +769,7 @@ class PCFG(LanguageBase):
         for prefix tasks, every non-terminal but the start symbol that can derive a span of the
         task's length (the others could never be the label)."""
         if task not in self.task_spans:
-            raise ValueError(f"task: unknown task {task!r}; this grammar has {self.tasks}")
+            raise unknown_task(task, "grammar", self.tasks)
         start = self.nonterminals.index(self.start)
         types = [self.nonterminals[b] for b in self.unary[start].nonzero().squeeze(1).tolist()]
         span = self.task_spans[task]

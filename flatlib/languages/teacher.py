@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatlib.checks import check_int, check_seed
-from flatlib.languages.base import Corpus, Estimate, LanguageBase
+from flatlib.languages.base import Corpus, Estimate, LanguageBase, unknown_task
 from flatlib.model import N_SPECIAL, KVCache, Transformer, TransformerConfig
 
 TOPIC_TASK = "topic"
@@ -260,7 +260,7 @@ class TeacherLM(LanguageBase):
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
-            raise ValueError(f"task: unknown task {task!r}; this teacher has {self.tasks}")
+            raise unknown_task(task, "teacher", self.tasks)
 
     def n_classes(self, task: str) -> int:
         self._check_task(task)
