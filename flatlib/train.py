@@ -22,6 +22,7 @@ run can resume on another device (then to float error, not bit for bit).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -430,7 +431,22 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
     store = store or RunStore()
     run = _open_run(config, store, rank, world)
     if run.finished:
-        return run
+        return run.verified()
+    # one writer at a time (another process on the same store waits here, then finds the run finished)
+    with run.writing() if rank == 0 else contextlib.nullcontext():
+        if world > 1:
+            dist.barrier()
+        if run.finished:
+            return run.verified()
+        _train(config, run, store, progress, device, rank, world)
+    if world > 1:
+        dist.barrier()
+    return run
+
+
+def _train(config: PretrainConfig, run: Run, store: RunStore, progress: bool, device: torch.device,
+           rank: int, world: int) -> None:
+    """``pretrain``'s work on an unfinished ``run`` whose lock this process holds (rank 0)."""
     language = build_language(config.language)
     model = new_model(config, language).to(device)  # initialised on the CPU: the same weights anywhere
     optimizer = make_optimizer(config, model)
@@ -489,8 +505,5 @@ def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bo
         if rank == 0 and (step % config.checkpoint_every == 0 or step == end):
             _save(run, state, model, optimizer, hooks)
     bar.close()
-    if rank == 0:  # the others wait while rank 0 writes the last checkpoint and the summary
+    if rank == 0:  # the others wait (pretrain's barrier) while rank 0 writes the last checkpoint and the summary
         _finish(run, state, diverged, model, device, world)
-    if world > 1:
-        dist.barrier()
-    return run
