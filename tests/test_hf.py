@@ -270,10 +270,11 @@ def test_causal_loss_is_the_rows_loss(language, corpus):
     tokens = hf.TokenMap.for_language(language)
     batches = hf.causal_batches(corpus, language.vocab_size, batch_size=5)
     words = [int((b[1] != -100).sum()) for b in batches]
-    sequence = sum(n * float(tokens.causal_loss_fn(model, b)) for n, b in zip(words, batches)) / sum(words)
     rows = hf.causal_rows(language, corpus)
-    assert float(tokens.loss_fn(model, (rows.inputs, rows.positions, rows.targets))) == pytest.approx(sequence,
-                                                                                                       rel=1e-12)
+    with torch.no_grad():
+        sequence = sum(n * float(tokens.causal_loss_fn(model, b)) for n, b in zip(words, batches)) / sum(words)
+        per_row = float(tokens.loss_fn(model, (rows.inputs, rows.positions, rows.targets)))
+    assert per_row == pytest.approx(sequence, rel=1e-12)
 
 
 def test_token_map_of_another_vocabulary(language, mlm_rows):
@@ -295,7 +296,9 @@ def test_token_map_of_another_vocabulary(language, mlm_rows):
     for key in expected:
         assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15), key
     batch = (mlm_rows.inputs, mlm_rows.positions, mlm_rows.true_probs)
-    assert float(tokens.loss_fn(permuted, batch)) == pytest.approx(float(identity.loss_fn(model, batch)), rel=1e-12)
+    with torch.no_grad():
+        assert float(tokens.loss_fn(permuted, batch)) == pytest.approx(float(identity.loss_fn(model, batch)),
+                                                                      rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- the full-gauge trace
@@ -323,3 +326,27 @@ def test_flatlib_imports_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "flatlib.hf needs transformers" in out.stdout
+
+
+def test_docs_your_model_runs(tmp_path, monkeypatch, capsys):
+    """docs/your_model.md's two scripts, as written, at a few steps and pairs (the page's numbers are from
+    the full sizes)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "your_model.md").read_text()
+    train, measure = [block.split("```")[0] for block in text.split("```python\n")[1:]]
+    sizes = {"STEPS = 2400": "STEPS = 5",
+             "PAIRS, TRACE_PAIRS, PROBES, PROBE_SENTENCES, PROBE_SPLIT = 4096, 1024, 12, 4000, 1000":
+             "PAIRS, TRACE_PAIRS, PROBES, PROBE_SENTENCES, PROBE_SPLIT = 256, 32, 2, 400, 100"}
+    for full, small in sizes.items():
+        assert full in train + measure, f"docs/your_model.md no longer sets {full!r}"
+        train, measure = train.replace(full, small), measure.replace(full, small)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(train, "your_model.md: train", "exec"), {})
+        exec(compile(measure, "your_model.md: measure", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "trained 5 steps" in out and "full gauge" in out and "Bayes" in out
