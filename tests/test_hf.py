@@ -81,7 +81,8 @@ def _moved(model: nn.Module, groups: list[Group], log_scales: dict[str, torch.Te
                 p = params[m.parameter]
                 shape = [1] * p.dim()
                 shape[m.axis] = group.size
-                p.narrow(m.axis, m.start, group.size).mul_(torch.exp(m.power * log_scales[group.name]).view(shape))
+                factor = torch.exp(m.power * log_scales[group.name]).view(shape)
+                p.narrow(m.axis, m.start, group.size).mul_(factor)
     return out
 
 
@@ -95,7 +96,8 @@ def test_every_group_is_a_symmetry(language, mlm_rows, kind):
     scales = _random_log_scales(groups, seed=4)
     for chosen in [[g] for g in groups] + [groups]:
         moved = _moved(model, chosen, scales)
-        changed = [n for (n, p), q in zip(model.named_parameters(), moved.parameters()) if not torch.equal(p, q)]
+        changed = [n for (n, p), q in zip(model.named_parameters(), moved.parameters())
+                   if not torch.equal(p, q)]
         assert changed, f"{chosen[0].name}: the rescaling moved no parameter"
         deviation = float((_logits(moved, language, inputs) - reference).abs().max())
         assert deviation < SAME, f"{[g.name for g in chosen]}: logits moved by {deviation:.3g}"
@@ -112,8 +114,8 @@ def test_group_names_and_layouts(language):
                           "ln_2 -> transformer.h.{i}.mlp.c_fc".format(i=i))} | {"transformer.ln_f -> lm_head"}
     d = SIZES["d_model"]
     # Conv1D weight [in, out]: the LayerNorm scales c_attn's rows (axis 0), Q/K/V are its columns (axis 1)
-    assert Member("transformer.h.0.attn.c_attn.weight", 0, 0, -1) in gpt2["transformer.h.0.ln_1 -> "
-                                                                         "transformer.h.0.attn.c_attn"].members
+    ln_1 = gpt2["transformer.h.0.ln_1 -> transformer.h.0.attn.c_attn"]
+    assert Member("transformer.h.0.attn.c_attn.weight", 0, 0, -1) in ln_1.members
     assert [(m.axis, m.start, m.power) for m in gpt2["transformer.h.0.attn Q/K"].members] == [
         (1, 0, 1), (0, 0, 1), (1, d, -1), (0, d, -1)]
     assert Member("transformer.h.1.attn.c_proj.weight", 0, 0, -1) in gpt2["transformer.h.1.attn V/O"].members
@@ -196,7 +198,8 @@ def test_sdpa_refused_with_the_fix(language, mlm_rows):
             torch.autograd.grad(sum((g * g).sum() for g in grads if g is not None), params, allow_unused=True)
     for call in (lambda: tokens.loss_fn(model, batch),
                  lambda: flatness.hessian_trace(model, tokens.loss_fn, [batch], n_probes=2, seed=0)):
-        with pytest.raises(ValueError, match=r"attn_implementation='sdpa'.*set_attn_implementation\('eager'\)"):
+        fix = r"attn_implementation='sdpa'.*set_attn_implementation\('eager'\)"
+        with pytest.raises(ValueError, match=fix):
             call()
     hf.use_eager(model)
     assert hf.attention_implementation(model) == "eager"
@@ -221,7 +224,8 @@ def test_exact_gap_is_flatlibs_gap(language, corpus, mlm_rows, kind):
     model = _model(language, kind)
     tokens = hf.TokenMap.for_language(language)
     rows = mlm_rows if kind == "bert" else hf.causal_rows(language, corpus)
-    mine, flatlibs = hf.exact_gap(model, tokens, rows, batch_size=5), evaluate(_FlatlibView(model, tokens), rows)
+    mine = hf.exact_gap(model, tokens, rows, batch_size=5)
+    flatlibs = evaluate(_FlatlibView(model, tokens), rows)
     for key, value in flatlibs.items():
         assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-14), key
     # the loss adapter is flatlib's MLM loss of the same logits
@@ -272,7 +276,8 @@ def test_causal_loss_is_the_rows_loss(language, corpus):
     words = [int((b[1] != -100).sum()) for b in batches]
     rows = hf.causal_rows(language, corpus)
     with torch.no_grad():
-        sequence = sum(n * float(tokens.causal_loss_fn(model, b)) for n, b in zip(words, batches)) / sum(words)
+        losses = [float(tokens.causal_loss_fn(model, b)) for b in batches]
+        sequence = sum(n * loss for n, loss in zip(words, losses)) / sum(words)
         per_row = float(tokens.loss_fn(model, (rows.inputs, rows.positions, rows.targets)))
     assert per_row == pytest.approx(sequence, rel=1e-12)
 
@@ -289,8 +294,9 @@ def test_token_map_of_another_vocabulary(language, mlm_rows):
         for p in (permuted.bert.embeddings.word_embeddings.weight, permuted.cls.predictions.decoder.weight,
                   permuted.cls.predictions.decoder.bias):
             p[perm] = p.clone()
-    tokens = hf.TokenMap(n_words=v, pad_id=int(perm[v]), vocab_size=v + hf.N_SPECIAL, mask_id=int(perm[v + 1]),
-                         bos_id=int(perm[v + 2]), words=tuple(int(i) for i in perm[:v]))
+    tokens = hf.TokenMap(n_words=v, pad_id=int(perm[v]), vocab_size=v + hf.N_SPECIAL,
+                         mask_id=int(perm[v + 1]), bos_id=int(perm[v + 2]),
+                         words=tuple(int(i) for i in perm[:v]))
     assert tokens.identity is False
     expected, got = hf.exact_gap(model, identity, mlm_rows), hf.exact_gap(permuted, tokens, mlm_rows)
     for key in expected:
@@ -313,7 +319,8 @@ def test_full_gauge_trace_invariant_under_every_group(language, corpus, mlm_rows
     before, after = (full_gauge_trace(m, tokens.loss_fn, tokens.logits_fn, batches, n_probes=3, seed=0,
                                       groups=groups) for m in (model, moved))
     assert after.mean == pytest.approx(before.mean, rel=1e-9)
-    assert abs(after.raw_mean - before.raw_mean) > 0.01 * abs(before.raw_mean)  # the raw trace is not invariant
+    # the raw trace is not invariant
+    assert abs(after.raw_mean - before.raw_mean) > 0.01 * abs(before.raw_mean)
 
 
 def test_flatlib_imports_without_transformers():
