@@ -211,3 +211,44 @@ def test_a_read_only_store_is_measured_uncached_with_a_warning(tmp_path, monkeyp
     monkeypatch.setattr(os, "open", read_only)
     with pytest.warns(UserWarning, match="read-only.*without the cache"):
         assert measure._cached(tmp_path / "evals" / "1.json", lambda: {"gap": 1.0}) == {"gap": 1.0}
+
+
+
+def thread_count(run, step, protocol=None):
+    """A stand-in measurement: the thread count it ran at."""
+    return {"threads": torch.get_num_threads()}
+
+
+def _thread_path(run, step, protocol, **kwargs):
+    return run.dir / "evals" / f"threads_{step}.json"
+
+
+def test_the_last_measurement_left_goes_to_a_worker(tmp_path, monkeypatch):
+    """Regression: with one measurement left, measure_many ran it in the calling process at that
+    process's thread count (2), not in a worker at the workers' (1): the trace differed at ~1e-8 from
+    an uninterrupted run's."""
+    from flatlib.pool import Outcome
+
+    monkeypatch.setitem(measure._MEASURES, "threads", (thread_count, _thread_path))
+    submitted = []
+
+    def fake_pool(function, jobs, workers, on_done):
+        submitted.extend(jobs)
+        return [Outcome(value={"threads": job[-1]}) for job in jobs]
+
+    monkeypatch.setattr(measure, "run_jobs", fake_pool)
+    run = RunStore(tmp_path).open({"a": 1})
+    result = measure.measure_many("threads", [(run, 1, {})], workers=2, threads_per_worker=1)[0]
+    assert len(submitted) == 1 and submitted[0][-1] == 1 and result == {"threads": 1}
+
+
+def test_in_process_measurements_run_at_the_workers_thread_count(tmp_path, monkeypatch):
+    monkeypatch.setitem(measure._MEASURES, "threads", (thread_count, _thread_path))
+    run = RunStore(tmp_path).open({"a": 1})
+    torch.set_num_threads(2)
+    try:
+        result = measure.measure_many("threads", [(run, 1, {})], workers=1, threads_per_worker=1)[0]
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+    finally:
+        torch.set_num_threads(1)
+    assert result == {"threads": 1}
