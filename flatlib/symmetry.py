@@ -401,7 +401,8 @@ def gauge_minimum(groups: Sequence[Group], diagonal: Mapping[str, Tensor], rtol:
     a sum of exponentials of linear functions: convex (``h >= 0``). Newton's method, the step solved by
     conjugate gradients with ``Hess f`` applied matrix-free (``M`` is never formed), a backtracking
     (Armijo) line search, stopping when the Newton decrement ``lambda^2 / 2 = -grad . step / 2`` (about
-    ``f - min f`` near the minimum) is at most ``rtol * f(0)``. ``f`` and every step in float64.
+    ``f - min f`` near the minimum) is at most ``rtol * f(0)`` (else a RuntimeError after ``max_iter``
+    steps, or when the line search finds no decrease). ``f`` and every step in float64.
 
     Args:
         diagonal: ``{parameter: h}`` non-negative, for every parameter a group touches; parameters
@@ -448,14 +449,20 @@ def gauge_minimum(groups: Sequence[Group], diagonal: Mapping[str, Tensor], rtol:
         if decrement <= rtol * raw:
             break
         t = 1.0
-        for _ in range(60):
+        while t > 1e-12:
             w_new = weights(u + t * step)
             f_new = value(w_new)
             if f_new <= f + 1e-4 * t * slope:
                 break
             t /= 2
+        else:  # no decrease along a descent direction: f is at its minimum to rounding
+            break
         u, w, f = u + t * step, w_new, f_new
         iterations += 1
+    if not decrement <= rtol * raw:
+        raise RuntimeError(f"gauge_minimum: Newton stopped after {iterations} steps with decrement "
+                           f"{decrement:.3g} > rtol * f(0) = {rtol * raw:.3g}; raise max_iter, or check the "
+                           "diagonal for entries many orders of magnitude apart")
     return GaugeMinimum(f, raw, _split(u, groups), iterations, decrement)
 
 

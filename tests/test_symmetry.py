@@ -140,6 +140,11 @@ def test_gauge_minimum_where_the_infimum_is_not_attained():
         gauge_minimum([group], {"a": a, "b": -b - 1})
     with pytest.raises(ValueError, match=r"diagonal: no entries for \['b'\]"):
         gauge_minimum([group], {"a": a})
+    far = {"a": torch.tensor([1.0, 1.0], dtype=torch.float64),
+           "b": torch.tensor([1e6, 1.0], dtype=torch.float64)}
+    assert gauge_minimum([group], far).iterations > 1  # from u = 0 the minimiser (log 1e6 / 4) is steps away
+    with pytest.raises(RuntimeError, match="gauge_minimum: Newton stopped after 1 steps .*raise max_iter"):
+        gauge_minimum([group], far, max_iter=1)
 
 
 def brute_force_minimum(groups, diagonal) -> float:
