@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flatlib.claims import combine, equal_loss, paired_effect, t_interval
+from flatlib.claims import combine, equal_loss, equivalence_bound, paired_effect, t_interval
 from flatlib.objective import derived_seed
 from flatlib.report import Claim
 from flatlib.runs import Run
@@ -190,7 +190,8 @@ def decide(frame: pd.DataFrame, language: str, column: str, predicted: int, conv
     gaps = frame.groupby(["tau", "lineage"])["gap"].mean().groupby(level="tau").mean()
     same_loss = equal_loss(float(gaps.loc[0]), float(gaps.loc[tau]))
     effects = lineage_effects(frame, column)
-    verdict, interval = paired_effect(effects[effects.tau == tau]["effect"].to_numpy(), predicted)
+    verdict, interval = paired_effect(effects[effects.tau == tau]["effect"].to_numpy(), predicted,
+                                      equivalence_bound(column, float(frame.loc[frame.tau == 0, column].mean())))
     if not (converged and same_loss):
         verdict = "not tested"
     return {"tau": tau, "verdict": verdict, "effect": interval, "gap_control": float(gaps.loc[0]),

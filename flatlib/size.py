@@ -252,7 +252,9 @@ def verdict_table(measured: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[st
                 rho = rank_correlation(conv["parameters"], conv[column], "spearman", seed=seed)
                 row.update({"from width": pair[0], "to width": pair[1], "before": small[column].mean(),
                             "after": large[column].mean(), "delta": effect.estimate, "low": effect.low,
-                            "high": effect.high, "verdict": rules.interval_verdict(effect, predicted, 0.0),
+                            "high": effect.high,
+                            "verdict": rules.interval_verdict(effect, predicted,
+                                                              rules.equivalence_bound(column, small[column].mean())),
                             "spearman": rho.value, "spearman low": rho.low, "spearman high": rho.high,
                             "gap before": gaps[name, pair[0]], "gap after": gaps[name, pair[1]]})
             rows.append(row)

@@ -4,11 +4,12 @@ contains 0 is not "unrelated"; noise does not widen "equal loss"."""
 
 import math
 
+import numpy as np
 import pytest
 
 from flatlib.claims import (DESIGN_CHANGES, EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
                             combine, correlation_verdict, equal_loss, interval_verdict, paired_effect, t_interval,
-                            unrelated)
+                            unrelated, welch_interval)
 from flatlib.report import Claim
 
 
@@ -131,3 +132,53 @@ def test_adversary_weight_is_the_strongest_at_equal_loss():
         adversary_weight({}, 0.008)
     with pytest.raises(ValueError, match="gaps"):
         adversary_weight({0.0: 0.008}, 0.008)
+
+
+# ---------------------------------------------------------------------------- the smallest effect of interest
+def test_equivalence_bound_per_quantity():
+    from flatlib.claims import SMALLEST_EFFECT, equivalence_bound
+
+    assert SMALLEST_EFFECT == {"accuracy": 0.01, "trace": 0.05, "gap": EQUAL_LOSS_NATS}
+    for quantity in ("acc state@3", "acc A [limited]", "probe state@6", "finetune B"):
+        assert equivalence_bound(quantity) == 0.01  # one point of accuracy (accuracies are fractions)
+    for quantity in ("invariant_trace", "trace", "widened invariant trace", "raw trace", "invariant trace"):
+        assert equivalence_bound(quantity, reference=9.0) == pytest.approx(0.45)  # 5% of the level before
+    assert equivalence_bound("gap") == EQUAL_LOSS_NATS
+    with pytest.raises(ValueError, match="quantity: 'loss'"):
+        equivalence_bound("loss")
+    with pytest.raises(ValueError, match="reference"):
+        equivalence_bound("invariant_trace")  # a relative bound needs the level it is relative to
+    with pytest.raises(ValueError, match="reference"):
+        equivalence_bound("trace", reference=-1.0)
+
+
+def test_an_interval_inside_the_bound_is_no_even_off_zero():
+    # +0.3 [+0.1, +0.5] points: detectably positive, but smaller than one point: the effect does not count
+    assert interval_verdict(Interval(0.003, 0.001, 0.005, 8), +1, 0.01) == "no"
+    assert interval_verdict(Interval(0.012, 0.004, 0.020, 8), +1, 0.01) == "yes"  # reaches past the bound
+    assert interval_verdict(Interval(0.0, -0.011, 0.009, 8), +1, 0.01) == "inconclusive"
+    assert interval_verdict(Interval(0.003, 0.001, 0.005, 8), +1, 0.0) == "yes"  # bound 0: the old rule
+
+
+def test_minimum_detectable_effect_of_an_interval():
+    from flatlib.claims import detectable_text, minimum_detectable
+    from flatlib.stats import paired_mde, unpaired_mde
+
+    differences = [0.012, 0.004, 0.009, 0.015]
+    _, interval = paired_effect(differences, predicted=+1)
+    sd = float(np.std(differences, ddof=1))
+    assert minimum_detectable(interval) == pytest.approx(paired_mde(sd, 4), rel=1e-9)  # df = n - 1 by default
+    a, b = [1.0, 2.0, 3.0, 2.5], [3.0, 4.5, 5.0]
+    welch = welch_interval(a, b)
+    assert welch.df is not None and 2 < welch.df < 5
+    assert minimum_detectable(welch) == pytest.approx(
+        unpaired_mde(float(np.std(a, ddof=1)), float(np.std(b, ddof=1)), 4, 3), rel=1e-9)
+    assert detectable_text(interval, digits=3) == f"MDE ±{paired_mde(sd, 4):.3f} (80% power, n = 4)"
+    assert detectable_text(Interval(1.0, math.nan, math.nan, 1)) == "MDE: none (n = 1, no interval)"
+
+
+def test_the_bounds_are_declared_in_the_change_table():
+    dated = [c for c in RULE_CHANGES if c[2] == "2026-12-07"]
+    assert {c[0] for c in dated} == {"paired effect", "unpaired effect", "smallest effect"}
+    assert all("before the regeneration" in c[3] and "issue" not in " ".join(c).lower() for c in dated)
+    assert "smallest effect" in RULES and "±" in RULES["paired effect"]

@@ -74,3 +74,24 @@ def test_partial_rank_correlation_removes_a_shared_cause():
     assert plain.value > 0.8 and abs(partial.value) < 0.2 and partial.low < partial.value < partial.high
     with pytest.raises(ValueError, match="given"):
         rank_correlation(x, y, "kendall", given=z)
+
+
+def test_mean_difference_records_the_welch_degrees_of_freedom():
+    a, b = [1.0, 2.0, 3.0], [2.0, 5.0, 7.0, 9.0]
+    assert mean_difference(a, b).dof == pytest.approx(stats.ttest_ind(b, a, equal_var=False).df)
+    assert math.isnan(mean_difference([1.0], b).dof)
+
+
+def test_detectable_effect_is_the_noncentrality_at_the_power_times_the_se():
+    from flatlib.stats import detectable_effect, paired_mde
+
+    se, df = 0.004, 5.0
+    mde = detectable_effect(se, df)
+    c = stats.t.ppf(0.975, df)
+    nc = mde / se
+    assert stats.nct.sf(c, df, nc) + stats.nct.cdf(-c, df, nc) == pytest.approx(0.8, abs=1e-9)
+    assert paired_mde(0.01, 6) == pytest.approx(detectable_effect(0.01 / math.sqrt(6), 5.0), rel=1e-12)
+    with pytest.raises(ValueError, match="se"):
+        detectable_effect(-1.0, 3.0)
+    with pytest.raises(ValueError, match="df"):
+        detectable_effect(1.0, 0.0)
