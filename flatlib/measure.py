@@ -28,8 +28,8 @@ from flatlib import progress
 from flatlib.checks import (PROBE_SEED_SCALE, check_bool, check_int, check_names, check_number, check_numbers,
                             check_seed)
 from flatlib.device import module_device
-from flatlib.downstream import (finetune, linear_probe, lookup_table_features, model_features, pool,
-                                probe_inputs, probe_pooling)
+from flatlib.downstream import (check_probe_version, exact_probe, finetune, linear_probe,
+                                lookup_table_features, model_features, pool, probe_inputs, probe_pooling)
 from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn,
                               trainable_parameters)
 from flatlib.languages import HMM, Corpus, Language, build_language
@@ -55,7 +55,14 @@ PROBES = {
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a checkpoint is measured. Every field enters the cache key."""
+    """How a checkpoint is measured. Every field enters the cache key, except a field at the value that
+    reproduces the behaviour from before it existed (``_KEY_OMITTED_AT``): every earlier key stays valid.
+
+    ``probe_version`` 1 is the committed figures' probe (``flatlib.downstream.linear_probe``: capped L-BFGS,
+    L2 chosen per split); 2 is ``flatlib.downstream.exact_probe`` (the exact optimum, one L2 chosen on the
+    pooled validation splits, recorded with a flag when it sits at an edge of ``probe_l2_grid``), for
+    every probe (the extra probes too). Version 2 searches ``probe_l2_grid`` as given: its grid is
+    ``flatlib.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 1e-1), which a profile switching to version 2 sets."""
 
     probe_sentences: int = 4000  # one fixed downstream corpus per language
     probe_train: int = 1000
@@ -72,6 +79,10 @@ class Protocol:
     limited_train: int = 256  # the data-limited probe's training examples ...
     limited_l2: float = 1e-4  # ... and its (weak, fixed) L2 strength, on unstandardised features
     invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
+    probe_version: int = 1  # 1: linear_probe (the committed figures), 2: exact_probe (see the docstring)
+
+    # fields left out of the key at these values (not dataclass fields: no annotation)
+    _KEY_OMITTED_AT = {"probe_version": 1}
 
     def __post_init__(self) -> None:
         """Every field checked now (ValueError naming it), before anything is measured or cached: types
@@ -108,7 +119,12 @@ class Protocol:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def key(self) -> str:
-        return config_hash(asdict(self))
+        """The cache key: a hash of the fields, those at their ``_KEY_OMITTED_AT`` value left out. Every
+        measurement path is named by it, so an unknown ``probe_version`` is refused here, before anything
+        is read or cached."""
+        check_probe_version(self.probe_version)
+        return config_hash({name: value for name, value in asdict(self).items()
+                            if not (name in self._KEY_OMITTED_AT and value == self._KEY_OMITTED_AT[name])})
 
 
 def downstream_corpus(language_spec: dict[str, Any], n: int) -> Corpus:
@@ -120,18 +136,26 @@ def downstream_corpus(language_spec: dict[str, Any], n: int) -> Corpus:
 def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol: Protocol,
            inputs: Any = None, limited: bool = False) -> dict[str, Any]:
     """``{task: result}`` of the standard probe on ``features`` (``inputs(task)`` overrides the
-    probe's input; ``limited``: the data-limited protocol)."""
+    probe's input; ``limited``: the data-limited protocol), with the protocol's ``probe_version``:
+    version 2 also records the one chosen ``l2``, its ``l2_edge`` flag, the validation sweep and the fits'
+    worst ``max_gradient``."""
+    check_probe_version(protocol.probe_version)
+    probe = linear_probe if protocol.probe_version == 1 else exact_probe
     out = {}
     for task in protocol.tasks or language.tasks:
         labels = language.task_labels(corpus, task)
         x = probe_inputs(language, corpus, features, task) if inputs is None else inputs(task)
         settings = ({"n_train": protocol.limited_train, "l2_grid": (protocol.limited_l2,), "standardize": False}
                     if limited else {"n_train": protocol.probe_train, "l2_grid": protocol.probe_l2_grid})
-        result = linear_probe(x, labels, language.n_classes(task), n_test=protocol.probe_test,
-                              n_splits=protocol.probe_splits, seed=protocol.seed, **settings)
+        result = probe(x, labels, language.n_classes(task), n_test=protocol.probe_test,
+                       n_splits=protocol.probe_splits, seed=protocol.seed, **settings)
         out[task] = {"accuracy": result.accuracy, "ci95": result.ci95,
                      "splits": result.split_accuracies, "chosen_l2": result.chosen_l2,
                      "sweep": {str(k): v for k, v in result.sweep["test_accuracy"].items()}}
+        if protocol.probe_version == 2:
+            out[task].update({"probe_version": 2, "l2": result.chosen_l2[0], "l2_edge": result.l2_edge,
+                              "max_gradient": result.max_gradient,
+                              "sweep_val": {str(k): v for k, v in result.sweep["val_accuracy"].items()}})
     return out
 
 

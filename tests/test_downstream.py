@@ -96,3 +96,22 @@ def test_finetune_from_the_probe_starts_exactly_at_the_probe():
     assert accuracy == pytest.approx(float(((xs @ w).argmax(1) == labels[test]).double().mean()), abs=1 / n_test)
     with pytest.raises(ValueError, match="init_head"):
         finetune(model, corpus, labels, hmm.n_states, 10, 10, init_head="zeros")
+
+
+def test_protocol_1_probe_is_bit_identical_to_its_pinned_results():
+    """linear_probe (protocol 1: capped L-BFGS, L2 chosen per split) gives exactly what it gave before probe
+    protocol 2 existed: the committed figures were made with it."""
+    hmm = HMM.random(n_states=4, vocab_size=8, seq_len=6, concentration=0.5, seed=3, task_positions=(3,))
+    corpus = hmm.sample(1200, seed=0)
+    labels = hmm.task_labels(corpus, "state@3")
+    x = pool(lookup_table_features(hmm, corpus), corpus, "concat").float()
+    r = linear_probe(x, labels, 4, n_train=400, n_test=300, n_splits=2, seed=5)
+    assert r.split_accuracies == [0.76, 0.6733333333333333] and r.chosen_l2 == [0.01, 0.0001]
+    assert r.sweep["test_accuracy"].to_dict() == {0.0001: 0.7166666666666667, 0.001: 0.72,
+                                                  0.01: 0.7216666666666667, 0.1: 0.7266666666666667}
+    assert r.sweep["val_accuracy"].to_dict() == {0.0001: 0.72, 0.001: 0.7166666666666667, 0.01: 0.72,
+                                                 0.1: 0.72}
+    r = linear_probe(x, labels, 4, n_train=150, n_test=300, n_splits=2, seed=5, standardize=False,
+                     l2_grid=(1e-4,))
+    assert r.split_accuracies == [0.6666666666666666, 0.64] and r.chosen_l2 == [0.0001, 0.0001]
+    assert r.sweep["test_accuracy"].to_dict() == {0.0001: 0.6533333333333333}
