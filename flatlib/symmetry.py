@@ -352,13 +352,16 @@ class GaugeMinimum:
     infimum is not attained, as when a coordinate only touches zero diagonals, they grow with the
     iterations and ``value`` is the infimum to tolerance). ``raw``: the sum at ``u = 0``.
     ``iterations``: Newton steps taken; ``decrement``: the last Newton decrement ``lambda^2 / 2``, an
-    estimate of ``value - infimum``."""
+    estimate of ``value - infimum``. ``parameters``: where the curvature is, ``{parameter: {"raw": sum h,
+    "min": its part of value}}`` (a split by parameter: by group it is not defined, groups sharing entries).
+    """
 
     value: float
     raw: float
     log_scales: dict[str, Tensor]
     iterations: int
     decrement: float
+    parameters: dict[str, dict[str, float]]
 
 
 def _conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, preconditioner: Tensor,
@@ -430,7 +433,8 @@ def gauge_minimum(groups: Sequence[Group], diagonal: Mapping[str, Tensor], rtol:
 
     u = torch.zeros(sum(g.size for g in groups), dtype=torch.float64)
     if not groups:
-        return GaugeMinimum(constant, constant, {}, 0, 0.0)
+        sums = {name: {"raw": float(d.sum()), "min": float(d.sum())} for name, d in h.items()}
+        return GaugeMinimum(constant, constant, {}, 0, 0.0, sums)
     w = weights(u)
     f = raw = value(w)
     decrement, iterations = math.inf, 0
@@ -463,7 +467,9 @@ def gauge_minimum(groups: Sequence[Group], diagonal: Mapping[str, Tensor], rtol:
         raise RuntimeError(f"gauge_minimum: Newton stopped after {iterations} steps with decrement "
                            f"{decrement:.3g} > rtol * f(0) = {rtol * raw:.3g}; raise max_iter, or check the "
                            "diagonal for entries many orders of magnitude apart")
-    return GaugeMinimum(f, raw, _split(u, groups), iterations, decrement)
+    sums = {name: {"raw": float(d.sum()), "min": float(w[name].sum()) if name in w else float(d.sum())}
+            for name, d in h.items()}
+    return GaugeMinimum(f, raw, _split(u, groups), iterations, decrement, sums)
 
 
 # ---------------------------------------------------------------------------- the trace

@@ -127,6 +127,11 @@ def test_gauge_minimum_of_one_pair_is_two_sqrt_ab():
     result = gauge_minimum([group], {"a": a, "b": b, "other": torch.tensor([0.25], dtype=torch.float64)})
     assert math.isclose(result.value, float((2 * (a * b).sqrt()).sum()) + 0.25, rel_tol=1e-12)
     assert math.isclose(result.raw, float(a.sum() + b.sum()) + 0.25, rel_tol=1e-15)
+    assert result.parameters["other"] == {"raw": 0.25, "min": 0.25}
+    # at the minimiser each side holds half of 2 sqrt(ab); first order in the minimiser's error (1e-6 at a
+    # decrement of 1e-12), where the value is second order
+    assert math.isclose(result.parameters["a"]["min"], float((a * b).sqrt().sum()), rel_tol=1e-5)
+    assert math.isclose(sum(p["min"] for p in result.parameters.values()), result.value, rel_tol=1e-14)
     # the minimiser: a e^(-2u) = b e^(2u)
     assert torch.allclose(result.log_scales["pair"], 0.25 * torch.log(a / b), rtol=1e-6)
 
