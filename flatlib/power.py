@@ -93,7 +93,8 @@ def clock_components(frame: pd.DataFrame, language: str, column: str, tau: float
     by_lineage = doses.groupby("lineage")[column]
     seeds = by_lineage.size()
     if seeds.nunique() != 1 or seeds.iloc[0] < 2:
-        raise ValueError(f"frame: expected the same number (>= 2) of noise seeds in every lineage of {language!r}, "
+        raise ValueError(f"frame: expected the same number (>= 2) of noise seeds in every lineage of "
+                         f"{language!r}, "
                          f"got {seeds.to_dict()}")
     effects = by_lineage.mean() - controls.reindex(seeds.index)
     k, variance = int(seeds.iloc[0]), float(effects.var(ddof=1))
@@ -107,7 +108,8 @@ def pair_components(before: pd.Series, after: pd.Series) -> Components:
     lineage i): the lineage effects' mean and SD; ``within`` and ``between`` NaN (one run a side, and
     the two sides' measurement noise is shared: see the module docstring)."""
     if len(before) != len(after) or len(before) < 2:
-        raise ValueError(f"after: expected as many lineages (>= 2) as before, got {len(after)} and {len(before)}")
+        raise ValueError(f"after: expected as many lineages (>= 2) as before, got {len(after)} and "
+                         f"{len(before)}")
     effects = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     return Components(float(effects.mean()), float(effects.std(ddof=1)), len(effects), 1, math.nan, math.nan,
                       float(np.mean(before)))
@@ -167,9 +169,11 @@ def paired_table(figures: Path, lineages: int = PLANNED_LINEAGES, noise_seeds: i
             "comparison": comparison, "language": language, "quantity": q, "lineages (SD from)": c.lineages,
             "effect": c.effect, "bound": bound, "SD a lineage": c.effect_sd,
             "between share": c.between_share, "SD, planned": planned_sd,
-            "MDE today": paired_mde(c.effect_sd, today), f"MDE n={lineages}": paired_mde(planned_sd, lineages),
+            "MDE today": paired_mde(c.effect_sd, today),
+            f"MDE n={lineages}": paired_mde(planned_sd, lineages),
             "n at bound": _n_text(paired_n(bound, planned_sd, n_max=n_max), n_max),
-            "n at estimate": _n_text(paired_n(c.effect, planned_sd, n_max=n_max) if c.effect else None, n_max),
+            "n at estimate": _n_text(paired_n(c.effect, planned_sd, n_max=n_max) if c.effect else None,
+                                     n_max),
             "today n": today})
     return pd.DataFrame(rows)
 
@@ -189,7 +193,8 @@ def width_table(figures: Path, seeds: int = PLANNED_WIDTH_SEEDS, n_max: int = 10
         bound = equivalence_bound(v["quantity"], float(a.mean()))
         effect = float(b.mean() - a.mean())
         rows.append({"language": v["language"], "quantity": v["quantity"],
-                     "widths": f"{int(v['from width'])} -> {int(v['to width'])}", "seeds": f"{len(a)} + {len(b)}",
+                     "widths": f"{int(v['from width'])} -> {int(v['to width'])}",
+                     "seeds": f"{len(a)} + {len(b)}",
                      "effect": effect, "bound": bound, "SD narrow": sd_a, "SD wide": sd_b,
                      "MDE today": unpaired_mde(sd_a, sd_b, len(a), len(b)),
                      f"MDE {seeds} a width": unpaired_mde(sd_a, sd_b, seeds, seeds),
@@ -206,9 +211,11 @@ def correlation_table(figures: Path, lineages: int = PLANNED_LINEAGES) -> pd.Dat
     c = pd.read_csv(figures / "05_correlations.csv")
     rows = []
     for _, r in c.iterrows():
-        for label, key in (("partial ρ(trace | gap)", "spearman acc~invariant trace|gap"), ("ρ(gap)", "spearman acc~gap")):
+        for label, key in (("partial ρ(trace | gap)", "spearman acc~invariant trace|gap"),
+                           ("ρ(gap)", "spearman acc~gap")):
             width = r[f"{key} high"] - r[f"{key} low"]
-            rows.append({"language": r["language"], "family": r["family"], "task": r["task"], "interval": label,
+            rows.append({"language": r["language"], "family": r["family"], "task": r["task"],
+                         "interval": label,
                          "lineages": int(r["lineages"]), "value": r[key], "low": r[f"{key} low"],
                          "high": r[f"{key} high"], "width": width,
                          f"width at {lineages}": width * math.sqrt(r["lineages"] / lineages)
@@ -280,13 +287,16 @@ def report(figures: Path, costs_path: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--figures", type=Path, default=ROOT / "figures", help="the committed results (CSV files)")
+    parser.add_argument("--figures", type=Path, default=ROOT / "figures",
+                        help="the committed results (CSV files)")
     parser.add_argument("--costs", type=Path, default=ROOT / "bench" / "results" / "costs_cpu.json",
                         help="unit costs of bench.costs (a missing file: no cost table)")
     args = parser.parse_args(argv)
-    for name in ("02_measurements.csv", "05_models.csv", "03_verdict.csv", "03_model_size.csv", "05_correlations.csv"):
+    for name in ("02_measurements.csv", "05_models.csv", "03_verdict.csv", "03_model_size.csv",
+                 "05_correlations.csv"):
         if not (args.figures / name).exists():
-            parser.error(f"--figures: {args.figures / name} is missing (run make figures, or point at a folder of them)")
+            parser.error(f"--figures: {args.figures / name} is missing (run make figures, or point at a "
+                         "folder of them)")
     print(report(args.figures, args.costs if args.costs.exists() else None), end="")
     return 0
 
