@@ -221,9 +221,10 @@ class _Softmax:
 
     def preconditioner(self, p: Tensor) -> Callable[[Tensor], Tensor]:
         """r -> M^-1 r, M block-diagonal over classes with blocks ω_c X^T X / n + 2λ I, where
-        ω_c = mean_i p_ic (1 - p_ic): H's class-diagonal blocks with each example's curvature replaced by its class mean (and
-        the cross-class coupling dropped). It absorbs the features' correlations and scales, which make
-        H ill-conditioned at small L2, and costs one eigendecomposition of X^T X / n per fit."""
+        ω_c = mean_i p_ic (1 - p_ic): H's class-diagonal blocks with each example's curvature replaced by
+        its class mean (and the cross-class coupling dropped). It absorbs the features' correlations and
+        scales, which make H ill-conditioned at small L2, and costs one eigendecomposition of X^T X / n
+        per fit."""
         if self._gram is None:
             self._gram = torch.linalg.eigh(self.xs.T @ self.xs / self.n)
         values, vectors = self._gram
