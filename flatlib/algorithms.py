@@ -256,7 +256,8 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
         adam_converged = bool((adam["gap"] <= epsilon).all())
         rows = []
         for column, predicted in [(f"acc {t}", -1) for t in names_tasks] + [("invariant_trace", +1), ("trace", +1)]:
-            verdict, effect = rules.paired_effect((adv[column] - adam[column]).to_numpy(), predicted)
+            verdict, effect = rules.paired_effect((adv[column] - adam[column]).to_numpy(), predicted,
+                                                  rules.equivalence_bound(column, float(adam[column].mean())))
             rows.append({"language": name, "quantity": column, "comparison": "adversarial - adamw",
                          "effect": effect.estimate, "low": effect.low, "high": effect.high,
                          "verdict": verdict if same_loss else "not tested"})
@@ -264,7 +265,8 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
             effect = rules.welch_interval(lookup[name][t]["splits"], adam[f"acc {t}"])
             rows.append({"language": name, "quantity": f"acc {t}", "comparison": "adamw - lookup table",
                          "effect": effect.estimate, "low": effect.low, "high": effect.high,
-                         "verdict": rules.interval_verdict(effect, +1, 0.0) if adam_converged else "not tested"})
+                         "verdict": rules.interval_verdict(effect, +1, rules.equivalence_bound(f"acc {t}"))
+                         if adam_converged else "not tested"})
         out += [{**row, "gap adamw": adam["gap"].mean(), "gap adversarial": adv["gap"].mean(), "equal loss": same_loss}
                 for row in rows]
     return pd.DataFrame(out)

@@ -112,6 +112,7 @@ class Protocol:
         if self.tasks is not None:
             check_names("tasks", self.tasks)
         check_bool("invariant_trace", self.invariant_trace)
+        check_probe_version(self.probe_version)
         # linear_probe seeds split k with seed * PROBE_SEED_SCALE + k (k < probe_splits)
         check_seed("seed", self.seed, scale=PROBE_SEED_SCALE, offset=self.probe_splits - 1)
         for name in ("probe_l2_grid", "tasks", "extra_probes"):

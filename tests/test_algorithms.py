@@ -225,9 +225,10 @@ def test_verdict_table_known_effects():
     a = row.loc[("adversarial - adamw", "acc A")]
     assert a["effect"] == pytest.approx(-0.105) and a["high"] == pytest.approx(-0.105 + 0.012421, abs=1e-5)
     assert a["verdict"] == "yes"
-    # task B: no difference at all -> a zero-width interval at 0: neither side, not inside a bound > 0
+    # task B: no difference at all -> a zero-width interval at 0, inside the smallest effect that counts
+    # (claims.SMALLEST_EFFECT: 1 point of accuracy): "no"
     assert row.loc[("adversarial - adamw", "acc B"), "effect"] == 0.0
-    assert row.loc[("adversarial - adamw", "acc B"), "verdict"] == "inconclusive"
+    assert row.loc[("adversarial - adamw", "acc B"), "verdict"] == "no"
     # invariant trace: +2, +3, +4 -> mean 3, predicted rise, interval 3 ± 2.484: "yes"
     assert row.loc[("adversarial - adamw", "invariant_trace"), "effect"] == pytest.approx(3.0)
     assert row.loc[("adversarial - adamw", "invariant_trace"), "verdict"] == "yes"

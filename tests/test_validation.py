@@ -322,3 +322,10 @@ def test_released_grammar_still_loads() -> None:
         warnings.simplefilter("error")
         grammar = PCFG.from_rules(ANCHOR, renormalize=True)
     assert (grammar.start, len(grammar.rules), len(grammar.vocab)) == ("S", 1407, 200)
+
+
+@pytest.mark.parametrize("version", [3, 0, True, "2", 2.0])
+def test_a_protocol_refuses_an_unknown_probe_version_when_built(version):
+    from flatlib.measure import Protocol
+    with pytest.raises(ValueError, match="probe_version"):
+        Protocol(probe_version=version)
