@@ -254,12 +254,14 @@ def test_protocol_version_2_records_the_choice() -> None:
 
 
 def test_protocol_unknown_probe_version_is_refused_before_anything_is_cached() -> None:
-    protocol = Protocol(probe_version=3)
+    with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):  # refused when built
+        Protocol(probe_version=3)
+    protocol = Protocol(probe_sentences=800, probe_train=300, probe_test=200)
+    object.__setattr__(protocol, "probe_version", 0)  # past the constructor: key() and the probe refuse it too
     with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):
         protocol.key()
     with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):
-        lookup_table_probe(LANGUAGE, Protocol(probe_sentences=800, probe_train=300, probe_test=200,
-                                              probe_version=0))
+        lookup_table_probe(LANGUAGE, protocol)
 
 
 def test_measure_checkpoint_under_protocol_2_uses_it_for_every_probe(tmp_path) -> None:

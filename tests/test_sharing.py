@@ -237,7 +237,7 @@ def test_the_last_measurement_left_goes_to_a_worker(tmp_path, monkeypatch):
         return [Outcome(value={"threads": job[-1]}) for job in jobs]
 
     monkeypatch.setattr(measure, "run_jobs", fake_pool)
-    run = RunStore(tmp_path).open({"a": 1})
+    run = RunStore(tmp_path).open({"model": {"d_model": 16}})  # the pool orders jobs by width
     result = measure.measure_many("threads", [(run, 1, {})], workers=2, threads_per_worker=1)[0]
     assert len(submitted) == 1 and submitted[0][-1] == 1 and result == {"threads": 1}
 
