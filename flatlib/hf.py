@@ -64,6 +64,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from flatlib.checks import check_int
 from flatlib.languages import Corpus, Language
+from flatlib.objective import gap_statistics
 from flatlib.model import N_SPECIAL  # PAD, MASK, BOS (once CLS) and one reserved id after the words
 from flatlib.symmetry import Group, norm_reader_group, query_key_group, value_output_group
 
@@ -361,23 +362,10 @@ def exact_gap(model: nn.Module, tokens: TokenMap, val: Any, batch_size: int = 51
     finally:
         model.train(was_training)
     log_q, log_word_mass = torch.cat(log_q), torch.cat(log_word_mass)
-    p = probs.double()
-    log_p = torch.log(p.clamp(min=1e-300))
-    kl = (p * (log_p - log_q)).sum(-1)
-    index = torch.arange(len(p))
-    nll, optimum = -log_q[index, targets], -log_p[index, targets]
-    n = len(p)
-    return {
-        "val_loss": float(nll.mean()),
-        "val_optimum": float(optimum.mean()),
-        "gap": float(kl.mean()),
-        "gap_se": float(kl.std() / math.sqrt(n)),
-        "gap_paired": float((nll - optimum).mean()),
-        "gap_paired_se": float((nll - optimum).std() / math.sqrt(n)),
-        "special_mass": float(-torch.expm1(log_word_mass).mean()),
-        "special_mass_max": float((-torch.expm1(log_word_mass)).max()),
-        "gap_full": float((kl - log_word_mass).mean()),
-    }
+    special = -torch.expm1(log_word_mass)  # s, per row
+    out = gap_statistics(log_q, probs.double(), targets)
+    return {**out, "special_mass": float(special.mean()), "special_mass_max": float(special.max()),
+            "gap_full": out["gap"] + float((-log_word_mass).mean())}
 
 
 @torch.no_grad()

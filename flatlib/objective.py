@@ -202,12 +202,19 @@ def evaluate(model: Transformer, val: ValidationSet, batch_size: int = 2048) -> 
         log_q.append(F.log_softmax(logits.double(), dim=-1).cpu())
     model.train(was_training)
     log_q = torch.cat(log_q)
-    p = val.true_probs
+    return gap_statistics(log_q, val.true_probs, val.targets)
+
+
+def gap_statistics(log_q: Tensor, p: Tensor, targets: Tensor) -> dict[str, float]:
+    """``evaluate``'s numbers from the model's log-probabilities ``log_q [n, V]`` on ``n`` contexts, the
+    exact conditionals ``p [n, V]`` there and the sampled words ``targets [n]``: the mean loss and the
+    optimum's on the sampled words, and the gap, mean KL(p || q), with its SE over contexts (and the same
+    gap through the sampled words, paired)."""
     log_p = torch.log(p.clamp(min=1e-300))
     kl = (p * (log_p - log_q)).sum(dim=-1)  # per context: the expected excess loss
     rows = torch.arange(len(p))
-    nll = -log_q[rows, val.targets]
-    optimum = -log_p[rows, val.targets]
+    nll = -log_q[rows, targets]
+    optimum = -log_p[rows, targets]
     n = len(p)
     return {
         "val_loss": float(nll.mean()),

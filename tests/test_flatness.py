@@ -25,6 +25,7 @@ from flatlib.flatness import (
     mlm_logits_fn,
     mlm_loss_fn,
     rademacher_probes,
+    trainable_parameters,
 )
 from flatlib.model import Transformer, TransformerConfig, explicit_attention_on
 from flatlib.objective import ValidationSet
@@ -71,6 +72,15 @@ TINY = TransformerConfig(vocab_size=5, max_len=4, n_layer=1, n_head=1, d_model=4
 def make_transformer() -> Transformer:
     torch.manual_seed(0)
     return perturb(Transformer(TINY).double(), 0.3, seed=3)
+
+
+def diagonal_by_name(model, H) -> dict[str, torch.Tensor]:
+    """The diagonal of a dense ``[P, P]`` Hessian, per parameter (``trainable_parameters`` order and shapes)."""
+    out, i = {}, 0
+    for name, p in trainable_parameters(model).items():
+        out[name] = H.diagonal()[i:i + p.numel()].reshape(p.shape)
+        i += p.numel()
+    return out
 
 
 def tiny_validation_set(n: int = 8, seed: int = 4) -> ValidationSet:

@@ -11,23 +11,15 @@ import pytest
 import torch
 
 from flatlib.flatness import (dense_hessian, fisher_diagonal, hessian_trace, invariant_trace, mlm_batches,
-                              mlm_logits_fn, mlm_loss_fn, trainable_parameters)
+                              mlm_logits_fn, mlm_loss_fn)
 from flatlib.model import gauge_pairs, rescale_norms, widen
-from test_flatness import make_transformer, optimum_case, tiny_validation_set
+from test_flatness import diagonal_by_name, make_transformer, optimum_case, tiny_validation_set
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 MODEL = make_transformer()
 AWAY = mlm_batches(tiny_validation_set(), batch_size=5, soft_targets=True)  # sizes 5 and 3
 OPTIMUM = optimum_case(MODEL, mlm_logits_fn, AWAY)
-
-
-def diagonal_by_name(model, H) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for name, p in trainable_parameters(model).items():
-        out[name] = H.diagonal()[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
 
 
 def dense_invariant_parts(model, H) -> tuple[float, float]:

@@ -15,15 +15,8 @@ import torch
 from flatlib import measure
 from flatlib.runs import CorruptRunError, RunStore, atomic_write
 from flatlib.train import PretrainConfig, load_model, pretrain
+from test_train import tiny_config
 
-TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
-
-
-def tiny_config(**overrides) -> PretrainConfig:
-    base = dict(language=TINY_HMM, model=TINY_MODEL, steps=60, batch_size=64, eval_every=20,
-                checkpoint_every=20, eval_pairs=512, warmup_steps=10, lr=3e-3)
-    return PretrainConfig(**{**base, **overrides})
 
 
 def _writer(config: PretrainConfig, store: Path, threads: int) -> subprocess.Popen:

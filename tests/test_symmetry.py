@@ -20,7 +20,7 @@ from flatlib.model import Transformer, TransformerConfig
 from flatlib.symmetry import (Group, Member, SymmetryError, check_groups, full_gauge_trace, gauge_minimum,
                               log_factors, norm_reader_group, query_key_group, rescale, transformer_groups,
                               value_output_group, verify_groups)
-from test_flatness import optimum_case, perturb, tiny_validation_set
+from test_flatness import diagonal_by_name, optimum_case, perturb, tiny_validation_set
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -48,14 +48,6 @@ def random_log_scales(groups, seed: int, spread: float = 1.0) -> dict[str, torch
 def logits(model, batches) -> torch.Tensor:
     with hessian_mode(model), torch.no_grad():
         return torch.cat([mlm_logits_fn(model, b) for b in batches])
-
-
-def diagonal_by_name(model, H) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for name, p in trainable_parameters(model).items():
-        out[name] = H.diagonal()[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
 
 
 # ---------------------------------------------------------------------------- the description
