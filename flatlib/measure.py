@@ -261,6 +261,25 @@ def _digest_path(path: Path) -> Path:
     return path.with_suffix(".sha256")
 
 
+def _entry(path: Path) -> tuple[dict[str, Any] | None, str | None, bytes]:
+    """The cache entry at ``path`` as read, touching nothing: (its measurement, what is wrong with it,
+    its bytes); ``(None, None, b"")`` when there is none. See ``read_cached``."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None, b""
+    digest = _digest_path(path)
+    if digest.exists() and hashlib.sha256(data).hexdigest() != digest.read_text().strip():
+        return None, "does not match the SHA-256 recorded beside it (edited or truncated)", data
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, f"is not valid JSON ({error})", data
+    if not isinstance(value, dict):
+        return None, f"holds a {type(value).__name__}, not a measurement", data
+    return value, None, data
+
+
 def read_cached(path: Path) -> dict[str, Any] | None:
     """The cached measurement at ``path``, checked against the SHA-256 beside it (written after it, as
     a checkpoint's is); None when there is none. A damaged entry (digest mismatch, unreadable JSON) is
@@ -268,22 +287,8 @@ def read_cached(path: Path) -> dict[str, Any] | None:
     the measurement is computed again (each is a deterministic function of the checkpoint and the
     protocol). An entry from before the digests (no ``.sha256``) is adopted if it parses: it was
     written atomically, whole."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
+    value, problem, data = _entry(path)
     digest = _digest_path(path)
-    recorded = digest.read_text().strip() if digest.exists() else None
-    problem = None
-    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
-        problem = "does not match the SHA-256 recorded beside it (edited or truncated)"
-    else:
-        try:
-            value = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            value, problem = None, f"is not valid JSON ({error})"
-        if problem is None and not isinstance(value, dict):
-            problem = f"holds a {type(value).__name__}, not a measurement"
     if problem is not None:
         aside = path.with_name(path.name + ".corrupt")
         warnings.warn(f"{path} {problem}: not used; moved to {aside.name} and measured again", stacklevel=2)
@@ -291,7 +296,7 @@ def read_cached(path: Path) -> dict[str, Any] | None:
             os.replace(path, aside)
             digest.unlink(missing_ok=True)
         return None
-    if recorded is None:
+    if value is not None and not digest.exists():
         with contextlib.suppress(OSError):
             atomic_write(digest, hashlib.sha256(data).hexdigest())
     return value
@@ -445,9 +450,7 @@ def _kind(kind: str) -> tuple[Callable[..., dict[str, Any]], Callable[..., Path]
 def is_cached(kind: str, run: Run, step: int, protocol: Protocol = Protocol(), **kwargs: Any) -> bool:
     """Whether ``measure_many(kind, [(run, step, kwargs)], protocol)`` would read its result from the
     cache (and so cost nothing)."""
-    path = _kind(kind)[1](run, step, protocol, **kwargs)
-    return path.exists() and (not _digest_path(path).exists()
-                              or hashlib.sha256(path.read_bytes()).hexdigest() == _digest_path(path).read_text().strip())
+    return _entry(_kind(kind)[1](run, step, protocol, **kwargs))[0] is not None
 
 
 def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
