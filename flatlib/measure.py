@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from flatlib.model import rescale_norms, widen
 from flatlib.objective import ValidationSet, derived_seed, evaluate, validation_set
 from flatlib.pool import PoolError, run_jobs
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash, file_lock, writable
+from flatlib.symmetry import full_gauge_trace, rescale, transformer_groups
 from flatlib.train import PretrainConfig, load_model
 
 
@@ -53,6 +55,12 @@ PROBES = {
 }
 
 
+# The gauges an invariant trace can fix (Protocol.gauge): "layernorm", flatness.invariant_trace (the
+# LayerNorm/reader rescalings alone); "full", symmetry.full_gauge_trace (LayerNorm/reader, attention Q/K and
+# V/O per head coordinate, jointly), which also records the LayerNorm-only minimum beside it.
+GAUGES = ("layernorm", "full")
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a checkpoint is measured. Every field enters the cache key, except a field at the value that
@@ -62,7 +70,14 @@ class Protocol:
     L2 chosen per split); 2 is ``flatlib.downstream.exact_probe`` (the exact optimum, one L2 chosen on the
     pooled validation splits, recorded with a flag when it sits at an edge of ``probe_l2_grid``), for
     every probe (the extra probes too). Version 2 searches ``probe_l2_grid`` as given: its grid is
-    ``flatlib.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 1e-1), which a profile switching to version 2 sets."""
+    ``flatlib.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 1e-1), which a profile switching to version 2 sets.
+
+    ``gauge`` says which function-preserving rescalings the deciding trace (``invariant_trace``) is minimised
+    over: ``"layernorm"`` (the committed figures: ``flatness.invariant_trace``, each LayerNorm against its
+    reader) or ``"full"`` (``symmetry.full_gauge_trace``: those and attention's Q/K and V/O per head
+    coordinate, jointly; every group verified on the model first). With ``"full"`` a measurement also records
+    the LayerNorm-only minimum (``invariant_trace_layernorm``, from the same diagonals and body) and the raw
+    trace in the same estimator (``trace_gauged_raw``), so the three can be shown side by side."""
 
     probe_sentences: int = 4000  # one fixed downstream corpus per language
     probe_train: int = 1000
@@ -80,9 +95,10 @@ class Protocol:
     limited_l2: float = 1e-4  # ... and its (weak, fixed) L2 strength, on unstandardised features
     invariant_trace: bool = True  # also flatness.invariant_trace (the deciding trace) beside the raw one
     probe_version: int = 1  # 1: linear_probe (the committed figures), 2: exact_probe (see the docstring)
+    gauge: str = "layernorm"  # which gauge the invariant trace fixes: one of GAUGES (see the docstring)
 
     # fields left out of the key at these values (not dataclass fields: no annotation)
-    _KEY_OMITTED_AT = {"probe_version": 1}
+    _KEY_OMITTED_AT = {"probe_version": 1, "gauge": "layernorm"}
 
     def __post_init__(self) -> None:
         """Every field checked now (ValueError naming it), before anything is measured or cached: types
@@ -113,6 +129,8 @@ class Protocol:
             check_names("tasks", self.tasks)
         check_bool("invariant_trace", self.invariant_trace)
         check_probe_version(self.probe_version)
+        if not isinstance(self.gauge, str) or self.gauge not in GAUGES:
+            raise ValueError(f"gauge: expected one of {list(GAUGES)}, got {self.gauge!r}")
         # linear_probe seeds split k with seed * PROBE_SEED_SCALE + k (k < probe_splits)
         check_seed("seed", self.seed, scale=PROBE_SEED_SCALE, offset=self.probe_splits - 1)
         for name in ("probe_l2_grid", "tasks", "extra_probes"):
@@ -195,11 +213,20 @@ def _trace_batches(model: torch.nn.Module, val: ValidationSet, protocol: Protoco
 
 
 def _traces(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> dict[str, Any]:
-    """The raw trace (``hessian_trace``) and, if the protocol asks, the LayerNorm-gauge-invariant
-    trace (``invariant_trace``, the deciding one) on the same pairs, as measurement fields."""
+    """The raw trace (``hessian_trace``) and, if the protocol asks, the gauge-invariant trace
+    (``invariant_trace``, the deciding one, over ``protocol.gauge``) on the same pairs, as measurement
+    fields."""
     raw = _trace(model, val, protocol)
     out = {"trace": raw.mean, "trace_se": raw.stderr, "trace_description": raw.description}
-    if protocol.invariant_trace:
+    if protocol.invariant_trace and protocol.gauge == "full":
+        full = full_gauge_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
+                                n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
+        out.update({"invariant_trace": full.mean, "invariant_trace_se": full.stderr, "trace_body": full.body.mean,
+                    "invariant_trace_layernorm": full.norm_mean, "trace_gauged_raw": full.raw_mean,
+                    "gauge": "full", "gauge_newton_steps": full.minimum.iterations,
+                    "gauge_max_logit_change": max(full.deviations.values()),
+                    "invariant_trace_description": full.description})
+    elif protocol.invariant_trace:
         inv = invariant_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
                               n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
         out.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr,
@@ -334,12 +361,14 @@ def _cached(path: Path, compute: Any) -> dict[str, Any]:
 
 
 def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[str, Any]:
-    """The LayerNorm gauge on ``run``'s model at ``step``: one function in three parameterizations
-    (as trained; the final LayerNorm's gain folded into the head, ``rescale_norms`` with ``c = 1 /
-    |gain|``; then the gain x3 and the head's columns /3), each with the largest logit change, the raw
-    trace and the invariant trace (the protocol's pairs and probes); and where the raw trace of the
-    trained model sits (``hessian_trace`` of the diagonal blocks: head weights, head bias, final
-    LayerNorm, everything else). Cached in the run."""
+    """The gauge on ``run``'s model at ``step``: one function in several parameterizations (as trained;
+    the final LayerNorm's gain folded into the head, ``rescale_norms`` with ``c = 1 / |gain|``; then the
+    gain x3 and the head's columns /3; with ``protocol.gauge == "full"`` also every attention V/O and,
+    separately, every Q/K head coordinate x3 against /3), each with the largest logit change, the raw
+    trace and the invariant trace (the protocol's gauge, pairs and probes; with the full gauge also the
+    LayerNorm-only minimum, ``invariant_trace_layernorm``); and where the raw trace of the trained model
+    sits (``hessian_trace`` of the diagonal blocks: head weights, head bias, final LayerNorm, everything
+    else). Cached in the run."""
 
     def compute() -> dict[str, Any]:
         config = PretrainConfig.from_dict(run.config)
@@ -350,15 +379,27 @@ def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[
         gain = model.ln_f.weight.detach().abs()
         points = {"as trained": model, "ln_f gain folded into the head": rescale_norms(model, {"ln_f": 1 / gain}),
                   "then ln_f gain x3, head columns /3": rescale_norms(model, {"ln_f": 3 / gain})}
+        if protocol.gauge == "full":
+            groups = transformer_groups(model)
+            for kind, label in (("value/output", "attention V/O x3 per head coordinate"),
+                                ("query/key", "attention Q/K x3 per head coordinate")):
+                points[label] = rescale(model, groups, {g.name: torch.full((g.size,), math.log(3.0))
+                                                         for g in groups if g.kind == kind})
         rows = []
         for name, m in points.items():
             with torch.no_grad():
                 change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max()) for b in batches)
             raw = hessian_trace(m, mlm_loss_fn, batches, protocol.trace_probes, seed)
-            inv = invariant_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
-            rows.append({"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
-                         "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean, "trace_se": raw.stderr,
-                         "invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
+            row = {"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
+                   "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean, "trace_se": raw.stderr}
+            if protocol.gauge == "full":
+                full = full_gauge_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
+                row.update({"invariant_trace_layernorm": full.norm_mean, "invariant_trace": full.mean,
+                            "invariant_trace_se": full.stderr})
+            else:
+                inv = invariant_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
+                row.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
+            rows.append(row)
         names = list(trainable_parameters(model))
         blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"], "ln_f": ["ln_f.weight", "ln_f.bias"],
                   "everything else": [n for n in names if not n.startswith(("head.", "ln_f."))]}
@@ -521,10 +562,12 @@ def _threads(n: int) -> Iterator[None]:
 
 def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
     """A flat table row of a ``measure_checkpoint`` result: gap, gap_se, trace, trace_se,
-    invariant_trace, invariant_trace_se, trace_body, ``acc <task>`` and ``acc <task> ci95`` (the
-    standard probe) and ``acc <task> [<probe>]`` for the extra probes."""
+    invariant_trace, invariant_trace_se, trace_body (with the full gauge also invariant_trace_layernorm,
+    the LayerNorm-only minimum), ``acc <task>`` and ``acc <task> ci95`` (the standard probe) and
+    ``acc <task> [<probe>]`` for the extra probes."""
     row = {key: m[key] for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
-    row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body") if key in m})
+    row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body",
+                                        "invariant_trace_layernorm") if key in m})
     for task, probe in m["probes"].items():
         row[f"acc {task}"], row[f"acc {task} ci95"] = probe["accuracy"], probe["ci95"]
     for kind, tasks in m.get("extra_probes", {}).items():

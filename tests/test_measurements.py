@@ -80,3 +80,52 @@ def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
 def test_protocol_names_a_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         Protocol(**{field: value})
+
+
+def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm_minimum(tmp_path):
+    from dataclasses import replace
+
+    from flatlib.objective import derived_seed
+    from flatlib.flatness import mlm_logits_fn, mlm_loss_fn
+    from flatlib.measure import _trace_batches
+    from flatlib.objective import validation_set
+    from flatlib.symmetry import full_gauge_trace
+
+    full = replace(SMALL, gauge="full")
+    assert full.key() != SMALL.key() and replace(SMALL, gauge="layernorm").key() == SMALL.key()
+    run = pretrain(base_config(), RunStore(tmp_path), progress=False)
+    m = measure_checkpoint(run, 40, full)
+    model = load_model(run, 40)
+    val = validation_set(base_config(), build_language(LANGUAGE))
+    reference = full_gauge_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, full),
+                                 full.trace_probes, derived_seed("trace probes", full.seed))
+    assert m["gauge"] == "full" and m["invariant_trace"] == reference.mean
+    assert m["invariant_trace_layernorm"] == reference.norm_mean and m["trace_gauged_raw"] == reference.raw_mean
+    # the full minimum is over more rescalings than the LayerNorm-only one, which is over more than none
+    assert m["invariant_trace"] <= m["invariant_trace_layernorm"] <= m["trace_gauged_raw"]
+    assert m["gauge_max_logit_change"] < 1e-3 and "whole declared gauge" in m["invariant_trace_description"]
+    # the probes do not depend on the gauge: the same numbers as under the LayerNorm protocol
+    assert m["probes"] == measure_checkpoint(run, 40, SMALL)["probes"]
+
+
+def test_measure_gauge_full_is_one_number_along_attention_rescalings_where_the_layernorm_one_moves(tmp_path):
+    from dataclasses import replace
+
+    from flatlib.measure import measure_gauge
+
+    run = pretrain(base_config(), RunStore(tmp_path), progress=False)
+    g = measure_gauge(run, 40, replace(SMALL, gauge="full"))
+    points = {p["parameterization"]: p for p in g["points"]}
+    assert list(points)[3:] == ["attention V/O x3 per head coordinate", "attention Q/K x3 per head coordinate"]
+    trained = points["as trained"]
+    for name, p in points.items():
+        assert p["max logit change"] < 1e-4, name  # one function
+        assert math.isclose(p["invariant_trace"], trained["invariant_trace"], rel_tol=1e-4), name
+    vo = points["attention V/O x3 per head coordinate"]
+    assert abs(vo["invariant_trace_layernorm"] / trained["invariant_trace_layernorm"] - 1) > 1e-3
+
+
+@pytest.mark.parametrize("value", ["LayerNorm", "", None, 1])
+def test_protocol_refuses_an_unknown_gauge(value):
+    with pytest.raises(ValueError, match="gauge: expected one of"):
+        Protocol(gauge=value)
