@@ -531,7 +531,8 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     * ``method="vmap"``: ``vmap`` over the examples (in chunks of ``chunk_size``) of ``grad`` of the
       log-probability of one example, once per class: any parameter, any model that treats examples
       independently (like ``fisher_trace(n_samples=None)``).
-    * ``method="layers"``: only for weights and biases of ``nn.Linear`` and ``nn.LayerNorm`` modules
+    * ``method="layers"``: only for weights and biases of ``nn.Linear``, HuggingFace ``Conv1D`` (GPT-2's
+      layout, weight ``[in, out]``: the per-example gradient is ``sum_t u_t delta_t^T``) and ``nn.LayerNorm`` modules
       (each called once per forward, the example as the leading dimension of its input), which
       covers ``invariant_trace``'s gauge pairs. One forward pass records each module's input ``u``
       (``[n, T, d_in]``: T positions); for each class y one ordinary batched backward gives
@@ -551,8 +552,8 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     setup = _setup(model, logits_fn, batches, parameters)
     layers = _layer_parameters(setup.model, setup.names)
     if method == "layers" and layers is None:
-        raise ValueError("method: 'layers' needs every parameter to be the weight or bias of an nn.Linear "
-                         "or a 1-D nn.LayerNorm (exactly those classes) held by no other module; use 'vmap' "
+        raise ValueError("method: 'layers' needs every parameter to be the weight or bias of an nn.Linear, "
+                         "a HuggingFace Conv1D or a 1-D nn.LayerNorm (exactly those classes) held by no other module; use 'vmap' "
                          "(or 'auto')")
     if method != "vmap" and layers is not None:
         diagonal = _fisher_diagonal_layers(setup, layers)
@@ -587,10 +588,18 @@ def _fisher_diagonal_vmap(setup: _Setup, chunk_size: int | None) -> dict[str, Te
     return {name: d / total for name, d in zip(names, diagonal)}
 
 
+def _is_conv1d(module: Any) -> bool:
+    """Whether ``module`` is HuggingFace's ``Conv1D`` (GPT-2's linear maps: ``x @ weight + bias``, weight
+    ``[in, out]``), recognised by its class without importing ``transformers``."""
+    kind = type(module)
+    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers.")
+
+
 def _layer_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[int, str]]] | None:
     """``{module name: [(index in names, "weight" | "bias")]}`` when every name is the weight or bias
-    of an ``nn.Linear`` or a LayerNorm over the last dimension (those classes exactly: a subclass may
-    compute something else) and no other module holds the same tensor, else None."""
+    of an ``nn.Linear``, a HuggingFace ``Conv1D`` or a LayerNorm over the last dimension (those classes
+    exactly: a subclass may compute something else) and no other module holds the same tensor, else
+    None."""
     modules = dict(model.named_modules())
     owners: dict[int, int] = {}
     for module in modules.values():
@@ -600,7 +609,8 @@ def _layer_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[
     for index, name in enumerate(names):
         module_name, _, attr = name.rpartition(".")
         module = modules.get(module_name)
-        is_layer = type(module) is nn.Linear or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1)
+        is_layer = (type(module) is nn.Linear or _is_conv1d(module)
+                    or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1))
         if not is_layer or attr not in ("weight", "bias") or owners.get(id(getattr(module, attr)), 0) != 1:
             return None
         out.setdefault(module_name, []).append((index, attr))
@@ -664,6 +674,8 @@ def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str
                                 g = delta.sum(1)
                             elif isinstance(modules[name], nn.Linear):
                                 g = torch.einsum("mto,mti->moi", delta, u)
+                            elif _is_conv1d(modules[name]):  # weight [in, out]
+                                g = torch.einsum("mti,mto->mio", u, delta)
                             else:
                                 g = (delta * normed[name]).sum(1)
                             # summed in the model's dtype (torch's cascade sum: ~1e-7 relative in float32;

@@ -357,3 +357,21 @@ def test_docs_your_model_runs(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "trained 5 steps" in out and "full gauge" in out and "Bayes" in out
+
+
+# ---------------------------------------------------------------------------- the fast Fisher diagonal
+def test_fisher_diagonal_layers_on_gpt2_conv1d_equals_vmap(language, corpus):
+    """GPT-2's linear maps are Conv1D (weight [in, out]): the closed-form per-example gradients handle that
+    layout and agree with vmap's, a square one included (n_inner = n_embd, where summing the wrong axis
+    would give a plausible number of the right shape)."""
+    model = _model(language, "gpt2", n_layer=1, d_ff=SIZES["d_model"])
+    tokens = hf.TokenMap.for_language(language)
+    batches = flatness.mlm_batches(hf.causal_rows(language, corpus[:4]), 8, soft_targets=True)
+    names = [n for n, _ in model.named_parameters() if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
+                                                                  "mlp.c_fc.weight", "mlp.c_fc.bias", "ln_2.weight"))]
+    assert any("c_fc.weight" in n for n in names) and len(names) == 5
+    fast = flatness.fisher_diagonal(model, tokens.logits_fn, batches, parameters=names, method="layers")
+    slow = flatness.fisher_diagonal(model, tokens.logits_fn, batches, parameters=names, method="vmap")
+    for name in names:
+        assert fast[name].shape == slow[name].shape
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-14, msg=name)
