@@ -37,50 +37,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flatlib.checks import check_int
+# the settings' checks run when a PretrainConfig is built (flatlib.config); re-exported here
+from flatlib.config import ADVERSARIAL_KEYS, ADVERSARIAL_MIN_HEAD_SENTENCES, check_adversarial  # noqa: F401
+from flatlib.config import PretrainConfig
 from flatlib.device import module_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import Corpus, Language
 from flatlib.model import Transformer
 from flatlib.objective import derived_seed, model_tokens, sample
 
-if TYPE_CHECKING:  # annotations only: train imports this module
-    from flatlib.train import PretrainConfig
-
-ADVERSARIAL_KEYS = ("weight", "task", "refit_every", "head_sentences", "batch_sentences")
-ADVERSARIAL_MIN_HEAD_SENTENCES = 100  # fewer held-out sentences make the head mostly noise
 ADVERSARIAL_L2 = 1e-3  # the head's L2 strength (on standardized features; the probe's grid centre)
 ADVERSARIAL_CAP = 1.0  # a sentence's cross-entropy is clipped at CAP * log(n_classes) (chance level)
 ADVERSARIAL_MAX_ITER = 50  # L-BFGS iterations of a refit, from zero (~1e-4 nats from convergence)
-
-
-def check_adversarial(adversarial: Any, language: Language) -> None:
-    """ValueError naming the key (``adversarial.<key>: ...``) for invalid adversarial settings."""
-    if not isinstance(adversarial, dict):
-        raise ValueError(f"adversarial: expected a dict with the keys {ADVERSARIAL_KEYS}, "
-                         f"got {adversarial!r}")
-    for key in adversarial:
-        if key not in ADVERSARIAL_KEYS:
-            raise ValueError(f"adversarial.{key}: unknown key; expected the keys {ADVERSARIAL_KEYS}")
-    for key in ADVERSARIAL_KEYS:
-        if key not in adversarial:
-            raise ValueError(f"adversarial.{key}: missing (expected the keys {ADVERSARIAL_KEYS})")
-    weight = adversarial["weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            weight > 0 and math.isfinite(weight)):
-        raise ValueError(f"adversarial.weight: expected a positive number (lambda), got {weight!r}")
-    if adversarial["task"] not in language.tasks:
-        raise ValueError(f"adversarial.task: expected one of the language's tasks {language.tasks}, "
-                         f"got {adversarial['task']!r}")
-    lows = {"refit_every": 1, "head_sentences": ADVERSARIAL_MIN_HEAD_SENTENCES, "batch_sentences": 1}
-    for key, low in lows.items():
-        check_int(f"adversarial.{key}", adversarial[key], low)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ averaged over a fixed validation set of (sentence, position) pairs that is the s
 of a language. Using the exact conditional p instead of the sampled word removes the word's
 sampling noise from the estimate: its standard error is over contexts only.
 
-Options (fields of ``flatlib.train.PretrainConfig``): ``supervise_all`` trains on every position of
+Options (fields of ``flatlib.config.PretrainConfig``): ``supervise_all`` trains on every position of
 a sentence at once (its T single-mask copies: the same objective, T times the signal);
 ``mask_rate`` switches to BERT-style multi-mask training (then the training objective's optimum is
 *not* the single-mask optimum and is not exactly computable; evaluation stays single-mask). Data are
@@ -29,19 +29,17 @@ import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flatlib.config import PretrainConfig
 from flatlib.device import module_device
 from flatlib.languages import PCFG, Corpus, Language, build_language
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import canonical_json
-
-if TYPE_CHECKING:  # annotations only: train imports this module
-    from flatlib.train import PretrainConfig
 
 
 def derived_seed(*parts: object) -> int:
