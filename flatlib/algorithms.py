@@ -18,6 +18,7 @@ probe resplits, decided only when every AdamW seed is within ε of the optimum.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
+from flatlib.claims import Claim
 from flatlib.experiments import WeightChoice, adversarial_config, phase1_config, phase2_config, training_seeds
 from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoints, measurement_frame
 from flatlib.profiles import language_spec, resolve
-from flatlib.report import Claim
 from flatlib.runs import Run
 from flatlib.stats import mean_ci
 from flatlib.sweep import BACKENDS, run_configs
@@ -260,11 +261,13 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
                                                   rules.equivalence_bound(column, float(adam[column].mean())))
             rows.append({"language": name, "quantity": column, "comparison": "adversarial - adamw",
                          "effect": effect.estimate, "low": effect.low, "high": effect.high,
+                         "mde": rules.minimum_detectable(effect),
                          "verdict": verdict if same_loss else "not tested"})
         for t in names_tasks:
             effect = rules.welch_interval(lookup[name][t]["splits"], adam[f"acc {t}"])
             rows.append({"language": name, "quantity": f"acc {t}", "comparison": "adamw - lookup table",
                          "effect": effect.estimate, "low": effect.low, "high": effect.high,
+                         "mde": rules.minimum_detectable(effect),
                          "verdict": rules.interval_verdict(effect, +1, rules.equivalence_bound(f"acc {t}"))
                          if adam_converged else "not tested"})
         out += [{**row, "gap adamw": adam["gap"].mean(), "gap adversarial": adv["gap"].mean(), "equal loss": same_loss}
@@ -279,7 +282,8 @@ def verdicts(params: dict[str, Any], measurements: Measurements) -> pd.DataFrame
 
 
 def _interval(row: pd.Series) -> str:
-    return f"{row['effect']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+    """An effect, its 95% CI and (where the table has it) the design's minimum detectable effect."""
+    return f"{row['effect']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]" + rules.mde_text(row.get("mde", math.nan), 3)
 
 
 def weight_table(choices: dict[str, WeightChoice]) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """The decision rules: when two models have "the same loss", when a claim "held", which probe and
 which trace decide. Declared here, in one place, before the experiments they judge are run, and
-tested on small hand-made tables (tests/test_claims.py). Notebooks call these functions; REPORT.md
-prints each rule's text (``RULES``) and the history of changes (``RULE_CHANGES``).
+tested on small hand-made tables (tests/test_claims.py). Notebooks call these functions and record
+what they decided as ``Claim`` objects (``flatlib.report.record_claims``); REPORT.md prints each rule's
+text (``RULES``) and the history of changes (``RULE_CHANGES``).
 
-Verdicts are the strings of ``flatlib.report.HELD``:
+Verdicts are the strings of ``HELD``:
 
 - "yes": the predicted effect, with its 95% interval entirely on the predicted side of zero;
 - "no": the interval entirely on the other side, or entirely inside the equivalence bound ±b (the
@@ -103,46 +104,84 @@ RULES = {
                          "equal-loss rule decides"),
 }
 
-# Every change of a rule after results it judges were seen: (rule, what changed, commit, seen).
+# Every change of a rule after results it judges were seen: (rule, what changed, when: the commit that made
+# it and its date, seen).
 RULE_CHANGES: list[tuple[str, str, str, str]] = [
     ("equal loss", "notebook 02's equal-loss rule became 'within 0.002 nats or 2 SE, whichever is larger'",
-     "7c6d440", "introduced together with the SGD result it changed ('not tested' -> 'no')"),
+     "7c6d440, 2026-11-24", "introduced together with the SGD result it changed ('not tested' -> 'no')"),
     ("equal loss", "fixed here to 'within 0.002 nats' (no SE term, which noisier data pass more easily) and "
-     "applied by every notebook (04 used 'both within ε = 0.025')", "issue 14",
+     "applied by every notebook (04 used 'both within ε = 0.025')", "ab90d2f, 2026-11-30",
      "declared before the τ-clock runs it judges; the earlier cpu results had been seen"),
     ("adversary weight", "notebook 04's λ was tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1); now chosen by "
-     "this rule on a held-out seed from a declared grid (HMM 0.01/0.03/0.1, PCFG 0.03/0.1/0.3)", "issue 14",
+     "this rule on a held-out seed from a declared grid (HMM 0.01/0.03/0.1, PCFG 0.03/0.1/0.3)",
+     "eb4341d, 2026-11-30",
      "declared before the held-out runs; the evaluated seeds' results at the hand-tuned λ had been seen"),
     ("smallest effect", "declared: ±1 point of accuracy, ±5% of the level for a trace, ±0.002 nats for the gap (was: "
-     "no bound, so 'no' could only mean 'the other sign')", "2026-12-07",
+     "no bound, so 'no' could only mean 'the other sign')", "46154b0, 2026-12-07",
      "declared before the regeneration it judges; the cpu results it will judge again had been seen (7 yes, "
      "4 partly, 11 inconclusive), the bounds are argued from the paper's effects and the committed noise"),
     ("paired effect", "the equivalence bound is the quantity's smallest effect (was 0); an interval inside ±b is "
-     "'no' even when it excludes 0 (was 'yes')", "2026-12-07",
+     "'no' even when it excludes 0 (was 'yes')", "46154b0, 2026-12-07",
      "declared before the regeneration; at the committed cpu results, e.g. the PCFG clock's task A +0.000 "
      "[-0.003, +0.004] would read 'no' instead of 'inconclusive'"),
-    ("unpaired effect", "the same bound ±b as a paired effect (was 0)", "2026-12-07",
+    ("unpaired effect", "the same bound ±b as a paired effect (was 0)", "46154b0, 2026-12-07",
      "declared before the regeneration; the committed widths' results had been seen"),
 ]
 
 # Changes of what is run or measured (not of a rule) after results they affect had been seen, or
-# considered and not made: (what, change, when, what had been seen and what it did). Printed in REPORT.md.
+# considered and not made: (what, change, when: commit and date, what had been seen and what it did). Printed
+# in REPORT.md.
 DESIGN_CHANGES: list[tuple[str, str, str, str]] = [
     ("notebook 02's clock", "η = 0.2 at the same τ (a quarter of the SGD steps) checked against a criterion "
      "committed before the check (docs/lessons.md, 'One clock, two step sizes'); NOT adopted: the PCFG failed it "
-     "(gap after the anneal 0.013-0.078 nats), the HMM passed", "issue 14",
+     "(gap after the anneal 0.013-0.078 nats), the HMM passed", "788c1cf, 2026-12-01",
      "the η = 0.1 results had been seen; the profile is unchanged"),
     ("notebook 05's models", "each constant-rate and adversarial continuation is measured at its end only (was: "
      "every 400 steps): 60 fewer measurements, for the budget (issue 14's 'fewer checkpoint measurements'); "
-     "the earlier checkpoints added models, not lineages, and the bootstrap resamples lineages", "issue 14",
+     "the earlier checkpoints added models, not lineages, and the bootstrap resamples lineages",
+     "788c1cf, 2026-12-01",
      "decided for its cost; the earlier verdicts had been seen (HMM yes, PCFG inconclusive); after it HMM yes, "
      "PCFG partly (task A yes), until the PCFG anneal below"),
     ("notebook 02's clock, PCFG anneal", "3000 steps (was 1000; the HMM keeps 1000), once, declared before the runs "
-     "(docs/lessons.md, 'The PCFG's anneal'): issue 14 asks each anneal to return the gap to equal loss", "issue 14",
+     "(docs/lessons.md, 'The PCFG's anneal'): issue 14 asks each anneal to return the gap to equal loss",
+     "e92baae, 2026-12-01",
      "the 1000-step results had been seen ('not tested': 0.0024 nats above the control); after it the PCFG is at "
      "equal loss (0.0068 -> 0.0081): invariant trace -1.69 [-3.72, +0.35] and accuracy inconclusive, the raw "
      "trace's fall yes; notebook 05's PCFG partly -> inconclusive"),
 ]
+
+
+# ---------------------------------------------------------------------------- a claim
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper as checked by a notebook.
+
+    ``held`` is one of ``HELD`` ("yes", "no", "partly" (e.g. for some tasks only),
+    "inconclusive", or "not tested" (e.g. the models did not reach the optimum, so an "at equal
+    loss" claim could not be tested)); ``paper`` and ``ours`` are short texts with numbers (``ours``
+    with its CI or SE); ``figure`` is a file name in the profile's figures folder (or "" if none);
+    ``detail`` says what was compared, on what; ``rule`` names the rules of ``RULES``
+    that decided it (printed with the claim; "" for claims decided before that module existed).
+    """
+
+    claim: str
+    paper: str
+    ours: str
+    held: str
+    notebook: str
+    figure: str = ""
+    detail: str = ""
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if self.held not in HELD:
+            raise ValueError(f"held: expected one of {HELD}, got {self.held!r}")
+        unknown = [r for r in filter(None, (r.strip() for r in self.rule.split(","))) if r not in RULES]
+        if unknown:
+            raise ValueError(f"rule: {unknown} are not rules of flatlib.claims.RULES ({sorted(RULES)})")
+        for name in ("claim", "notebook"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -274,6 +313,14 @@ def minimum_detectable(interval: Interval, power: float = POWER) -> float:
     df = float(interval.n - 1) if interval.df is None else interval.df
     se = (interval.high - interval.low) / 2 / _stats.t.ppf(0.5 + CONFIDENCE / 2, df)
     return 0.0 if se == 0 else detectable_effect(se, df, power, CONFIDENCE)
+
+
+def mde_text(mde: float, digits: int = 3, power: float = POWER) -> str:
+    """What a claim prints after an interval: ``, MDE ±0.012`` (the minimum detectable effect at
+    ``power``, ``minimum_detectable``), or nothing where there is none (NaN: no interval)."""
+    if mde is None or not math.isfinite(float(mde)):
+        return ""
+    return f", MDE ±{float(mde):.{digits}f}"
 
 
 def detectable_text(interval: Interval, digits: int = 3, power: float = POWER) -> str:

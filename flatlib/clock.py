@@ -18,6 +18,8 @@ A clock continuation runs SGD (no weight decay: L2 moves the minimizers) from a 
 larger batch, which brings the loss back to the minimum (the noise-driven excess loss of SGD at a
 constant lr is ~ eta / B); ``tau = 0`` is the anneal alone, the control every ``tau > 0`` is paired
 with.
+
+The clock's arithmetic (``sgd_clock``, ``steps_for_clock``) is ``flatlib.clock_units``, re-exported here.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flatlib.claims import combine, equal_loss, equivalence_bound, paired_effect, t_interval
+from flatlib.claims import (Claim, combine, equal_loss, equivalence_bound, mde_text, minimum_detectable, paired_effect,
+                            t_interval)
+from flatlib.clock_units import sgd_clock, steps_for_clock  # noqa: F401 (sgd_clock: re-exported)
 from flatlib.objective import derived_seed
-from flatlib.report import Claim
 from flatlib.runs import Run
 from flatlib.train import PretrainConfig, continuation
 
@@ -43,23 +46,6 @@ def supervised_tokens(config: PretrainConfig) -> int:
         raise ValueError("config: the clock is defined for the single-mask objective (supervise_all=False, "
                          "mask_rate=None)")
     return config.batch_size
-
-
-def sgd_clock(lr: float, steps: int, batch_tokens: int) -> float:
-    """``tau = lr^2 * steps / batch_tokens``."""
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
-    if steps < 0 or batch_tokens < 1:
-        raise ValueError(f"steps, batch_tokens: expected steps >= 0 and batch_tokens >= 1, got {steps}, {batch_tokens}")
-    return lr * lr * steps / batch_tokens
-
-
-def steps_for_clock(tau: float, lr: float, batch_tokens: int) -> int:
-    """The number of steps (rounded to the nearest) that runs ``tau`` units of the clock."""
-    if not (tau >= 0 and math.isfinite(tau)):
-        raise ValueError(f"tau: expected a number >= 0, got {tau!r}")
-    sgd_clock(lr, 0, batch_tokens)  # checks lr and batch_tokens
-    return round(tau * batch_tokens / (lr * lr))
 
 
 def clock_continuation(base: PretrainConfig, from_step: int, tau: float, lr: float, batch_size: int,
@@ -243,6 +229,7 @@ def verdict_table(measurements: pd.DataFrame, tasks: dict[str, list[str]], conve
                 d = decide(frame, name, column, +1 if column.startswith("acc") else -1, converged[name])
                 rows.append({"continuation": kind, "language": name, "quantity": column, "effect": d["effect"].estimate,
                              "low": d["effect"].low, "high": d["effect"].high, "lineages": d["effect"].n,
+                             "mde": minimum_detectable(d["effect"]),
                              "verdict": d["verdict"], "gap control": d["gap_control"], "gap dose": d["gap_dose"],
                              "equal loss": d["equal_loss"],
                              "decides": column == "invariant_trace" or (column.startswith("acc") and "[" not in column)})
@@ -254,7 +241,9 @@ def _standard(v: pd.DataFrame) -> list[str]:
 
 
 def _interval(v: pd.DataFrame, q: str, digits: int) -> str:
-    return f"{v.loc[q, 'effect']:+.{digits}f} [{v.loc[q, 'low']:+.{digits}f}, {v.loc[q, 'high']:+.{digits}f}]"
+    """An effect, its 95% CI and (where the table has it) the design's minimum detectable effect."""
+    text = f"{v.loc[q, 'effect']:+.{digits}f} [{v.loc[q, 'low']:+.{digits}f}, {v.loc[q, 'high']:+.{digits}f}]"
+    return text + mde_text(v.loc[q].get("mde", math.nan), digits)
 
 
 def verdict_claims(verdict: pd.DataFrame, tau: float, adamw_lr: float) -> list[Claim]:

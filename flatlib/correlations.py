@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
+from flatlib.claims import Claim
 from flatlib.experiments import ModelRef, choose_adversary_weights, experiment_models
 from flatlib.measure import Protocol, measure_checkpoints, measure_many
-from flatlib.report import Claim
 from flatlib.stats import rank_correlation
 from flatlib.sweep import BACKENDS, run_configs
 

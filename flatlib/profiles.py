@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from flatlib.checks import SEED_LIMIT, check_seed
+from flatlib.clock_units import steps_for_clock
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
 from flatlib.schema import Dict, Int, Kwargs, ListOf, MapOf, Number, OneOf, Opt, Pair, Seed, Str
 
@@ -330,8 +331,6 @@ def _require(ok: bool, name: str, message: str) -> None:
 
 def _check_relations(params: dict[str, Any]) -> None:
     """What the schema cannot say: the languages build, and the checks that relate two values."""
-    from flatlib.clock import steps_for_clock  # noqa: PLC0415 - clock imports report, which imports us
-
     build_languages(params)  # raises ValueError naming e.g. "pcfg.depth"
     build_teacher(params)
     p, m, a, c = (params[key] for key in ("pretraining", "model_size", "algorithms", "clock"))

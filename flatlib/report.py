@@ -24,42 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flatlib.claims import DESIGN_CHANGES, HELD, RULE_CHANGES, RULES
+from flatlib.claims import DESIGN_CHANGES, HELD, RULE_CHANGES, RULES, Claim
 from flatlib.plotting import REPO_ROOT, figures_dir
-from flatlib.profiles import get_profile
-from flatlib.runs import atomic_write
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One claim of the paper as checked by a notebook.
-
-    ``held`` is one of ``flatlib.claims.HELD`` ("yes", "no", "partly" (e.g. for some tasks only),
-    "inconclusive", or "not tested" (e.g. the models did not reach the optimum, so an "at equal
-    loss" claim could not be tested)); ``paper`` and ``ours`` are short texts with numbers (``ours``
-    with its CI or SE); ``figure`` is a file name in the profile's figures folder (or "" if none);
-    ``detail`` says what was compared, on what; ``rule`` names the rules of ``flatlib.claims.RULES``
-    that decided it (printed with the claim; "" for claims decided before that module existed).
-    """
-
-    claim: str
-    paper: str
-    ours: str
-    held: str
-    notebook: str
-    figure: str = ""
-    detail: str = ""
-    rule: str = ""
-
-    def __post_init__(self) -> None:
-        if self.held not in HELD:
-            raise ValueError(f"held: expected one of {HELD}, got {self.held!r}")
-        unknown = [r for r in filter(None, (r.strip() for r in self.rule.split(","))) if r not in RULES]
-        if unknown:
-            raise ValueError(f"rule: {unknown} are not rules of flatlib.claims.RULES ({sorted(RULES)})")
-        for name in ("claim", "notebook"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: must not be empty")
 
 
 class DamagedFileError(ValueError):
@@ -137,7 +103,7 @@ def record_claims(profile: str, notebook: str, claims: list[Claim], parameters: 
             raise ValueError(f"claims: expected Claim objects, got {type(claim).__name__}")
     path = claims_dir(profile) / f"{notebook}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"notebook": notebook, "profile": profile, "parameters": parameters or {},
+    _atomic_write(path, json.dumps({"notebook": notebook, "profile": profile, "parameters": parameters or {},
                                    "claims": [asdict(c) for c in claims]}, indent=1, default=str))
     return path
 
@@ -208,12 +174,20 @@ def record_runs(profile: str, results: list[dict[str, Any]]) -> Path:
             entry["last_good"] = previous["last_good"]
         runs[name] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(runs, indent=1, sort_keys=True))
+    _atomic_write(path, json.dumps(runs, indent=1, sort_keys=True))
     if damage is not None:
         raise DamagedFileError(path, damage.problem, f"kept as {kept}; this run's results are in a fresh "
                                                      f"{path.name}, without earlier runs' wall times (read "
                                                      "them in the kept copy, then delete it)")
     return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """``flatlib.runs.atomic_write``, imported on use: the run store imports torch, which reading and
+    rendering the report do not need."""
+    from flatlib.runs import atomic_write  # noqa: PLC0415
+
+    atomic_write(path, text)
 
 
 def machine_description() -> str:
@@ -239,8 +213,11 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_report(profile: str) -> str:
-    """REPORT.md's text at ``profile`` from the recorded claims and notebook runs."""
+def render_report(profile: str, parameters: dict[str, Any] | None = None) -> str:
+    """REPORT.md's text at ``profile`` from the recorded claims and notebook runs. ``parameters``: the
+    profile's parameters the notebooks ran with (``flatlib.profiles.get_profile(profile)``, as
+    ``flatlib.reproduce`` passes them), whose ``pretraining`` seeds, model and ε the header shows;
+    without them the header names the profile only."""
     recorded, damaged = _load(profile)
     claims = {name: items for name, (items, _) in recorded.items()}
     try:
@@ -248,8 +225,10 @@ def render_report(profile: str) -> str:
     except DamagedFileError as error:
         runs = {}
         damaged.append(error)
-    params = get_profile(profile)
-    pretraining = params.get("pretraining", {})
+    pretraining = (parameters or {}).get("pretraining", {})
+    settings = (f"training seeds per experiment {pretraining.get('seeds', '?')}, "
+                f"model {pretraining.get('model', '?')}, ε = {pretraining.get('epsilon', '?')} nats; "
+                if pretraining else "")
     total = sum(r["seconds"] for r in runs.values() if r["ok"])
     lines = [
         f"# Claims report · profile `{profile}`",
@@ -261,9 +240,7 @@ def render_report(profile: str) -> str:
         "",
         f"- machine: {machine_description()}",
         f"- commit: {_git_commit()}",
-        f"- profile `{profile}`: training seeds per experiment {pretraining.get('seeds', '?')}, "
-        f"model {pretraining.get('model', '?')}, ε = {pretraining.get('epsilon', '?')} nats; "
-        f"the notebooks' own parameters are printed in their executed copies (`build/{profile}/`)",
+        f"- profile `{profile}`: {settings}the notebooks' own parameters are printed in their executed copies (`build/{profile}/`)",
         f"- wall time of the notebooks' last good runs: {total / 60:.1f} min in total",
         "",
         *_damaged_lines(damaged, figures_dir(profile)),
@@ -330,11 +307,12 @@ def _changes(title: str, subject: str, changes: list[tuple[str, str, str, str]])
             + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in changes])
 
 
-def write_report(profile: str) -> Path:
-    """Write ``<figures>/REPORT.md`` for ``profile``. Returns its path."""
+def write_report(profile: str, parameters: dict[str, Any] | None = None) -> Path:
+    """Write ``<figures>/REPORT.md`` for ``profile`` (``parameters``: see ``render_report``). Returns its
+    path."""
     path = figures_dir(profile) / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, render_report(profile))
+    _atomic_write(path, render_report(profile, parameters))
     return path
 
 

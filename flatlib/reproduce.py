@@ -253,7 +253,7 @@ def _run(profile: str, out_dir: Path, only: list[str] | None, execute: Callable[
         record_runs(profile, [vars(r) for r in results])
     except DamagedFileError as error:  # recorded in a fresh file all the same
         damaged.append(error)
-    report = write_report(profile)  # leaves out, and lists, the claims files it cannot read
+    report = write_report(profile, PROFILES[profile])  # leaves out, and lists, the claims files it cannot read
     damaged += damaged_files(profile)
     total = sum(r.seconds for r in results)
     print(f"\n{'notebook':40s} {'status':8s} {'seconds':>8s}")

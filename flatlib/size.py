@@ -17,6 +17,7 @@ The figures are drawn by ``flatlib.plots.size``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from flatlib import claims as rules
+from flatlib.claims import Claim
 from flatlib.experiments import phase1_config, training_seeds
 from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoints, measure_many
 from flatlib.profiles import language_spec, resolve
-from flatlib.report import Claim
 from flatlib.stats import mean_ci, rank_correlation
 from flatlib.sweep import BACKENDS
 from flatlib.languages import build_language
@@ -252,7 +253,7 @@ def verdict_table(measured: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[st
                 rho = rank_correlation(conv["parameters"], conv[column], "spearman", seed=seed)
                 row.update({"from width": pair[0], "to width": pair[1], "before": small[column].mean(),
                             "after": large[column].mean(), "delta": effect.estimate, "low": effect.low,
-                            "high": effect.high,
+                            "high": effect.high, "mde": rules.minimum_detectable(effect),
                             "verdict": rules.interval_verdict(effect, predicted,
                                                               rules.equivalence_bound(column, small[column].mean())),
                             "spearman": rho.value, "spearman low": rho.low, "spearman high": rho.high,
@@ -285,7 +286,8 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
         widths_text = f"width {int(first['from width'])} -> {int(first['to width'])}"
         gap_text = f"gap {first['gap before']:.4f} -> {first['gap after']:.4f} nats; one lr for every width"
         effects = "; ".join(f"{q.split(' ', 1)[1]} {v.loc[q, 'delta']:+.3f} [{v.loc[q, 'low']:+.3f}, "
-                            f"{v.loc[q, 'high']:+.3f}]" for q in probes)
+                            f"{v.loc[q, 'high']:+.3f}]{rules.mde_text(v.loc[q].get('mde', math.nan), 3)}"
+                            for q in probes)
         out.append(Claim(
             claim=f"{name}: larger models transfer better at the same loss (linear probe)", paper=PAPER[name][0],
             ours=f"{widths_text}: {effects} (Welch 95% CI over {n_seeds} seeds)",
@@ -297,7 +299,7 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
                    "architecture)"),
             paper=PAPER[name][1], held=t["verdict"], notebook=NOTEBOOK, figure="03_size_trace.png",
             ours=(f"{widths_text}: invariant {t['before']:.2f} -> {t['after']:.2f} ({t['delta']:+.2f} "
-                  f"[{t['low']:+.2f}, {t['high']:+.2f}]); raw {raw['before']:.1f} -> {raw['after']:.1f} "
+                  f"[{t['low']:+.2f}, {t['high']:+.2f}]{rules.mde_text(t.get('mde', math.nan), 2)}); raw {raw['before']:.1f} -> {raw['after']:.1f} "
                   f"({raw['delta']:+.1f} [{raw['low']:+.1f}, {raw['high']:+.1f}]); Spearman with size "
                   f"{t['spearman']:+.2f} [{t['spearman low']:+.2f}, {t['spearman high']:+.2f}]"),
             detail=f"{gap_text}; the raw widened trace's own verdict: {raw['verdict']}",

@@ -10,7 +10,7 @@ import pytest
 from flatlib.claims import (DESIGN_CHANGES, EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
                             combine, correlation_verdict, equal_loss, interval_verdict, paired_effect, t_interval,
                             unrelated, welch_interval)
-from flatlib.report import Claim
+from flatlib.claims import Claim
 
 
 def test_equal_loss_is_the_paper_tolerance_on_point_estimates():
@@ -178,7 +178,7 @@ def test_minimum_detectable_effect_of_an_interval():
 
 
 def test_the_bounds_are_declared_in_the_change_table():
-    dated = [c for c in RULE_CHANGES if c[2] == "2026-12-07"]
+    dated = [c for c in RULE_CHANGES if c[2] == "46154b0, 2026-12-07"]  # when: the commit and its date
     assert {c[0] for c in dated} == {"paired effect", "unpaired effect", "smallest effect"}
     assert all("before the regeneration" in c[3] and "issue" not in " ".join(c).lower() for c in dated)
     assert "smallest effect" in RULES and "±" in RULES["paired effect"]

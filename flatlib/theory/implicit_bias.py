@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 
 from flatlib.checks import check_seed
+from flatlib.claims import Claim
 from flatlib.downstream import mean_ci
-from flatlib.report import Claim
 from flatlib.theory.contexts import ContextSet
 from flatlib.theory.dynamics import Flow, Trajectory, run_gd, run_sgd, slow_flow
 from flatlib.theory.factored import FactoredSoftmax

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from flatlib.checks import check_int, check_number, check_seed
+from flatlib.claims import Claim
 from flatlib.flatness import hvp
 from flatlib.languages import HMM
-from flatlib.report import Claim
 from flatlib.theory.contexts import DTYPE, ContextSet, hmm_contexts, with_ids
 from flatlib.theory.curvature import exact_fisher, exact_gradient_covariance, exact_hessian
 from flatlib.theory.factored import FactoredSoftmax

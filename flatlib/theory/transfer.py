@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from flatlib.checks import check_int, check_seed
+from flatlib.claims import Claim
 from flatlib.downstream import mean_ci
 from flatlib.flatness import hessian_trace
-from flatlib.report import Claim
 from flatlib.theory.bag_of_words import BagOfWordsLanguage
 from flatlib.theory.contexts import DTYPE, ContextSet
 from flatlib.theory.curvature import fisher_trace_at_optimum
