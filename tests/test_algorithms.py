@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from flatlib import algorithms
-from flatlib.claims import welch_interval
+from flatlib.claims import minimum_detectable, welch_interval
 from flatlib.experiments import training_seeds
 from flatlib.plots import algorithms as plots
+from flatlib.stats import detectable_effect
 
 matplotlib.use("Agg")
 
@@ -218,13 +219,15 @@ def test_result_tables_for_every_language(smoke):
 def test_verdict_table_known_effects():
     table, lookup = measurement_frame(), {"x": lookup_probe()}
     v = algorithms.verdict_table(table, lookup, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    assert v.columns.tolist() == ["language", "quantity", "comparison", "effect", "low", "high", "verdict", "gap adamw",
-                                  "gap adversarial", "equal loss"]
+    assert v.columns.tolist() == ["language", "quantity", "comparison", "effect", "low", "high", "mde", "verdict",
+                                  "gap adamw", "gap adversarial", "equal loss"]
     row = v.set_index(["comparison", "quantity"])
     # task A: paired differences -0.100, -0.105, -0.110: mean -0.105, half-width 4.303 * 0.005 / sqrt(3) = 0.0124
     a = row.loc[("adversarial - adamw", "acc A")]
     assert a["effect"] == pytest.approx(-0.105) and a["high"] == pytest.approx(-0.105 + 0.012421, abs=1e-5)
     assert a["verdict"] == "yes"
+    # its minimum detectable effect at 80% power: the noncentral t on 2 df at se = 0.005 / sqrt(3)
+    assert a["mde"] == pytest.approx(detectable_effect(0.005 / 3 ** 0.5, 2, 0.8, 0.95), rel=1e-6)
     # task B: no difference at all -> a zero-width interval at 0, inside the smallest effect that counts
     # (claims.SMALLEST_EFFECT: 1 point of accuracy): "no"
     assert row.loc[("adversarial - adamw", "acc B"), "effect"] == 0.0
@@ -236,6 +239,7 @@ def test_verdict_table_known_effects():
     expected = welch_interval([0.70, 0.72, 0.74], [0.80, 0.81, 0.82])
     b = row.loc[("adamw - lookup table", "acc A")]
     assert b["effect"] == pytest.approx(0.09) and b["low"] == pytest.approx(expected.low) and b["verdict"] == "yes"
+    assert b["mde"] == pytest.approx(minimum_detectable(expected))
     # the mean gaps: AdamW 0.0101, adversary 0.0105 -> within 0.002: equal loss
     assert v["gap adamw"].iloc[0] == pytest.approx(0.0101) and v["equal loss"].all()
 

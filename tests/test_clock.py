@@ -158,6 +158,10 @@ def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
                                         verdict.loc[("adamw", "invariant_trace"), "verdict"]]
     assert "t +0.011 [+0.009, +0.013]" in claims[0].ours  # 0.011 ± t(2) 4.303 x 0.001 / sqrt 3 and "3 lineages" in claims[0].ours
     assert "invariant -1.95 [-1.95, -1.95]" in claims[1].ours and "raw -5.00" in claims[1].ours
+    # beside each interval, the design's minimum detectable effect at 80% power (noncentral t, 2 df)
+    from flatlib.stats import detectable_effect
+    assert f"t +0.011 [+0.009, +0.013], MDE ±{detectable_effect(0.001 / 3 ** 0.5, 2, 0.8, 0.95):.3f}" in claims[0].ours
+    assert "invariant -1.95 [-1.95, -1.95], MDE ±0.00;" in claims[1].ours  # no spread at all: any effect is detected
     assert "AdamW at constant lr 0.0003" in claims[2].claim
     not_converged = verdict_table(frame, {"a": ["t"]}, {"a": False})
     assert set(not_converged.verdict) == {"not tested"}
