@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from flatlib.clock import dose_response
+from flatlib.plots.panels import gap_panel
 from flatlib.runs import Run
 
 
@@ -20,23 +21,19 @@ def training_curves(runs: dict[tuple[str, int], Run], optima: dict[str, float], 
     fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 7.5), sharex="col", squeeze=False)
     for c, name in enumerate(names):
         top, bottom = axes[0, c], axes[1, c]
-        finals = []
+        finals, gaps = [], []
         for i, seed in enumerate(s for n, s in runs if n == name):
             m = runs[name, seed].metrics()
             top.plot(m["step"], m["val_loss"], color=f"C{i}", lw=1.5, label=f"seed {seed}")
             top.plot(m["step"], m["train_loss"], color=f"C{i}", lw=1, alpha=0.35)
-            bottom.plot(m["step"], m["gap"], color=f"C{i}", lw=1.5, label=f"seed {seed}")
-            bottom.fill_between(m["step"], m["gap"] - m["gap_se"], m["gap"] + m["gap_se"], color=f"C{i}", alpha=0.2)
+            gaps.append((f"seed {seed}", m["step"], m["gap"], m["gap"] - m["gap_se"], m["gap"] + m["gap_se"]))
             finals.append(m["gap"].iloc[-1])
         optimum = optima[name]
         top.axhline(optimum, color="k", ls="--", lw=1.2, label=f"exact optimum {optimum:.3f}")
         top.set_ylim(optimum - 0.02, optimum + max(0.3, 4 * max(finals)))
         top.set(title=f"{name}: single-mask MLM loss (nats/token)", ylabel="loss (nats)")
         top.legend(fontsize=8)
-        bottom.axhline(epsilon, color="0.3", ls=":", lw=1.2, label=f"ε = {epsilon}")
-        bottom.set_yscale("log")
-        bottom.set(title=f"{name}: gap to the optimum (KL), ±1 SE", xlabel="step", ylabel="gap (nats, log)")
-        bottom.legend(fontsize=8)
+        gap_panel(bottom, gaps, epsilon, f"{name}: gap to the optimum (KL), ±1 SE")
     fig.tight_layout()
     return fig
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from flatlib.plots.panels import gap_panel, mark_epsilon
 from flatlib.size import converged, parameter_counts, per_width
 
 
@@ -21,16 +22,13 @@ def gap(curves: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str], eps
     widths = [int(w) for w in sorted(curves["width"].unique())]
     fig, axes = plt.subplots(1, len(languages), figsize=(6.5 * len(languages), 4.3), squeeze=False)
     for ax, name in zip(axes[0], languages):
-        for i, w in enumerate(widths):
+        bands = []
+        for w in widths:
             runs = curves[(curves.language == name) & (curves.width == w)]
             per_seed = pd.concat([g.set_index("step")["gap"] for _, g in runs.groupby("seed")], axis=1)
-            ax.plot(per_seed.index, per_seed.mean(axis=1), color=f"C{i}", lw=1.8,
-                    label=f"width {w} ({int(params[name, w]) / 1e3:.0f}k params)")
-            ax.fill_between(per_seed.index, per_seed.min(axis=1), per_seed.max(axis=1), color=f"C{i}", alpha=0.2)
-        ax.axhline(epsilon, color="0.3", ls=":", lw=1.2, label=f"ε = {epsilon}")
-        ax.set_yscale("log")
-        ax.set(title=f"{name}: gap to the optimum by width", xlabel="step", ylabel="gap (nats, log)")
-        ax.legend(fontsize=8)
+            bands.append((f"width {w} ({int(params[name, w]) / 1e3:.0f}k params)", per_seed.index,
+                          per_seed.mean(axis=1), per_seed.min(axis=1), per_seed.max(axis=1)))
+        gap_panel(ax, bands, epsilon, f"{name}: gap to the optimum by width", lw=1.8)
     fig.tight_layout()
     return fig
 
@@ -91,8 +89,7 @@ def traces(measured: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str]
                 ax.plot(np.full(len(d), x_of[w]) * np.linspace(0.95, 1.05, len(d)), d[column], ".", color="C1",
                         alpha=0.8, mfc="C1" if ok[name, w] else "white")
             if column == "gap":
-                ax.axhline(epsilon, color="0.3", ls=":", lw=1.2, label=f"ε = {epsilon}")
-                ax.set_yscale("log")
+                mark_epsilon(ax, epsilon)
             else:
                 values = frame[column]
                 span = values.max() - values.min()
