@@ -47,10 +47,14 @@ builds eager models. ``logits_fn`` and ``loss_fn`` (the Hessian adapters) call `
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,9 +66,10 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("flatlib.hf needs transformers: pip install -r requirements-test.txt (it pins "
                       "transformers and what it imports; flatlib itself does not need it)") from error
 
-from flatlib.checks import check_int
-from flatlib.languages import Corpus, Language
-from flatlib.objective import gap_statistics
+from flatlib.checks import check_int, check_number, check_numbers, check_seed
+from flatlib.languages import Corpus, Language, build_language
+from flatlib.objective import ValidationSet, derived_seed, gap_statistics, sample, single_mask_batch
+from flatlib.runs import Run, RunStore
 from flatlib.model import N_SPECIAL  # PAD, MASK, BOS (once CLS) and one reserved id after the words
 from flatlib.symmetry import Group, norm_reader_group, query_key_group, value_output_group
 
@@ -492,3 +497,443 @@ def _bert_groups(model: nn.Module) -> list[Group]:
     if not _tied(decoder.weight, model.get_input_embeddings().weight):
         groups.append(norm_reader_group(model, names[id(norm)], names[id(decoder)]))
     return groups
+
+
+# ---------------------------------------------------------------------------- training on flatlib's objective
+def mlm_rows(language: Language, tokens: TokenMap, n_pairs: int) -> ValidationSet:
+    """``n_pairs`` (sentence, masked position) pairs of ``language`` with the exact conditionals there:
+    the pairs of ``objective.validation_set`` (the same sentences and positions for every model of the
+    language), in ``tokens``' flatlib ids. What ``exact_gap`` and the traces of ``measure`` read."""
+    check_int("n_pairs", n_pairs)
+    corpus = sample(language, n_pairs, seed=derived_seed("validation sentences"))
+    generator = torch.Generator().manual_seed(derived_seed("validation positions"))
+    inputs, positions, targets = single_mask_batch(corpus, tokens.mask_id, tokens.pad_id, generator)
+    probs = language.mlm_conditionals(corpus)[torch.arange(n_pairs), positions]
+    return ValidationSet(inputs, positions, targets, probs)
+
+
+@dataclass(frozen=True)
+class TrainHistory:
+    """``train_mlm``'s record. ``table``: one row per evaluation (step 0, every ``eval_every`` steps, the
+    last step) with ``step``, ``lr`` (of the step before it), ``train_loss`` (mean batch loss since the
+    previous row; NaN at step 0), ``exact_gap``'s keys (``gap``, ``gap_se``, ``val_loss``,
+    ``val_optimum``, ``special_mass``, ``gap_full``, ...) and ``seconds`` (training wall time so far,
+    evaluations included). ``seconds``: this call's wall time (0.0 when the run store had the run);
+    ``cached``: the model was loaded from the run store; ``resumed_from``: the step this call started
+    at (0: from scratch); ``key``: the run store key (None without a store)."""
+
+    table: pd.DataFrame
+    seconds: float
+    cached: bool
+    resumed_from: int
+    key: str | None
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last evaluation's row."""
+        return {k: float(v) for k, v in self.table.iloc[-1].items()}
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, dtypes, shapes and bytes): the run store's key of the
+    initial weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _hf_config(model: nn.Module) -> dict[str, Any]:
+    """The model's HF config as JSON, without what does not change the function it computes."""
+    config = json.loads(model.config.to_json_string())
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in
+            ("transformers_version", "architectures", "dtype", "torch_dtype", "attn_implementation")}
+
+
+def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{index}.{key}"] = value.cpu()
+    return tensors
+
+
+def _load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, tensors: dict[str, Tensor]) -> None:
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is None:
+        return
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+
+
+def _json_row(row: dict[str, float]) -> dict[str, float | None]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _history(run: Run, seconds: float, cached: bool, resumed_from: int) -> TrainHistory:
+    return TrainHistory(run.metrics(), seconds, cached, resumed_from, run.key)
+
+
+def train_mlm(model: nn.Module, language: Language | dict[str, Any], steps: int, batch_size: int = 256,
+              lr: float = 3e-3, seed: int = 0, *, warmup_steps: int = 200, weight_decay: float = 0.01,
+              betas: tuple[float, float] = (0.9, 0.98), eval_every: int | None = None, eval_pairs: int = 4096,
+              store: RunStore | None = None, checkpoint_every: int | None = None,
+              tokens: TokenMap | None = None) -> TrainHistory:
+    """Train a masked LM (``BertForMaskedLM`` / ``RobertaForMaskedLM``) **in place** on flatlib's
+    single-mask objective: at step ``k``, ``batch_size`` fresh sentences of ``language`` (seeded with
+    ``derived_seed("sentences", seed, k)``), one masked position each (``derived_seed("masks", seed,
+    k)``), the cross-entropy of the words' logits there (``TokenMap.loss_fn``: the objective of
+    flatlib's own model, whose optimum is the language's exact conditional). AdamW over every
+    parameter (``lr``, ``betas``, ``weight_decay``), the learning rate warmed up linearly over
+    ``warmup_steps`` (step ``k`` at ``lr * min(1, (k + 1) / warmup_steps)``), then constant.
+
+    Every ``eval_every`` steps (default ``steps // 10``), at step 0 and at the end, ``exact_gap`` on
+    ``mlm_rows(language, tokens, eval_pairs)`` (``objective.validation_set``'s pairs): the history.
+
+    **Deterministic**: the batches are a function of ``(seed, k)`` and the model computes what its
+    weights say (``config_for`` builds models without dropout; with dropout the global RNG enters),
+    so the same model, language and arguments give the same weights, bit for bit on one device and
+    thread count. **Cached and resumable** with ``store`` (``flatlib.runs.RunStore``): the run is keyed
+    by the language's spec (``language`` must then be a spec, as ``languages.build_language`` takes it,
+    e.g. ``profiles.language_spec(params, "hmm")``), the model's class and HF config, the SHA-256 of its
+    weights at the call, ``dtype`` and these arguments; a finished run loads its final weights into
+    ``model`` at once (``cached``); an interrupted one resumes from its last checkpoint (model and
+    AdamW state, every ``checkpoint_every`` steps, a multiple of ``eval_every``, its default) and ends
+    with the same weights as an uninterrupted run. Without ``store`` nothing is written. The model is
+    left in eval mode.
+
+    ``tokens``: the map of the model's vocabulary (default ``TokenMap.for_language``, the vocabulary
+    of ``config_for``). The model trains on its own device; data are drawn on the CPU.
+    """
+    if not isinstance(model, (BertForMaskedLM, RobertaForMaskedLM)):
+        _is_causal(model)  # an unsupported class: the TypeError naming the supported ones
+        raise TypeError(f"model: train_mlm trains a masked LM (BertForMaskedLM, RobertaForMaskedLM); "
+                        f"{type(model).__name__} is causal: train it with TokenMap.causal_loss_fn on "
+                        "hf.causal_batches")
+    spec = language if isinstance(language, dict) else None
+    language = build_language(spec) if spec is not None else language
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0),
+                             ("eval_pairs", eval_pairs, 1)):
+        check_int(name, value, low)
+    check_seed("seed", seed)
+    check_number("lr", lr)
+    check_number("weight_decay", weight_decay, low_closed=True)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+    check_numbers("betas", betas, 0.0, 1.0, low_closed=True)
+    eval_every = max(1, steps // 10) if eval_every is None else eval_every
+    check_int("eval_every", eval_every)
+    checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
+    check_int("checkpoint_every", checkpoint_every)
+    if checkpoint_every % eval_every:
+        raise ValueError(f"checkpoint_every: expected a multiple of eval_every ({eval_every}), got "
+                         f"{checkpoint_every} (a checkpoint holds the history up to its step)")
+    tokens = TokenMap.for_language(language) if tokens is None else tokens
+    if tokens.n_words != language.vocab_size or tokens.mask_id is None:
+        raise ValueError(f"tokens: expected a TokenMap of the language's {language.vocab_size} words with a "
+                         f"MASK id, got {tokens}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    run = None
+    if store is not None:
+        if spec is None:
+            raise ValueError("language: the run store keys a run by the language's spec; pass the spec "
+                             "(e.g. flatlib.profiles.language_spec(params, 'hmm')) instead of the Language, "
+                             "or leave store out")
+        config = {"kind": "flatlib.hf.train_mlm", "language": spec, "model": type(model).__name__,
+                  "hf_config": _hf_config(model), "initial_weights_sha256": _weights_digest(model),
+                  "dtype": str(next(model.parameters()).dtype), "tokens": [tokens.n_words, tokens.pad_id,
+                  tokens.vocab_size, tokens.mask_id, tokens.bos_id, tokens.words],
+                  "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
+                  "weight_decay": weight_decay, "betas": list(betas), "eval_every": eval_every,
+                  "eval_pairs": eval_pairs}
+        run = store.open(config)
+        if run.finished:
+            _load_state(model, None, run.verified().load_checkpoint().tensors)
+            return _history(run, 0.0, True, steps)
+        with run.writing():
+            if run.finished:  # another process finished it while this one waited
+                _load_state(model, None, run.verified().load_checkpoint().tensors)
+                return _history(run, 0.0, True, steps)
+            return _train_mlm(model, language, tokens, optimizer, run, steps, batch_size, lr, seed,
+                              warmup_steps, eval_every, eval_pairs, checkpoint_every)
+    return _train_mlm(model, language, tokens, optimizer, None, steps, batch_size, lr, seed, warmup_steps,
+                      eval_every, eval_pairs, checkpoint_every)
+
+
+def _train_mlm(model: nn.Module, language: Language, tokens: TokenMap, optimizer: torch.optim.Optimizer,
+               run: Run | None, steps: int, batch_size: int, lr: float, seed: int, warmup_steps: int,
+               eval_every: int, eval_pairs: int, checkpoint_every: int) -> TrainHistory:
+    """``train_mlm``'s loop (holding the run's lock when there is a run)."""
+    start_time = time.time()
+    device = next(model.parameters()).device
+    val = mlm_rows(language, tokens, eval_pairs)
+    rows: list[dict[str, Any]] = []
+    step, running, earlier = 0, 0.0, 0.0
+    checkpoint = run.load_checkpoint() if run is not None else None
+    if checkpoint is not None:
+        _load_state(model, optimizer, checkpoint.tensors)
+        step, rows, earlier = checkpoint.step, checkpoint.state["rows"], checkpoint.state["seconds"]
+    resumed_from = step
+
+    def record(lr_used: float, train_loss: float) -> None:
+        gap = exact_gap(model, tokens, val)
+        rows.append(_json_row({"step": step, "lr": lr_used, "train_loss": train_loss, **gap,
+                               "seconds": earlier + time.time() - start_time}))
+
+    def save() -> None:
+        if run is not None:
+            run.save_checkpoint(step, _state_tensors(model, optimizer),
+                                {"rows": rows, "seconds": earlier + time.time() - start_time})
+
+    if not rows:
+        record(math.nan, math.nan)
+        save()
+    last_row = rows[-1]["step"]
+    model.train()
+    try:
+        while step < steps:
+            rate = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            corpus = sample(language, batch_size, seed=derived_seed("sentences", seed, step))
+            masks = torch.Generator().manual_seed(derived_seed("masks", seed, step))
+            batch = single_mask_batch(corpus, tokens.mask_id, tokens.pad_id, masks)
+            loss = tokens.loss_fn(model, tuple(x.to(device) for x in batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            step += 1
+            if step % eval_every == 0 or step == steps:
+                record(rate, running / (step - last_row))
+                running, last_row = 0.0, step
+            if step % checkpoint_every == 0 or step == steps:
+                save()
+    finally:
+        model.eval()
+    seconds = time.time() - start_time
+    if run is None:
+        table = pd.DataFrame([{k: math.nan if v is None else v for k, v in r.items()} for r in rows])
+        return TrainHistory(table, seconds, False, resumed_from, None)
+    run.write_metrics(rows)
+    final = rows[-1]
+    run.prune_checkpoints(keep=1)
+    run.mark_finished({"final_gap": final["gap"], "final_gap_se": final["gap_se"], "final_val_loss": final["val_loss"],
+                       "steps": steps, "seconds": final["seconds"], "threads": torch.get_num_threads(),
+                       "device": str(device)})
+    return _history(run, seconds, False, resumed_from)
+
+
+# ---------------------------------------------------------------------------- measuring a trained model
+TRACES = ("raw", "norm", "full")  # measure's traces: raw, LayerNorm-only, full gauge
+
+
+def measure(model: nn.Module, language: Language, *, task: str, pairs: int = 4096, trace_pairs: int = 1024,
+            trace_probes: int = 12, trace_batch: int = 512, probe_sentences: int = 4000, probe_train: int = 1000,
+            probe_test: int = 1000, probe_splits: int = 3, seed: int = 0,
+            tokens: TokenMap | None = None) -> dict[str, Any]:
+    """What flatlib measures on its own models, for a HF model (eval mode; the model is not changed):
+
+    * ``exact_gap``'s keys (``gap``, ``gap_se``, ``special_mass``, ``gap_full``, ...) on ``pairs`` rows:
+      ``mlm_rows`` for a masked LM, ``causal_rows`` of as many sentences as that takes for GPT-2.
+    * ``hutchinson``, ``hutchinson_se``: ``flatness.hessian_trace`` of the expected loss (soft targets)
+      on the first ``trace_pairs`` rows, ``trace_probes`` Rademacher probes from ``seed``, every parameter.
+    * ``trace_raw``, ``trace_norm``, ``trace_full`` and ``trace_se``: ``symmetry.full_gauge_trace`` with
+      ``symmetry_groups(model)`` on the same rows and probes (``.raw_mean``: the model's coordinates;
+      ``.norm_mean``: the LayerNorm -> reader groups alone; ``.mean``: every group, the trace of the
+      function). The three share one noise, the body's Hutchinson estimate (``trace_se``); the gauged
+      parameters' part is exact.
+    * ``rescaled_raw``, ``rescaled_norm``, ``rescaled_full``: the same three on the same function in
+      other coordinates, every group rescaled by ``exp(N(0, 1))`` per coordinate (``symmetry.rescale``,
+      generator seeded ``seed + 1``); ``max_deviation``: the largest logit change ``verify_groups``
+      found over the groups (a group that is not a symmetry raises ``SymmetryError`` instead).
+    * ``probe``, ``probe_ci95``: ``downstream.linear_probe`` of ``model_features`` for ``task`` on
+      ``probe_sentences`` sentences (seeded ``derived_seed("probe sentences")``), ``probe_train`` /
+      ``probe_test`` examples, ``probe_splits`` splits (``ci95``: the t-interval's half-width);
+      ``bayes``, ``bayes_se``: the language's Bayes accuracy of the task on those sentences (NaN where
+      the language has none, e.g. a PCFG); ``chance``: the largest class's share.
+    * ``seconds``: wall time per part (``gap``, ``hutchinson``, ``full_gauge``, ``rescaled``, ``probe``).
+
+    Needs eager attention (the traces' second derivatives; ``require_eager``).
+    """
+    from flatlib.downstream import linear_probe, probe_inputs  # noqa: PLC0415 - flatlib.hf stays light to import
+    from flatlib.flatness import hessian_trace, mlm_batches  # noqa: PLC0415
+    from flatlib.symmetry import full_gauge_trace, rescale  # noqa: PLC0415
+
+    require_eager(model)
+    for name, value in (("pairs", pairs), ("trace_pairs", trace_pairs), ("trace_batch", trace_batch),
+                        ("probe_sentences", probe_sentences), ("probe_train", probe_train),
+                        ("probe_test", probe_test), ("probe_splits", probe_splits)):
+        check_int(name, value)
+    check_int("trace_probes", trace_probes, 2)
+    check_seed("seed", seed, offset=1)
+    if trace_pairs > pairs:
+        raise ValueError(f"trace_pairs: expected at most pairs ({pairs}), got {trace_pairs}")
+    if task not in language.tasks:
+        raise ValueError(f"task: {task!r} is not a task of {type(language).__name__} {language.tasks}")
+    tokens = TokenMap.for_language(language) if tokens is None else tokens
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {"task": task, "seconds": {}}
+    try:
+        clock = time.time()
+        if _is_causal(model):
+            corpus = sample(language, -(-pairs // language.max_len), seed=derived_seed("validation sentences"))
+            rows = causal_rows(language, corpus)
+            rows = Rows(*(x[:pairs] for x in (rows.inputs, rows.positions, rows.targets, rows.true_probs)))
+        else:
+            rows = mlm_rows(language, tokens, pairs)
+        out.update(exact_gap(model, tokens, rows))
+        out["seconds"]["gap"] = time.time() - clock
+
+        clock = time.time()
+        head = tuple(x[:trace_pairs] for x in _rows(rows))
+        batches = mlm_batches(head, trace_batch, soft_targets=True)
+        raw = hessian_trace(model, tokens.loss_fn, batches, n_probes=trace_probes, seed=seed)
+        out.update(hutchinson=raw.mean, hutchinson_se=raw.stderr)
+        out["seconds"]["hutchinson"] = time.time() - clock
+
+        clock = time.time()
+        groups = symmetry_groups(model)
+        trace = full_gauge_trace(model, tokens.loss_fn, tokens.logits_fn, batches, n_probes=trace_probes,
+                                 seed=seed, groups=groups)
+        out.update(trace_raw=trace.raw_mean, trace_norm=trace.norm_mean, trace_full=trace.mean,
+                   trace_se=trace.stderr, groups=len(groups), max_deviation=max(trace.deviations.values()))
+        out["seconds"]["full_gauge"] = time.time() - clock
+
+        clock = time.time()
+        generator = torch.Generator().manual_seed(seed + 1)
+        moved = rescale(model, groups, {g.name: torch.randn(g.size, generator=generator, dtype=torch.float64)
+                                        for g in groups})
+        again = full_gauge_trace(moved, tokens.loss_fn, tokens.logits_fn, batches, n_probes=trace_probes,
+                                 seed=seed, groups=groups)
+        out.update(rescaled_raw=again.raw_mean, rescaled_norm=again.norm_mean, rescaled_full=again.mean,
+                   rescaled_se=again.stderr)
+        out["seconds"]["rescaled"] = time.time() - clock
+
+        clock = time.time()
+        probe_corpus = sample(language, probe_sentences, seed=derived_seed("probe sentences"))
+        features = probe_inputs(language, probe_corpus, model_features(model, tokens, probe_corpus), task)
+        labels = language.task_labels(probe_corpus, task)
+        n_classes = language.n_classes(task)
+        probe = linear_probe(features, labels, n_classes, n_train=probe_train, n_test=probe_test,
+                             n_splits=probe_splits, seed=seed)
+        bayes = language.bayes_accuracy(probe_corpus, task) if hasattr(language, "bayes_accuracy") else None
+        known = labels[labels >= 0]
+        out.update(probe=probe.accuracy, probe_ci95=probe.ci95,
+                   bayes=math.nan if bayes is None else bayes.mean, bayes_se=math.nan if bayes is None else bayes.stderr,
+                   chance=float(torch.bincount(known, minlength=n_classes).max() / len(known)))
+        out["seconds"]["probe"] = time.time() - clock
+    finally:
+        model.train(was_training)
+    return out
+
+
+def measurement_table(measured: dict[str, Any]) -> pd.DataFrame:
+    """``measure``'s numbers as a table: quantity, value, its uncertainty and what that is."""
+    m = measured
+    rows = [
+        ("exact gap, words' softmax (nats)", m["gap"], m["gap_se"], "SE over rows"),
+        ("loss / optimum on the sampled words (nats)", m["val_loss"], m["val_optimum"], "(optimum)"),
+        ("special-token mass (mean)", m["special_mass"], m["special_mass_max"], "(max over rows)"),
+        ("gap of the full softmax (nats)", m["gap_full"], math.nan, ""),
+        ("raw Tr H, Hutchinson", m["hutchinson"], m["hutchinson_se"], "SE over probes"),
+        ("raw Tr H, body + exact gauged diagonal", m["trace_raw"], m["trace_se"], "SE over probes (body)"),
+        ("LayerNorm-only invariant trace", m["trace_norm"], m["trace_se"], "SE over probes (body)"),
+        ("full-gauge invariant trace", m["trace_full"], m["trace_se"], "SE over probes (body)"),
+        ("rescaled: raw Tr H", m["rescaled_raw"], m["rescaled_se"], "SE over probes (body)"),
+        ("rescaled: LayerNorm-only", m["rescaled_norm"], m["rescaled_se"], "SE over probes (body)"),
+        ("rescaled: full gauge", m["rescaled_full"], m["rescaled_se"], "SE over probes (body)"),
+        (f"linear probe, {m['task']}", m["probe"], m["probe_ci95"], "95% CI half-width over splits"),
+        (f"Bayes accuracy, {m['task']}", m["bayes"], m["bayes_se"], "SE over sentences"),
+        (f"majority class, {m['task']}", m["chance"], math.nan, ""),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "value", "±", "uncertainty"]).set_index("quantity")
+
+
+INVARIANCE_RTOL = 1e-3  # the full-gauge trace of one function in two coordinates (float32 rounding)
+
+
+def failed_checks(measured: dict[str, Any], history: TrainHistory | None = None) -> list[str]:
+    """What must hold whatever the outcome, each broken one as a message (empty: all hold): every
+    number finite (the Bayes accuracy may be NaN: no latent), gap >= -3 SE, special mass in [0, 1],
+    ``full <= LayerNorm-only <= raw`` (a minimum over more groups; 1e-9 relative), the full-gauge
+    trace the same on the rescaled function within ``INVARIANCE_RTOL`` relative, the probe accuracy
+    in [0, 1] and not above the Bayes accuracy beyond their uncertainties (3 SE), and with a
+    ``history``: a finite gap at every evaluation, lower at the end than at step 0."""
+    m, problems = measured, []
+    numbers = [k for k, v in m.items() if isinstance(v, float) and k not in ("bayes", "bayes_se")]
+    problems += [f"{k} = {m[k]} is not finite" for k in numbers if not math.isfinite(m[k])]
+    if m["gap"] < -3 * m["gap_se"]:
+        problems.append(f"gap = {m['gap']:.4g} < -3 SE ({m['gap_se']:.2g}): a KL divergence is >= 0")
+    if not 0 <= m["special_mass"] <= 1:
+        problems.append(f"special_mass = {m['special_mass']} outside [0, 1]")
+    tol = 1e-9 * abs(m["trace_raw"])
+    for prefix in ("trace", "rescaled"):
+        full, norm, raw = (m[f"{prefix}_{k}"] for k in ("full", "norm", "raw"))
+        if not full <= norm + tol <= raw + 2 * tol:
+            problems.append(f"{prefix}: expected full <= LayerNorm-only <= raw, got {full:.6g}, {norm:.6g}, {raw:.6g}")
+    change = abs(m["rescaled_full"] - m["trace_full"]) / abs(m["trace_full"])
+    if not change <= INVARIANCE_RTOL:
+        problems.append(f"the full-gauge trace moved by {change:.2g} relative under a rescaling of its groups "
+                        f"({m['trace_full']:.6g} -> {m['rescaled_full']:.6g}; allowed {INVARIANCE_RTOL})")
+    if not 0 <= m["probe"] <= 1:
+        problems.append(f"probe = {m['probe']} outside [0, 1]")
+    if math.isfinite(m["bayes"]):
+        margin = 3 * math.hypot(m["probe_ci95"] / 1.96 if math.isfinite(m["probe_ci95"]) else 0.0, m["bayes_se"])
+        if m["probe"] > m["bayes"] + margin:
+            problems.append(f"probe {m['probe']:.4f} beats the Bayes accuracy {m['bayes']:.4f} by more than 3 SE")
+    if history is not None:
+        gaps = history.table["gap"]
+        if not gaps.map(math.isfinite).all():
+            problems.append("training: a non-finite gap in the history")
+        elif not gaps.iloc[-1] < gaps.iloc[0]:
+            problems.append(f"training: the gap did not fall ({gaps.iloc[0]:.4g} -> {gaps.iloc[-1]:.4g})")
+    return problems
+
+
+def your_model_figure(history: TrainHistory, measured: dict[str, Any]) -> tuple[Any, str]:
+    """Notebook 07's figure: the exact gap during training (words' softmax and full softmax, 95% band),
+    the three traces of the trained model and of the same function rescaled (95% error bars: the
+    body's Hutchinson SE), and the probe against the Bayes accuracy (95% intervals). Returns the figure
+    and the note that says what the error bars are."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plotting only here
+
+    m, t = measured, history.table
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2), width_ratios=(1.2, 1.2, 0.8))
+    for column, label in (("gap", "gap, words' softmax"), ("gap_full", "gap, full softmax")):
+        left.plot(t["step"], t[column], marker="o", ms=3, label=label)
+    band = 1.96 * t["gap_se"]
+    left.fill_between(t["step"], (t["gap"] - band).clip(lower=1e-6), t["gap"] + band, alpha=0.3)
+    left.set(yscale="log", xlabel="training step", ylabel="exact gap to the optimum (nats)",
+             title=f"training: final gap {m['gap']:.4f} ± {m['gap_se']:.4f}")
+    left.legend()
+    labels, width = ("raw", "LayerNorm-only", "full gauge"), 0.38
+    for k, (prefix, name) in enumerate((("trace", "trained model"), ("rescaled", "same function, rescaled"))):
+        values = [m[f"{prefix}_{key}"] for key in TRACES]
+        bars = middle.bar([i + (k - 0.5) * width for i in range(3)], values, width,
+                          yerr=1.96 * m[f"{prefix}_se"], capsize=3, label=name)
+        middle.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    middle.set_xticks(range(3), labels)
+    middle.set(ylabel="Hessian trace of the expected loss", title="traces: only the full gauge is invariant")
+    middle.legend()
+    values = [m["probe"], m["bayes"]]
+    errors = [m["probe_ci95"], 1.96 * m["bayes_se"]]
+    right.bar(["linear probe", "Bayes"], values, yerr=errors, capsize=4, color=["C0", "0.6"])
+    right.axhline(m["chance"], color="0.3", ls=":", label="majority class")
+    right.set(ylim=(0, 1), ylabel="accuracy", title=f"task {m['task']}")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    note = ("95% intervals: gap ±1.96 SE over validation pairs; traces ±1.96 SE over Hutchinson probes (the "
+            "body; the gauged part is exact); probe t-interval over splits; Bayes ±1.96 SE over sentences")
+    return fig, note

@@ -375,3 +375,155 @@ def test_fisher_diagonal_layers_on_gpt2_conv1d_equals_vmap(language, corpus):
     for name in names:
         assert fast[name].shape == slow[name].shape
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-14, msg=name)
+
+
+# ---------------------------------------------------------------------------- train_mlm and measure
+TINY = dict(n_layer=1, n_head=2, d_model=8, d_ff=16)
+SPEC = {"kind": "hmm", "seed": 0, "n_states": 4, "vocab_size": 8, "seq_len": 6, "concentration": 0.5,
+        "task_positions": [2]}  # the `language` fixture's spec
+TRAIN = dict(steps=12, batch_size=16, lr=3e-3, seed=0, warmup_steps=3, eval_every=4, eval_pairs=64)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_mlm_is_deterministic_and_records_the_gap(language):
+    runs = []
+    for _ in range(2):
+        model = hf.model_for(language, "bert", seed=0, **TINY)
+        history = hf.train_mlm(model, language, **TRAIN)
+        runs.append((_state(model), history))
+    (first, history), (second, again) = runs
+    assert _same_weights(first, second)
+    assert history.table.drop(columns="seconds").equals(again.table.drop(columns="seconds"))  # not the clock
+    assert list(history.table["step"]) == [0, 4, 8, 12] and not history.cached and history.key is None
+    assert math.isnan(history.table["train_loss"][0]) and history.table["train_loss"][1:].notna().all()
+    assert history.table["gap"].iloc[-1] < history.table["gap"].iloc[0]
+    # the history's gap is exact_gap on mlm_rows, the validation pairs of objective.validation_set
+    tokens = hf.TokenMap.for_language(language)
+    assert history.final["gap"] == hf.exact_gap(model, tokens, hf.mlm_rows(language, tokens, 64))["gap"]
+    # another seed draws other batches
+    model = hf.model_for(language, "bert", seed=0, **TINY)
+    hf.train_mlm(model, language, **{**TRAIN, "seed": 1})
+    assert not _same_weights(first, _state(model))
+
+
+def test_train_mlm_caches_in_the_run_store_and_resumes_bit_for_bit(language, tmp_path, monkeypatch):
+    store = hf.RunStore(tmp_path / "runs")
+    plain = hf.model_for(language, "bert", seed=0, **TINY)
+    reference = hf.train_mlm(plain, language, **TRAIN)
+    # interrupted after 6 steps (the checkpoint at step 4 survives), then resumed
+    calls, real_sample = [], hf.sample
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "sample", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hf.train_mlm(hf.model_for(language, "bert", seed=0, **TINY), SPEC, **TRAIN, store=store)
+    monkeypatch.setattr(hf, "sample", real_sample)
+    model = hf.model_for(language, "bert", seed=0, **TINY)
+    resumed = hf.train_mlm(model, SPEC, **TRAIN, store=store)
+    assert resumed.resumed_from == 4 and not resumed.cached
+    assert _same_weights(_state(model), _state(plain))
+    assert resumed.table["gap"].tolist() == reference.table["gap"].tolist()
+    # finished: a fresh model at the same initial weights gets the final weights at once
+    cached_model = hf.model_for(language, "bert", seed=0, **TINY)
+    cached = hf.train_mlm(cached_model, SPEC, **TRAIN, store=store)
+    assert cached.cached and cached.seconds == 0.0 and cached.key == resumed.key
+    assert _same_weights(_state(cached_model), _state(plain))
+    assert cached.table.equals(resumed.table)
+    # other initial weights, another run
+    other = hf.train_mlm(hf.model_for(language, "bert", seed=1, **TINY), SPEC, **TRAIN, store=store)
+    assert other.key != resumed.key and not other.cached
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"steps": 0}, "steps"), ({"batch_size": 1.5}, "batch_size"), ({"lr": -1.0}, "lr"),
+    ({"seed": -1}, "seed"), ({"betas": (0.9, 1.0)}, "betas"), ({"eval_every": 0}, "eval_every"),
+    ({"checkpoint_every": 6}, "checkpoint_every: expected a multiple of eval_every"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+])
+def test_train_mlm_refuses_bad_arguments(language, override, match):
+    with pytest.raises(ValueError, match=match):
+        hf.train_mlm(hf.model_for(language, "bert", seed=0, **TINY), language, **{**TRAIN, **override})
+
+
+def test_train_mlm_needs_a_spec_for_the_store_and_a_masked_lm(language, tmp_path):
+    with pytest.raises(ValueError, match="language: the run store keys a run by the language's spec"):
+        hf.train_mlm(hf.model_for(language, "bert", seed=0, **TINY), language, **TRAIN,
+                     store=hf.RunStore(tmp_path))
+    with pytest.raises(TypeError, match="GPT2LMHeadModel is causal"):
+        hf.train_mlm(hf.model_for(language, "gpt2", seed=0, **TINY), language, **TRAIN)
+    with pytest.raises(TypeError, match="not supported"):
+        hf.train_mlm(nn.Linear(2, 2), language, **TRAIN)
+
+
+MEASURE = dict(task="state@2", pairs=64, trace_pairs=32, trace_probes=3, trace_batch=16, probe_sentences=200,
+               probe_train=60, probe_test=40, probe_splits=2)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_measure_gives_the_gap_the_invariant_traces_and_the_probe(language, kind):
+    model = hf.model_for(language, kind, seed=0, **TINY)
+    if kind == "bert":
+        hf.train_mlm(model, language, **TRAIN)
+    before = _state(model)
+    m = hf.measure(model, language, **MEASURE)
+    assert _same_weights(before, _state(model))  # measured, not changed
+    assert hf.failed_checks(m) == []
+    assert m["trace_full"] <= m["trace_norm"] <= m["trace_raw"]
+    assert m["rescaled_full"] == pytest.approx(m["trace_full"], rel=hf.INVARIANCE_RTOL)
+    assert abs(m["rescaled_raw"] - m["trace_raw"]) > 0.01 * m["trace_raw"]  # the raw trace is not invariant
+    assert m["groups"] == len(hf.symmetry_groups(model)) and m["max_deviation"] < 1e-4
+    assert 0 < m["bayes"] <= 1 and 0 <= m["probe"] <= 1 and 0 < m["chance"] <= m["bayes"]
+    assert set(m["seconds"]) == {"gap", "hutchinson", "full_gauge", "rescaled", "probe"}
+    tokens = hf.TokenMap.for_language(language)
+    if kind == "bert":  # the gap is exact_gap's on the validation pairs
+        assert m["gap"] == hf.exact_gap(model, tokens, hf.mlm_rows(language, tokens, 64))["gap"]
+    table = hf.measurement_table(m)
+    assert table.loc["full-gauge invariant trace", "value"] == m["trace_full"]
+    assert hf.measure(model, language, **MEASURE)["trace_full"] == m["trace_full"]  # deterministic
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"task": "state@9"}, "task"), ({"trace_pairs": 65}, "trace_pairs"), ({"trace_probes": 1}, "trace_probes"),
+    ({"seed": -1}, "seed"),
+])
+def test_measure_refuses_bad_arguments(language, override, match):
+    with pytest.raises(ValueError, match=match):
+        hf.measure(hf.model_for(language, "bert", seed=0, **TINY), language, **{**MEASURE, **override})
+
+
+def test_failed_checks_name_what_is_out_of_place(language):
+    model = hf.model_for(language, "bert", seed=0, **TINY)
+    history = hf.train_mlm(model, language, **TRAIN)
+    m = hf.measure(model, language, **MEASURE)
+    assert hf.failed_checks(m, history) == []
+    broken = {**m, "rescaled_full": m["trace_full"] * 1.01, "probe": 0.9, "probe_ci95": 0.01, "bayes": 0.5,
+              "bayes_se": 0.001, "special_mass": 1.5,
+              "trace_norm": m["trace_raw"] * 2, "gap_full": math.nan}
+    problems = "\n".join(hf.failed_checks(broken))
+    for words in ("full-gauge trace moved", "beats the Bayes accuracy", "special_mass", "LayerNorm-only <= raw",
+                  "gap_full = nan"):
+        assert words in problems
+    flat = hf.TrainHistory(history.table.assign(gap=history.table["gap"].iloc[0]), 1.0, False, 0, None)
+    assert "the gap did not fall" in "\n".join(hf.failed_checks(m, flat))
+
+
+def test_your_model_figure(language):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = hf.model_for(language, "bert", seed=0, **TINY)
+    history = hf.train_mlm(model, language, **TRAIN)
+    fig, note = hf.your_model_figure(history, hf.measure(model, language, **MEASURE))
+    assert len(fig.axes) == 3 and "95%" in note
