@@ -242,6 +242,32 @@ _THEORY["gpu"] = copy.deepcopy(_THEORY["paper"])
 for _name, _sizes in _THEORY.items():
     PROFILES[_name]["theory"] = _sizes
 
+# Notebook 07 (flatlib on your model; flatlib.hf): a HuggingFace masked LM trained on the profile's HMM
+# with flatlib.hf.train_mlm (cached in the run store), then flatlib.hf.measure: the exact gap, the raw,
+# LayerNorm-only and full-gauge traces, a linear probe of `task` against its Bayes accuracy. Each
+# profile's "your_model" section; "measure" holds measure's sizes.
+_YOUR_MODEL: dict[str, dict[str, Any]] = {
+    # seconds: it checks the code path
+    "smoke": {"kind": "bert", "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32},
+              "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "eval_every": 20, "task": "state@3",
+              "measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64,
+                          "probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2}},
+    # docs/your_model.md's BERT: 2x64, 2400 steps (2.5-3.5 min on one thread), the cpu protocol's sizes
+    "cpu": {"kind": "bert", "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
+            "steps": 2400, "batch_size": 256, "lr": 3e-3, "warmup_steps": 200, "eval_every": 200, "task": "state@3",
+            "measure": {"pairs": 4096, "trace_pairs": 1024, "trace_probes": 12, "trace_batch": 512,
+                        "probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3}},
+    # the gpu profile's model size and protocol; NOT yet run (sized by estimate, like the rest of that profile)
+    "gpu": {"kind": "bert", "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
+            "steps": 12_000, "batch_size": 512, "lr": 2e-3, "warmup_steps": 500, "eval_every": 500, "task": "state@3",
+            "measure": {"pairs": 8192, "trace_pairs": 2048, "trace_probes": 30, "trace_batch": 1024,
+                        "probe_sentences": 8000, "probe_train": 2000, "probe_test": 2000, "probe_splits": 5}},
+}
+# the paper profile: the gpu sizes on the paper's HMM (task positions 6 and 10); NOT yet run
+_YOUR_MODEL["paper"] = {**copy.deepcopy(_YOUR_MODEL["gpu"]), "task": "state@6"}
+for _name, _sizes in _YOUR_MODEL.items():
+    PROFILES[_name]["your_model"] = _sizes
+
 DEFAULT_PROFILE = "cpu"
 LANGUAGES = ("hmm", "pcfg", "teacher")
 
@@ -262,6 +288,12 @@ THEORY = Dict(  # notebook 06
     transformer=Dict(n_words=Int(4), seq_len=Int(2), width=Int(), d_key=Int(),
                      strengths=Pair(Number(-math.inf), Number(-math.inf))),
     downstream=Dict(n_train=ListOf(Int()), draws=Int(2)),
+)
+YOUR_MODEL = Dict(  # notebook 07
+    kind=OneOf(("bert", "roberta")), model=Dict(n_layer=Int(), n_head=Int(), d_model=Int(), d_ff=Int()),
+    steps=Int(), batch_size=Int(), lr=Number(), warmup_steps=Int(0), eval_every=Int(), task=Str(),
+    measure=Dict(pairs=Int(), trace_pairs=Int(), trace_probes=Int(2), trace_batch=Int(), probe_sentences=Int(),
+                 probe_train=Int(2), probe_test=Int(), probe_splits=Int()),
 )
 PROFILE = Dict(
     profile=OneOf(tuple(PROFILES)), seed=Seed(), language_seed=Seed(), n_eval_sentences=Int(2),
@@ -293,6 +325,7 @@ PROFILE = Dict(
         adversarial=Dict(refit_every=Int(), head_sentences=Int(), batch_sentences=Int()),
     ),
     theory=THEORY,
+    your_model=YOUR_MODEL,
 )
 
 def get_profile(name: str) -> dict[str, Any]:
@@ -377,6 +410,7 @@ def _check_relations(params: dict[str, Any]) -> None:
              f"{taus[1:]} must map to distinct step counts >= 1 at lr {c['lr']} and batch_size "
              f"{c['batch_size']} (got {steps})")
     _check_theory_relations(params["theory"])
+    _check_your_model(params)
 
 
 def _check_derived_seeds(params: dict[str, Any]) -> None:
@@ -425,6 +459,24 @@ def _check_theory_relations(t: dict[str, Any]) -> None:
         raise ValueError(f"theory.transformer.{error}") from None
     _require(tr["width"] >= tr["n_words"], "theory.transformer.width",
              f"the random solution needs >= n_words = {tr['n_words']} neurons")
+
+
+def _check_your_model(params: dict[str, Any]) -> None:
+    """Notebook 07's relations: the model's heads divide its width, the warm-up ends before the last
+    step, the task is one of the HMM's, the trace rows are among the gap's rows, the probe's splits fit
+    in its sentences (train + test + test/2 for the validation split), seed + 1 (the rescaling) is a seed."""
+    y = params["your_model"]
+    m, s = y["model"], y["measure"]
+    _require(m["d_model"] % m["n_head"] == 0, "your_model.model.n_head", f"must divide d_model ({m['d_model']})")
+    _require(y["warmup_steps"] < y["steps"], "your_model.warmup_steps", f"must be below steps ({y['steps']})")
+    tasks = HMM.random(seed=params["language_seed"], **params["hmm"]).tasks
+    _require(y["task"] in tasks, "your_model.task", f"{y['task']!r} is not a task of the profile's HMM {tasks}")
+    _require(s["trace_pairs"] <= s["pairs"], "your_model.measure.trace_pairs",
+             f"must be at most measure.pairs ({s['pairs']}): the traces read the gap's first rows")
+    needed = s["probe_train"] + s["probe_test"] + s["probe_test"] // 2
+    _require(needed <= s["probe_sentences"], "your_model.measure.probe_sentences",
+             f"needs at least probe_train + probe_test + probe_test/2 = {needed}")
+    check_seed("seed", params["seed"], offset=1)
 
 
 def theory_params(profile: str, seed: int = 0, **overrides: Any) -> dict[str, Any]:

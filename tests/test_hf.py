@@ -527,3 +527,36 @@ def test_your_model_figure(language):
     history = hf.train_mlm(model, language, **TRAIN)
     fig, note = hf.your_model_figure(history, hf.measure(model, language, **MEASURE))
     assert len(fig.axes) == 3 and "95%" in note
+
+
+# ---------------------------------------------------------------------------- the profiles' your_model section
+def test_every_profile_has_a_your_model_section():
+    from flatlib.profiles import PROFILES, resolve
+
+    for name in PROFILES:
+        section = resolve(name)["your_model"]
+        assert section["task"] in HMM.random(seed=0, **PROFILES[name]["hmm"]).tasks
+    # the cpu section is docs/your_model.md's BERT
+    cpu = PROFILES["cpu"]["your_model"]
+    assert cpu["model"] == dict(n_layer=2, n_head=4, d_model=64, d_ff=256) and cpu["steps"] == 2400
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"steps": 0}, "your_model.steps"),
+    ({"kind": "gpt2"}, "your_model.kind"),
+    ({"lr": -1.0}, "your_model.lr"),
+    ({"task": "state@9"}, "your_model.task"),
+    ({"warmup_steps": 60}, "your_model.warmup_steps"),
+    ({"model": {"n_layer": 1, "n_head": 3, "d_model": 16, "d_ff": 32}}, "your_model.model.n_head"),
+    ({"measure": {"pairs": 64, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64, "probe_sentences": 1000,
+                  "probe_train": 300, "probe_test": 200, "probe_splits": 2}}, "your_model.measure.trace_pairs"),
+    ({"measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64, "probe_sentences": 500,
+                  "probe_train": 300, "probe_test": 200, "probe_splits": 2}}, "your_model.measure.probe_sentences"),
+    ({"measure": {"pairs": 512}}, "your_model.measure: unknown keys"),
+    ({"colour": 1}, r"your_model: unknown keys \['colour'\]"),
+])
+def test_the_your_model_section_is_validated(override, match):
+    from flatlib.profiles import resolve
+
+    with pytest.raises(ValueError, match=match):
+        resolve("smoke", your_model=override)
