@@ -31,12 +31,11 @@ Beside the default (eager, fused attention, ``--threads`` threads, default 1):
   flatness computations use) for the 2x64 model;
 * one process with 2 threads vs two single-threaded processes side by side, as aggregate tokens/s:
   on a 2-core machine this decides whether to parallelise inside a run or run two runs at once;
-* the live last block (``live_logits``): the same logits and gradients, but the last block computes
-  only what the masked positions' logits read. With one masked position a sentence, the model as
-  written spends most of its last block on positions nobody reads (for 2 layers of width d, d_ff 4d:
-  10 of the last block's 12 d^2 per position, over a third of the step's matmuls); the row says what
-  skipping them would buy. It is not what ``pretrain`` runs: it changes the float rounding, so adopting
-  it means regenerating every figure.
+* the live last block (``Transformer.forward`` with ``positions``, what ``pretrain`` runs): the same
+  logits and gradients, but the last block computes only what the masked positions' logits read. With
+  one masked position a sentence, running every block at every position (``full_logits``, what the
+  other rows time) spends most of the last block on positions nobody reads (for 2 layers of width d,
+  d_ff 4d: 9 of the last block's 12 d^2 per position); the row says what skipping them buys.
 
 Timing: warm-up steps first; their speed fixes the number of timed steps (about ``target_s``
 seconds); the timed steps' total wall time gives tokens/s. The load average is recorded at start and
@@ -97,7 +96,7 @@ class Spec:
     threads: int = 1  # torch threads of each process
     compile: bool = False
     explicit: bool = False  # the explicit (twice-differentiable) attention path
-    live: bool = False  # live_logits instead of model(inputs, positions)
+    live: bool = False  # model(inputs, positions) (the live last block) instead of full_logits
     warmup_steps: int = 5
     target_s: float = 3.0  # timed steps: about this long, from the warm-up's speed
     steps: int | None = None  # or exactly this many (the side-by-side processes must agree)
@@ -138,32 +137,12 @@ def _setup(model_name: str, batch_size: int) -> tuple[PretrainConfig, Language, 
     return config, language, model, make_optimizer(config, model)
 
 
-def live_logits(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
-    """``model(tokens, positions)`` (the logits at one position a row, [B, V]) computing in the last
-    block only what those logits read: its keys and values at every position (the query attends to
-    them), its query, attention output and MLP at ``positions`` alone. The same function, so the same
-    gradients, up to float rounding (tests/test_bench.py). Fused attention only; blocks as
-    ``flatlib.model.Block`` (pre-LN, no cache)."""
-    b, length = tokens.shape
-    x = model.tok_emb(tokens) + model.pos_emb(torch.arange(length, device=tokens.device))
-    mask = model.attention_mask(tokens)
-    for block in model.blocks[:-1]:
-        x = block(x, mask)
-    last, rows = model.blocks[-1], torch.arange(b, device=tokens.device)
-    attn, d = last.attn, model.config.d_model
-    heads = attn.n_head
-    h = last.ln_1(x)
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    k, v = F.linear(h, weight[d:], bias[d:]).split(d, dim=2)  # every position: the query reads them all
-    x = x[rows, positions]  # [B, d]: from here on, the masked positions only
-    q = F.linear(h[rows, positions], weight[:d], bias[:d])
-    q = q.view(b, 1, heads, d // heads).transpose(1, 2)  # [B, H, 1, d/H]
-    k, v = (t.view(b, length, heads, d // heads).transpose(1, 2) for t in (k, v))
-    query_mask = None if mask is None else mask[rows, :, positions][:, :, None, :]  # [B, 1, 1, L]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask)
-    x = x + attn.proj(y.transpose(1, 2).reshape(b, d))
-    x = x + last.mlp(last.ln_2(x))
-    return model.head(model.ln_f(x))
+def full_logits(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+    """The logits at one position a row ([B, V]) with every block run at every position, the head at
+    ``positions`` only: how ``Transformer.forward`` computed them before the live last block (the bench's
+    rows other than "live last block" time this, so that they compare with earlier results)."""
+    features = model.features(tokens)
+    return model.head(features[torch.arange(len(tokens), device=tokens.device), positions])
 
 
 def measure(spec: Spec, barrier: Any = None) -> Result:
@@ -180,7 +159,7 @@ def _measure(spec: Spec, barrier: Any) -> Result:
 
     def loss_fn(inputs: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # the head at the masked positions only, as in pretrain (with spec.live: the last block too)
-        logits = live_logits(model, inputs, positions) if spec.live else model(inputs, positions)
+        logits = model(inputs, positions) if spec.live else full_logits(model, inputs, positions)
         return F.cross_entropy(logits, targets, reduction="sum") * (1 / len(inputs))
 
     # dynamic=False: every batch has the same shape, so one static graph is all it needs
@@ -331,14 +310,14 @@ def time_breakdown(model_name: str, batch_size: int, steps: int = 10) -> dict[st
 
 def matmul_flops(model_name: str, batch_size: int) -> dict[str, int]:
     """The matmul FLOPs of one step (forward and backward) that ``torch.utils.flop_counter`` counts,
-    for the model as written (``full``) and with ``live_logits`` (``live``)."""
+    with every block at every position (``full``, ``full_logits``) and with the live last block (``live``)."""
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     config, language, model, _ = _setup(model_name, batch_size)
     inputs, positions, targets = single_mask_batch(training_corpus(config, language, 0, None), model.config.mask_id,
                                                    model.config.pad_id, mask_generator(config, 0))
     out = {}
-    variants = {"full": lambda: model(inputs, positions), "live": lambda: live_logits(model, inputs, positions)}
+    variants = {"full": lambda: full_logits(model, inputs, positions), "live": lambda: model(inputs, positions)}
     for name, logits in variants.items():
         with FlopCounterMode(display=False) as counter:
             F.cross_entropy(logits(), targets).backward()

@@ -141,6 +141,26 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
+    def forward_at(self, x: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
+        """``forward(x, mask)[rows, positions]`` ([B, d]: one query a row) computing only that: every
+        position's keys and values (the query reads them all), the query, attention and output projection
+        at ``positions`` alone. ``qkv`` still runs on every position, once (its per-example gradients stay
+        closed forms for ``flatness.fisher_diagonal``); the queries it computes elsewhere are dropped."""
+        b, length, d = x.shape
+        rows = torch.arange(b, device=x.device)
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q = q[rows, positions].view(b, 1, self.n_head, d // self.n_head).transpose(1, 2)  # [B, H, 1, d/H]
+        k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (k, v))
+        mask = None if mask is None else mask[rows, :, positions][:, :, None, :]  # [B, 1, 1, L]
+        if _EXPLICIT_ATTENTION:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, 1, L]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = F.softmax(scores, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, d))
+
 
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
@@ -164,6 +184,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
+        """``forward(x, mask)[rows, positions]`` ([B, d]), with the MLP and the attention's query side run
+        at ``positions`` only (``SelfAttention.forward_at``)."""
+        x = x[torch.arange(len(x), device=x.device), positions] + self.attn.forward_at(self.ln_1(x), mask, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -241,11 +267,25 @@ class Transformer(nn.Module):
         """[B, L] model token ids -> [B, L, V] logits over the language's words; with
         ``positions`` [B], only each row's logits at its position, [B, V] (the head is the largest
         matmul of a small model: skip it where nothing is predicted). ``cache``: see ``features``
-        (``positions`` then index the new tokens)."""
-        features = self.features(tokens, cache)
-        if positions is not None:
-            features = features[torch.arange(len(tokens), device=tokens.device), positions]
-        return self.head(features)
+        (``positions`` then index the new tokens).
+
+        With ``positions`` (and no cache) the last block runs only what those logits read (the *live last
+        block*, ``Block.forward_at``): its keys and values at every position, its query, attention output
+        and MLP at ``positions``. The same function (float rounding aside: tests/test_model.py), with
+        9 of the last block's 12 d^2 (d_ff = 4d) multiply-adds a position skipped at every other position
+        (bench/train.py measures the step)."""
+        if positions is None or cache is not None or not len(self.blocks):
+            features = self.features(tokens, cache)
+            if positions is not None:
+                features = features[torch.arange(len(tokens), device=tokens.device), positions]
+            return self.head(features)
+        if tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"tokens: length {tokens.shape[1]} > max_len {self.config.max_len}")
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        mask = self.attention_mask(tokens)
+        for block in self.blocks[:-1]:
+            x = block(x, mask)
+        return self.head(self.ln_f(self.blocks[-1].forward_at(x, mask, positions)))
 
 
 @torch.no_grad()

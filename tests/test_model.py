@@ -143,3 +143,23 @@ def test_config_integers_reject_bools_and_floats(name, bad):
 def test_widen_factor_rejects_bools_and_floats(bad):
     with pytest.raises(ValueError, match=f"factor: expected an integer >= 1, got {bad!r}"):
         widen(tiny(), bad)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_live_last_block_is_the_whole_model_at_the_positions(explicit):
+    """model(tokens, positions) runs the last block's query side and MLP at ``positions`` only; it is the
+    same function as every block at every position, on padded rows too, on both attention paths (the
+    explicit one is what second derivatives and vmap use)."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=7, max_len=6, n_layer=2, n_head=2, d_model=8, d_ff=16)).double()
+    tokens = torch.randint(0, 7, (5, 6))
+    tokens[1, 4:] = model.config.pad_id  # a padded row
+    positions = torch.tensor([0, 3, 5, 2, 1])
+    with explicit_attention(explicit):
+        live = model(tokens, positions)
+        full = model.head(model.features(tokens)[torch.arange(5), positions])
+        torch.testing.assert_close(live, full, rtol=1e-12, atol=1e-12)
+        # per example (vmap over rows, as per-example gradients do) as well
+        if explicit:
+            one = torch.func.vmap(lambda t, p: model(t[None], p[None])[0])(tokens, positions)
+            torch.testing.assert_close(one, full, rtol=1e-12, atol=1e-12)
