@@ -844,8 +844,10 @@ def measurement_table(measured: dict[str, Any]) -> pd.DataFrame:
     m = measured
     rows = [
         ("exact gap, words' softmax (nats)", m["gap"], m["gap_se"], "SE over rows"),
-        ("loss / optimum on the sampled words (nats)", m["val_loss"], m["val_optimum"], "(optimum)"),
-        ("special-token mass (mean)", m["special_mass"], m["special_mass_max"], "(max over rows)"),
+        ("loss on the sampled words (nats)", m["val_loss"], math.nan, ""),
+        ("optimum on the sampled words (nats)", m["val_optimum"], math.nan, ""),
+        ("special-token mass, mean over rows", m["special_mass"], math.nan, ""),
+        ("special-token mass, max over rows", m["special_mass_max"], math.nan, ""),
         ("gap of the full softmax (nats)", m["gap_full"], math.nan, ""),
         ("raw Tr H, Hutchinson", m["hutchinson"], m["hutchinson_se"], "SE over probes"),
         ("raw Tr H, body + exact gauged diagonal", m["trace_raw"], m["trace_se"], "SE over probes (body)"),
@@ -925,8 +927,10 @@ def your_model_figure(history: TrainHistory, measured: dict[str, Any]) -> tuple[
                           yerr=1.96 * m[f"{prefix}_se"], capsize=3, label=name)
         middle.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     middle.set_xticks(range(3), labels)
-    middle.set(ylabel="Hessian trace of the expected loss", title="traces: only the full gauge is invariant")
-    middle.legend()
+    middle.set(yscale="log", ylabel="Hessian trace of the expected loss (log axis)",
+               title="traces: the model and the same function rescaled")
+    middle.margins(y=0.15)
+    middle.legend(loc="upper right")
     values = [m["probe"], m["bayes"]]
     errors = [m["probe_ci95"], 1.96 * m["bayes_se"]]
     right.bar(["linear probe", "Bayes"], values, yerr=errors, capsize=4, color=["C0", "0.6"])
@@ -937,3 +941,21 @@ def your_model_figure(history: TrainHistory, measured: dict[str, Any]) -> tuple[
     note = ("95% intervals: gap ±1.96 SE over validation pairs; traces ±1.96 SE over Hutchinson probes (the "
             "body; the gauged part is exact); probe t-interval over splits; Bayes ±1.96 SE over sentences")
     return fig, note
+
+
+def summary(measured: dict[str, Any], history: TrainHistory, epsilon: float) -> str:
+    """Notebook 07's rounded summary lines: the gap against ``epsilon`` (within or not), the traces
+    before and after the rescaling, the probe against the Bayes accuracy."""
+    m, final = measured, history.final
+    within = "within" if m["gap"] <= epsilon else "NOT within"
+    how = "loaded from the run store" if history.cached else f"trained in {history.seconds:.0f} s"
+    return "\n".join([
+        f"{int(final['step'])} steps ({how}): exact gap {m['gap']:.4f} ± {m['gap_se']:.4f} nats, {within} "
+        f"ε = {epsilon} of the optimum; special-token mass {m['special_mass']:.3f}, full-softmax gap "
+        f"{m['gap_full']:.3f}",
+        f"traces (± {m['trace_se']:.2f}): raw {m['trace_raw']:.2f} -> {m['rescaled_raw']:.2f}, LayerNorm-only "
+        f"{m['trace_norm']:.2f} -> {m['rescaled_norm']:.2f}, full gauge {m['trace_full']:.2f} -> "
+        f"{m['rescaled_full']:.2f} (the same function rescaled)",
+        f"probe {m['task']}: {m['probe']:.3f} ± {m['probe_ci95']:.3f} against Bayes {m['bayes']:.3f} ± "
+        f"{1.96 * m['bayes_se']:.3f} (majority class {m['chance']:.3f})",
+    ])
