@@ -18,6 +18,7 @@ from flatlib.languages import Language, build_language, complete_language
 from flatlib.model import TransformerConfig
 from flatlib.runs import config_hash
 
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that determines a run (its hash is the run's key in the store)."""
@@ -27,7 +28,7 @@ class PretrainConfig:
     optimizer: str = "adamw"  # "adamw" | "sgd"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.01  # on matrices only (not biases, LayerNorm or embeddings' ... see _param_groups)
+    weight_decay: float = 0.01  # on matrices only (not biases, LayerNorm or embeddings: train._param_groups)
     momentum: float = 0.0  # SGD only
     warmup_steps: int = 200
     schedule: str = "constant"  # after warm-up: "constant" | "linear" | "cosine" decay to min_lr at `steps`
