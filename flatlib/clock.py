@@ -124,14 +124,20 @@ def clock_grid(phase1: dict[tuple[str, int], PretrainConfig], clock: dict[str, A
     """Every point of the dose-response from the phase-1 configs ``{(language, seed): config}`` and
     a profile's ``clock`` section: for each lineage, ``noise_seeds`` SGD trajectories checkpointed at
     every ``tau > 0``, each dose closed by an anneal of ``anneal_steps[language]`` steps; the ``tau = 0``
-    control once per lineage (the anneal alone from phase 1, on noise seed 0's anneal batches)."""
+    control ``control_seeds`` times per lineage (default 1; the anneal alone from phase 1, on noise seeds
+    ``0 .. control_seeds - 1``'s anneal batches, each the batches of that noise seed's doses). A lineage's
+    effect subtracts the mean of its controls (``lineage_effects``): the control's own anneal noise is
+    then averaged like the doses'."""
+    controls = clock.get("control_seeds", 1)
+    if not 1 <= controls <= clock["noise_seeds"]:
+        raise ValueError(f"clock.control_seeds: expected 1 .. noise_seeds ({clock['noise_seeds']}), got {controls!r}")
     points = []
     for (language, lineage), base in phase1.items():
         for noise in range(clock["noise_seeds"]):
             runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"], clock["anneal_steps"][language],
                               clock["anneal_batch_size"], noise)
             points += [ClockPoint(language, lineage, noise, tau, sgd, anneal) for tau, (sgd, anneal) in runs.items()
-                       if tau > 0 or noise == 0]
+                       if tau > 0 or noise < controls]
     return points
 
 

@@ -2,7 +2,7 @@
 
 * ``smoke``: tests and CI; every notebook in well under a minute.
 * ``cpu``: the default; the whole reproduction on a 2-core laptop.
-* ``gpu``: the cpu profile's languages with larger models, longer runs and five seeds, for one GPU
+* ``gpu``: the cpu profile's languages with larger models, longer runs and larger probe and trace sets, for one GPU
   (models train on ``flatlib.device.default_device()``: the GPU when one is visible).
 * ``paper``: the paper's sizes (HMM with 100 states and 200 words, length 16; PCFG of the released
   shape, one level deeper so that sentences reach 32 words as the paper describes; sparsity
@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from flatlib.checks import SEED_LIMIT, check_seed
+from flatlib.downstream import PROBE_V2_L2_GRID
 from flatlib.clock_units import steps_for_clock
 from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
 from flatlib.schema import Dict, Int, Kwargs, ListOf, MapOf, Number, OneOf, Opt, Pair, Seed, Str
@@ -46,15 +47,15 @@ PROFILES: dict[str, dict[str, Any]] = {
             "continue_steps": 40, "checkpoint_every": 40, "continue_eval_every": 5,
             "sgd_lr": 0.1, "adamw_lr": 1e-3, "lr_scan": (0.1, 1.0), "scan_steps": 10,
             "protocol": {"probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2,
-                         "probe_l2_grid": (1e-3, 1e-1), "trace_pairs": 128, "trace_probes": 4,
-                         "trace_batch": 64},
+                         "probe_l2_grid": (1e-5, 1e-3, 1e-1), "trace_pairs": 128, "trace_probes": 4,
+                         "trace_batch": 64, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
         # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock): SGD from each phase-1
         # checkpoint for each tau, noise_seeds times, each ending with a linear anneal (tau = 0: the anneal alone)
         "clock": {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 10, "pcfg": 10, "teacher": 10},
                   "anneal_batch_size": 16,
-                  "noise_seeds": 2},
+                  "noise_seeds": 2, "control_seeds": 2},
         # 03_model_size: widths of an n_layer model (d_ff = ff_mult * width), trained like phase 1 above
         "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
@@ -85,23 +86,27 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
             "batch_size": 256, "lr": 3e-3, "warmup_steps": 200,
             "steps": {"hmm": 8000, "pcfg": 8000, "teacher": 3000}, "languages": ["hmm", "pcfg"],
-            # notebook 05's rule "correlation" needs 5 training lineages: seeds 3 and 4 add phase 1, the
-            # constant-rate continuations and the adversary (not the clock) to its 2x64 family
-            "seeds": 3, "correlation_seeds": 5, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
+            # 8 training lineages for every paired claim of notebooks 02-04 (and 8 seeds a width in 03), all
+            # of them in notebook 05's family: the variance is between lineages (docs/power.md)
+            "seeds": 8, "correlation_seeds": 8, "eval_every": 250, "eval_pairs": 4096, "epsilon": 0.025,
             "continue_steps": 1200, "checkpoint_every": 400, "continue_eval_every": 25,
             "sgd_lr": 0.1, "adamw_lr": 3e-4, "lr_scan": (0.05, 0.1, 0.2, 0.5, 1.0), "scan_steps": 150,
+            # probe protocol 2 (the exact optimum, one L2 from the pooled validation splits, on a grid that
+            # reaches well below the chosen values) and the invariant trace over the whole exact gauge
             "protocol": {"probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3,
-                         "probe_l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "trace_pairs": 1024, "trace_probes": 12,
-                         "trace_batch": 512},
+                         "probe_l2_grid": PROBE_V2_L2_GRID, "trace_pairs": 1024, "trace_probes": 12,
+                         "trace_batch": 512, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
         # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock). Notebook 06 sees the drift
         # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
         # 14's (tau = 10 is 16,000 SGD steps). The PCFG's anneal is 3000 steps: 1000 left it 0.0024 nats above its
         # control (docs/lessons.md, "The PCFG's anneal").
+        # Noise seeds cut from 6 to 2 and the control replicated on both (docs/power.md: 87-99.5% of a
+        # lineage effect's variance is between lineages; the control's own anneal noise was most of the rest).
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16,
                   "anneal_steps": {"hmm": 1000, "pcfg": 3000, "teacher": 1000}, "anneal_batch_size": 64,
-                  "noise_seeds": 6},
+                  "noise_seeds": 2, "control_seeds": 2},
         # 03_model_size: 2-layer models of width 16 to 128 (7k to 400k parameters) on the HMM (the PCFG is
         # left out for the budget: pass languages=["hmm", "pcfg"] to add it), 3000 steps each (notebook 02's
         # 8000 would not fit). Heads of a fixed size (head_dim), so that widening a model into the widest
@@ -121,29 +126,30 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "gpu": {
         # The cpu profile's languages, so that the two reports compare; what the cpu profile cannot
-        # afford: 4-layer models, the PCFG in notebook 03, five seeds (notebook 05 decides a
-        # correlation only with >= 5 training lineages), the teacher in notebook 02, larger probe and
-        # trace sets. Sized by estimate (NOT measured) for 20-30 minutes of `make figures PROFILE=gpu` on
-        # one H100 with 16 CPU cores: such small models are launch-bound on a GPU, hence 8 workers sharing
-        # it; the PCFG gets 30000 steps (docs/lessons.md, "How the cpu profile was sized").
+        # afford: 4-layer models, the PCFG in notebook 03, the teacher in notebook 02, larger probe and
+        # trace sets; the cpu profile's design (8 lineages, 2 noise seeds and 2 controls a lineage, probe
+        # protocol 2, the full gauge). Sized by estimate (NOT measured, and before that design) for 20-30
+        # minutes of `make figures PROFILE=gpu` on one H100 with 16 CPU cores: such small models are
+        # launch-bound on a GPU, hence 8 workers sharing it; the PCFG gets 30000 steps (docs/lessons.md,
+        # "How the cpu profile was sized"). It has not run.
         # (languages: the cpu profile's, copied in below the table)
         "n_eval_sentences": 16_384,
         "pretraining": {
             "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
             "batch_size": 512, "lr": 2e-3, "warmup_steps": 500,
             "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000}, "languages": ["hmm", "pcfg", "teacher"],
-            "seeds": 5, "correlation_seeds": 5, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
+            "seeds": 8, "correlation_seeds": 8, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
             "continue_steps": 4000, "checkpoint_every": 1000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 2e-4, "lr_scan": (0.03, 0.05, 0.1, 0.2, 0.5), "scan_steps": 300,
             "protocol": {"probe_sentences": 8000, "probe_train": 2000, "probe_test": 2000, "probe_splits": 5,
-                         "probe_l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "trace_pairs": 2048, "trace_probes": 30,
-                         "trace_batch": 1024},
+                         "probe_l2_grid": PROBE_V2_L2_GRID, "trace_pairs": 2048, "trace_probes": 30,
+                         "trace_batch": 1024, "probe_version": 2, "gauge": "full"},
             "workers": 8,
         },
         # 4-layer models of width 32 to 256 (50k to 3.2M parameters), heads of 16
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16,
                   "anneal_steps": {"hmm": 1000, "pcfg": 3000, "teacher": 1000}, "anneal_batch_size": 64,
-                  "noise_seeds": 6},
+                  "noise_seeds": 2, "control_seeds": 2},
         "model_size": {"languages": ["hmm", "pcfg"], "widths": [32, 64, 128, 256], "n_layer": 4, "head_dim": 16,
                        "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
                        "ff_mult": 4, "finetune_epochs": 10},
@@ -308,11 +314,13 @@ PROFILE = Dict(
         scan_steps=Int(), workers=Int(),
         protocol=Dict(probe_sentences=Opt(Int()), probe_train=Opt(Int()), probe_test=Opt(Int()),
                       probe_splits=Opt(Int()), probe_l2_grid=Opt(ListOf(Number(closed=True))),
-                      trace_pairs=Opt(Int()), trace_probes=Opt(Int()), trace_batch=Opt(Int())),
+                      trace_pairs=Opt(Int()), trace_probes=Opt(Int()), trace_batch=Opt(Int()),
+                      probe_version=Opt(Int()), gauge=Opt(Str())),  # checked whole by measure.Protocol
     ),
     clock=Dict(  # notebook 02's continuation
         taus=ListOf(Number(closed=True), min_len=2, increasing=True), lr=Number(), batch_size=Int(),
         anneal_steps=PerLanguage(Int()), anneal_batch_size=Int(), noise_seeds=Int(2),
+        control_seeds=Opt(Int()),  # anneal-only controls a lineage (default 1), at most noise_seeds
     ),
     model_size=Dict(  # notebook 03
         languages=LANGUAGE_LIST, steps=PerLanguage(Int()), widths=ListOf(Int(), min_len=2, increasing=True),
@@ -402,6 +410,9 @@ def _check_relations(params: dict[str, Any]) -> None:
     _require(a["held_out_seed"] >= lineages, "algorithms.held_out_seed",
              f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got {a['held_out_seed']!r}")
     _check_derived_seeds(params)
+    _require(c.get("control_seeds", 1) <= c["noise_seeds"], "clock.control_seeds",
+             f"expected at most noise_seeds ({c['noise_seeds']}): each control anneals on one noise seed's batches, "
+             f"got {c.get('control_seeds')!r}")
     taus = c["taus"]
     _require(taus[0] == 0, "clock.taus", f"expected increasing numbers starting with 0 (the anneal-only "
                                          f"control), got {taus!r}")

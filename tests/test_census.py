@@ -11,9 +11,9 @@ def test_the_smoke_story_counted_by_hand():
     assert (t.loc["02 phase 1", "runs"], t.loc["02 phase 1", "steps"]) == (4, 240)
     assert (t.loc["02 sgd", "runs"], t.loc["02 adamw", "steps"]) == (4, 160)
     # the clock: 2 noise seeds per lineage, one trajectory each to tau = 0.03 at lr 0.1, batch 8:
-    # 0.03 * 8 / 0.01 = 24 steps; anneals: a control per lineage + 2 noise x 2 doses, 10 steps each
+    # 0.03 * 8 / 0.01 = 24 steps; anneals: 2 controls per lineage + 2 noise x 2 doses, 10 steps each
     assert (t.loc["02 sgd clock trajectory", "runs"], t.loc["02 sgd clock trajectory", "steps"]) == (8, 8 * 24)
-    assert (t.loc["02 sgd clock", "runs"], t.loc["02 sgd clock", "steps"]) == (4 * 5, 4 * 5 * 10)
+    assert (t.loc["02 sgd clock", "runs"], t.loc["02 sgd clock", "steps"]) == (4 * 6, 4 * 6 * 10)
     assert t.loc["02 sgd clock trajectory", "sentences"] == 8 * 24 * 8
     # the adversary's weight: the held-out seed's phase 1 (60), AdamW (40) and one run per lambda (2 x 40)
     assert (t.loc["04 adversary weight (held-out seed)", "runs"],
@@ -26,7 +26,7 @@ def test_the_smoke_story_counted_by_hand():
 
 def test_the_command_prints_the_totals(capsys):
     assert main(["--profile", "smoke"]) == 0
-    assert capsys.readouterr().out.startswith("profile smoke: 50 training runs, 1,452 steps")
+    assert capsys.readouterr().out.startswith("profile smoke: 54 training runs, 1,492 steps")
 
 
 def _unit_costs(params, step_s=0.01, eval_s=0.5, measure_s=2.0):
@@ -98,7 +98,8 @@ def test_evaluations_of_a_run_as_pretrain_does_them():
 
 def test_step_flops_are_six_rows_in_out_of_every_linear():
     """The counter sees exactly the weight matmuls: 6 x rows x in x out for each nn.Linear, the blocks'
-    on every (padded) position, the head on the masked ones (smoke's HMM and PCFG, one mask a sentence)."""
+    on every (padded) position but the last block's attention output and MLP (the live last block) and the
+    head on the masked ones (smoke's HMM and PCFG, one mask a sentence)."""
     import torch
 
     from flatlib.census import plan, step_flops
@@ -113,7 +114,9 @@ def test_step_flops_are_six_rows_in_out_of_every_linear():
         expected = 0
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                rows = config.batch_size * (1 if name == "head" else language.max_len)
+                last = f"blocks.{len(model.blocks) - 1}."
+                live = name == "head" or name.startswith((last + "attn.proj", last + "mlp."))
+                rows = config.batch_size * (1 if live else language.max_len)
                 expected += 6 * rows * module.in_features * module.out_features
         assert step_flops(config) == expected, kind
 
@@ -202,7 +205,7 @@ def test_the_forecast_line_says_what_is_left_and_when_nothing_is(tmp_path):
     path = tmp_path / "costs_smoke.json"
     path.write_text(json.dumps({**_unit_costs(resolve("smoke")), "machine": "a CPU"}))
     line = forecast("smoke", RunStore(tmp_path / "empty"), costs_path=path)
-    assert "50 training runs and" in line and "a CPU" in line
+    assert "54 training runs and" in line and "a CPU" in line
     path.write_text(json.dumps({"step_s": {}, "eval_s": {}, "measure_s": {}}))
     assert "no time estimate: costs: no measured cost" in forecast("smoke", RunStore(tmp_path), costs_path=path)
 

@@ -110,6 +110,33 @@ def test_clock_grid_has_one_control_per_lineage():
     assert len({p.sgd.key for p in points if p.sgd is not None}) == 2 * 3  # one trajectory per noise seed
 
 
+def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_averaged():
+    import pandas as pd
+
+    from flatlib.clock import clock_grid, lineage_effects
+
+    phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
+    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
+             "noise_seeds": 3, "control_seeds": 2}
+    points = clock_grid(phase1, clock)
+    assert len(points) == 2 * (2 + 3 * 2)
+    controls = [p for p in points if p.tau == 0]
+    assert [(p.lineage, p.noise) for p in controls] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len({p.anneal.key for p in controls}) == 4  # distinct runs
+    # control n anneals on the batches of noise seed n's doses: the same seed as that noise seed's anneals
+    for c in controls:
+        dose = next(p for p in points if p.tau > 0 and p.lineage == c.lineage and p.noise == c.noise)
+        assert c.anneal.seed == dose.anneal.seed and c.anneal.seed != next(
+            p for p in controls if p.lineage == c.lineage and p.noise != c.noise).anneal.seed
+    # a lineage's effect: the mean of its doses minus the mean of its controls
+    frame = pd.DataFrame([{"language": "hmm", "lineage": p.lineage, "noise": p.noise, "tau": p.tau,
+                           "x": {0: 1.0, 1: 3.0}[p.noise] if p.tau == 0 else 10.0 * p.tau + p.lineage} for p in points])
+    effects = lineage_effects(frame, "x").set_index(["tau", "lineage"])["effect"]
+    assert effects.loc[(0.03, 1)] == pytest.approx(0.3 + 1 - 2.0)
+    with pytest.raises(ValueError, match="clock.control_seeds"):
+        clock_grid(phase1, {**clock, "control_seeds": 4})
+
+
 def test_the_clock_refuses_a_multi_token_objective():
     from flatlib.clock import clock_continuation
 
