@@ -137,17 +137,32 @@ DESIGN_CHANGES: list[tuple[str, str, str, str]] = [
      "(gap after the anneal 0.013-0.078 nats), the HMM passed", "788c1cf, 2026-12-01",
      "the η = 0.1 results had been seen; the profile is unchanged"),
     ("notebook 05's models", "each constant-rate and adversarial continuation is measured at its end only (was: "
-     "every 400 steps): 60 fewer measurements, for the budget (issue 14's 'fewer checkpoint measurements'); "
+     "every 400 steps): 60 fewer measurements, to fit the run time; "
      "the earlier checkpoints added models, not lineages, and the bootstrap resamples lineages",
      "788c1cf, 2026-12-01",
      "decided for its cost; the earlier verdicts had been seen (HMM yes, PCFG inconclusive); after it HMM yes, "
      "PCFG partly (task A yes), until the PCFG anneal below"),
     ("notebook 02's clock, PCFG anneal", "3000 steps (was 1000; the HMM keeps 1000), once, declared before the runs "
-     "(docs/lessons.md, 'The PCFG's anneal'): issue 14 asks each anneal to return the gap to equal loss",
+     "(docs/lessons.md, 'The PCFG's anneal'): each anneal must return the gap to equal loss",
      "e92baae, 2026-12-01",
      "the 1000-step results had been seen ('not tested': 0.0024 nats above the control); after it the PCFG is at "
      "equal loss (0.0068 -> 0.0081): invariant trace -1.69 [-3.72, +0.35] and accuracy inconclusive, the raw "
      "trace's fall yes; notebook 05's PCFG partly -> inconclusive"),
+    ("notebooks 02-05's design (cpu, gpu)", "8 training lineages (was 3; 05's family 8, was 5) and 8 seeds a width in "
+     "03 (was 3); notebook 02's clock 2 noise seeds a lineage (was 6) and 2 anneal-only controls (was 1), sized "
+     "from the variance components of the committed results (docs/power.md)", "c57b0e0, 2026-12-07",
+     "declared before the regeneration it judges; the cpu results of the old design had been seen"),
+    ("the measurement protocol (cpu, gpu)", "probe protocol 2 (the exact regularised optimum, one L2 from the pooled "
+     "validation splits, grid 1e-7 .. 1e-1, the choice and any grid edge recorded; was: capped L-BFGS, L2 per "
+     "split from 1e-4 .. 1e-1, chosen at its lower edge on every HMM split checked) and the invariant trace over "
+     "the whole exact gauge (LayerNorm/reader, attention Q/K and V/O per head coordinate; was: LayerNorm/reader "
+     "alone, which V/O rescalings moved by 40%); the LayerNorm-only and raw traces are shown beside it",
+     "c57b0e0, 2026-12-07",
+     "declared before the regeneration; the committed results under the old protocol had been seen"),
+    ("training computation", "the live last block: Transformer.forward(tokens, positions) runs the last block's "
+     "attention output and MLP only at the masked positions (the same function; float rounding differs, so every "
+     "run is new)", "34d18ce, 2026-12-07",
+     "a speed change (no science): declared before the regeneration"),
 ]
 
 
