@@ -50,8 +50,15 @@ from flatlib.stats import mean_ci
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 # Protocol 2's grid: three decades below protocol 1's smallest strength, which was chosen on every HMM
-# split checked (the choice on a grid extended to 1e-6 was 1e-6 .. 3e-5), in steps of ~half a decade.
-PROBE_V2_L2_GRID = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# split checked (the choice on a grid extended to 1e-6 was 1e-6 .. 3e-5), and two above its largest, which
+# the 640-d concatenated features chose (protocol 1 and 2 alike: its upper edge), in steps of ~half a decade.
+PROBE_V2_L2_GRID = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0,
+                    3.0, 10.0)
+# Protocol 2 walks the grid from the strongest penalty down and stops once the pooled validation accuracy
+# has been below its best for this many strengths in a row (the weakest penalties are the costly, nearly
+# separable fits, and past the optimum they only overfit). The choice equals the whole grid's argmax
+# whenever the pooled validation curve does not rise again after PROBE_V2_PATIENCE worse strengths.
+PROBE_V2_PATIENCE = 3
 PROBE_VERSIONS = (1, 2)
 # Parameters (D + 1) K up to which Newton's system is solved with the dense Hessian: building it costs
 # n ((D + 1) K)^2 flops, factorising it ((D + 1) K)^3 / 3. Measured on one core, n = 1000 (a whole fit, L2
@@ -412,10 +419,14 @@ def _check_probe_sizes(n_labelled: int, n_train: int, n_val: int, n_test: int, l
 
 
 def _l2_table(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_test: int, n_val: int | None,
-              l2_grid, n_splits: int, seed: int, standardize: bool, tol: float) -> pd.DataFrame:
+              l2_grid, n_splits: int, seed: int, standardize: bool, tol: float,
+              patience: int | None = None) -> pd.DataFrame:
     """One row per (split, L2): validation and test accuracy of the exact optimum (protocol 1's splits and
-    standardisation), its max |gradient| and Newton steps. On each split the strengths are solved from
-    the largest down, each warm-started at the previous optimum (fewer Newton steps, same minimiser)."""
+    standardisation), its max |gradient| and Newton steps. The strengths are solved from the largest down,
+    every split at one strength before the next, each fit warm-started at the split's previous optimum
+    (fewer Newton steps, same minimiser). With ``patience``, the walk stops once the pooled (mean over
+    splits) validation accuracy has been below its best so far (by more than 1e-12) at ``patience``
+    strengths in a row; None walks the whole grid."""
     keep = labels >= 0
     x_all, y_all = features[keep].to(torch.float64), labels[keep]
     n_val = n_test // 2 if n_val is None else n_val
@@ -423,7 +434,9 @@ def _l2_table(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_
     if any(l2 <= 0 for l2 in l2_grid):
         raise ValueError(f"l2_grid: protocol 2 needs positive strengths (with 0 the optimum need not exist), "
                          f"got {l2_grid!r}")
-    rows = []
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience: expected a positive integer or None, got {patience!r}")
+    splits = []
     for split in range(n_splits):
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed * 1000 + split))
         train, val = order[:n_train], order[n_train : n_train + n_val]
@@ -431,17 +444,25 @@ def _l2_table(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_
         x = x_all
         if standardize:
             x = (x_all - x_all[train].mean(0)) / x_all[train].std(0).clamp(min=1e-8)
-        fit = None
-        for l2 in sorted(set(l2_grid), reverse=True):
+        splits.append((x, train, val, test))
+    rows, fits = [], [None] * n_splits
+    best, worse = -math.inf, 0
+    for l2 in sorted(set(l2_grid), reverse=True):
+        for split, (x, train, val, test) in enumerate(splits):
             fit = fit_logistic_exact(x[train], y_all[train], n_classes, l2, tol=tol,
-                                     init=None if fit is None else fit.weight)
+                                     init=None if fits[split] is None else fits[split].weight)
+            fits[split] = fit
             if not fit.converged:
                 warnings.warn(f"exact probe: split {split}, l2 {l2:g}: max |gradient| {fit.max_gradient:.2e} "
                               f"> tol {tol:g} after {fit.newton_steps} Newton steps (recorded as max_gradient)")
             rows.append({"split": split, "l2": l2, "val_accuracy": _accuracy(fit.weight, x[val], y_all[val]),
                          "test_accuracy": _accuracy(fit.weight, x[test], y_all[test]),
                          "max_gradient": fit.max_gradient, "newton_steps": fit.newton_steps})
-    return pd.DataFrame(rows)
+        pooled = float(np.mean([r["val_accuracy"] for r in rows[-n_splits:]]))
+        best, worse = (pooled, 0) if pooled > best + 1e-12 else (best, worse + (pooled < best - 1e-12))
+        if patience is not None and worse >= patience:
+            break
+    return pd.DataFrame(rows).sort_values(["split", "l2"], ascending=[True, False], ignore_index=True)
 
 
 def _curve(table: pd.DataFrame) -> pd.DataFrame:
@@ -467,15 +488,17 @@ def accuracy_vs_l2(features: Tensor, labels: Tensor, n_classes: int, n_train: in
 
 def exact_probe(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_test: int,
                 n_val: int | None = None, l2_grid=PROBE_V2_L2_GRID, n_splits: int = 3, seed: int = 0,
-                standardize: bool = True, tol: float = 1e-8) -> ProbeResult:
+                standardize: bool = True, tol: float = 1e-8,
+                patience: int | None = PROBE_V2_PATIENCE) -> ProbeResult:
     """Probe protocol 2 (module docstring): ``linear_probe``'s splits and standardisation, the exact
-    regularised optimum (``fit_logistic_exact``) at every strength of ``l2_grid``, ONE strength chosen on
-    the pooled validation splits (``choose_l2``), and the test accuracy over splits at that strength.
-    ``chosen_l2`` repeats it once a split (protocol 1's layout), ``l2_edge`` flags a choice at an edge of
-    the grid, ``max_gradient`` is the worst optimality residual of any fit, and ``sweep`` is
-    ``accuracy_vs_l2``'s table."""
+    regularised optimum (``fit_logistic_exact``) at the strengths of ``l2_grid`` from the strongest down
+    until the pooled validation accuracy has been below its best at ``patience`` strengths in a row (None:
+    every strength), ONE strength chosen on the pooled validation splits (``choose_l2``), and the test
+    accuracy over splits at that strength. ``chosen_l2`` repeats it once a split (protocol 1's layout),
+    ``l2_edge`` flags a choice at an edge of the grid, ``max_gradient`` is the worst optimality residual of
+    any fit, and ``sweep`` is ``accuracy_vs_l2``'s table over the strengths walked."""
     table = _l2_table(features, labels, n_classes, n_train, n_test, n_val, l2_grid, n_splits, seed,
-                      standardize, tol)
+                      standardize, tol, patience)
     l2 = choose_l2(table)
     chosen = table[table["l2"] == l2].sort_values("split")
     accuracy, ci = mean_ci(chosen["test_accuracy"].tolist())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from flatlib.downstream import (PROBE_V2_L2_GRID, accuracy_vs_l2, choose_l2, exact_probe, fit_logistic,
+from flatlib.downstream import (PROBE_V2_L2_GRID, PROBE_V2_PATIENCE, accuracy_vs_l2, choose_l2, exact_probe, fit_logistic,
                                 fit_logistic_exact, grid_edge, lookup_table_features, pool)
 from flatlib.languages import HMM
 from flatlib.measure import Protocol, lookup_table_probe
@@ -282,3 +282,25 @@ def test_measure_checkpoint_under_protocol_2_uses_it_for_every_probe(tmp_path) -
     cached = [path.name for path in (run.dir / "evals").glob("*.json")]
     assert cached == [f"{40:08d}_{protocol.key()}.json"]
     assert protocol.key() != replace(SMALL, probe_l2_grid=(1e-5, 1e-3, 1e-1)).key()
+
+
+def test_the_walk_down_the_grid_stops_past_the_optimum_with_the_whole_grids_choice() -> None:
+    """Protocol 2 walks from the strongest penalty down and stops after PROBE_V2_PATIENCE strengths in a
+    row below the best pooled validation accuracy: on a unimodal curve it chooses what the whole grid
+    chooses, from fewer fits, and every strength it skipped is weaker than the choice."""
+    hmm, x, labels = hmm_task()
+    kwargs = dict(n_train=400, n_test=300, n_splits=2, seed=5)
+    grid = PROBE_V2_L2_GRID
+    whole = exact_probe(x, labels, 4, l2_grid=grid, patience=None, **kwargs)
+    walked = exact_probe(x, labels, 4, l2_grid=grid, **kwargs)
+    assert PROBE_V2_PATIENCE == 3 and len(whole.sweep) == len(grid)
+    chosen = whole.chosen_l2[0]
+    pooled = whole.sweep["val_accuracy"]
+    # where the whole curve falls at the next PROBE_V2_PATIENCE weaker strengths, the walk stops there
+    below = [l2 for l2 in sorted(grid, reverse=True) if l2 < chosen][:PROBE_V2_PATIENCE]
+    if len(below) == PROBE_V2_PATIENCE and all(pooled[l2] < pooled[chosen] for l2 in below):
+        assert len(walked.sweep) < len(grid) and walked.sweep.index.min() == min(below)
+    assert walked.chosen_l2 == whole.chosen_l2 and walked.accuracy == whole.accuracy
+    assert set(walked.sweep.index) <= set(grid) and all(l2 < chosen for l2 in set(grid) - set(walked.sweep.index))
+    with pytest.raises(ValueError, match="patience"):
+        exact_probe(x, labels, 4, l2_grid=grid, patience=0, **kwargs)
