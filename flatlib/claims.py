@@ -153,7 +153,8 @@ DESIGN_CHANGES: list[tuple[str, str, str, str]] = [
      "from the variance components of the committed results (docs/power.md)", "c57b0e0, 2026-12-07",
      "declared before the regeneration it judges; the cpu results of the old design had been seen"),
     ("the measurement protocol (cpu, gpu)", "probe protocol 2 (the exact regularised optimum, one L2 from the pooled "
-     "validation splits, grid 1e-7 .. 1e-1, the choice and any grid edge recorded; was: capped L-BFGS, L2 per "
+     "validation splits, grid 1e-7 .. 10 walked from the strongest penalty down to 3 strengths past the best, the "
+     "choice and any grid edge recorded; was: capped L-BFGS, L2 per "
      "split from 1e-4 .. 1e-1, chosen at its lower edge on every HMM split checked) and the invariant trace over "
      "the whole exact gauge (LayerNorm/reader, attention Q/K and V/O per head coordinate; was: LayerNorm/reader "
      "alone, which V/O rescalings moved by 40%); the LayerNorm-only and raw traces are shown beside it",

@@ -23,10 +23,12 @@ absent from a training split run to -inf. Protocol 2 (``exact_probe``, ``Protoco
 keeps steps 1-3 and 5 and replaces step 4:
 
 4'. the regularised optimum is computed exactly (``fit_logistic_exact``: Newton in float64 to a gradient
-    tolerance, classes absent from the training split given probability 0) for every strength of a grid
-    that reaches well below the chosen value (``PROBE_V2_L2_GRID``, 1e-7 .. 1e-1); ONE strength per
-    (task, features) is chosen on the validation splits pooled (``choose_l2``), recorded, and flagged
-    (``ProbeResult.l2_edge``) when it sits at an edge of the grid. ``accuracy_vs_l2`` is the whole curve.
+    tolerance, classes absent from the training split given probability 0) along a grid that reaches well
+    beyond the chosen values on both sides (``PROBE_V2_L2_GRID``, 1e-7 .. 10), walked from the strongest
+    penalty down until the pooled validation accuracy has been below its best at ``PROBE_V2_PATIENCE``
+    strengths in a row; ONE strength per (task, features) is chosen on the validation splits pooled
+    (``choose_l2``), recorded, and flagged (``ProbeResult.l2_edge``) when it sits at an edge of the grid.
+    ``accuracy_vs_l2`` is the whole curve.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class Protocol:
     L2 chosen per split); 2 is ``flatlib.downstream.exact_probe`` (the exact optimum, one L2 chosen on the
     pooled validation splits, recorded with a flag when it sits at an edge of ``probe_l2_grid``), for
     every probe (the extra probes too). Version 2 searches ``probe_l2_grid`` as given: its grid is
-    ``flatlib.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 1e-1), which a profile switching to version 2 sets.
+    ``flatlib.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 10, walked down to past the optimum), which a profile switching to version 2 sets.
 
     ``gauge`` says which function-preserving rescalings the deciding trace (``invariant_trace``) is minimised
     over: ``"layernorm"`` (the committed figures: ``flatness.invariant_trace``, each LayerNorm against its
