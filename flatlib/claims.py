@@ -124,6 +124,10 @@ RULE_CHANGES: list[tuple[str, str, str, str]] = [
      "'no' even when it excludes 0 (was 'yes')", "46154b0, 2026-12-07",
      "declared before the regeneration; at the committed cpu results, e.g. the PCFG clock's task A +0.000 "
      "[-0.003, +0.004] would read 'no' instead of 'inconclusive'"),
+    ("smallest effect", "a trace whose level before is not positive has no relative bound: its comparison is "
+     "'not tested' (was: an error)", "(this change), 2026-12-07",
+     "declared before the regeneration; met at the smoke profile, whose 60-step models' full-gauge trace has a "
+     "negative Hutchinson body"),
     ("unpaired effect", "the same bound ±b as a paired effect (was 0)", "46154b0, 2026-12-07",
      "declared before the regeneration; the committed widths' results had been seen"),
 ]
@@ -276,8 +280,11 @@ def _check_sign(predicted: int) -> None:
 def interval_verdict(interval: Interval, predicted: int, equivalence: float) -> str:
     """Decide one interval: "yes" / "no" / "inconclusive" (see the module docstring), or "not
     tested" when it has no bounds. ``predicted`` is the sign the paper predicts; ``equivalence``
-    the bound (>= 0) inside which the effect counts as absent."""
+    the bound (>= 0) inside which the effect counts as absent; NaN (no bound can be set, see
+    ``equivalence_bound``) is "not tested"."""
     _check_sign(predicted)
+    if isinstance(equivalence, float) and math.isnan(equivalence):
+        return "not tested"
     if not equivalence >= 0:
         raise ValueError(f"equivalence: expected a bound >= 0, got {equivalence!r}")
     if math.isnan(interval.low) or math.isnan(interval.high):
@@ -296,16 +303,20 @@ def equivalence_bound(quantity: str, reference: float | None = None) -> float:
     """Rule "smallest effect": the bound ±b of ``quantity`` (a column name of the notebooks' tables:
     ``acc <task>``, ``probe <task>``, ``finetune <task>``, any name containing "trace", or "gap") from
     ``SMALLEST_EFFECT``; a trace's bound is relative, ``SMALLEST_EFFECT["trace"] * reference``, where
-    ``reference`` is the quantity's mean level before (the control's, AdamW's, the narrower width's)."""
+    ``reference`` is the quantity's mean level before (the control's, AdamW's, the narrower width's).
+    A trace whose level before is not positive (or NaN) has no bound (NaN): a Hessian's trace at a
+    minimum is >= 0, so such models are not at the minimum the comparison presumes, and
+    ``interval_verdict`` says "not tested"."""
     if quantity.startswith(("acc ", "probe ", "finetune ")):
         return SMALLEST_EFFECT["accuracy"]
     if quantity == "gap":
         return SMALLEST_EFFECT["gap"]
     if "trace" in quantity:
-        if reference is None or not (math.isfinite(reference) and reference > 0):
+        if reference is None or isinstance(reference, bool) or not isinstance(reference, (int, float)) \
+                or math.isinf(reference):
             raise ValueError(f"reference: a trace's bound is {SMALLEST_EFFECT['trace']:.0%} of its level before; "
-                             f"pass that positive level for {quantity!r}, got {reference!r}")
-        return SMALLEST_EFFECT["trace"] * reference
+                             f"pass that level for {quantity!r}, got {reference!r}")
+        return SMALLEST_EFFECT["trace"] * reference if reference > 0 else math.nan
     raise ValueError(f"quantity: {quantity!r} has no declared smallest effect (expected 'acc <task>', 'probe <task>', "
                      f"'finetune <task>', a trace or 'gap'); declare one in flatlib.claims.SMALLEST_EFFECT first")
 

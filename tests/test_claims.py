@@ -149,7 +149,11 @@ def test_equivalence_bound_per_quantity():
     with pytest.raises(ValueError, match="reference"):
         equivalence_bound("invariant_trace")  # a relative bound needs the level it is relative to
     with pytest.raises(ValueError, match="reference"):
-        equivalence_bound("trace", reference=-1.0)
+        equivalence_bound("trace", reference=math.inf)
+    # a level at or below 0 is no minimum's: no bound, and the comparison is "not tested"
+    for level in (-1.0, 0.0, math.nan):
+        assert math.isnan(equivalence_bound("trace", reference=level))
+    assert interval_verdict(Interval(-2.0, -3.0, -1.0, 8), -1, equivalence_bound("trace", -1.0)) == "not tested"
 
 
 def test_an_interval_inside_the_bound_is_no_even_off_zero():
