@@ -125,7 +125,7 @@ RULE_CHANGES: list[tuple[str, str, str, str]] = [
      "declared before the regeneration; at the committed cpu results, e.g. the PCFG clock's task A +0.000 "
      "[-0.003, +0.004] would read 'no' instead of 'inconclusive'"),
     ("smallest effect", "a trace whose level before is not positive has no relative bound: its comparison is "
-     "'not tested' (was: an error)", "(this change), 2026-12-07",
+     "'not tested' (was: an error)", "d73e6fc, 2026-12-07",
      "declared before the regeneration; met at the smoke profile, whose 60-step models' full-gauge trace has a "
      "negative Hutchinson body"),
     ("unpaired effect", "the same bound ±b as a paired effect (was 0)", "46154b0, 2026-12-07",
