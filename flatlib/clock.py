@@ -213,6 +213,36 @@ def measured_models(points: list[ClockPoint], anneals: list[Run], phase1: dict[t
     return items, labels
 
 
+def effect_vs_l2(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -> pd.DataFrame:
+    """How notebook 02's transfer effect depends on the probe's regularisation: for the clock's largest
+    dose against the anneal-only control, per language, task and L2 strength at which *every* compared
+    model's standard probe was solved (protocol 2 records the test accuracy along the strengths it walked,
+    ``sweep``), the paired effect at that fixed L2 (per lineage: the mean over noise seeds minus the mean of
+    the controls, ``lineage_effects``) with its 95% t-interval over lineages, and ``chosen``: how many of
+    those models' probes chose that strength. ``labels`` and ``measured`` are ``measured_models``' labels
+    and their ``measure_checkpoints`` results."""
+    if len(labels) != len(measured):
+        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and {len(measured)}")
+    rows = [{"language": label["language"], "lineage": label["lineage"], "noise": label["noise"], "tau": label["tau"],
+             "task": task, "l2": float(l2), "accuracy": accuracy, "chosen": float(probe["chosen_l2"][0]) == float(l2)}
+            for label, m in zip(labels, measured) if label["continuation"] == "sgd clock"
+            for task, probe in m["probes"].items() for l2, accuracy in probe["sweep"].items()]
+    out = []
+    for (language, task), frame in pd.DataFrame(rows).groupby(["language", "task"], sort=False):
+        tau = float(frame.tau.max())
+        frame = frame[frame.tau.isin([0.0, tau])]
+        models = len(frame[["lineage", "noise", "tau"]].drop_duplicates())
+        for l2, at in frame.groupby("l2"):
+            if len(at) < models:  # some model's walk stopped before this strength
+                continue
+            effects = lineage_effects(at, "accuracy")
+            interval = t_interval(effects[effects.tau == tau]["effect"].to_numpy())
+            out.append({"language": language, "task": task, "l2": l2, "effect": interval.estimate, "low": interval.low,
+                        "high": interval.high, "lineages": interval.n, "chosen": int(at["chosen"].sum()),
+                        "models": models})
+    return pd.DataFrame(out)
+
+
 def probe_columns(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     """The accuracy columns of ``tasks`` in a measurement frame: the standard probe's ``acc <task>``
     first, then the extra probes' ``acc <task> [<probe>]`` (no CI columns)."""

@@ -23,11 +23,13 @@
 # a smaller trace. Here we do exactly that on the profile's HMM and PCFG, with two corrections that an
 # earlier version of this notebook lacked:
 #
-# - **The trace is measured where it lives.** Most of the raw Hessian trace of our models is a *gauge*: a
-#   rescaling of the final LayerNorm's gain against the head that changes neither the function nor a
-#   standardising probe can move it by any amount (section 2). Every trace is therefore reported twice: the
-#   raw trace (`flatness.hessian_trace`, the paper's quantity) and the **invariant trace**
-#   (`flatness.invariant_trace`, minimised over that gauge), which decides the claims.
+# - **The trace is measured where it lives.** Most of the raw Hessian trace of our models is a *gauge*:
+#   rescalings that change neither the function nor a standardising probe (each LayerNorm's gain against the
+#   map that reads it, attention's queries against its keys and its values against its output projection,
+#   per coordinate) can move it by any amount (section 2). Every trace is therefore reported twice: the raw
+#   trace (`flatness.hessian_trace`, the paper's quantity) and the **invariant trace**
+#   (`symmetry.full_gauge_trace`, minimised over that whole gauge, each symmetry verified on the model first),
+#   which decides the claims; the profile's `protocol.gauge` says which gauge (`"full"` at cpu).
 # - **SGD runs on the theory's clock** τ = η²k/B (`flatlib.clock`), for τ up to 10, where notebook 06 sees
 #   the drift; each dose ends with a short learning-rate anneal that brings the loss back, so every
 #   comparison is at equal loss. The earlier continuation ran τ = 0.047.
@@ -129,15 +131,19 @@ for name, t in phase1_table.groupby(level="language", sort=False):
 # %% [markdown]
 # ## 2 · The trace is mostly a gauge
 #
-# A pre-LN transformer has a symmetry the loss cannot see: scaling coordinate *i* of a LayerNorm's gain and
+# A pre-LN transformer has symmetries the loss cannot see: scaling coordinate *i* of a LayerNorm's gain and
 # bias by *c_i* and the matching column of the linear map that reads it by 1/*c_i* computes the same
 # function (`flatlib.model.rescale_norms`), and a probe that standardises its features cannot see it
 # either. The Hessian's diagonal entries of the gain scale as 1/*c_i²*, the head's as *c_i²*: the raw trace
 # moves with *c*, without bound. Below, one phase-1 model per language in three parameterizations of **one
 # function** (largest logit change printed), with the raw trace (Hutchinson) and the invariant trace: the
-# smallest trace over every LayerNorm's rescaling (closed form: body + Σ 2√(A_i B_i), with the exact
-# diagonal blocks A of the reader's columns and B of the LayerNorm; `flatness.invariant_trace`). The second
-# table says where the raw trace of the trained model sits.
+# smallest trace over every such rescaling, jointly (the exact diagonal of the rescaled parameters, a
+# convex minimum over the log-scales solved by Newton, plus the Hutchinson trace of every other parameter;
+# `symmetry.full_gauge_trace`). Attention has the same kind of symmetry per head coordinate (query row × c,
+# key row / c; value row × c, output-projection column / c): with the full gauge two more parameterizations
+# rescale every V/O and every Q/K coordinate by 3, and the LayerNorm-only minimum is shown beside the full
+# one: the former moves along them, the latter does not. The second table says where the raw trace of the
+# trained model sits.
 
 # %%
 gauge_points, gauge_blocks = gauge_tables({name: measure_gauge(phase1[name, SEEDS[0]], phase1_configs[name, SEEDS[0]].steps,
@@ -199,7 +205,8 @@ for kind, text in PROBES.items():
     print(f"probe {kind!r}: {text}")
 items, labels = clock.measured_models(points, anneals, phase1, adamw)
 start = time.perf_counter()
-M = measurement_frame(labels, measure_checkpoints(items, PROTOCOL, workers=T["workers"]))
+measured = measure_checkpoints(items, PROTOCOL, workers=T["workers"])
+M = measurement_frame(labels, measured)
 refs = reference_table({name: lookup_table_probe(language_spec(P, name), PROTOCOL) for name in NAMES})
 print(f"{len(items)} models measured (or read from the cache) in {time.perf_counter() - start:.0f} s")
 M.to_csv(FIGURES / "02_measurements.csv", index=False)
@@ -217,6 +224,21 @@ refs.round(3)
 fig = plots.clock_dose_response(M, TAUS, TASKS)
 save(fig, "02_clock_dose_response", f"SGD lr {CLOCK['lr']}, batch {CLOCK['batch_size']}, then an anneal ({ANNEAL} steps)"
      f"; {len(SEEDS)} lineages x {CLOCK['noise_seeds']} noise seeds; bars: 95% CI over lineages; dashed: phase-1 end")
+
+# %% [markdown]
+# How much of the transfer effect is the probe's regularisation? The probe's L2 strength is chosen per model
+# on pooled validation splits (`downstream.exact_probe`, walking its grid from the strongest penalty down to
+# three strengths past the best). Below, the largest dose's effect on the standard probe's test accuracy
+# with the L2 **held fixed** across the compared models, at every strength every model was solved at (95%
+# CI over lineages; the ring: the strength chosen most often). An effect that changes sign along L2 is a
+# property of the probe, not of the features; one that keeps its sign near the chosen strengths is not.
+
+# %%
+L2_EFFECTS = clock.effect_vs_l2(labels, measured)
+L2_EFFECTS.to_csv(FIGURES / "02_effect_vs_l2.csv", index=False)
+fig = plots.effect_vs_l2(L2_EFFECTS)
+save(fig, "02_effect_vs_l2", f"τ = {TAUS[-1]} vs anneal-only control at a fixed probe L2; {len(SEEDS)} lineages x "
+     f"{CLOCK['noise_seeds']} noise seeds; bands: 95% CI over lineages; ring: most often chosen L2")
 
 # %% [markdown]
 # ## 5 · The verdict, computed by the rules

@@ -244,3 +244,52 @@ def test_each_language_gets_its_own_anneal_length():
     assert {p.anneal.steps for p in points if p.language == "pcfg"} == {9}
     # the trajectories are shared: only the anneals differ
     assert {p.sgd.key for p in points if p.sgd and p.language == "hmm"} == {p.sgd.key for p in points if p.sgd and p.language == "pcfg"}
+
+
+def test_effect_vs_l2_is_the_paired_effect_at_each_strength_every_model_reached():
+    from flatlib.clock import effect_vs_l2
+
+    labels, measured = [], []
+    for lineage in range(3):
+        for noise in range(2):
+            for tau in (0, 1.0):
+                # accuracy at L2 1e-2: 0.60 (+0.02 with the dose, + lineage/100); at 1e-3: +0.05 with the dose
+                sweep = {"0.01": 0.60 + 0.02 * tau + lineage / 100, "0.001": 0.62 + 0.05 * tau + noise / 100}
+                if lineage == 2 and noise == 1 and tau == 1.0:
+                    sweep["0.0001"] = 0.9  # only one model's walk reached 1e-4: not comparable
+                chosen = 0.001 if tau else 0.01
+                labels.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau, "continuation": "sgd clock"})
+                measured.append({"probes": {"t": {"sweep": sweep, "chosen_l2": [chosen, chosen]}}})
+    labels.append({"language": "a", "lineage": 0, "noise": 0, "tau": 0, "continuation": "phase 1"})  # not the clock's
+    measured.append({"probes": {"t": {"sweep": {"0.01": 0.0}, "chosen_l2": [0.01, 0.01]}}})
+    table = effect_vs_l2(labels, measured).set_index("l2")
+    assert list(table.index) == [0.001, 0.01]
+    assert table.loc[0.01, "effect"] == pytest.approx(0.02) and table.loc[0.001, "effect"] == pytest.approx(0.05)
+    assert table.loc[0.01, "low"] == pytest.approx(0.02)  # no spread between lineages
+    assert table.loc[0.001, "lineages"] == 3 and table.loc[0.001, "models"] == 12
+    assert table.loc[0.001, "chosen"] == 6 and table.loc[0.01, "chosen"] == 6  # the doses chose 1e-3, the controls 1e-2
+    with pytest.raises(ValueError, match="labels, measured"):
+        effect_vs_l2(labels[:-1], measured)
+
+
+def test_the_l2_panel_and_the_gauge_panel_draw_what_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from flatlib.plots import pretraining as plots
+
+    effects = pd.DataFrame([{"language": lang, "task": task, "l2": l2, "effect": 0.01, "low": 0.0, "high": 0.02,
+                             "lineages": 8, "chosen": int(l2 == 1e-3), "models": 32}
+                            for lang in ("hmm", "pcfg") for task in ("x", "y") for l2 in (1e-4, 1e-3, 1e-2)])
+    fig = plots.effect_vs_l2(effects)
+    assert len(fig.axes) == 2 and all(len(ax.get_legend().get_texts()) == 2 for ax in fig.axes)
+    points = pd.DataFrame([{"language": "hmm", "parameterization": p, "trace": 20.0, "trace_se": 1.0,
+                            "invariant_trace_layernorm": 12.0, "invariant_trace": 10.0, "invariant_trace_se": 0.1}
+                           for p in ("as trained", "attention V/O x3 per head coordinate")])
+    fig = plots.gauge(points, 0)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 3 * 2 and "full gauge" in ax.get_legend().get_texts()[-1].get_text()
+    fig = plots.gauge(points.drop(columns="invariant_trace_layernorm"), 0)
+    assert len(fig.axes[0].patches) == 2 * 2

@@ -40,19 +40,51 @@ def training_curves(runs: dict[tuple[str, int], Run], optima: dict[str, float], 
 
 def gauge(points: pd.DataFrame, seed: int) -> plt.Figure:
     """Raw against invariant trace (95% CI bars, log scale) of one function in the parameterizations
-    of ``points`` (``flatlib.measure.gauge_tables``), one panel per language."""
+    of ``points`` (``flatlib.measure.gauge_tables``), one panel per language; with the full gauge
+    (``invariant_trace_layernorm`` present) the LayerNorm-only minimum between them (no bar: it shares the
+    full trace's body and noise)."""
     names = list(dict.fromkeys(points.language))
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4), squeeze=False)
+    full = "invariant_trace_layernorm" in points and points["invariant_trace_layernorm"].notna().any()
+    fig, axes = plt.subplots(1, len(names), figsize=((8.5 if full else 6.5) * len(names), 4), squeeze=False)
+    width = 0.27 if full else 0.4
     for ax, name in zip(axes[0], names):
         d = points[points.language == name]
         x = np.arange(len(d))
-        ax.bar(x - 0.2, d["trace"], 0.4, yerr=1.96 * d["trace_se"], capsize=3, color="0.6", label="raw trace (Hutchinson)")
-        ax.bar(x + 0.2, d["invariant_trace"], 0.4, yerr=1.96 * d["invariant_trace_se"], capsize=3, color="C0",
-               label="invariant trace (LayerNorm gauge fixed)")
+        ax.bar(x - (width if full else 0.2), d["trace"], width, yerr=1.96 * d["trace_se"], capsize=3, color="0.6",
+               label="raw trace (Hutchinson)")
+        if full:
+            ax.bar(x, d["invariant_trace_layernorm"], width, color="C1", label="LayerNorm gauge fixed only")
+        ax.bar(x + (width if full else 0.2), d["invariant_trace"], width, yerr=1.96 * d["invariant_trace_se"], capsize=3,
+               color="C0", label="invariant trace (" + ("full gauge: LayerNorm, Q/K, V/O" if full else
+                                                         "LayerNorm gauge fixed") + ")")
         ax.set_yscale("log")
-        labels = [p.replace(" into the head", "\ninto the head").replace(", head", ",\nhead") for p in d["parameterization"]]
+        labels = [p.replace(" into the head", "\ninto the head").replace(", head", ",\nhead").replace(" per head", "\nper head")
+                  for p in d["parameterization"]]
         ax.set_xticks(x, labels, fontsize=8)
-        ax.set(title=f"{name}: one function, three parameterizations (seed {seed})", ylabel="trace (log)")
+        ax.set(title=f"{name}: one function, {len(d)} parameterizations (seed {seed})", ylabel="trace (log)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def effect_vs_l2(effects: pd.DataFrame) -> plt.Figure:
+    """The clock's transfer effect (largest dose - control, points of accuracy) against the probe's L2
+    strength, one panel per language, one line per task, with 95% t-intervals over lineages
+    (``flatlib.clock.effect_vs_l2``); a ring marks each task's most often chosen strength."""
+    names = list(dict.fromkeys(effects.language))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = effects[effects.language == name]
+        for i, (task, d) in enumerate(mine.groupby("task", sort=False)):
+            d = d.sort_values("l2")
+            ax.plot(d.l2, 100 * d.effect, marker=".", color=f"C{i}", label=task)
+            ax.fill_between(d.l2, 100 * d.low, 100 * d.high, color=f"C{i}", alpha=0.15)
+            top = d.loc[d.chosen.idxmax()]
+            ax.plot(top.l2, 100 * top.effect, "o", mfc="none", ms=10, color=f"C{i}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set(title=f"{name}: transfer effect at a fixed L2", xlabel="probe L2 strength",
+               ylabel="dose - control (points)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
