@@ -904,8 +904,10 @@ def failed_checks(measured: dict[str, Any], history: TrainHistory | None = None)
     return problems
 
 
-def your_model_figure(history: TrainHistory, measured: dict[str, Any]) -> tuple[Any, str]:
-    """Notebook 07's figure: the exact gap during training (words' softmax and full softmax, 95% band),
+def your_model_figure(history: TrainHistory, measured: dict[str, Any],
+                      epsilon: float | None = None) -> tuple[Any, str]:
+    """Notebook 07's figure: the exact gap during training (words' softmax and full softmax, 95% band;
+    ``epsilon``, if given, as a dashed line),
     the three traces of the trained model and of the same function rescaled (95% error bars: the
     body's Hutchinson SE), and the probe against the Bayes accuracy (95% intervals). Returns the figure
     and the note that says what the error bars are."""
@@ -917,6 +919,8 @@ def your_model_figure(history: TrainHistory, measured: dict[str, Any]) -> tuple[
         left.plot(t["step"], t[column], marker="o", ms=3, label=label)
     band = 1.96 * t["gap_se"]
     left.fill_between(t["step"], (t["gap"] - band).clip(lower=1e-6), t["gap"] + band, alpha=0.3)
+    if epsilon is not None:
+        left.axhline(epsilon, color="0.3", ls="--", label=f"ε = {epsilon}")
     left.set(yscale="log", xlabel="training step", ylabel="exact gap to the optimum (nats)",
              title=f"training: final gap {m['gap']:.4f} ± {m['gap_se']:.4f}")
     left.legend()

@@ -258,7 +258,7 @@ _YOUR_MODEL: dict[str, dict[str, Any]] = {
               "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "eval_every": 20, "task": "state@3",
               "measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64,
                           "probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2}},
-    # docs/your_model.md's BERT: 2x64, 2400 steps (2.5-3.5 min on one thread), the cpu protocol's sizes
+    # docs/your_model.md's BERT: 2x64, 2400 steps (130-180 s on one thread, 2026-12-07), the cpu protocol's sizes
     "cpu": {"kind": "bert", "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
             "steps": 2400, "batch_size": 256, "lr": 3e-3, "warmup_steps": 200, "eval_every": 200, "task": "state@3",
             "measure": {"pairs": 4096, "trace_pairs": 1024, "trace_probes": 12, "trace_batch": 512,

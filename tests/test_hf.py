@@ -525,7 +525,7 @@ def test_your_model_figure(language):
     matplotlib.use("Agg")
     model = hf.model_for(language, "bert", seed=0, **TINY)
     history = hf.train_mlm(model, language, **TRAIN)
-    fig, note = hf.your_model_figure(history, hf.measure(model, language, **MEASURE))
+    fig, note = hf.your_model_figure(history, hf.measure(model, language, **MEASURE), epsilon=0.1)
     assert len(fig.axes) == 3 and "95%" in note
 
 
