@@ -38,6 +38,12 @@ docs/your_model.md, trained on the words' softmax: 0.269 against 0.028.)
 ``norm_reader_group``, ``query_key_group`` and ``value_output_group``) for ``symmetry.verify_groups`` and
 ``symmetry.full_gauge_trace(..., groups=...)``.
 
+**Train and measure** (notebook 07, docs/your_model.md): ``train_mlm`` trains a masked LM in place
+on flatlib's single-mask objective (deterministic; cached and resumable in the run store), ``measure``
+gives the exact gap, the raw, LayerNorm-only and full-gauge traces (also after a random rescaling of
+every group) and a linear probe against the Bayes accuracy; ``failed_checks`` lists what is out of
+place in them.
+
 **Attention.** Second derivatives need ``attn_implementation="eager"`` (the fused SDPA kernel of
 torch 2.13 has no double backward on CPU: "derivative for
 aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"). ``require_eager``
