@@ -146,17 +146,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 1024, "probe_version": 2, "gauge": "full"},
             "workers": 8,
         },
+        # (clock: the cpu profile's, copied in below the table)
         # 4-layer models of width 32 to 256 (50k to 3.2M parameters), heads of 16
-        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16,
-                  "anneal_steps": {"hmm": 1000, "pcfg": 3000, "teacher": 1000}, "anneal_batch_size": 64,
-                  "noise_seeds": 2, "control_seeds": 2},
         "model_size": {"languages": ["hmm", "pcfg"], "widths": [32, 64, 128, 256], "n_layer": 4, "head_dim": 16,
                        "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
                        "ff_mult": 4, "finetune_epochs": 10},
-        "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
-                       "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3], "teacher": [0.03, 0.1, 0.3]},
-                       "held_out_seed": 1000,
-                       "adversarial": {"refit_every": 5, "head_sentences": 2000, "batch_sentences": 256}},
+        # (algorithms: the cpu profile's with this adversary, below the table)
+        "algorithms": {"adversarial": {"refit_every": 5, "head_sentences": 2000, "batch_sentences": 256}},
     },
     "paper": {
         # The paper's sizes. The generators' sparsity is calibrated so that the exact optima come
@@ -203,9 +199,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# the gpu profile runs the cpu profile's languages, so that the two reports compare
-for _key in ("hmm", "pcfg", "teacher", "language_seed"):
+# the gpu profile runs the cpu profile's languages and clock, so that the two reports compare
+for _key in ("hmm", "pcfg", "teacher", "language_seed", "clock"):
     PROFILES["gpu"][_key] = copy.deepcopy(PROFILES["cpu"][_key])
+# ... and its notebook 04 (languages, tasks, λ grid, held-out seed), with a larger adversary
+PROFILES["gpu"]["algorithms"] = {**copy.deepcopy(PROFILES["cpu"]["algorithms"]), **PROFILES["gpu"]["algorithms"]}
 
 # Notebook 06's theory (flatlib.theory): tiny exact demonstrations, float64 on the CPU whatever the profile;
 # "paper" only adds seeds, draws and samples, and "gpu" (whose machine has 16 cores) takes the paper's.

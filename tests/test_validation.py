@@ -115,10 +115,11 @@ DEFAULT_KEYS = {"run": "c622782ee2538d40", "protocol": "469ac992ced11a42"}
 # 8 lineages, 2 noise seeds and 2 controls a lineage, probe protocol 2, the full gauge). Checked then against
 # the keys before: every kept run kept its key; at cpu the 72 removed are the anneals of noise seeds 2-5 and
 # the 130 added are lineages 3-7's runs and the second control of lineages 0-2, plus the new protocol key.
+# cpu and gpu again the same day for probe protocol 2's grid (1e-7 .. 10): their protocol key alone changed.
 PROFILE_DIGESTS = {  # (number of distinct keys, SHA-256 of the sorted keys)
     "smoke": (47, "b18456907cac8840d1f95a8b48b7aa1d96caf80fc931d89ee666d1f7e81331c7"),
-    "cpu": (235, "763a00fd18da051665178dc5f3d8d094922db735bc8aecc511d4fdd24fbf51f9"),
-    "gpu": (355, "6b161f5fef5c6cdcb7e518add4867687a0e149ee74efcc39cab9c9c144d32b41"),
+    "cpu": (235, "fa988155dd2ba570a73cd483c4be5650c21b45da2276d9729ee0e5eb6ff877ce"),
+    "gpu": (355, "5b76717294eec77515a3bb57fd53f86b4e41e2099bbd52161b2c6c0377b2282c"),
     "paper": (391, "2999a7a3098a08f3b690ae08808a4711ef3361c4a47ab85e87f92d9f69a94190"),
 }
 VARIANT_KEYS = ["590bae5570165f76", "d66abefe15efc5e2", "74ec9286fc13a0ce", "b97afb505c634ff5",
