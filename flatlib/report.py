@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from flatlib.claims import DESIGN_CHANGES, HELD, RULE_CHANGES, RULES, Claim
 from flatlib.plotting import REPO_ROOT, figures_dir
@@ -213,11 +213,14 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_report(profile: str, parameters: dict[str, Any] | None = None) -> str:
+def render_report(profile: str, parameters: dict[str, Any] | None = None,
+                  moved: tuple[str, Sequence[tuple[str, str, str, str]]] | None = None) -> str:
     """REPORT.md's text at ``profile`` from the recorded claims and notebook runs. ``parameters``: the
     profile's parameters the notebooks ran with (``flatlib.profiles.get_profile(profile)``, as
     ``flatlib.reproduce`` passes them), whose ``pretraining`` seeds, model and ε the header shows;
-    without them the header names the profile only."""
+    without them the header names the profile only. ``moved``: ``(against, [(notebook, claim, before,
+    after)])``, the verdicts that differ from the claims committed at ``against`` (``flatlib.compare``, as
+    ``flatlib.reproduce`` passes them), listed in their own section; None leaves the section out."""
     recorded, damaged = _load(profile)
     claims = {name: items for name, (items, _) in recorded.items()}
     try:
@@ -277,6 +280,8 @@ def render_report(profile: str, parameters: dict[str, Any] | None = None) -> str
         lines.append("")
     if not claims:
         lines.append("No notebook has recorded claims at this profile yet.")
+    if moved is not None:
+        lines += _moved_lines(*moved)
     lines += ["## Decision rules", "", "Declared in `flatlib/claims.py` (tested in `tests/test_claims.py`) before the "
               "experiments they judge:", ""]
     lines += [f"- **{name}**: {text}" for name, text in RULES.items()]
@@ -287,6 +292,19 @@ def render_report(profile: str, parameters: dict[str, Any] | None = None) -> str
                  "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
+
+
+def _moved_lines(against: str, changes: Sequence[tuple[str, str, str, str]]) -> list[str]:
+    """The report's section on the verdicts that differ from those committed at ``against``."""
+    lines = [f"## Verdicts that moved against the committed figures ({against})", ""]
+    if not changes:
+        return lines + ["None: every claim recorded at both has the same verdict.", ""]
+    lines += [f"{len(changes)} verdict(s) differ from those committed at {against} (`python -m flatlib.compare`). "
+              "Why: the rule and design changes in the tables at the end, those dated after that commit; a claim "
+              "added or removed reads \"(absent)\" on the side that lacks it.", "",
+              "| notebook | claim | before | now |", "|---|---|---|---|"]
+    lines += [f"| {_cell(n)} | {_cell(c)} | {_cell(b)} | **{_cell(a)}** |" for n, c, b, a in changes]
+    return lines + [""]
 
 
 def _damaged_lines(damaged: list[DamagedFileError], folder: Path) -> list[str]:
@@ -307,12 +325,13 @@ def _changes(title: str, subject: str, changes: list[tuple[str, str, str, str]])
             + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in changes])
 
 
-def write_report(profile: str, parameters: dict[str, Any] | None = None) -> Path:
-    """Write ``<figures>/REPORT.md`` for ``profile`` (``parameters``: see ``render_report``). Returns its
-    path."""
+def write_report(profile: str, parameters: dict[str, Any] | None = None,
+                 moved: tuple[str, Sequence[tuple[str, str, str, str]]] | None = None) -> Path:
+    """Write ``<figures>/REPORT.md`` for ``profile`` (``parameters``, ``moved``: see ``render_report``).
+    Returns its path."""
     path = figures_dir(profile) / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, render_report(profile, parameters))
+    _atomic_write(path, render_report(profile, parameters, moved))
     return path
 
 

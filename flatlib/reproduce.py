@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -223,7 +224,14 @@ def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = Non
     parser.add_argument("--runner", choices=("papermill", "script"), default="papermill",
                         help="papermill (a Jupyter kernel), or script: flatlib.script in a fresh Python process, "
                              "for a machine without Jupyter (scripts/gpu_story.sh)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no notebook: rewrite the claims report from what the notebooks recorded")
     args = parser.parse_args(argv)
+    if args.report_only:
+        report = write_report(args.profile, PROFILES[args.profile], moved_verdicts(args.profile))
+        damaged = damaged_files(args.profile)
+        print(f"claims report: {report}" + (f" (without what the {len(damaged)} damaged file(s) held)" if damaged else ""))
+        return 1 if damaged else 0
     if execute is None and args.runner == "script":
         execute = execute_in_subprocess
     out_dir = args.out or REPO_ROOT / "build" / args.profile
@@ -253,7 +261,8 @@ def _run(profile: str, out_dir: Path, only: list[str] | None, execute: Callable[
         record_runs(profile, [vars(r) for r in results])
     except DamagedFileError as error:  # recorded in a fresh file all the same
         damaged.append(error)
-    report = write_report(profile, PROFILES[profile])  # leaves out, and lists, the claims files it cannot read
+    # leaves out, and lists, the claims files it cannot read; lists the verdicts that moved
+    report = write_report(profile, PROFILES[profile], moved_verdicts(profile))
     damaged += damaged_files(profile)
     total = sum(r.seconds for r in results)
     print(f"\n{'notebook':40s} {'status':8s} {'seconds':>8s}")
@@ -266,6 +275,21 @@ def _run(profile: str, out_dir: Path, only: list[str] | None, execute: Callable[
         print(f"!! DAMAGED: {error}")
     print_comparison(profile)
     return 0 if all(r.ok for r in results) and not damaged else 1
+
+
+def moved_verdicts(profile: str) -> tuple[str, list[tuple[str, str, str, str]]] | None:
+    """``(against, [(notebook, claim, before, now)])``: the recorded verdicts that differ from those
+    committed at HEAD (``flatlib.compare``), for the report; None when the comparison cannot run (not a
+    git checkout...), which must not fail the figures."""
+    try:
+        from flatlib.compare import compare  # noqa: PLC0415 - compare imports the report
+
+        comparison = compare(figures_dir(profile))
+        against = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    return f"commit {against}", [(v.notebook, v.claim, v.ref, v.new) for v in comparison.verdicts]
 
 
 def print_comparison(profile: str) -> None:

@@ -97,3 +97,24 @@ def test_a_damaged_runs_record_is_kept_aside_and_the_results_recorded_afresh(fig
     assert (figures / "smoke" / "claims" / "_runs.json.damaged").read_text().startswith("{")
     path.write_text(json.dumps({"01_synthetic_languages": {"ok": "yes", "seconds": 1.0}}))
     assert "the entry of '01_synthetic_languages'" in render_report("smoke")
+
+
+def test_the_verdicts_that_moved_get_their_own_section(figures):
+    record_claims("smoke", "03_model_size", [claim()])
+    assert "Verdicts that moved" not in render_report("smoke")  # no comparison: no section
+    none = render_report("smoke", moved=("commit abc1234", []))
+    assert "## Verdicts that moved against the committed figures (commit abc1234)" in none and "None:" in none
+    text = render_report("smoke", moved=("commit abc1234", [("03_model_size", "trace | falls", "inconclusive", "yes"),
+                                                            ("02_x", "new claim", "(absent)", "no")]))
+    assert "2 verdict(s) differ" in text and "| 03_model_size | trace \\| falls | inconclusive | **yes** |" in text
+    assert text.index("## Verdicts that moved") < text.index("## Decision rules")
+
+
+def test_reproduce_report_only_rewrites_the_report_with_the_moved_verdicts(figures, monkeypatch, capsys):
+    from flatlib import reproduce
+
+    record_claims("smoke", "03_model_size", [claim()])
+    monkeypatch.setattr(reproduce, "moved_verdicts", lambda profile: ("commit abc1234", [("n", "c", "no", "yes")]))
+    assert reproduce.main(["--profile", "smoke", "--report-only"]) == 0
+    text = (figures / "smoke" / "REPORT.md").read_text()
+    assert "| n | c | no | **yes** |" in text and "claims report:" in capsys.readouterr().out
