@@ -7,7 +7,7 @@ The pieces, in the notebook's order: ``parameters`` (the notebook's parameters, 
 ``flatlib.experiments``, and the lookup table's probe), ``result_tables`` (the paper's table at this
 profile, beside ``PAPER_TABLE``), ``verdict_table`` (the rules of ``flatlib.claims`` applied to the
 adversary against AdamW and AdamW against the lookup table), ``algorithm_claims`` (what REPORT.md
-records), and ``check_summary`` / ``summary_lines`` (the notebook's checked summary).
+records), and ``check_summary`` / ``summary`` (the notebook's checked summary).
 
 The decisions, fixed before the runs they judge: the adversary and AdamW continued the same phase-1
 checkpoint, so their difference is paired per seed (rule "paired effect", tasks combined by rule
@@ -373,7 +373,7 @@ def check_summary(runs: dict[Key, Run], table: pd.DataFrame, lookup: dict[str, d
                 assert (accs <= ref["bayes"] + 3 * ref["bayes_se"] + 3 * ref["ci95"] + 0.03).all(), (name, t)
 
 
-def summary_lines(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Claim]) -> list[str]:
+def summary(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Claim]) -> str:
     """The checked summary the notebook prints (rounded, so that nbval compares it): the setting,
     one line per verdict row, one per claim, and the checks that passed."""
     t = params["pretraining"]
@@ -388,4 +388,4 @@ def summary_lines(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Cl
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
     lines.append("checks passed: no divergence · gaps, traces, accuracies finite · probes <= Bayes + tolerance")
-    return lines
+    return "\n".join(lines)

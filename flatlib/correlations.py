@@ -6,7 +6,7 @@ one row per model (``model_table``). Among the models within ε of the optimum, 
 computes, per language, family and task, rank correlations of accuracy with the traces and the gap
 (and the partial correlation with the invariant trace given the gap), each with a bootstrap interval
 over training lineages; ``flatness_claims`` decides them by rule "flatness explains" of
-``flatlib.claims`` (per task, combined by rule "parts"). ``check_tables`` and ``summary_lines`` are the
+``flatlib.claims`` (per task, combined by rule "parts"). ``check_tables`` and ``summary`` are the
 notebook's checked summary. Nothing here changes a rule or a tolerance: they live in ``flatlib.claims``.
 """
 
@@ -213,8 +213,8 @@ def check_tables(models: pd.DataFrame, correlations: pd.DataFrame, tasks: Mappin
                 (r["language"], r["task"], key)
 
 
-def summary_lines(params: dict[str, Any], models: pd.DataFrame, correlations: pd.DataFrame,
-                  claims: Sequence[Claim]) -> list[str]:
+def summary(params: dict[str, Any], models: pd.DataFrame, correlations: pd.DataFrame,
+            claims: Sequence[Claim]) -> str:
     """The notebook's checked summary (rounded so that it is stable): the models within ε per
     language and family, the correlations per task to one decimal, each claim's verdict."""
     epsilon = params["pretraining"]["epsilon"]
@@ -230,4 +230,4 @@ def summary_lines(params: dict[str, Any], models: pd.DataFrame, correlations: pd
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
     lines.append("checks passed: gaps, traces and accuracies finite · correlations inside their intervals")
-    return lines
+    return "\n".join(lines)

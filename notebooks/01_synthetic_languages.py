@@ -44,7 +44,7 @@ import pandas as pd
 from flatlib import viz
 from flatlib.languages.summary import (RELEASED_RULES, check_languages, lookup_table_loss, optimal_loss_table,
                                        released_grammar, sampled_type_agreement, shortcut_sentence,
-                                       summary_text, task_table, teacher_summary)
+                                       summary, task_table, teacher_summary)
 from flatlib.plotting import saver, figures_dir, set_style
 from flatlib.profiles import build_languages, build_teacher, resolve
 
@@ -282,7 +282,7 @@ taught.table().round(4)
 # ## Summary (checked)
 #
 # `check_languages` asserts what this notebook claims (an `AssertionError` naming the language and the
-# check otherwise) and `summary_text` prints one rounded summary (the cell nbval
+# check otherwise) and `summary` prints one rounded summary (the cell nbval
 # compares between runs): the exact conditionals are distributions, the causal chain rule reproduces
 # -log p(x), the optima sit below log V with MLM below causal, the lookup table's loss is the optimum,
 # the HMM tasks are learnable beyond the majority class, and sampling is reproducible from the seed.
@@ -290,4 +290,4 @@ taught.table().round(4)
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 check_languages(languages, losses, exact, lookup, tasks, taught, released, seed=P["seed"])
-print(summary_text(P, languages, losses, tasks, taught, released))
+print(summary(P, languages, losses, tasks, taught, released))

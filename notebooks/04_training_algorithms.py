@@ -167,5 +167,5 @@ verdict.set_index(["language", "comparison", "quantity"]).round(4)
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 algorithms.check_summary(trained.runs, M, lookup)  # raises AssertionError naming what failed
-print("\n".join(algorithms.summary_lines(P, verdict, claims)))
+print(algorithms.summary(P, verdict, claims))
 record_claims(P["profile"], "04_training_algorithms", claims, {"seeds": SEEDS, "languages": NAMES, "weights": P["algorithms"]["weights"]})  # only once the checks above passed

@@ -161,5 +161,5 @@ corr.claims_table(claims)
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 corr.check_tables(ALL, C, TASKS)
-print("\n".join(corr.summary_lines(P, ALL, C, claims)))
+print(corr.summary(P, ALL, C, claims))
 record_claims(P["profile"], "05_flatness_and_downstream", claims, {"seed": P["seed"], "languages": NAMES, "n_boot": n_boot})  # only once the checks above passed

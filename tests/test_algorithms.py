@@ -306,17 +306,17 @@ def test_check_summary_passes_and_fails_with_its_messages():
         algorithms.check_summary(summary_runs(), bad, lookup)
 
 
-def test_summary_lines():
+def test_summary():
     params, table = small_params(), measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    lines = algorithms.summary_lines(params, v, algorithms.algorithm_claims(params, table, v, {}))
+    lines = algorithms.summary(params, v, algorithms.algorithm_claims(params, table, v, {})).splitlines()
     assert lines[0] == "04_training_algorithms · profile=cpu · seeds=[0, 1, 2] · 100 continuation steps · ε=0.025"
     assert lines[1] == "   x  adversarial - adamw           acc A: -0.105 [-0.117, -0.093] · gaps 0.010/0.011 · yes"
     first_claim = lines[len(v) + 1]
     assert first_claim.startswith("claim: x: the adversarial algorithm reaches the same l")
     assert first_claim.endswith("-> partly")
     assert lines[-1].startswith("checks passed") and len(lines) == 1 + len(v) + 3 + 1
-    assert "these numbers mean nothing" in algorithms.summary_lines({**params, "profile": "smoke"}, v, [])[-2]
+    assert "these numbers mean nothing" in algorithms.summary({**params, "profile": "smoke"}, v, []).splitlines()[-2]
 
 
 # ---------------------------------------------------------------------------- the figures

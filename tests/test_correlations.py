@@ -220,13 +220,13 @@ def test_check_tables_passes_good_tables_and_names_the_bad_value():
     corr.check_tables(models, undefined, {"hmm": ("6", "10")})  # an undefined correlation is allowed
 
 
-def test_summary_lines_round_and_name_every_verdict():
+def test_summary_rounds_and_names_every_verdict():
     models = pd.concat([models_frame(6), models_frame(2, family="2x128").assign(**{"within ε": False})],
                        ignore_index=True)
     table = pd.DataFrame([correlation_row("6", (-0.84, -0.95, -0.5), (0.05, -0.2, 0.25))])
     claims = corr.flatness_claims(table, models, ["hmm"], 0.01)
     params = {"profile": "smoke", "seed": 3, "pretraining": {"epsilon": 0.01}}
-    assert corr.summary_lines(params, models, table, claims) == [
+    assert corr.summary(params, models, table, claims).splitlines() == [
         "05_flatness_and_downstream · profile=smoke · seed=3 · ε=0.01 · 8 models, 6 within ε",
         " hmm 2x128: 0/2 within ε",
         " hmm 2x64: 6/6 within ε",
@@ -234,7 +234,7 @@ def test_summary_lines_round_and_name_every_verdict():
         "claim: hmm (2x64) -> yes",
         "profile smoke: tiny models, a few dozen steps: these numbers mean nothing",
         "checks passed: gaps, traces and accuracies finite · correlations inside their intervals"]
-    assert len(corr.summary_lines({**params, "profile": "cpu"}, models, table, claims)) == 6
+    assert len(corr.summary({**params, "profile": "cpu"}, models, table, claims).splitlines()) == 6
 
 
 # ---------------------------------------------------------------------------- figures

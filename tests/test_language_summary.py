@@ -13,7 +13,7 @@ from flatlib.languages import HMM, PCFG, Corpus, TeacherLM
 from flatlib.languages.summary import (RELEASED_RULES, causal_sample_size, check_languages, lookup_table_loss,
                                        majority_rate, optimal_loss_table, optimal_losses, released_grammar,
                                        sampled_type_agreement, sampling_reproducible, shortcut_sentence,
-                                       summary_text, task_table, teacher_sample_size, teacher_summary)
+                                       summary, task_table, teacher_sample_size, teacher_summary)
 from test_pcfg import TINY_RULES  # the same toy grammar as the PCFG tests
 
 
@@ -278,10 +278,10 @@ def test_check_languages_passes_on_exact_numbers_and_names_what_fails(summary_in
         check_languages(languages, losses, exact, lookup, worse, teacher, None, seed=0)
 
 
-def test_summary_text_rounds_the_table(summary_inputs):
+def test_summary_rounds_the_table(summary_inputs):
     languages, losses, exact, lookup, tasks, teacher = summary_inputs
-    text = summary_text({"profile": "smoke", "seed": 0, "n_eval_sentences": 80}, languages, losses, tasks,
-                        teacher, None)
+    text = summary({"profile": "smoke", "seed": 0, "n_eval_sentences": 80}, languages, losses, tasks,
+                   teacher, None)
     lines = text.splitlines()
     assert lines[0] == "01_synthetic_languages · profile=smoke · seed=0 · 80 sentences per language"
     assert f"MLM optimum {losses.loc['hmm', 'MLM optimum']:.3f} ± {losses.loc['hmm', 'MLM ± se']:.3f}" in lines[1]

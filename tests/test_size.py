@@ -270,7 +270,7 @@ def test_check_measurements():
         size.check_measurements(bad, 1e-6, lookup)
 
 
-def test_summary_lines(equal_loss):
+def test_summary(equal_loss):
     sizes, verdict = equal_loss
     measured = measured_frame(sizes)
     claims = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)

@@ -318,8 +318,8 @@ def check_languages(languages: Mapping[str, Language], losses: pd.DataFrame,
         assert PAPER_PCFG_OPTIMUM < released.mlm.mean < log_v, "released grammar"
 
 
-def summary_text(params: Mapping[str, object], languages: Mapping[str, Language], losses: pd.DataFrame,
-                 tasks: pd.DataFrame, teacher: TeacherSummary, released: ReleasedGrammar | None) -> str:
+def summary(params: Mapping[str, object], languages: Mapping[str, Language], losses: pd.DataFrame,
+            tasks: pd.DataFrame, teacher: TeacherSummary, released: ReleasedGrammar | None) -> str:
     """Notebook 01's rounded summary (the text nbval compares between runs)."""
     lines = [f"01_synthetic_languages · profile={params['profile']} · seed={params['seed']} · "
              f"{params['n_eval_sentences']} sentences per language"]
@@ -355,4 +355,4 @@ __all__ = ["OptimalLosses", "causal_sample_size", "optimal_losses", "optimal_los
            "lookup_table_loss", "task_description", "task_bayes_accuracy", "majority_rate", "task_row",
            "task_table", "sampled_type_agreement", "shortcut_sentence", "TeacherSummary",
            "teacher_sample_size", "teacher_summary", "ReleasedGrammar", "released_grammar", "RELEASED_RULES",
-           "sampling_reproducible", "check_languages", "summary_text"]
+           "sampling_reproducible", "check_languages", "summary"]
