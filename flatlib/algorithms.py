@@ -164,8 +164,9 @@ def measurement_table(keys: list[Key], measured: list[dict[str, Any]]) -> pd.Dat
 
 
 @dataclass(frozen=True)
-class Measurements:
-    """``table`` (``measurement_table``), ``lookup`` (``lookup_table_probe`` per language: per task
+class MeasuredTable:
+    """The measurements already tabulated (notebook 03's ``size.RunMeasurements`` holds the raw dicts per
+    run): ``table`` (``measurement_table``), ``lookup`` (``lookup_table_probe`` per language: per task
     the accuracy, its ``ci95`` and the resplits' accuracies ``splits``, and the Bayes accuracy where
     known), the number of ``checkpoints`` and the ``seconds`` they took."""
 
@@ -175,7 +176,7 @@ class Measurements:
     seconds: float
 
 
-def measure(params: dict[str, Any], trained: Continuations) -> Measurements:
+def measure(params: dict[str, Any], trained: Continuations) -> MeasuredTable:
     """Measure every phase-1 checkpoint and every continuation's final checkpoint (``measure_checkpoints``,
     cached in the runs) and the lookup table's probe, for every language and seed."""
     last = params["pretraining"]["continue_steps"]
@@ -191,7 +192,7 @@ def measure(params: dict[str, Any], trained: Continuations) -> Measurements:
     measured = measure_checkpoints(items, protocol(params), workers=params["pretraining"]["workers"])
     lookup = {name: lookup_table_probe(language_spec(params, name), protocol(params))
               for name in params["algorithms"]["languages"]}
-    return Measurements(measurement_table(keys, measured), lookup, len(items), time.perf_counter() - start)
+    return MeasuredTable(measurement_table(keys, measured), lookup, len(items), time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------- the paper's table
@@ -223,7 +224,7 @@ def result_table(table: pd.DataFrame, lookup: dict[str, dict[str, Any]], name: s
     return pd.DataFrame(rows).set_index("model")
 
 
-def result_tables(params: dict[str, Any], measurements: Measurements) -> dict[str, pd.DataFrame]:
+def result_tables(params: dict[str, Any], measurements: MeasuredTable) -> dict[str, pd.DataFrame]:
     """``result_table`` of every language of ``algorithms.languages``."""
     task_names, label = tasks(params), labels(params)
     return {name: result_table(measurements.table, measurements.lookup[name], name, task_names[name], label)
@@ -275,7 +276,7 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
     return pd.DataFrame(out)
 
 
-def verdicts(params: dict[str, Any], measurements: Measurements) -> pd.DataFrame:
+def verdicts(params: dict[str, Any], measurements: MeasuredTable) -> pd.DataFrame:
     """``verdict_table`` at the profile's languages, seeds and ε."""
     return verdict_table(measurements.table, measurements.lookup, tasks(params), training_seeds(params),
                          params["pretraining"]["epsilon"])

@@ -204,6 +204,17 @@ class Claim:
                 raise ValueError(f"{name}: must not be empty")
 
 
+CLAIM_COLUMNS = ("claim", "ours", "held")
+
+
+def claims_table(claims: Sequence[Claim], columns: Sequence[str] = CLAIM_COLUMNS):
+    """The claims as a pandas table, one row per claim, with the ``Claim`` fields ``columns`` (by default
+    the claim, our numbers and the verdict; notebook 05 shows ``correlations.CLAIM_COLUMNS``)."""
+    import pandas as pd  # here: the rules themselves need no pandas
+
+    return pd.DataFrame([vars(c) for c in claims], columns=list(columns))
+
+
 # ---------------------------------------------------------------------------- the rules
 def adversary_weight(gaps: dict[float, float], reference_gap: float) -> tuple[float, bool]:
     """Rule "adversary weight": from the held-out seed's final gaps ``{λ: gap}`` of the adversarial

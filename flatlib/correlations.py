@@ -192,9 +192,7 @@ def flatness_claims(correlations: pd.DataFrame, models: pd.DataFrame, names: Seq
     return out
 
 
-def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    """The claims as a table of their text, verdict and detail."""
-    return pd.DataFrame([vars(c) for c in claims], columns=["claim", "held", "detail"])
+CLAIM_COLUMNS = ("claim", "held", "detail")  # the columns of the notebook's ``claims.claims_table``
 
 
 # ---------------------------------------------------------------------------- the checked summary

@@ -166,9 +166,10 @@ def per_width(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- measurements
 @dataclass(frozen=True)
-class Measurements:
-    """The measurements of every final checkpoint, keyed by run: ``checkpoint`` (gap, probes, raw and
-    invariant trace: ``measure_checkpoint``), ``widened`` (the traces after widening into the widest
+class RunMeasurements:
+    """The raw measurements of every final checkpoint, one dict per protocol and run (tabulated by
+    ``measurement_table``; notebook 04's ``algorithms.MeasuredTable`` holds a finished table):
+    ``checkpoint`` (gap, probes, raw and invariant trace: ``measure_checkpoint``), ``widened`` (the traces after widening into the widest
     architecture; the widest models have none), ``finetune``; ``lookup`` the lookup-table probe per
     language; ``left_out`` the diverged runs (no final checkpoint)."""
 
@@ -184,7 +185,7 @@ class Measurements:
 
 
 def measure(runs: Mapping[Key, Any], configs: Mapping[Key, PretrainConfig], d: Design, finetune_epochs: int,
-            workers: int = 1) -> Measurements:
+            workers: int = 1) -> RunMeasurements:
     """Notebook 02's protocol on the final checkpoint of every run that did not diverge (cached in the
     run directories): ``measure_checkpoints``, the ``widened_trace`` into ``d.widest`` of every
     narrower model, and ``finetune`` for ``finetune_epochs`` epochs; and the lookup-table probe of
@@ -198,12 +199,12 @@ def measure(runs: Mapping[Key, Any], configs: Mapping[Key, PretrainConfig], d: D
     tune_items = [(run, step, {"epochs": finetune_epochs}) for run, step in finals]
     tuned = measure_many("finetune", tune_items, d.protocol, workers=workers)
     lookup = {name: lookup_table_probe(d.specs[name], d.protocol) for name in d.languages}
-    return Measurements(checkpoint=dict(zip(kept, measured)), widened=dict(zip(wide_keys, widened)),
+    return RunMeasurements(checkpoint=dict(zip(kept, measured)), widened=dict(zip(wide_keys, widened)),
                         finetune=dict(zip(kept, tuned)), lookup=lookup,
                         left_out=[key for key in runs if key not in kept])
 
 
-def measurement_table(sizes: pd.DataFrame, m: Measurements, widest: int) -> tuple[pd.DataFrame, float]:
+def measurement_table(sizes: pd.DataFrame, m: RunMeasurements, widest: int) -> tuple[pd.DataFrame, float]:
     """One row per measured model: its row of ``sizes`` (the gap is the run's own final one), the four
     traces with their SEs (a model of the ``widest`` width is its own widening) and per task the probe
     and fine-tuning accuracy. Returns the table and the largest logit change any widening caused."""
@@ -305,11 +306,6 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
             detail=f"{gap_text}; the raw widened trace's own verdict: {raw['verdict']}",
             rule="equal-loss pair, unpaired effect, trace"))
     return out
-
-
-def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
-    """The claims as a table: claim, ours, held."""
-    return pd.DataFrame([vars(c) for c in claims])[["claim", "ours", "held"]]
 
 
 # ---------------------------------------------------------------------------- the checked summary

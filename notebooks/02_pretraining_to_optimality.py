@@ -57,9 +57,8 @@ noise_seeds = None  # SGD noise seeds per lineage; None means the profile's cloc
 # %%
 import time
 
-import pandas as pd
-
 from flatlib import clock
+from flatlib.claims import claims_table
 from flatlib.experiments import final_gaps, phase1_config, phase2_config, training_seeds
 from flatlib.measure import (PROBES, Protocol, gauge_tables, lookup_table_probe, measure_checkpoints, measure_gauge,
                              measurement_frame, reference_table)
@@ -257,7 +256,7 @@ verdict.set_index(["continuation", "language", "quantity"]).round(4)
 
 # %%
 claims = clock.verdict_claims(verdict, TAUS[-1], T["adamw_lr"])
-pd.DataFrame([vars(c) for c in claims])[["claim", "ours", "held"]]
+claims_table(claims)
 
 # %% [markdown]
 # The answer in words, generated from the verdict table: does continuing SGD at equal loss lower the invariant trace and raise transfer at this profile?

@@ -43,6 +43,7 @@ backend = "local"  # local (worker processes) | serial | submitit (a Slurm job a
 import time
 
 from flatlib import size
+from flatlib.claims import claims_table
 from flatlib.plots import size as size_plots
 from flatlib.plotting import figures_dir, saver, set_style
 from flatlib.report import record_claims
@@ -166,7 +167,7 @@ verdict.set_index(["language", "quantity"]).round(4)
 
 # %%
 claims = size.size_claims(verdict, sizes, D.tasks, n_seeds=len(D.seeds))
-size.claims_table(claims)
+claims_table(claims)
 
 # %% [markdown]
 # ## Summary (checked)

@@ -41,6 +41,7 @@ backend = "local"  # how missing runs are trained: local | serial | submitit (se
 
 # %%
 from flatlib import correlations as corr
+from flatlib.claims import claims_table
 from flatlib.experiments import lineage_seeds
 from flatlib.measure import Protocol
 from flatlib.plots import correlations as plots
@@ -149,7 +150,7 @@ else:
 
 # %%
 claims = corr.flatness_claims(C, M, NAMES, EPS)
-corr.claims_table(claims)
+claims_table(claims, corr.CLAIM_COLUMNS)
 
 # %% [markdown]
 # ## Summary (checked)

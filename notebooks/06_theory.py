@@ -36,9 +36,9 @@ n_chains = None  # SGD chains per configuration in section 2; None means the pro
 # section (`noise`, `implicit_bias`, `transfer`; the figures in `flatlib.theory.figures`), tested in `tests/test_theory.py`.
 
 # %%
-import pandas as pd
 import torch
 
+from flatlib.claims import claims_table
 from flatlib.languages import HMM
 from flatlib.plotting import saver, figures_dir, set_style
 from flatlib.profiles import theory_params
@@ -238,7 +238,7 @@ verdicts = [verdict_1, verdict_2, verdict_3]
 claims = [v.claim() for v in verdicts]
 print(f"time per section: 1 noise = curvature {noise.seconds:.0f} s, 2 implicit bias {bias.seconds:.0f} s, "
       f"3 transformer {transfer.seconds:.0f} s")
-pd.DataFrame([vars(c) for c in claims])[["claim", "ours", "held"]]
+claims_table(claims)
 
 # %% [markdown]
 # ## Summary (checked)

@@ -209,7 +209,7 @@ def test_result_table_cells_are_mean_and_t_interval():
 def test_result_tables_for_every_language(smoke):
     tasks = algorithms.tasks(smoke)["hmm"]
     frame = measurement_frame(tasks=tasks, seeds=(0, 1), name="hmm")
-    m = algorithms.Measurements(frame, {"hmm": lookup_probe(tasks)}, 8, 0)
+    m = algorithms.MeasuredTable(frame, {"hmm": lookup_probe(tasks)}, 8, 0)
     out = algorithms.result_tables(smoke, m)
     assert list(out) == ["hmm"] and list(out["hmm"].columns) == ["gap (nats)", "task state@3", "task state@6", "trace",
                                                                   "invariant trace"]
@@ -258,7 +258,7 @@ def test_verdict_table_not_tested_without_equal_loss_or_convergence():
 def test_verdicts_uses_the_profile(smoke):
     tasks = algorithms.tasks(smoke)["hmm"]
     frame = measurement_frame(tasks=tasks, seeds=(0, 1), name="hmm")
-    m = algorithms.Measurements(frame, {"hmm": lookup_probe(tasks)}, 8, 0)
+    m = algorithms.MeasuredTable(frame, {"hmm": lookup_probe(tasks)}, 8, 0)
     v = algorithms.verdicts(smoke, m)
     assert v["quantity"].tolist() == ["acc state@3", "acc state@6", "invariant_trace", "trace", "acc state@3",
                                       "acc state@6"]

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from flatlib import correlations as corr
-from flatlib.claims import Interval
+from flatlib.claims import Interval, claims_table
 from flatlib.experiments import ModelRef
 from flatlib.plots import correlations as plots
 from flatlib.stats import rank_correlation
@@ -195,7 +195,7 @@ def test_flatness_claims_gap_related_is_not_yes_and_no_rows_is_not_tested():
 def test_claims_table_shows_claim_verdict_and_detail():
     claims = corr.flatness_claims(pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (0.05, -0.2, 0.25))]),
                                   models_frame(6), ["hmm"], 0.01)
-    table = corr.claims_table(claims)
+    table = claims_table(claims, corr.CLAIM_COLUMNS)
     assert list(table.columns) == ["claim", "held", "detail"] and table["held"].tolist() == ["yes"]
     assert table["detail"][0].endswith("per task: yes")
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from flatlib import size
+from flatlib.claims import claims_table
 from flatlib.measure import Protocol
 from flatlib.plots import size as size_plots
 
@@ -160,7 +161,7 @@ def test_measure_leaves_out_diverged_runs_and_widens_only_the_narrower(monkeypat
 
 def test_measurement_table_merges_probes_finetune_and_widened_traces():
     sizes = sizes_frame({("hmm", 32): [0.012], ("hmm", 64): [0.011]})
-    m = size.Measurements(
+    m = size.RunMeasurements(
         checkpoint={("hmm", 32, 0): checkpoint_result(40.0, 0.6), ("hmm", 64, 0): checkpoint_result(30.0, 0.7)},
         widened={("hmm", 32, 0): {"trace": 50.0, "trace_se": 2.0, "invariant_trace": 20.0,
                                   "invariant_trace_se": 1.5, "max_logit_change": 3e-5}},
@@ -176,7 +177,7 @@ def test_measurement_table_merges_probes_finetune_and_widened_traces():
     assert narrow["probe A"] == 0.6 and narrow["finetune A"] == 0.65 and wide["finetune A"] == 0.75
     assert narrow["gap"] == 0.012 and narrow["parameters"] == 4000  # from the run's own summary
     with pytest.raises(KeyError):  # a narrower model without its widened traces
-        size.measurement_table(sizes, size.Measurements(m.checkpoint, {}, m.finetune, {}, []), widest=64)
+        size.measurement_table(sizes, size.RunMeasurements(m.checkpoint, {}, m.finetune, {}, []), widest=64)
 
 
 # ---------------------------------------------------------------------------- verdicts and claims
@@ -235,7 +236,7 @@ def test_size_claims_carry_the_numbers_and_the_paper(equal_loss):
     assert flatter.ours.startswith("width 32 -> 64: invariant 30.00 -> 20.00 (-10.00 [")
     assert "raw 120.0 -> 80.0 (-40.0 [" in flatter.ours and "Spearman with size -0.88 [" in flatter.ours
     assert flatter.detail.endswith("the raw widened trace's own verdict: yes")
-    table = size.claims_table([transfer, flatter])
+    table = claims_table([transfer, flatter])
     assert list(table.columns) == ["claim", "ours", "held"] and list(table["held"]) == ["yes", "yes"]
 
 
