@@ -50,7 +50,8 @@ from flatlib.device import module_device
 from flatlib.downstream import fit_logistic, model_features, probe_inputs
 from flatlib.languages import Corpus, Language
 from flatlib.model import Transformer
-from flatlib.objective import derived_seed, model_tokens, sample
+from flatlib.objective import model_tokens, sample
+from flatlib.seeds import derived_seed
 
 ADVERSARIAL_L2 = 1e-3  # the head's L2 strength (on standardized features; the probe's grid centre)
 ADVERSARIAL_CAP = 1.0  # a sentence's cross-entropy is clipped at CAP * log(n_classes) (chance level)

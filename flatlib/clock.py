@@ -34,7 +34,7 @@ import pandas as pd
 from flatlib.claims import (Claim, combine, equal_loss, equivalence_bound, mde_text, minimum_detectable, paired_effect,
                             t_interval)
 from flatlib.clock_units import sgd_clock, steps_for_clock  # noqa: F401 (sgd_clock: re-exported)
-from flatlib.objective import derived_seed
+from flatlib.seeds import derived_seed
 from flatlib.runs import Run
 from flatlib.train import PretrainConfig, continuation
 

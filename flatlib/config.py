@@ -56,7 +56,7 @@ class PretrainConfig:
             check_int(name, getattr(self, name))
         for name in ("warmup_steps", "extra_steps"):
             check_int(name, getattr(self, name), low=0)
-        check_seed("seed", self.seed)  # every seed derived from it is a 63-bit hash (objective.derived_seed)
+        check_seed("seed", self.seed)  # every seed derived from it is a 63-bit hash (seeds.derived_seed)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "linear", "cosine"):

@@ -74,7 +74,8 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from flatlib.checks import check_int, check_number, check_numbers, check_seed
 from flatlib.languages import Corpus, Language, build_language
-from flatlib.objective import ValidationSet, derived_seed, gap_statistics, sample, single_mask_batch
+from flatlib.objective import ValidationSet, gap_statistics, sample, single_mask_batch
+from flatlib.seeds import derived_seed
 from flatlib.runs import Run, RunStore
 from flatlib.model import N_SPECIAL  # PAD, MASK, BOS (once CLS) and one reserved id after the words
 from flatlib.symmetry import Group, norm_reader_group, query_key_group, value_output_group

@@ -35,7 +35,8 @@ from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm
                               trainable_parameters)
 from flatlib.languages import HMM, Corpus, Language, build_language
 from flatlib.model import rescale_norms, widen
-from flatlib.objective import ValidationSet, derived_seed, evaluate, validation_set
+from flatlib.objective import ValidationSet, evaluate, validation_set
+from flatlib.seeds import derived_seed
 from flatlib.pool import PoolError, run_jobs
 from flatlib.runs import Run, atomic_write, canonical_json, config_hash, file_lock, writable
 from flatlib.symmetry import full_gauge_trace, rescale, transformer_groups

@@ -16,7 +16,7 @@ a sentence at once (its T single-mask copies: the same objective, T times the si
 *not* the single-mask optimum and is not exactly computable; evaluation stays single-mask). Data are
 fresh samples every step (the infinite-data regime of the paper) or a fixed corpus of
 ``train_sentences``. Every step's sentences and masks are a function of (seed, step), each from its
-own random stream (``derived_seed``).
+own random stream (``flatlib.seeds.derived_seed``).
 
 Terms added to the MLM loss (the adversary of ``flatlib.adversary``) plug into the training loop as
 ``ObjectiveHook``s.
@@ -24,7 +24,6 @@ Terms added to the MLM loss (the adversary of ``flatlib.adversary``) plug into t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -40,17 +39,7 @@ from flatlib.device import module_device
 from flatlib.languages import PCFG, Corpus, Language, build_language
 from flatlib.model import Transformer, TransformerConfig
 from flatlib.runs import canonical_json
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple of parts, e.g. ("masks", seed, step).
-
-    Every random stream gets its own seed: a mask position drawn from the same stream as the
-    sentence it masks would be correlated with the sentence (the first uniforms of a stream pick
-    both the first hidden state and the position), and a model learns to exploit that.
-    """
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from flatlib.seeds import derived_seed  # re-exported: objective.derived_seed is how users knew it
 
 
 # ---------------------------------------------------------------------------- batches

@@ -5,7 +5,7 @@ import torch
 
 from flatlib.downstream import linear_probe, model_features, probe_inputs
 from flatlib.languages import build_language
-from flatlib.objective import derived_seed
+from flatlib.seeds import derived_seed
 from flatlib.runs import RunStore
 from flatlib.train import PretrainConfig, continuation, load_model, pretrain
 from run_helpers import interrupt

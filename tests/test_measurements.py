@@ -85,7 +85,7 @@ def test_protocol_names_a_bad_field(field, value):
 def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm_minimum(tmp_path):
     from dataclasses import replace
 
-    from flatlib.objective import derived_seed
+    from flatlib.seeds import derived_seed
     from flatlib.flatness import mlm_logits_fn, mlm_loss_fn
     from flatlib.measure import _trace_batches
     from flatlib.objective import validation_set

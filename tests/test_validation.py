@@ -23,7 +23,8 @@ from flatlib.languages import PCFG
 from flatlib.languages.pcfg import parse_rules
 from flatlib.measure import Protocol, lookup_table_probe
 from flatlib.model import TransformerConfig
-from flatlib.objective import derived_seed, mask_generator
+from flatlib.objective import mask_generator
+from flatlib.seeds import derived_seed
 from flatlib.profiles import PROFILES, language_spec, resolve, theory_params
 from flatlib.train import PretrainConfig
 
