@@ -33,7 +33,8 @@ touched and the global RNG is never used (probes and sampled labels come from pr
   the expected loss ``E_x E_{y ~ p}[-log q_theta(y|x)]``.
 * ``fisher_diagonal`` and ``invariant_trace``: the exact Fisher diagonal, and the trace with the
   LayerNorm gauge fixed.
-* MLM helpers for flatlib's single-mask objective: ``mlm_batches``, ``mlm_loss_fn``, ``mlm_logits_fn``.
+* MLM helpers for flatlib's single-mask objective: ``mlm_batches``, ``mlm_loss_fn``, ``mlm_logits_fn``
+  (defined in ``flatlib.mlm``, re-exported here).
 
 Vectors: a vector of parameter space (``hvp``'s ``v`` and its result, the probes of
 ``rademacher_probes``) is one flat 1-D tensor of length ``P``, the trainable parameters flattened and
@@ -61,6 +62,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from flatlib.checks import check_int
+from flatlib.mlm import mlm_batches, mlm_logits_fn, mlm_loss_fn  # noqa: F401 - re-exported (README, docs)
 from flatlib.model import explicit_attention, gauge_pairs
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> scalar, mean over the batch
@@ -807,59 +809,3 @@ def invariant_trace(model: nn.Module, loss_fn: LossFn, logits_fn: LogitsFn, batc
     return InvariantTrace(body.mean + minimum, body.stderr, body.samples + minimum, n_probes, description,
                           body=body, gauge=gauge, raw_mean=raw, scales=scales)
 
-
-# ---------------------------------------------------------------------------- the MLM case
-def mlm_logits_fn(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-    """``[m, V]``: a flatlib Transformer's logits at the masked position of each row of
-    ``batch = (inputs [m, L], positions [m], ...)`` (the model's predictive distribution there)."""
-    inputs, positions = batch[0], batch[1]
-    logits = model(inputs)  # [m, L, V]
-    index = positions.reshape(-1, 1, 1).expand(-1, 1, logits.shape[-1])
-    return logits.gather(1, index).squeeze(1)  # gather, not fancy indexing: fine under vmap
-
-
-def mlm_loss_fn(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-    """The single-mask MLM loss of ``batch = (inputs [m, L], positions [m], targets)``, mean over
-    the m masked tokens, in nats: cross-entropy of ``mlm_logits_fn`` against ``targets`` = the words
-    ``[m]`` (int), or probabilities ``[m, V]`` (float: the expected loss under them, e.g. the exact
-    conditionals; cast to the model's dtype)."""
-    logits = mlm_logits_fn(model, batch)
-    targets = batch[2]
-    if targets.is_floating_point():
-        targets = targets.to(logits.dtype)
-    return F.cross_entropy(logits, targets)
-
-
-def _mlm_loss_description(batch: Sequence[Tensor]) -> str:
-    if batch[2].is_floating_point():
-        return ("the expected single-mask MLM loss (cross-entropy against the exact conditionals, "
-                "mean over masked tokens, nats)")
-    return "the single-mask MLM loss (mean over masked tokens, nats)"
-
-
-# the scale conventions printed with every estimate (see _describe)
-mlm_loss_fn.describe = _mlm_loss_description  # type: ignore[attr-defined]
-mlm_logits_fn.description = (  # type: ignore[attr-defined]
-    "the single-mask MLM loss (predictive distribution at the masked position, mean over masked "
-    "tokens, nats)")
-
-
-def mlm_batches(val: Any, batch_size: int, soft_targets: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Consecutive batches ``(inputs [b, L], positions [b], targets)`` of a flatlib ``ValidationSet``
-    (or a tuple ``(inputs, positions, targets[, true_probs])``), at most ``batch_size`` rows each.
-    ``targets`` are the sampled words ``[b]``, or with ``soft_targets`` the exact conditionals
-    ``[b, V]`` (float64), for the expected loss. Use the same batches for ``hessian_trace``
-    (``mlm_loss_fn``), ``fisher_trace`` and ``invariant_trace`` (``mlm_logits_fn``)."""
-    check_int("batch_size", batch_size, 1)
-    if isinstance(val, (tuple, list)):
-        inputs, positions, targets = val[0], val[1], val[2]
-        probs = val[3] if len(val) > 3 else None
-    else:
-        inputs, positions, targets = val.inputs, val.positions, val.targets
-        probs = getattr(val, "true_probs", None)
-    if soft_targets:
-        if probs is None:
-            raise ValueError("soft_targets: the validation set has no true_probs")
-        targets = probs
-    return [(inputs[i : i + batch_size], positions[i : i + batch_size], targets[i : i + batch_size])
-            for i in range(0, len(inputs), batch_size)]

@@ -774,7 +774,8 @@ def measure(model: nn.Module, language: Language, *, task: str, pairs: int = 409
     Needs eager attention (the traces' second derivatives; ``require_eager``).
     """
     from flatlib.downstream import linear_probe, probe_inputs  # noqa: PLC0415 - flatlib.hf stays light to import
-    from flatlib.flatness import hessian_trace, mlm_batches  # noqa: PLC0415
+    from flatlib.flatness import hessian_trace  # noqa: PLC0415
+    from flatlib.mlm import mlm_batches  # noqa: PLC0415
     from flatlib.symmetry import full_gauge_trace, rescale  # noqa: PLC0415
 
     require_eager(model)

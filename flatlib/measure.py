@@ -31,9 +31,9 @@ from flatlib.checks import (PROBE_SEED_SCALE, check_bool, check_int, check_names
 from flatlib.device import module_device
 from flatlib.downstream import (check_probe_version, exact_probe, finetune, linear_probe,
                                 lookup_table_features, model_features, pool, probe_inputs, probe_pooling)
-from flatlib.flatness import (TraceEstimate, hessian_trace, invariant_trace, mlm_batches, mlm_logits_fn, mlm_loss_fn,
-                              trainable_parameters)
+from flatlib.flatness import TraceEstimate, hessian_trace, invariant_trace, trainable_parameters
 from flatlib.languages import HMM, Corpus, Language, build_language
+from flatlib.mlm import mlm_batches, mlm_logits_fn, mlm_loss_fn
 from flatlib.model import rescale_norms, widen
 from flatlib.objective import ValidationSet, evaluate, validation_set
 from flatlib.seeds import derived_seed

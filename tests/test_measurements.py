@@ -86,7 +86,7 @@ def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm
     from dataclasses import replace
 
     from flatlib.seeds import derived_seed
-    from flatlib.flatness import mlm_logits_fn, mlm_loss_fn
+    from flatlib.mlm import mlm_logits_fn, mlm_loss_fn
     from flatlib.measure import _trace_batches
     from flatlib.objective import validation_set
     from flatlib.symmetry import full_gauge_trace
