@@ -583,23 +583,3 @@ def measurement_frame(labels: list[dict[str, Any]], measured: list[dict[str, Any
     if len(labels) != len(measured):
         raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and {len(measured)}")
     return pd.DataFrame([{**label, **measurement_row(m)} for label, m in zip(labels, measured)])
-
-
-def gauge_tables(gauge: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``measure_gauge`` results per language as two tables: the parameterizations (one row each:
-    language, parameterization, max logit change, norms, both traces ± SE) and where the raw trace
-    sits (language, block, trace, trace_se)."""
-    points = pd.DataFrame([{"language": name, **p} for name, g in gauge.items() for p in g["points"]])
-    blocks = pd.DataFrame([{"language": name, "block": block, **v} for name, g in gauge.items()
-                           for block, v in g["blocks"].items()])
-    return points, blocks
-
-
-def reference_table(lookup: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """``lookup_table_probe`` results per language as one table indexed by (language, task): the
-    lookup-table probe's accuracy and CI, the majority rate, and the Bayes accuracy ± SE (1 and 0
-    where a task's label is a function of the sentence, as for the PCFG)."""
-    rows = [{"language": name, "task": task, "lookup probe": r["accuracy"], "lookup ci95": r["ci95"],
-             "majority": r["majority"], "Bayes": r.get("bayes", 1.0), "Bayes se": r.get("bayes_se", 0.0)}
-            for name, tasks in lookup.items() for task, r in tasks.items()]
-    return pd.DataFrame(rows).set_index(["language", "task"])

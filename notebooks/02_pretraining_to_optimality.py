@@ -57,11 +57,11 @@ noise_seeds = None  # SGD noise seeds per lineage; None means the profile's cloc
 # %%
 import time
 
-from flatlib import clock
+from flatlib import clock, pretraining
 from flatlib.claims import claims_table
 from flatlib.experiments import final_gaps, phase1_config, phase2_config, training_seeds
-from flatlib.measure import (PROBES, Protocol, gauge_tables, lookup_table_probe, measure_checkpoints, measure_gauge,
-                             measurement_frame, reference_table)
+from flatlib.measure import PROBES, Protocol, lookup_table_probe, measure_checkpoints, measure_gauge, measurement_frame
+from flatlib.pretraining import gauge_tables, reference_table
 from flatlib.plotting import figures_dir, saver, set_style
 from flatlib.plots import pretraining as plots
 from flatlib.profiles import language_spec, resolve
@@ -202,7 +202,7 @@ print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, {l
 # %%
 for kind, text in PROBES.items():
     print(f"probe {kind!r}: {text}")
-items, labels = clock.measured_models(points, anneals, phase1, adamw)
+items, labels = pretraining.measured_models(points, anneals, phase1, adamw)
 start = time.perf_counter()
 measured = measure_checkpoints(items, PROTOCOL, workers=T["workers"])
 M = measurement_frame(labels, measured)
@@ -233,7 +233,7 @@ save(fig, "02_clock_dose_response", f"SGD lr {CLOCK['lr']}, batch {CLOCK['batch_
 # property of the probe, not of the features; one that keeps its sign near the chosen strengths is not.
 
 # %%
-L2_EFFECTS = clock.effect_vs_l2(labels, measured)
+L2_EFFECTS = pretraining.effect_vs_l2(labels, measured)
 L2_EFFECTS.to_csv(FIGURES / "02_effect_vs_l2.csv", index=False)
 fig = plots.effect_vs_l2(L2_EFFECTS)
 save(fig, "02_effect_vs_l2", f"τ = {TAUS[-1]} vs anneal-only control at a fixed probe L2; {len(SEEDS)} lineages x "
@@ -243,26 +243,26 @@ save(fig, "02_effect_vs_l2", f"τ = {TAUS[-1]} vs anneal-only control at a fixed
 # ## 5 · The verdict, computed by the rules
 #
 # For the largest dose against the control, per lineage (noise seeds averaged), the paired effect with its
-# 95% t-interval over lineages (`clock.decide`: the rules "equal loss" and "paired effect" of
+# 95% t-interval over lineages (`pretraining.decide`: the rules "equal loss" and "paired effect" of
 # `flatlib.claims`): the trace claim is decided on the invariant trace (the raw one beside it), the accuracy
 # claim on the standard probe per task (the other probes beside it). A claim is "not tested" when phase 1
 # did not reach ε or the dose's mean gap is more than 0.002 nats from the control's. The AdamW contrast is
 # decided the same way, its continuation's end against the phase-1 end.
 
 # %%
-verdict = clock.verdict_table(M, TASKS, converged)
+verdict = pretraining.verdict_table(M, TASKS, converged)
 verdict.to_csv(FIGURES / "02_verdict.csv", index=False)
 verdict.set_index(["continuation", "language", "quantity"]).round(4)
 
 # %%
-claims = clock.verdict_claims(verdict, TAUS[-1], T["adamw_lr"])
+claims = pretraining.verdict_claims(verdict, TAUS[-1], T["adamw_lr"])
 claims_table(claims)
 
 # %% [markdown]
 # The answer in words, generated from the verdict table: does continuing SGD at equal loss lower the invariant trace and raise transfer at this profile?
 
 # %%
-print("\n".join(clock.answer(verdict, P["profile"], TAUS[-1], CLOCK["noise_seeds"])))
+print("\n".join(pretraining.answer(verdict, P["profile"], TAUS[-1], CLOCK["noise_seeds"])))
 
 # %% [markdown]
 # ## Summary (checked)
@@ -275,7 +275,7 @@ print("\n".join(clock.answer(verdict, P["profile"], TAUS[-1], CLOCK["noise_seeds
 
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
-clock.check_measurements(M, gauge_points, refs)
-print(clock.summary(P["profile"], SEEDS, CLOCK, T["steps"], EPS, phase1_table, gauge_points, verdict, claims))
+pretraining.check_measurements(M, gauge_points, refs)
+print(pretraining.summary(P["profile"], SEEDS, CLOCK, T["steps"], EPS, phase1_table, gauge_points, verdict, claims))
 record_claims(P["profile"], "02_pretraining_to_optimality", claims,
               {"seeds": SEEDS, "languages": NAMES, "steps": T["steps"], "clock": CLOCK})  # only once the checks above passed

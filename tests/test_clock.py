@@ -80,7 +80,7 @@ def toy_frame():
 
 
 def test_lineage_effects_and_dose_response_on_a_toy_table():
-    from flatlib.clock import decide, dose_response, lineage_effects
+    from flatlib.pretraining import decide, dose_response, lineage_effects
 
     frame = toy_frame()
     effects = lineage_effects(frame, "trace")
@@ -113,7 +113,8 @@ def test_clock_grid_has_one_control_per_lineage():
 def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_averaged():
     import pandas as pd
 
-    from flatlib.clock import clock_grid, lineage_effects
+    from flatlib.clock import clock_grid
+    from flatlib.pretraining import lineage_effects
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
     clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
@@ -167,7 +168,7 @@ def notebook_frame():
 
 
 def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
-    from flatlib.clock import answer, probe_columns, verdict_claims, verdict_table
+    from flatlib.pretraining import answer, probe_columns, verdict_claims, verdict_table
 
     frame = notebook_frame()
     assert probe_columns(frame, ["t"]) == ["acc t", "acc t [limited]"]
@@ -200,7 +201,7 @@ def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
 def test_notebook_02_checks_catch_what_they_name():
     import pandas as pd
 
-    from flatlib.clock import check_measurements
+    from flatlib.pretraining import check_measurements
 
     frame = notebook_frame()
     gauge = pd.DataFrame({"language": ["a"] * 3, "max logit change": [0.0, 1e-6, 2e-6],
@@ -217,7 +218,8 @@ def test_notebook_02_checks_catch_what_they_name():
 
 
 def test_measured_models_label_every_checkpoint(tmp_path):
-    from flatlib.clock import clock_grid, measured_models
+    from flatlib.clock import clock_grid
+    from flatlib.pretraining import measured_models
     from flatlib.runs import Run
 
     base = base_config()
@@ -247,7 +249,7 @@ def test_each_language_gets_its_own_anneal_length():
 
 
 def test_effect_vs_l2_is_the_paired_effect_at_each_strength_every_model_reached():
-    from flatlib.clock import effect_vs_l2
+    from flatlib.pretraining import effect_vs_l2
 
     labels, measured = [], []
     for lineage in range(3):

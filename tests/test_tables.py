@@ -2,7 +2,7 @@
 
 import pytest
 
-from flatlib.measure import gauge_tables, reference_table
+from flatlib.pretraining import gauge_tables, reference_table
 from flatlib.report import parameter_lines
 
 
