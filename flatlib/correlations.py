@@ -22,6 +22,7 @@ import pandas as pd
 from flatlib import claims as rules
 from flatlib.claims import Claim
 from flatlib.experiments import ModelRef, choose_adversary_weights, experiment_models
+from flatlib.profiles import resolve
 from flatlib.measure import Protocol, measure_checkpoints, measure_many
 from flatlib.stats import rank_correlation
 from flatlib.sweep import BACKENDS, run_configs
@@ -36,6 +37,17 @@ CORRELATIONS = (("invariant trace", "invariant trace", "spearman", False),
                 ("invariant trace|gap", "invariant trace", "spearman", True),
                 ("raw trace", "raw trace", "spearman", False), ("gap", "gap", "spearman", False),
                 ("invariant trace", "invariant trace", "kendall", False), ("gap", "gap", "kendall", False))
+
+
+def parameters(profile: str, seed: int, languages: Sequence[str] | None = None, n_boot: int = 2000,
+               backend: str = "local") -> dict[str, Any]:
+    """The notebook's parameters: the profile resolved with ``languages`` replacing
+    ``pretraining.languages`` (None keeps the profile's; ``flatlib.profiles.resolve``), then the
+    notebook's own ``n_boot`` and ``backend`` checked (``check_parameters``). A ValueError names the bad
+    one."""
+    params = resolve(profile, seed=seed, pretraining={"languages": languages} if languages is not None else None)
+    check_parameters(n_boot, backend)
+    return params
 
 
 def check_parameters(n_boot: Any, backend: Any) -> None:

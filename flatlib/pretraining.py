@@ -1,5 +1,5 @@
 """Notebook 02's analysis: pre-training to the optimum, then SGD on the theory's clock (``flatlib.clock``
-builds the runs: ``clock_grid``). Its tables (``gauge_tables``, ``reference_table``, ``measured_models``,
+builds the runs: ``clock_grid``). Its ``parameters``, its tables (``gauge_tables``, ``reference_table``, ``measured_models``,
 ``effect_vs_l2``, the dose-response ``dose_response`` / ``lineage_effects``), its verdicts (``decide``,
 ``verdict_table``, by the rules of ``flatlib.claims``), its claims (``verdict_claims``), its answer in words
 (``answer``) and its checked summary (``check_measurements``, ``summary``).
@@ -16,7 +16,21 @@ import pandas as pd
 from flatlib.claims import (Claim, combine, equal_loss, equivalence_bound, mde_text, minimum_detectable, paired_effect,
                             t_interval)
 from flatlib.clock import ClockPoint
+from flatlib.profiles import resolve
 from flatlib.runs import Run
+
+
+# ---------------------------------------------------------------------------- parameters
+def parameters(profile: str, seed: int, n_seeds: int | None = None, phase1_steps: dict[str, int] | None = None,
+               languages: list[str] | None = None, taus: list[float] | None = None,
+               noise_seeds: int | None = None) -> dict[str, Any]:
+    """The notebook's parameters applied to the profile and validated (``flatlib.profiles.resolve``):
+    ``n_seeds``, ``phase1_steps`` and ``languages`` replace ``pretraining.seeds`` / ``.steps`` /
+    ``.languages``, ``taus`` and ``noise_seeds`` the ``clock`` section's; None keeps the profile's value.
+    A bad value is a ValueError naming it."""
+    overrides = {"seeds": n_seeds, "steps": phase1_steps, "languages": languages}
+    return resolve(profile, seed=seed, pretraining={k: v for k, v in overrides.items() if v is not None},
+                   clock={k: v for k, v in {"taus": taus, "noise_seeds": noise_seeds}.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------- the dose-response

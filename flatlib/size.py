@@ -48,8 +48,8 @@ TRACE_QUANTITIES = ["widened invariant trace", "widened trace", "invariant trace
 
 
 # ---------------------------------------------------------------------------- parameters
-def resolve_size(profile: str, seed: int, n_seeds: int | None = None, languages: Sequence[str] | None = None,
-                 widths: Sequence[int] | None = None, backend: str = "local") -> dict[str, Any]:
+def parameters(profile: str, seed: int, n_seeds: int | None = None, languages: Sequence[str] | None = None,
+               widths: Sequence[int] | None = None, backend: str = "local") -> dict[str, Any]:
     """The notebook's parameters applied to the profile (``flatlib.profiles.resolve``: ``n_seeds``
     overrides ``pretraining.seeds``, ``languages`` and ``widths`` the ``model_size`` section; None
     keeps the profile's value) and validated; a bad one is a ValueError naming it (``backend`` must

@@ -49,7 +49,7 @@ noise_seeds = None  # SGD noise seeds per lineage; None means the profile's cloc
 # %% [markdown]
 # ## Parameters
 #
-# `resolve` applies the parameters to the profile and validates them (the `pretraining` section: model,
+# `pretraining.parameters` applies the parameters to the profile and validates them (the `pretraining` section: model,
 # schedule, seeds, the AdamW continuation, the probe and trace protocol; the `clock` section: the doses,
 # SGD's learning rate and batch, the anneal, the noise seeds): an unknown profile or a bad value stops here
 # with a `ValueError` naming the parameter, before any training.
@@ -64,14 +64,13 @@ from flatlib.measure import PROBES, Protocol, lookup_table_probe, measure_checkp
 from flatlib.pretraining import gauge_tables, reference_table
 from flatlib.plotting import figures_dir, saver, set_style
 from flatlib.plots import pretraining as plots
-from flatlib.profiles import language_spec, resolve
+from flatlib.profiles import language_spec
 from flatlib.report import parameter_lines, record_claims
 from flatlib.sweep import run_configs
 from flatlib.languages import build_language
 
-overrides = {"seeds": n_seeds, "steps": phase1_steps, "languages": languages}
-P = resolve(profile, seed=seed, pretraining={k: v for k, v in overrides.items() if v is not None},
-            clock={k: v for k, v in {"taus": taus, "noise_seeds": noise_seeds}.items() if v is not None})
+P = pretraining.parameters(profile, seed, n_seeds=n_seeds, phase1_steps=phase1_steps, languages=languages, taus=taus,
+                           noise_seeds=noise_seeds)
 print(parameter_lines(P, ("pretraining", "clock")))
 
 # %%

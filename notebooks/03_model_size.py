@@ -34,7 +34,7 @@ backend = "local"  # local (worker processes) | serial | submitit (a Slurm job a
 # %% [markdown]
 # ## Parameters
 #
-# `flatlib.size.resolve_size` applies the parameters to the profile and validates them (the `pretraining`
+# `flatlib.size.parameters` applies the parameters to the profile and validates them (the `pretraining`
 # section for how every model is trained, the `model_size` section for the widths): an unknown profile, a
 # bad width (every width must divide the largest, so that each model can be widened into the largest
 # architecture) or an unknown backend stops here with a `ValueError` naming the parameter.
@@ -49,7 +49,7 @@ from flatlib.plotting import figures_dir, saver, set_style
 from flatlib.report import record_claims
 from flatlib.sweep import run_configs
 
-P = size.resolve_size(profile, seed, n_seeds=n_seeds, languages=languages, widths=widths, backend=backend)
+P = size.parameters(profile, seed, n_seeds=n_seeds, languages=languages, widths=widths, backend=backend)
 print(size.describe(P))
 
 # %%

@@ -46,12 +46,11 @@ from flatlib.experiments import lineage_seeds
 from flatlib.measure import Protocol
 from flatlib.plots import correlations as plots
 from flatlib.plotting import figures_dir, saver, set_style
-from flatlib.profiles import language_spec, resolve
+from flatlib.profiles import language_spec
 from flatlib.report import record_claims
 from flatlib.languages import build_language
 
-P = resolve(profile, seed=seed, pretraining={"languages": languages} if languages is not None else None)
-corr.check_parameters(n_boot, backend)
+P = corr.parameters(profile, seed, languages=languages, n_boot=n_boot, backend=backend)
 T = P["pretraining"]
 print(f"profile {P['profile']} · seed {P['seed']} · languages {T['languages']} · ε = {T['epsilon']} · "
       f"training lineages {lineage_seeds(P)} (02-04 train the first {T['seeds']}) · bootstrap {n_boot}")

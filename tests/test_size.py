@@ -66,23 +66,23 @@ def measured_frame(sizes, language="hmm"):
 
 
 # ---------------------------------------------------------------------------- parameters
-def test_resolve_size_applies_the_overrides_and_names_a_bad_parameter():
-    p = size.resolve_size("smoke", 3, n_seeds=2, widths=[4, 16], backend="serial")
+def test_parameters_applies_the_overrides_and_names_a_bad_parameter():
+    p = size.parameters("smoke", 3, n_seeds=2, widths=[4, 16], backend="serial")
     assert p["pretraining"]["seeds"] == 2 and p["model_size"]["widths"] == [4, 16] and p["seed"] == 3
     assert p["model_size"]["languages"] == ["hmm"]  # None keeps the profile's value
     with pytest.raises(ValueError, match="backend"):
-        size.resolve_size("smoke", 0, backend="cloud")
+        size.parameters("smoke", 0, backend="cloud")
     with pytest.raises(ValueError, match="model_size.widths"):
-        size.resolve_size("smoke", 0, widths=[8, 12])  # 8 does not divide 12
+        size.parameters("smoke", 0, widths=[8, 12])  # 8 does not divide 12
     with pytest.raises(ValueError, match="profile"):
-        size.resolve_size("nope", 0)
+        size.parameters("nope", 0)
     text = size.describe(p)
     assert "model_size.widths: [4, 16]" in text and "pretraining.seeds: 2" in text
     assert len(text.splitlines()) == len(p["model_size"]) + 8
 
 
 def test_design_and_configs():
-    p = size.resolve_size("smoke", 3, n_seeds=2)
+    p = size.parameters("smoke", 3, n_seeds=2)
     d = size.design(p)
     assert d.seeds == [3, 4] and d.widths == [8, 16] and d.widest == 16
     assert d.tasks == {"hmm": ("state@3", "state@6")} and d.protocol.seed == 3
