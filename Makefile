@@ -22,7 +22,7 @@ venv: $(INSTALLED)
 
 # every notebook through papermill at $(PROFILE) (default cpu); figures land in figures/
 figures: $(INSTALLED)
-	$(BIN)/python -m flatlib.reproduce --profile $(PROFILE)
+	$(BIN)/python -m flatlib.tools.reproduce --profile $(PROFILE)
 
 # the unit tests and every notebook at profile smoke, each notebook executed once, by nbval (papermill only
 # injects the parameter); two pytest workers, a notebook's cells all in one (--dist loadfile)

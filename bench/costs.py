@@ -1,7 +1,7 @@
 """What one unit of the story costs on this machine: seconds per optimizer step (of each kind of step
 the profile trains), per evaluation of the gap, and per cached measurement (of each kind). Times
-``flatlib.census.plan``'s counts, they predict where ``make figures`` spends its time
-(``python -m flatlib.census --profile P --costs bench/results/costs_P.json``) before it runs.
+``flatlib.runner.census.plan``'s counts, they predict where ``make figures`` spends its time
+(``python -m flatlib.runner.census --profile P --costs bench/results/costs_P.json``) before it runs.
 
 How each cost is measured, single-threaded (as the sweeps' workers run), in a temporary run store:
 
@@ -10,8 +10,8 @@ How each cost is measured, single-threaded (as the sweeps' workers run), in a te
   ``n2`` steps with no evaluation in between; ``(t2 - t1) / (n2 - n1)`` leaves out the set-up (the
   language, the validation set, the first and last evaluation, the checkpoints), which a real run pays
   once; ``n2`` is chosen so that the difference takes about ``--target`` seconds;
-* an evaluation: ``flatlib.objective.evaluate`` on the config's validation set, best of three;
-* a measurement: ``flatlib.measure``'s cached measurement (checkpoint: gap, probes, both traces;
+* an evaluation: ``flatlib.training.objective.evaluate`` on the config's validation set, best of three;
+* a measurement: ``flatlib.measurement.measure``'s cached measurement (checkpoint: gap, probes, both traces;
   widened trace; fine-tuning) of a one-step model of each ``census.measure_class``, once. An
   untrained model could cost less than a trained one (its probe fits might stop before their
   200-iteration cap); on the cpu profile a one-step 2x64 model's checkpoint measurement took 20.4 s and
@@ -37,14 +37,14 @@ from typing import Any, Callable
 import torch
 
 from bench.common import cpu_model, print_table
-from flatlib.algorithms import protocol as protocol_of
-from flatlib.census import eval_class, measure_class, plan, step_class
+from flatlib.analysis.algorithms import protocol as protocol_of
 from flatlib.languages import build_language
-from flatlib.measure import measure_checkpoint, measure_finetune, measure_widened_trace
-from flatlib.objective import evaluate, validation_set
+from flatlib.measurement.measure import measure_checkpoint, measure_finetune, measure_widened_trace
 from flatlib.profiles import PROFILES, resolve
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, new_model, pretrain
+from flatlib.runner.census import eval_class, measure_class, plan, step_class
+from flatlib.runner.runs import RunStore
+from flatlib.training.objective import evaluate, validation_set
+from flatlib.training.train import PretrainConfig, new_model, pretrain
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_TIMED_STEPS = 5000  # if the rough estimate is swamped by set-up noise, do not time for an hour
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(("unit", "class", "cost"), rows, text_columns=2)
     out = args.out or RESULTS_DIR / f"costs_{args.profile}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}; predict with: python -m flatlib.census --profile {args.profile} --costs {out}")
+    print(f"\nwrote {out}; predict with: python -m flatlib.runner.census --profile {args.profile} --costs {out}")
 
 
 if __name__ == "__main__":

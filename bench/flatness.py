@@ -6,7 +6,7 @@ precision, and checks that the numbers are right.
 
 Measured in one run (``--threads`` torch threads, default 1):
 
-1. **The model.** A 2x64 Transformer like the cpu profile's, trained by ``flatlib.train.pretrain``
+1. **The model.** A 2x64 Transformer like the cpu profile's, trained by ``flatlib.training.train.pretrain``
    on a small HMM (6 states, 12 words, length 10) to ~0.02 nats above the exact optimum. It is
    cached in the run store ``build/bench_runs``: the first run trains it (about 2 minutes on one
    core) and later runs reuse it. Its validation pairs are the ONE fixed evaluation set of every
@@ -96,13 +96,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import cpu_model, print_table
-from flatlib.flatness import (TraceEstimate, dense_hessian, fisher_diagonal, fisher_trace, hessian_mode, hessian_trace,
-                              hvp, invariant_trace, mlm_logits_fn, mlm_loss_fn, rademacher_probes, trainable_parameters)
 from flatlib.languages import build_language
-from flatlib.model import gauge_pairs, rescale_norms
-from flatlib.objective import evaluate, validation_set
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, load_model, pretrain
+from flatlib.measurement.flatness import (
+    TraceEstimate,
+    dense_hessian,
+    fisher_diagonal,
+    fisher_trace,
+    hessian_mode,
+    hessian_trace,
+    hvp,
+    invariant_trace,
+    mlm_logits_fn,
+    mlm_loss_fn,
+    rademacher_probes,
+    trainable_parameters,
+)
+from flatlib.runner.runs import RunStore
+from flatlib.training.model import gauge_pairs, rescale_norms
+from flatlib.training.objective import evaluate, validation_set
+from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 try:  # a bench-only dependency: without it the PyHessian rows are n/a, and the rest still runs
     import pyhessian

@@ -36,12 +36,24 @@ from torch import nn
 
 from bench.common import cpu_model, print_table
 from bench.flatness import BATCH, MAIN, REL_SE, RESULTS_DIR, Batch, probes_for, split, timed, trained
-from flatlib.flatness import (TraceEstimate, fisher_diagonal, hessian_trace, invariant_trace, mlm_logits_fn,
-                              mlm_loss_fn)
 from flatlib.languages import build_language
-from flatlib.model import gauge_pairs
-from flatlib.objective import evaluate, validation_set
-from flatlib.symmetry import full_gauge_trace, gauge_minimum, rescale, transformer_groups, verify_groups
+from flatlib.measurement.flatness import (
+    TraceEstimate,
+    fisher_diagonal,
+    hessian_trace,
+    invariant_trace,
+    mlm_logits_fn,
+    mlm_loss_fn,
+)
+from flatlib.measurement.symmetry import (
+    full_gauge_trace,
+    gauge_minimum,
+    rescale,
+    transformer_groups,
+    verify_groups,
+)
+from flatlib.training.model import gauge_pairs
+from flatlib.training.objective import evaluate, validation_set
 
 PROBES = {"full": 12, "quick": 4}  # 12: the notebooks' protocol (bench.flatness.INVARIANT_PROBES)
 PAIRS = {"full": 4096, "quick": 1024}

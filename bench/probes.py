@@ -9,7 +9,7 @@ corpus (4000 sentences) with the protocol's sizes (1000 train, 500 validation, 1
 * ``state@3`` / ``state@6`` at the task's position: 64-d features, 6 classes, 390 parameters (the
   standard probe of notebook 02; Newton with the dense Hessian);
 * ``state@3 [all positions]``: the 10 positions concatenated, 640-d, 3846 parameters (beyond
-  ``flatlib.downstream.DENSE_LIMIT``: Newton with block-preconditioned conjugate gradients).
+  ``flatlib.measurement.downstream.DENSE_LIMIT``: Newton with block-preconditioned conjugate gradients).
 
 Per (features, L2), on split 0: seconds per fit of each solver (each fit cold-started, best of
 ``--repeats``), Newton steps, the capped L-BFGS's excess objective over the exact optimum, and both test
@@ -33,14 +33,23 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import cpu_model, print_table
-from flatlib.downstream import (DEFAULT_L2_GRID, PROBE_V2_L2_GRID, _accuracy, exact_probe, fit_logistic,
-                                fit_logistic_exact, linear_probe, model_features, pool, probe_inputs)
-
 from flatlib.languages import build_language
-from flatlib.measure import downstream_corpus
+from flatlib.measurement.downstream import (
+    DEFAULT_L2_GRID,
+    PROBE_V2_L2_GRID,
+    _accuracy,
+    exact_probe,
+    fit_logistic,
+    fit_logistic_exact,
+    linear_probe,
+    model_features,
+    pool,
+    probe_inputs,
+)
+from flatlib.measurement.measure import downstream_corpus
 from flatlib.profiles import language_spec, resolve
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, load_model, pretrain
+from flatlib.runner.runs import RunStore
+from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-1)

@@ -1,6 +1,6 @@
 """How fast does the MLM pre-training step run on this CPU, and how close is it to the hardware?
 
-Measured: the step that ``flatlib.train.pretrain`` takes, unchanged: a fresh batch of 256 sentences
+Measured: the step that ``flatlib.training.train.pretrain`` takes, unchanged: a fresh batch of 256 sentences
 from the ``cpu`` profile's HMM (length 10), one masked position per sentence (``single_mask_batch``),
 cross-entropy at the masked positions, backward, AdamW step. For three model sizes:
 
@@ -27,7 +27,7 @@ Beside the default (eager, fused attention, ``--threads`` threads, default 1):
 * ``torch.compile`` of the forward + loss (backward through AOTAutograd; the optimizer stays eager),
   in a child process with a time limit, since its warm-up costs tens of seconds on this CPU (the
   "first step" column; inductor's on-disk cache makes it much shorter on later runs);
-* explicit attention (``with flatlib.model.explicit_attention():``, the twice-differentiable path that the
+* explicit attention (``with flatlib.training.model.explicit_attention():``, the twice-differentiable path that the
   flatness computations use) for the 2x64 model;
 * one process with 2 threads vs two single-threaded processes side by side, as aggregate tokens/s:
   on a 2-core machine this decides whether to parallelise inside a run or run two runs at once;
@@ -69,10 +69,10 @@ from torch import Tensor
 from bench import common
 from bench.common import cpu_model
 from flatlib.languages import Language
-from flatlib.model import Transformer, explicit_attention
-from flatlib.objective import mask_generator, single_mask_batch, training_corpus
 from flatlib.profiles import build_languages, resolve
-from flatlib.train import PretrainConfig, learning_rate, make_optimizer, new_model
+from flatlib.training.model import Transformer, explicit_attention
+from flatlib.training.objective import mask_generator, single_mask_batch, training_corpus
+from flatlib.training.train import PretrainConfig, learning_rate, make_optimizer, new_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEAK_TARGET = 0.40  # achieved / matmul peak for the cpu-profile model

@@ -69,7 +69,7 @@ def check_names(name: str, values: Any) -> None:
 # torch.Generator.manual_seed takes up to 2**64 - 1, numpy's default_rng any integer, so this leaves room
 # and is one rule for all. Seeds derived by hashing (flatlib.seeds.derived_seed) have 63 bits.
 SEED_LIMIT = 2**63
-# flatlib.downstream.linear_probe seeds its k-th split with ``seed * PROBE_SEED_SCALE + k``
+# flatlib.measurement.downstream.linear_probe seeds its k-th split with ``seed * PROBE_SEED_SCALE + k``
 PROBE_SEED_SCALE = 1000
 
 

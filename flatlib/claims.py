@@ -1,7 +1,7 @@
 """The decision rules: when two models have "the same loss", when a claim "held", which probe and
 which trace decide. Declared here, in one place, before the experiments they judge are run, and
 tested on small hand-made tables (tests/test_claims.py). Notebooks call these functions and record
-what they decided as ``Claim`` objects (``flatlib.report.record_claims``); REPORT.md prints each rule's
+what they decided as ``Claim`` objects (``flatlib.tools.report.record_claims``); REPORT.md prints each rule's
 text (``RULES``) and the history of changes (``RULE_CHANGES``).
 
 Verdicts are the strings of ``HELD``:
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
 from scipy import stats as _stats
 
 from flatlib.stats import POWER, detectable_effect, mean_ci, mean_difference

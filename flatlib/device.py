@@ -1,7 +1,7 @@
 """Where models run: the CPU or a GPU.
 
-Every function that trains or measures a model (``flatlib.train.pretrain``, ``load_model`` and the
-measurements of ``flatlib.measure``, which load through it) takes the device from
+Every function that trains or measures a model (``flatlib.training.train.pretrain``, ``load_model`` and the
+measurements of ``flatlib.measurement.measure``, which load through it) takes the device from
 ``default_device()`` unless it is given one:
 
 * ``FLATLIB_DEVICE`` when it is set (``cpu``, ``cuda``, ``cuda:1``, ``mps``): the way to pin a

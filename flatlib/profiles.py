@@ -22,10 +22,10 @@ import math
 from typing import Any
 
 from flatlib.checks import SEED_LIMIT, check_seed
-from flatlib.downstream import PROBE_V2_L2_GRID
-from flatlib.clock_units import steps_for_clock
-from flatlib.languages import HMM, PCFG, PAPER_TASK_SPANS, Language, TeacherLM, build_language
+from flatlib.languages import HMM, PAPER_TASK_SPANS, PCFG, Language, TeacherLM, build_language
+from flatlib.measurement.downstream import PROBE_V2_L2_GRID
 from flatlib.schema import Dict, Int, Kwargs, ListOf, MapOf, Number, OneOf, Opt, Pair, Seed, Str
+from flatlib.training.clock_units import steps_for_clock
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -51,7 +51,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 64, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
-        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock): SGD from each phase-1
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock): SGD from each phase-1
         # checkpoint for each tau, noise_seeds times, each ending with a linear anneal (tau = 0: the anneal alone)
         "clock": {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 10, "pcfg": 10, "teacher": 10},
                   "anneal_batch_size": 16,
@@ -60,7 +60,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
                        "finetune_epochs": 2},
-        # 04_training_algorithms: the adversary (flatlib.adversary: PretrainConfig's `adversarial` option) per language
+        # 04_training_algorithms: the adversary (flatlib.training.adversary: PretrainConfig's `adversarial` option) per language
         "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
                        "weight_grid": {"hmm": [0.03, 0.1], "pcfg": [0.1], "teacher": [0.1]}, "held_out_seed": 1000,
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
@@ -98,7 +98,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
-        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.clock). Notebook 06 sees the drift
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock). Notebook 06 sees the drift
         # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
         # 14's (tau = 10 is 16,000 SGD steps). The PCFG's anneal is 3000 steps: 1000 left it 0.0024 nats above its
         # control (docs/lessons.md, "The PCFG's anneal").
@@ -183,7 +183,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512},
             "workers": 2,
         },
-        # 02's clock (flatlib.clock): tau = 10 at lr 0.1 and 64 sentences a step is 64,000 steps
+        # 02's clock (flatlib.training.clock): tau = 10 at lr 0.1 and 64 sentences a step is 64,000 steps
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 64, "anneal_steps": {"hmm": 2000, "pcfg": 2000, "teacher": 2000},
                   "anneal_batch_size": 256,
                   "noise_seeds": 6},
@@ -246,8 +246,8 @@ _THEORY["gpu"] = copy.deepcopy(_THEORY["paper"])
 for _name, _sizes in _THEORY.items():
     PROFILES[_name]["theory"] = _sizes
 
-# Notebook 07 (flatlib on your model; flatlib.hf): a HuggingFace masked LM trained on the profile's HMM
-# with flatlib.hf.train_mlm (cached in the run store), then flatlib.hf.measure: the exact gap, the raw,
+# Notebook 07 (flatlib on your model; flatlib.measurement.hf): a HuggingFace masked LM trained on the profile's HMM
+# with flatlib.measurement.hf.train_mlm (cached in the run store), then flatlib.measurement.hf.measure: the exact gap, the raw,
 # LayerNorm-only and full-gauge traces, a linear probe of `task` against its Bayes accuracy. Each
 # profile's "your_model" section; "measure" holds measure's sizes.
 _YOUR_MODEL: dict[str, dict[str, Any]] = {
@@ -327,7 +327,7 @@ PROFILE = Dict(
     algorithms=Dict(  # notebook 04
         languages=LANGUAGE_LIST, tasks=PerLanguage(Str()), held_out_seed=Seed(),
         weight_grid=PerLanguage(ListOf(Number(), increasing=True)),
-        weights=Opt(PerLanguage(Number())),  # given, λ replaces the held-out choice (flatlib.experiments)
+        weights=Opt(PerLanguage(Number())),  # given, λ replaces the held-out choice (flatlib.runner.experiments)
         adversarial=Dict(refit_every=Int(), head_sentences=Int(), batch_sentences=Int()),
     ),
     theory=THEORY,
@@ -427,7 +427,7 @@ def _check_derived_seeds(params: dict[str, Any]) -> None:
     the training seeds ``seed + i`` (i < the lineages), the held-out seed ``seed + held_out_seed``, and
     the protocol's (``Protocol(**pretraining.protocol, seed=seed)``, checked whole here, whose probe
     seeds its k-th split with ``seed * 1000 + k``)."""
-    from flatlib.measure import Protocol  # noqa: PLC0415 - measure is heavy; import on use
+    from flatlib.measurement.measure import Protocol  # noqa: PLC0415 - measure is heavy; import on use
 
     p, seed, held_out = params["pretraining"], params["seed"], params["algorithms"]["held_out_seed"]
     try:

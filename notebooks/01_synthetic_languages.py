@@ -28,12 +28,12 @@ n_sentences = None  # evaluation sentences per language; None means the profile'
 # %% [markdown]
 # ## Parameters
 #
-# `resolve` applies the parameters to the profile and validates them (an unknown profile or a bad value
+# `parameters` (`flatlib.analysis.languages`) applies the parameters to the profile and validates them (an unknown profile or a bad value
 # stops here with a `ValueError` naming the parameter); `build_languages` generates the profile's HMM and
 # PCFG from the profile's `language_seed` (the *language* is fixed by the profile; `seed` only drives the
-# sampling of sentences). Every number in this notebook is computed by `flatlib.languages.summary` (tested
-# in `tests/test_language_summary.py`) and every figure drawn by `flatlib.viz`; `save` (from
-# `flatlib.plotting.saver`) writes each figure to the profile's figures folder, stamped with the
+# sampling of sentences). Every number in this notebook is computed by `flatlib.analysis.languages` (tested
+# in `tests/test_language_summary.py`) and every figure drawn by `flatlib.plots.languages`; `save` (from
+# `flatlib.plots.style.saver`) writes each figure to the profile's figures folder, stamped with the
 # profile and seed.
 
 # %%
@@ -41,14 +41,24 @@ import math
 
 import pandas as pd
 
-from flatlib import viz
-from flatlib.languages.summary import (RELEASED_RULES, check_languages, lookup_table_loss, optimal_loss_table,
-                                       released_grammar, sampled_type_agreement, shortcut_sentence,
-                                       summary, task_table, teacher_summary)
-from flatlib.plotting import saver, figures_dir, set_style
-from flatlib.profiles import build_languages, build_teacher, resolve
+from flatlib.analysis.languages import (
+    RELEASED_RULES,
+    check_languages,
+    lookup_table_loss,
+    optimal_loss_table,
+    parameters,
+    released_grammar,
+    sampled_type_agreement,
+    shortcut_sentence,
+    summary,
+    task_table,
+    teacher_summary,
+)
+from flatlib.plots import languages as plots
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.profiles import build_languages, build_teacher
 
-P = resolve(profile, seed=seed, n_eval_sentences=n_sentences)
+P = parameters(profile, seed, n_sentences)
 languages = build_languages(P)
 hmm, pcfg = languages["hmm"], languages["pcfg"]
 for key, value in P.items():
@@ -85,7 +95,7 @@ pd.DataFrame({
 # word).
 
 # %%
-save(viz.plot_hmm_parameters(hmm, corpora["hmm"]), "01_hmm_parameters",
+save(plots.plot_hmm_parameters(hmm, corpora["hmm"]), "01_hmm_parameters",
      f"HMM transition and emission probabilities; word frequencies in {N} sampled sentences")
 
 # %% [markdown]
@@ -95,7 +105,7 @@ save(viz.plot_hmm_parameters(hmm, corpora["hmm"]), "01_hmm_parameters",
 # dotted lines are the task positions.
 
 # %%
-save(viz.plot_hidden_path(hmm, corpora["hmm"], 0), "01_hmm_hidden_path",
+save(plots.plot_hidden_path(hmm, corpora["hmm"], 0), "01_hmm_hidden_path",
      "sentence 0 of the sample; red: sampled states; shading: exact posterior; dotted: task positions")
 
 # %% [markdown]
@@ -121,7 +131,7 @@ for i, sentence in enumerate(pcfg.decode(corpus[:5])):
 # the tree; the word frequencies are far from uniform.
 
 # %%
-save(viz.plot_lengths_and_words(pcfg, corpora["pcfg"]), "01_pcfg_lengths_words",
+save(plots.plot_lengths_and_words(pcfg, corpora["pcfg"]), "01_pcfg_lengths_words",
      f"PCFG: sentence-length distribution and word frequencies of {N} sampled sentences")
 
 # %% [markdown]
@@ -132,7 +142,7 @@ save(viz.plot_lengths_and_words(pcfg, corpora["pcfg"]), "01_pcfg_lengths_words",
 
 # %%
 i_tree = shortcut_sentence(pcfg, corpora["pcfg"], first=50)
-save(viz.plot_parse_tree(pcfg, corpora["pcfg"], i_tree), "01_pcfg_parse_tree",
+save(plots.plot_parse_tree(pcfg, corpora["pcfg"], i_tree), "01_pcfg_parse_tree",
      f"sampled derivation tree of sentence {i_tree} (boxes: non-terminals; bottom row: words)")
 
 # %% [markdown]
@@ -225,7 +235,7 @@ if agreement is not None:
 # class is easy to fake: compare any probe's accuracy with the majority-class rate in the title.
 
 # %%
-save(viz.plot_task_labels(languages, task_labels, tasks), "01_task_labels",
+save(plots.plot_task_labels(languages, task_labels, tasks), "01_task_labels",
      f"label distributions of the downstream tasks over {N} sampled sentences per language "
      "(unlabelled sentences left out); HMM Bayes accuracy from the exact posterior")
 
@@ -234,13 +244,13 @@ save(viz.plot_task_labels(languages, task_labels, tasks), "01_task_labels",
 #
 # The paper's **lookup table** is the Bayes-optimal pre-trained model itself: its "features" at position t
 # are the exact conditional distribution p(x_t = · | x_-t), one V-vector per position
-# (`flatlib.downstream.lookup_table_features`). It sits exactly at the optimum of the pre-training loss, and
+# (`flatlib.measurement.downstream.lookup_table_features`). It sits exactly at the optimum of the pre-training loss, and
 # in the paper a linear probe on these features transfers *worse* than a trained transformer: same (optimal)
 # loss, different downstream. Below, one sentence per language (positions × words; red circles: the true
 # words). Each row is the distribution a perfect MLM predicts at that position when it is masked.
 
 # %%
-save(viz.plot_lookup_features(languages, corpora, {"hmm": 0, "pcfg": i_tree}), "01_lookup_table_features",
+save(plots.plot_lookup_features(languages, corpora, {"hmm": 0, "pcfg": i_tree}), "01_lookup_table_features",
      "lookup-table (exact MLM conditional) features of one sentence per language; red circles: true words")
 
 # %% [markdown]
@@ -274,7 +284,7 @@ taught.table().to_csv(FIGURES / "01_teacher.csv")
 print(f"{teacher!r}")
 for i in range(3):
     print(f"  topic {int(taught.labels[i])}: " + " ".join(f"w{w}" for w in taught.corpus.tokens[i].tolist()))
-save(viz.plot_teacher(teacher, taught.corpus, n_show=10), "01_teacher",
+save(plots.plot_teacher(teacher, taught.corpus, n_show=10), "01_teacher",
      "teacher LM: topic posteriors of 10 sampled sentences; exact MLM conditionals of sentence 0")
 taught.table().round(4)
 

@@ -30,7 +30,7 @@
 #   trace (`flatness.hessian_trace`, the paper's quantity) and the **invariant trace**
 #   (`symmetry.full_gauge_trace`, minimised over that whole gauge, each symmetry verified on the model first),
 #   which decides the claims; the profile's `protocol.gauge` says which gauge (`"full"` at cpu).
-# - **SGD runs on the theory's clock** τ = η²k/B (`flatlib.clock`), for τ up to 10, where notebook 06 sees
+# - **SGD runs on the theory's clock** τ = η²k/B (`flatlib.training.clock`), for τ up to 10, where notebook 06 sees
 #   the drift; each dose ends with a short learning-rate anneal that brings the loss back, so every
 #   comparison is at equal loss. The earlier continuation ran τ = 0.047.
 #
@@ -57,17 +57,25 @@ noise_seeds = None  # SGD noise seeds per lineage; None means the profile's cloc
 # %%
 import time
 
-from flatlib import clock, pretraining
+from flatlib.analysis import pretraining
+from flatlib.analysis.pretraining import gauge_tables, reference_table
 from flatlib.claims import claims_table
-from flatlib.experiments import final_gaps, phase1_config, phase2_config, training_seeds
-from flatlib.measure import PROBES, Protocol, lookup_table_probe, measure_checkpoints, measure_gauge, measurement_frame
-from flatlib.pretraining import gauge_tables, reference_table
-from flatlib.plotting import figures_dir, saver, set_style
-from flatlib.plots import pretraining as plots
-from flatlib.profiles import language_spec
-from flatlib.report import parameter_lines, record_claims
-from flatlib.sweep import run_configs
 from flatlib.languages import build_language
+from flatlib.measurement.measure import (
+    PROBES,
+    Protocol,
+    lookup_table_probe,
+    measure_checkpoints,
+    measure_gauge,
+    measurement_frame,
+)
+from flatlib.plots import pretraining as plots
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.profiles import language_spec
+from flatlib.runner.experiments import final_gaps, phase1_config, phase2_config, training_seeds
+from flatlib.runner.sweep import run_configs
+from flatlib.tools.report import parameter_lines, record_claims
+from flatlib.training import clock
 
 P = pretraining.parameters(profile, seed, n_seeds=n_seeds, phase1_steps=phase1_steps, languages=languages, taus=taus,
                            noise_seeds=noise_seeds)
@@ -96,7 +104,7 @@ save = saver(P["profile"], P["seed"])
 # the run store (`runs/`), so a rerun costs nothing.
 
 # %%
-# flatlib.experiments.phase1_config: AdamW, warm-up, linear decay to 0 (shared with notebooks 03 and 05)
+# flatlib.runner.experiments.phase1_config: AdamW, warm-up, linear decay to 0 (shared with notebooks 03 and 05)
 phase1_configs = {(name, s): phase1_config(P, name, s) for name in NAMES for s in SEEDS}
 start = time.perf_counter()
 results = run_configs(list(phase1_configs.values()), backend="local", workers=T["workers"], progress=False)
@@ -131,7 +139,7 @@ for name, t in phase1_table.groupby(level="language", sort=False):
 #
 # A pre-LN transformer has symmetries the loss cannot see: scaling coordinate *i* of a LayerNorm's gain and
 # bias by *c_i* and the matching column of the linear map that reads it by 1/*c_i* computes the same
-# function (`flatlib.model.rescale_norms`), and a probe that standardises its features cannot see it
+# function (`flatlib.training.model.rescale_norms`), and a probe that standardises its features cannot see it
 # either. The Hessian's diagonal entries of the gain scale as 1/*c_i²*, the head's as *c_i²*: the raw trace
 # moves with *c*, without bound. Below, one phase-1 model per language in three parameterizations of **one
 # function** (largest logit change printed), with the raw trace (Hutchinson) and the invariant trace: the
@@ -191,7 +199,7 @@ print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, {l
 # ## 4 · Measuring every model: gap, probes, both traces
 #
 # Every anneal's end, every phase-1 end and every AdamW continuation's end, under one fixed protocol
-# (`flatlib.measure.Protocol`, cached in the run directory): the gap ± SE; the **standard linear probe**
+# (`flatlib.measurement.measure.Protocol`, cached in the run directory): the gap ± SE; the **standard linear probe**
 # per task (frozen final-layer features of the unmasked sentence, standardised, L2 chosen on a validation
 # split; mean test accuracy over resplits), which decides the claims, and beside it the other probes of
 # `measure.PROBES` (printed below); the raw and the invariant Hessian trace of the expected single-mask

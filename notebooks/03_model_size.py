@@ -29,12 +29,12 @@ seed = 0  # training seeds are seed, seed + 1, ...; also the seed of the probe /
 n_seeds = None  # training seeds per width; None means the profile's pretraining.seeds
 languages = None  # e.g. ["hmm", "pcfg", "teacher"]; None means the profile's model_size.languages
 widths = None  # e.g. [16, 32, 64, 128]; None means the profile's model_size.widths
-backend = "local"  # local (worker processes) | serial | submitit (a Slurm job array, see flatlib.sweep)
+backend = "local"  # local (worker processes) | serial | submitit (a Slurm job array, see flatlib.runner.sweep)
 
 # %% [markdown]
 # ## Parameters
 #
-# `flatlib.size.parameters` applies the parameters to the profile and validates them (the `pretraining`
+# `flatlib.analysis.size.parameters` applies the parameters to the profile and validates them (the `pretraining`
 # section for how every model is trained, the `model_size` section for the widths): an unknown profile, a
 # bad width (every width must divide the largest, so that each model can be widened into the largest
 # architecture) or an unknown backend stops here with a `ValueError` naming the parameter.
@@ -42,12 +42,12 @@ backend = "local"  # local (worker processes) | serial | submitit (a Slurm job a
 # %%
 import time
 
-from flatlib import size
+from flatlib.analysis import size
 from flatlib.claims import claims_table
 from flatlib.plots import size as size_plots
-from flatlib.plotting import figures_dir, saver, set_style
-from flatlib.report import record_claims
-from flatlib.sweep import run_configs
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.runner.sweep import run_configs
+from flatlib.tools.report import record_claims
 
 P = size.parameters(profile, seed, n_seeds=n_seeds, languages=languages, widths=widths, backend=backend)
 print(size.describe(P))
@@ -64,11 +64,11 @@ timings = {}
 #
 # Every width is trained with the same recipe, the same data stream and the same number of steps as notebook
 # 02's phase 1 (the widest models first, so that the worker processes finish together), at **one learning
-# rate** for every width: the one the widest model can take (`flatlib.size.configs`, which calls
-# `flatlib.experiments.phase1_config`: at the cpu profile the 2x128 model at 2x64's learning rate stalls at
+# rate** for every width: the one the widest model can take (`flatlib.analysis.size.configs`, which calls
+# `flatlib.runner.experiments.phase1_config`: at the cpu profile the 2x128 model at 2x64's learning rate stalls at
 # a gap of 0.035 nats). An earlier version gave each width its own rate, which mixed the effect of size with
 # that of the learning rate. The `backend` parameter sends the same configs to a Slurm cluster instead
-# (`flatlib.sweep`); finished runs are read back from the run store (`runs/`).
+# (`flatlib.runner.sweep`); finished runs are read back from the run store (`runs/`).
 
 # %%
 configs = size.configs(P, D)  # notebook 02's phase-1 recipe per (language, width, seed), one lr for every width
@@ -94,8 +94,8 @@ save(fig, "03_size_gap", f"{S['n_layer']}-layer models; mean over {len(D.seeds)}
 # %% [markdown]
 # ## 2 · Transfer and flatness of every model
 #
-# For each final checkpoint (`flatlib.size.measure`, tabulated by `measurement_table`), the fixed protocol
-# of notebook 02 (`flatlib.experiments.Protocol`, cached in the run directory): the gap; a **linear probe**
+# For each final checkpoint (`flatlib.analysis.size.measure`, tabulated by `measurement_table`), the fixed protocol
+# of notebook 02 (`flatlib.runner.experiments.Protocol`, cached in the run directory): the gap; a **linear probe**
 # per task (the standard probe, which decides; mean over resplits, L2 chosen on a validation split); **full
 # fine-tuning** (AdamW lr 1e-4 on the whole model and a linear head on the same features, `finetune_epochs`
 # epochs over the probe's training examples; the head starts at the fitted probe, LP-FT); and the Hessian
@@ -144,7 +144,7 @@ save(fig, "03_size_trace", f"mean ± 95% CI over {len(D.seeds)} seeds (dots: see
 # %% [markdown]
 # ## 3 · The verdict, computed by the rules
 #
-# By the rules of `flatlib/claims.py`, fixed before these runs (applied by `flatlib.size.verdict_table`):
+# By the rules of `flatlib/claims.py`, fixed before these runs (applied by `flatlib.analysis.size.verdict_table`):
 # the comparison is between the widest width whose seeds all reached ε and the narrowest such width whose
 # mean gap is within 0.002 nats of it (rule "equal-loss pair"; none: the size claims are "not tested"); per
 # task, the difference of their mean probe accuracies with its Welch 95% interval (rule "unpaired effect":
@@ -160,8 +160,8 @@ verdict.set_index(["language", "quantity"]).round(4)
 # %% [markdown]
 # ## 4 · Claims for the report
 #
-# Recorded for `figures/REPORT.md` (`flatlib.report`, once the checks at the end pass), computed from the
-# verdict above (`flatlib.size.size_claims`): "larger models transfer better" combines the standard probe's
+# Recorded for `figures/REPORT.md` (`flatlib.tools.report`, once the checks at the end pass), computed from the
+# verdict above (`flatlib.analysis.size.size_claims`): "larger models transfer better" combines the standard probe's
 # verdicts over tasks (rule "parts"); "larger models are flatter" is the widened invariant trace's verdict,
 # with the raw traces' numbers beside it.
 
@@ -172,7 +172,7 @@ claims_table(claims)
 # %% [markdown]
 # ## Summary (checked)
 #
-# The cell below asserts (`flatlib.size.check_measurements`) what must hold whatever the experiment's
+# The cell below asserts (`flatlib.analysis.size.check_measurements`) what must hold whatever the experiment's
 # outcome (it does **not** assert the paper's claims): widening preserved every model's function, every gap,
 # trace and accuracy is finite, accuracies lie between 0 and 1 and the probes on the HMM stay below the
 # Bayes accuracy plus a tolerance. It prints one rounded summary with the computed verdict.

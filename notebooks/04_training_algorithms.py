@@ -29,29 +29,30 @@ seed = 0  # training seeds are seed, seed + 1, ...; also the seed of the probe /
 n_seeds = None  # training seeds; None means the profile's pretraining.seeds
 languages = None  # e.g. ["hmm", "pcfg"]; None means the profile's algorithms.languages
 weights = None  # the adversary's lambda per language, e.g. {"hmm": 0.1}; None: chosen on a held-out seed from algorithms.weight_grid
-backend = "local"  # local (worker processes) | serial | submitit (a Slurm job array, see flatlib.sweep)
+backend = "local"  # local (worker processes) | serial | submitit (a Slurm job array, see flatlib.runner.sweep)
 
 # %% [markdown]
 # ## Parameters
 #
-# `algorithms.parameters` (`flatlib/algorithms.py`) validates the parameters against the profile with
+# `algorithms.parameters` (`flatlib/analysis/algorithms.py`) validates the parameters against the profile with
 # `flatlib.profiles.resolve`, and the backend: the `pretraining` section (the model, phase 1,
 # the continuations) and the `algorithms` section (which languages, the adversary's task, λ and refit
 # schedule). A bad value stops here with a `ValueError` naming the parameter.
 
 # %%
-from flatlib import algorithms, plotting
-from flatlib.experiments import choose_adversary_weights, training_seeds
+from flatlib.analysis import algorithms
 from flatlib.plots import algorithms as plots
-from flatlib.report import record_claims
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.runner.experiments import choose_adversary_weights, training_seeds
+from flatlib.tools.report import record_claims
 
 P = algorithms.parameters(profile, seed, n_seeds=n_seeds, languages=languages, weights=weights, backend=backend)
 print(algorithms.describe(P))
 
 # %%
-plotting.set_style()
-save = plotting.saver(P["profile"], P["seed"])
-OUT = plotting.figures_dir(P["profile"])  # the CSVs go beside the figures
+set_style()
+save = saver(P["profile"], P["seed"])
+OUT = figures_dir(P["profile"])  # the CSVs go beside the figures
 T = P["pretraining"]
 SEEDS, NAMES, PROTOCOL = training_seeds(P), list(P["algorithms"]["languages"]), algorithms.protocol(P)
 print(f"languages {NAMES} · tasks {algorithms.tasks(P)} · training seeds {SEEDS}")
@@ -81,7 +82,7 @@ weights.round(4)
 # adversarial run continues from the same checkpoint with AdamW at the same learning rate on
 # L_mlm − λ·L_down, where L_down is the cross-entropy of a linear head on the model's features for the
 # adversary's task; the head is refit every `refit_every` steps on sentences disjoint from every
-# evaluation corpus, and L_down is capped (`flatlib.adversary`). λ is section 1's choice on the held-out
+# evaluation corpus, and L_down is capped (`flatlib.training.adversary`). λ is section 1's choice on the held-out
 # seed; whether the evaluated adversaries stay at equal loss with AdamW is checked below, not assumed.
 
 # %%

@@ -30,25 +30,25 @@ profile = "cpu"  # smoke | cpu | paper (flatlib.profiles)
 seed = 0  # the seed of notebooks 02-04 (training seeds seed, seed + 1, ...; probe and trace protocol)
 languages = None  # e.g. ["hmm", "pcfg"]; None means the profile's pretraining.languages
 n_boot = 2000  # bootstrap resamples for the correlation intervals
-backend = "local"  # how missing runs are trained: local | serial | submitit (see flatlib.sweep)
+backend = "local"  # how missing runs are trained: local | serial | submitit (see flatlib.runner.sweep)
 
 # %% [markdown]
 # ## Parameters
 #
 # The same profile and seed as notebooks 02-04 select their runs (the configs are rebuilt by
-# `flatlib.experiments`, so their hashes find the runs in the store). Bad values stop here with a
+# `flatlib.runner.experiments`, so their hashes find the runs in the store). Bad values stop here with a
 # `ValueError` naming the parameter.
 
 # %%
-from flatlib import correlations as corr
+from flatlib.analysis import correlations as corr
 from flatlib.claims import claims_table
-from flatlib.experiments import lineage_seeds
-from flatlib.measure import Protocol
-from flatlib.plots import correlations as plots
-from flatlib.plotting import figures_dir, saver, set_style
-from flatlib.profiles import language_spec
-from flatlib.report import record_claims
 from flatlib.languages import build_language
+from flatlib.measurement.measure import Protocol
+from flatlib.plots import correlations as plots
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.profiles import language_spec
+from flatlib.runner.experiments import lineage_seeds
+from flatlib.tools.report import record_claims
 
 P = corr.parameters(profile, seed, languages=languages, n_boot=n_boot, backend=backend)
 T = P["pretraining"]

@@ -30,23 +30,23 @@ n_chains = None  # SGD chains per configuration in section 2; None means the pro
 # %% [markdown]
 # ## Parameters
 #
-# `theory_params` (`flatlib.profiles`) applies the parameters to the profile's `theory` section (tiny languages, sample sizes,
+# `theory.parameters` (`flatlib.analysis.theory`) applies the parameters to the profile's `theory` section (tiny languages, sample sizes,
 # SGD configurations, downstream draws) and validates every value: an unknown profile or a bad value stops here with a
 # `ValueError` naming the parameter, before any work. Every computation below is a call to `flatlib.theory`, one module per
-# section (`noise`, `implicit_bias`, `transfer`; the figures in `flatlib.theory.figures`), tested in `tests/test_theory.py`.
+# section (`noise`, `implicit_bias`, `transfer`; the figures in `flatlib.plots.theory`), tested in `tests/test_theory.py`.
 
 # %%
 import torch
 
+from flatlib.analysis import theory
 from flatlib.claims import claims_table
 from flatlib.languages import HMM
-from flatlib.plotting import saver, figures_dir, set_style
-from flatlib.profiles import theory_params
-from flatlib.report import record_claims
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.plots.theory import implicit_bias_figure, noise_vs_curvature_figure, transfer_figure
 from flatlib.theory import flat_vs_sharp, noise_vs_curvature, sgd_vs_flow
-from flatlib.theory.figures import implicit_bias_figure, noise_vs_curvature_figure, transfer_figure
+from flatlib.tools.report import record_claims
 
-P = theory_params(profile, seed=seed, implicit_bias={"n_chains": n_chains})
+P = theory.parameters(profile, seed, n_chains)
 for key, value in P.items():
     print(f"{key:>15}: {value}")
 
@@ -77,7 +77,7 @@ save = saver(P["profile"], P["seed"])  # save(fig, name, note): PNG + PDF, stamp
 # for every quadratic form $v^\top C v$ vs $v^\top H v$. Away from the optimum (every parameter moved by $\mathcal{N}(0, \text{offset}^2)$)
 # the three matrices differ: the residuals $q - p$ and the curvature of the logits enter.
 #
-# **Measured.** $H$ exactly (dense, double backward; the quadratic forms once more through `flatlib.flatness.hvp`), $C$ and $F$
+# **Measured.** $H$ exactly (dense, double backward; the quadratic forms once more through `flatlib.measurement.flatness.hvp`), $C$ and $F$
 # exactly (every pair, weighted), and $C$ *sampled* from `noise.n_samples` examples with standard errors (delta method).
 
 # %%
@@ -230,7 +230,7 @@ print(verdict_3.report())
 # %% [markdown]
 # ## Claims for the report
 #
-# One claim per demonstration, with its numbers, written next to the figures (`flatlib.report.record_claims`) once the checks
+# One claim per demonstration, with its numbers, written next to the figures (`flatlib.tools.report.record_claims`) once the checks
 # at the end pass.
 
 # %%
@@ -250,11 +250,5 @@ claims_table(claims)
 
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
-problems = [message for v in verdicts for message in v.failed_checks()]
-assert not problems, problems
-lines = [f"06_theory · profile={P['profile']} · seed={P['seed']}"] + [v.summary() for v in verdicts]
-if P["profile"] == "smoke":
-    lines.append("profile smoke: short runs and few draws; the numbers check the code path")
-lines.append("checks passed: exact optima · exact identities at the optimum · finite estimates · GD and the flow stay optimal")
-print("\n".join(lines))
+print(theory.summary(P, verdicts))  # asserts theory.failed_checks(verdicts) is empty first
 record_claims(P["profile"], "06_theory", claims, {"seed": P["seed"]})  # only once the checks above passed

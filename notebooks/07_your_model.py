@@ -31,23 +31,25 @@ kind = None  # "bert" or "roberta"; None means the profile's ("bert")
 # %% [markdown]
 # ## Parameters
 #
-# `resolve` applies the parameters to the profile and validates it, the `your_model` section included (model sizes,
+# `your_model.parameters` (`flatlib.analysis.your_model`) applies the parameters to the profile and validates it, the `your_model` section included (model sizes,
 # training steps, the sizes of the measurement): an unknown profile or a bad value stops here with a `ValueError` naming
-# the parameter, before any work. The computations are `flatlib.hf`'s `train_mlm` and `measure` and the figure
+# the parameter, before any work. The computations are `flatlib.measurement.hf`'s `train_mlm` and `measure` and the figure
 # `your_model_figure`, tested in `tests/test_hf.py`. The language is the profile's HMM (the cpu profile's: 6 states, 12
 # words, sentences of 10).
 
 # %%
 import torch
 
-from flatlib import hf
+from flatlib.analysis import your_model
 from flatlib.languages import build_language
-from flatlib.plotting import figures_dir, saver, set_style
-from flatlib.profiles import language_spec, resolve
-from flatlib.report import parameter_lines
-from flatlib.runs import RunStore
+from flatlib.measurement import hf
+from flatlib.plots import your_model as your_model_plots
+from flatlib.plots.style import figures_dir, saver, set_style
+from flatlib.profiles import language_spec
+from flatlib.runner.runs import RunStore
+from flatlib.tools.report import parameter_lines
 
-P = resolve(profile, seed=seed, your_model=None if kind is None else {"kind": kind})
+P = your_model.parameters(profile, seed, kind)
 Y = P["your_model"]
 print(parameter_lines({"profile": P["profile"], "seed": P["seed"], "hmm": P["hmm"], **Y}, ("model", "measure")))
 
@@ -106,7 +108,7 @@ history.table[["step", "lr", "train_loss", "gap", "gap_se", "special_mass", "gap
 
 # %%
 measured = hf.measure(model, language, task=Y["task"], seed=P["seed"], **Y["measure"])
-table = hf.measurement_table(measured)
+table = your_model.measurement_table(measured)
 table.to_csv(FIG / "07_measurements.csv")
 print("seconds: " + ", ".join(f"{part} {s:.1f}" for part, s in measured["seconds"].items()))
 table.round(4)
@@ -118,24 +120,24 @@ table.round(4)
 # Error bars: 95% intervals.
 
 # %%
-fig, note = hf.your_model_figure(history, measured, epsilon=P["pretraining"]["epsilon"])
+fig, note = your_model_plots.your_model_figure(history, measured, epsilon=P["pretraining"]["epsilon"])
 save(fig, "07_your_model", note)
 
 # %% [markdown]
 # ## Summary (checked)
 #
-# The cell below asserts only what must hold whatever the outcome (`hf.failed_checks`): every number finite, the gap
+# The cell below asserts only what must hold whatever the outcome (`your_model.failed_checks`): every number finite, the gap
 # non-negative within 3 SE, the special mass a probability, full gauge <= LayerNorm-only <= raw, the full-gauge trace the
-# same on the rescaled function (to `hf.INVARIANCE_RTOL`, float32 rounding), the probe not above the Bayes accuracy beyond
+# same on the rescaled function (to `your_model.INVARIANCE_RTOL`, float32 rounding), the probe not above the Bayes accuracy beyond
 # 3 SE, and a gap that fell during training. It does not assert that the model reached the optimum: the summary says
 # whether its gap is within the profile's ε (`pretraining.epsilon`, the bound flatlib's own models are trained to).
 
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
-problems = hf.failed_checks(measured, history)
+problems = your_model.failed_checks(measured, history)
 assert not problems, problems
 lines = [f"07_your_model · profile={P['profile']} · seed={P['seed']} · {type(model).__name__} {Y['model']}",
-         hf.summary(measured, history, P["pretraining"]["epsilon"])]
+         your_model.summary(measured, history, P["pretraining"]["epsilon"])]
 if P["profile"] == "smoke":
     lines.append("profile smoke: a short run of a tiny model; the numbers check the code path")
 lines.append("checks passed: finite numbers · gap >= 0 · full <= LayerNorm-only <= raw · full gauge invariant · "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole story at one profile in one command, without Jupyter: for a rented GPU box that has
 # python3 with torch, pandas, matplotlib, seaborn, scipy, tqdm and safetensors, but no papermill,
-# ipykernel or network. Every notebook runs through flatlib.script (the .ipynb's code cells, with
+# ipykernel or network. Every notebook runs through flatlib.tools.script (the .ipynb's code cells, with
 # papermill's parameter injection); the report and the figures land in figures/<profile>/, packed
 # with the executed notebooks into one small archive.
 #
@@ -23,7 +23,7 @@ print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), flush=True)
 PY
 status=0
-python3 -m flatlib.reproduce --profile "$profile" --runner script 2>&1 | tee "$out/story-$profile.log" || status=$?
+python3 -m flatlib.tools.reproduce --profile "$profile" --runner script 2>&1 | tee "$out/story-$profile.log" || status=$?
 folder="figures/$profile"
 [ "$profile" = cpu ] && folder=figures
 tar czf "$out/figures-$profile.tar.gz" "$folder" "build/$profile" 2>/dev/null || true

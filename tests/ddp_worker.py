@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, pretrain
+from flatlib.runner.runs import RunStore
+from flatlib.training.train import PretrainConfig, pretrain
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Shared by the resume tests (test_train, test_adversarial, test_device)."""
 
-from flatlib.runs import Run
+from flatlib.runner.runs import Run
 
 
 def interrupt(run: Run, drop_steps: tuple[int, ...]) -> None:

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
-from flatlib.downstream import linear_probe, model_features, probe_inputs
-from flatlib.languages import build_language
-from flatlib.seeds import derived_seed
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, continuation, load_model, pretrain
 from run_helpers import interrupt
+
+from flatlib.languages import build_language
+from flatlib.measurement.downstream import linear_probe, model_features, probe_inputs
+from flatlib.runner.runs import RunStore
+from flatlib.seeds import derived_seed
+from flatlib.training.train import PretrainConfig, continuation, load_model, pretrain
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
@@ -50,9 +50,9 @@ def test_adversarial_cannot_be_combined_with_mask_rate():
 
 
 def test_adversarial_is_refused_under_ddp(tmp_path, monkeypatch):
-    import flatlib.train
+    import flatlib.training.train
 
-    monkeypatch.setattr(flatlib.train, "_distributed", lambda device: (0, 2, device))
+    monkeypatch.setattr(flatlib.training.train, "_distributed", lambda device: (0, 2, device))
     with pytest.raises(ValueError, match="adversarial: not supported with DistributedDataParallel"):
         pretrain(tiny_config(adversarial=ADV), RunStore(tmp_path), progress=False)
 

@@ -1,4 +1,4 @@
-"""flatlib.algorithms (notebook 04's analysis) and flatlib.plots.algorithms on small hand-made
+"""flatlib.analysis.algorithms (notebook 04's analysis) and flatlib.plots.algorithms on small hand-made
 tables and stand-in runs: known effects give the known intervals and verdicts, claims quote the
 numbers, the summary checks fail with their messages."""
 
@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flatlib import algorithms
+from flatlib.analysis import algorithms
 from flatlib.claims import minimum_detectable, welch_interval
-from flatlib.experiments import training_seeds
 from flatlib.plots import algorithms as plots
+from flatlib.runner.experiments import training_seeds
 from flatlib.stats import detectable_effect
 
 matplotlib.use("Agg")
 
 
 class FakeRun:
-    """What the analysis reads from a ``flatlib.runs.Run``: metrics and summary."""
+    """What the analysis reads from a ``flatlib.runner.runs.Run``: metrics and summary."""
 
     def __init__(self, name, metrics, diverged=False):
         self.name, self._metrics, self._diverged = name, pd.DataFrame(metrics), diverged
@@ -347,7 +347,7 @@ def test_accuracy_and_trace_figure(smoke):
 
 
 def test_weight_table_and_claims_say_how_lambda_was_chosen():
-    from flatlib.experiments import WeightChoice
+    from flatlib.runner.experiments import WeightChoice
 
     choice = WeightChoice("x", 1000, {0.01: 0.0101, 0.03: 0.0112, 0.1: 0.0150}, 0.0100, 0.03, True)
     table = algorithms.weight_table({"x": choice})

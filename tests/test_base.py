@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from flatlib.downstream import lookup_table_features
-from flatlib.languages import Corpus, Estimate, HMM, loss_estimate
+from flatlib.languages import HMM, Corpus, Estimate, loss_estimate
+from flatlib.measurement.downstream import lookup_table_features
 
 
 def test_corpus_slicing_and_mask():

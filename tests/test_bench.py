@@ -25,11 +25,11 @@ def test_the_live_last_block_is_the_same_function_with_fewer_flops(kind):
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.train import full_logits
-    from flatlib.census import plan
     from flatlib.languages import build_language
-    from flatlib.objective import mask_generator, single_mask_batch, training_corpus
     from flatlib.profiles import resolve
-    from flatlib.train import new_model
+    from flatlib.runner.census import plan
+    from flatlib.training.objective import mask_generator, single_mask_batch, training_corpus
+    from flatlib.training.train import new_model
 
     runs, _ = plan(resolve("smoke"))
     config = next(c for _, c in runs.values() if c.language["kind"] == kind and c.adversarial is None)

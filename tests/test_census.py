@@ -1,7 +1,7 @@
-"""flatlib.census counts what a profile's story trains and measures, before it runs."""
+"""flatlib.runner.census counts what a profile's story trains and measures, before it runs."""
 
-from flatlib.census import census, main
 from flatlib.profiles import resolve
+from flatlib.runner.census import census, main
 
 
 def test_the_smoke_story_counted_by_hand():
@@ -31,7 +31,7 @@ def test_the_command_prints_the_totals(capsys):
 
 def _unit_costs(params, step_s=0.01, eval_s=0.5, measure_s=2.0):
     """Costs for every class of the smoke story, all steps alike (so the prediction is countable by hand)."""
-    from flatlib.census import eval_class, measure_class, plan, step_class
+    from flatlib.runner.census import eval_class, measure_class, plan, step_class
 
     runs, measured = plan(params)
     return {"step_s": {step_class(c): step_s for _, c in runs.values()},
@@ -42,7 +42,7 @@ def _unit_costs(params, step_s=0.01, eval_s=0.5, measure_s=2.0):
 def test_predicted_time_is_steps_evaluations_and_measurements():
     import pytest
 
-    from flatlib.census import plan, predict
+    from flatlib.runner.census import plan, predict
 
     params = resolve("smoke")
     costs = _unit_costs(params)
@@ -74,7 +74,7 @@ def test_unit_costs_measured_by_the_bench_cover_the_whole_story(tmp_path):
     import json
 
     from bench.costs import main as measure_costs
-    from flatlib.census import predict
+    from flatlib.runner.census import predict
 
     out = tmp_path / "costs_smoke.json"
     measure_costs(["--profile", "smoke", "--target", "0.05", "--out", str(out)])
@@ -87,8 +87,8 @@ def test_unit_costs_measured_by_the_bench_cover_the_whole_story(tmp_path):
 def test_evaluations_of_a_run_as_pretrain_does_them():
     from dataclasses import replace
 
-    from flatlib.census import evaluations
-    from flatlib.experiments import phase1_config
+    from flatlib.runner.census import evaluations
+    from flatlib.runner.experiments import phase1_config
 
     config = phase1_config(resolve("smoke"), "hmm", 0)  # 60 steps, every 10
     assert evaluations(config) == 7  # 0, 10, ..., 60
@@ -102,9 +102,9 @@ def test_step_flops_are_six_rows_in_out_of_every_linear():
     head on the masked ones (smoke's HMM and PCFG, one mask a sentence)."""
     import torch
 
-    from flatlib.census import plan, step_flops
     from flatlib.languages import build_language
-    from flatlib.train import new_model
+    from flatlib.runner.census import plan, step_flops
+    from flatlib.training.train import new_model
 
     runs, _ = plan(resolve("smoke"))
     configs = {c.language["kind"]: c for _, c in runs.values() if c.adversarial is None and c.mask_rate is None}
@@ -124,7 +124,7 @@ def test_step_flops_are_six_rows_in_out_of_every_linear():
 def test_the_training_floor_is_counted_flops_at_the_peak():
     import pytest
 
-    from flatlib.census import plan, step_class, step_flops, training_floor
+    from flatlib.runner.census import plan, step_class, step_flops, training_floor
 
     params = resolve("smoke")
     floor = training_floor(params, peak_flops=1e9).set_index("origin")
@@ -155,11 +155,11 @@ def test_what_is_left_leaves_out_finished_runs_and_cached_measurements(tmp_path)
     measured there, that run's steps and its measurement drop out, and nothing else does."""
     import pytest
 
-    from flatlib.algorithms import protocol
-    from flatlib.census import plan, predict
-    from flatlib.measure import is_cached, measure_checkpoint
-    from flatlib.runs import RunStore
-    from flatlib.train import pretrain
+    from flatlib.analysis.algorithms import protocol
+    from flatlib.measurement.measure import is_cached, measure_checkpoint
+    from flatlib.runner.census import plan, predict
+    from flatlib.runner.runs import RunStore
+    from flatlib.training.train import pretrain
 
     params = resolve("smoke")
     costs = _unit_costs(params)
@@ -181,8 +181,8 @@ def test_what_is_left_leaves_out_finished_runs_and_cached_measurements(tmp_path)
 
 
 def test_the_evaluated_adversary_is_done_at_whichever_weight_was_chosen():
-    from flatlib.census import _alternatives, plan
-    from flatlib.experiments import adversarial_config
+    from flatlib.runner.census import _alternatives, plan
+    from flatlib.runner.experiments import adversarial_config
 
     params = resolve("smoke")
     runs, _ = plan(params)
@@ -198,8 +198,8 @@ def test_the_evaluated_adversary_is_done_at_whichever_weight_was_chosen():
 def test_the_forecast_line_says_what_is_left_and_when_nothing_is(tmp_path):
     import json
 
-    from flatlib.census import forecast
-    from flatlib.runs import RunStore
+    from flatlib.runner.census import forecast
+    from flatlib.runner.runs import RunStore
 
     assert forecast("smoke", RunStore(tmp_path), costs_path=tmp_path / "none.json") is None
     path = tmp_path / "costs_smoke.json"
@@ -213,8 +213,8 @@ def test_the_forecast_line_says_what_is_left_and_when_nothing_is(tmp_path):
 def test_the_forecast_of_a_complete_store(tmp_path, monkeypatch):
     import json
 
-    from flatlib import census
-    from flatlib.runs import RunStore
+    from flatlib.runner import census
+    from flatlib.runner.runs import RunStore
 
     path = tmp_path / "costs_smoke.json"
     path.write_text(json.dumps(_unit_costs(resolve("smoke"))))

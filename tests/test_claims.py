@@ -7,10 +7,25 @@ import math
 import numpy as np
 import pytest
 
-from flatlib.claims import (DESIGN_CHANGES, EQUAL_LOSS_NATS, EQUIVALENCE_RHO, HELD, MIN_LINEAGES, RULE_CHANGES, RULES, Interval,
-                            combine, correlation_verdict, equal_loss, interval_verdict, paired_effect, t_interval,
-                            unrelated, welch_interval)
-from flatlib.claims import Claim
+from flatlib.claims import (
+    DESIGN_CHANGES,
+    EQUAL_LOSS_NATS,
+    EQUIVALENCE_RHO,
+    HELD,
+    MIN_LINEAGES,
+    RULE_CHANGES,
+    RULES,
+    Claim,
+    Interval,
+    combine,
+    correlation_verdict,
+    equal_loss,
+    interval_verdict,
+    paired_effect,
+    t_interval,
+    unrelated,
+    welch_interval,
+)
 
 
 def test_equal_loss_is_the_paper_tolerance_on_point_estimates():

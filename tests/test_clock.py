@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from flatlib.clock import anneal, clock_runs, sgd_clock, steps_for_clock, supervised_tokens
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain
+from flatlib.runner.runs import RunStore
+from flatlib.training.clock import anneal, clock_runs, sgd_clock, steps_for_clock, supervised_tokens
+from flatlib.training.train import PretrainConfig, learning_rate, load_model, pretrain
 
 LANGUAGE = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.5, "seed": 3,
             "task_positions": [3]}
@@ -80,7 +80,7 @@ def toy_frame():
 
 
 def test_lineage_effects_and_dose_response_on_a_toy_table():
-    from flatlib.pretraining import decide, dose_response, lineage_effects
+    from flatlib.analysis.pretraining import decide, dose_response, lineage_effects
 
     frame = toy_frame()
     effects = lineage_effects(frame, "trace")
@@ -98,7 +98,7 @@ def test_lineage_effects_and_dose_response_on_a_toy_table():
 
 
 def test_clock_grid_has_one_control_per_lineage():
-    from flatlib.clock import clock_grid
+    from flatlib.training.clock import clock_grid
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
     clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
@@ -113,8 +113,8 @@ def test_clock_grid_has_one_control_per_lineage():
 def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_averaged():
     import pandas as pd
 
-    from flatlib.clock import clock_grid
-    from flatlib.pretraining import lineage_effects
+    from flatlib.analysis.pretraining import lineage_effects
+    from flatlib.training.clock import clock_grid
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
     clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
@@ -139,7 +139,7 @@ def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_average
 
 
 def test_the_clock_refuses_a_multi_token_objective():
-    from flatlib.clock import clock_continuation
+    from flatlib.training.clock import clock_continuation
 
     with pytest.raises(ValueError, match="config: the clock"):
         clock_continuation(base_config(supervise_all=True), 40, 0.01, lr=0.1, batch_size=8, noise_seed=0)
@@ -168,7 +168,7 @@ def notebook_frame():
 
 
 def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
-    from flatlib.pretraining import answer, probe_columns, verdict_claims, verdict_table
+    from flatlib.analysis.pretraining import answer, probe_columns, verdict_claims, verdict_table
 
     frame = notebook_frame()
     assert probe_columns(frame, ["t"]) == ["acc t", "acc t [limited]"]
@@ -201,7 +201,7 @@ def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
 def test_notebook_02_checks_catch_what_they_name():
     import pandas as pd
 
-    from flatlib.pretraining import check_measurements
+    from flatlib.analysis.pretraining import check_measurements
 
     frame = notebook_frame()
     gauge = pd.DataFrame({"language": ["a"] * 3, "max logit change": [0.0, 1e-6, 2e-6],
@@ -218,9 +218,9 @@ def test_notebook_02_checks_catch_what_they_name():
 
 
 def test_measured_models_label_every_checkpoint(tmp_path):
-    from flatlib.clock import clock_grid
-    from flatlib.pretraining import measured_models
-    from flatlib.runs import Run
+    from flatlib.analysis.pretraining import measured_models
+    from flatlib.runner.runs import Run
+    from flatlib.training.clock import clock_grid
 
     base = base_config()
     points = clock_grid({("hmm", 0): base}, {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
@@ -236,7 +236,7 @@ def test_measured_models_label_every_checkpoint(tmp_path):
 
 
 def test_each_language_gets_its_own_anneal_length():
-    from flatlib.clock import clock_grid
+    from flatlib.training.clock import clock_grid
 
     base = base_config()
     clock = {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6, "pcfg": 9},
@@ -249,7 +249,7 @@ def test_each_language_gets_its_own_anneal_length():
 
 
 def test_effect_vs_l2_is_the_paired_effect_at_each_strength_every_model_reached():
-    from flatlib.pretraining import effect_vs_l2
+    from flatlib.analysis.pretraining import effect_vs_l2
 
     labels, measured = [], []
     for lineage in range(3):

@@ -1,4 +1,4 @@
-"""flatlib.compare: a rerun's figures against the committed ones, in units of each number's own SE."""
+"""flatlib.tools.compare: a rerun's figures against the committed ones, in units of each number's own SE."""
 
 import json
 import subprocess
@@ -6,8 +6,8 @@ import subprocess
 import pandas as pd
 import pytest
 
-from flatlib import reproduce
-from flatlib.compare import compare, compare_frames, format_comparison, main, read_csv, uncertainties
+from flatlib.tools import reproduce
+from flatlib.tools.compare import compare, compare_frames, format_comparison, main, read_csv, uncertainties
 
 MEASUREMENTS = """language,seed,step,gap,gap_se,acc,acc ci95,trace
 hmm,0,0,0.0080,0.0002,0.650,0.0196,18.0
@@ -90,7 +90,7 @@ def test_verdict_change_is_flagged_and_strict_fails(repo, monkeypatch):
     result = compare(repo, "HEAD")
     assert [(v.claim, v.ref, v.new) for v in result.verdicts] == [("trace falls", "yes", "no")]
     assert "!! 1 CLAIM VERDICT(S) CHANGED" in format_comparison(result)
-    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    monkeypatch.setattr("flatlib.tools.compare.figures_dir", lambda profile: repo)
     assert main(["--strict"]) == 1
     assert main([]) == 0
 
@@ -148,7 +148,7 @@ def test_a_truncated_claims_file_is_named_and_everything_else_still_compared(rep
     assert result.verdicts == []  # its claims are left out on both sides, not reported as gone
     text = format_comparison(result)
     assert "!! 1 DAMAGED FILE(S)" in text and str(path) in text and "gone" not in text
-    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    monkeypatch.setattr("flatlib.tools.compare.figures_dir", lambda profile: repo)
     assert main([]) == 3 and main(["--strict"]) == 3
     assert str(path) in capsys.readouterr().out
 
@@ -169,7 +169,7 @@ def test_a_claim_without_held_is_a_damaged_file_not_a_changed_verdict(repo, monk
     (repo / "claims" / "02_x.json").write_text(json.dumps(data))
     result = compare(repo, "HEAD")
     assert result.verdicts == [] and "claim 2 ('gap is small') has no 'held'" in result.damaged[0]
-    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    monkeypatch.setattr("flatlib.tools.compare.figures_dir", lambda profile: repo)
     assert main(["--strict"]) == 3
     assert "has no 'held'" in capsys.readouterr().out
 
@@ -233,6 +233,6 @@ def test_differences_within_the_relative_floor_are_equal_whatever_their_se(repo,
     result = compare(repo, "HEAD")
     assert not result.changed
     assert "1 number(s) differ by at most 1e-09 of their value" in format_comparison(result)
-    monkeypatch.setattr("flatlib.compare.figures_dir", lambda profile: repo)
+    monkeypatch.setattr("flatlib.tools.compare.figures_dir", lambda profile: repo)
     assert main(["--floor", "0"]) == 0 and "1 of 10 numbers differ" in capsys.readouterr().out
     assert main(["--floor", "-1"]) == 2 and "floor: expected a relative difference" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Notebook 05's analysis (flatlib.correlations) and figures (flatlib.plots.correlations) on small
+"""Notebook 05's analysis (flatlib.analysis.correlations) and figures (flatlib.plots.correlations) on small
 hand-made tables: the model table, the correlations over lineages, the verdicts and claims by the
 rules of flatlib.claims, and the checked summary."""
 
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flatlib import correlations as corr
+from flatlib.analysis import correlations as corr
 from flatlib.claims import Interval, claims_table
-from flatlib.experiments import ModelRef
 from flatlib.plots import correlations as plots
+from flatlib.runner.experiments import ModelRef
 from flatlib.stats import rank_correlation
 
 
@@ -275,7 +275,7 @@ def test_correlation_forest_plots_three_intervals_per_row():
 
 def test_lineage_seeds_cover_notebook_05s_lineages():
     params = {"seed": 10, "pretraining": {"seeds": 3, "correlation_seeds": 5}}
-    from flatlib.experiments import lineage_seeds, training_seeds
+    from flatlib.runner.experiments import lineage_seeds, training_seeds
 
     assert lineage_seeds(params) == [10, 11, 12, 13, 14] and training_seeds(params) == [10, 11, 12]
     assert lineage_seeds({"seed": 0, "pretraining": {"seeds": 3, "correlation_seeds": 2}}) == [0, 1, 2]

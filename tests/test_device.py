@@ -5,13 +5,13 @@ On a machine without a GPU the CUDA tests are skipped; the CPU ones run the same
 
 import pytest
 import torch
+from run_helpers import interrupt
 
 from flatlib.device import ENVIRONMENT_VARIABLE, default_device, describe, module_device, resolve_device
-from flatlib.measure import Protocol, measure_checkpoint, measure_finetune, measure_widened_trace
+from flatlib.measurement.measure import Protocol, measure_checkpoint, measure_finetune, measure_widened_trace
 from flatlib.profiles import resolve
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig, load_model, pretrain
-from run_helpers import interrupt
+from flatlib.runner.runs import RunStore
+from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -3,11 +3,17 @@ import math
 import pytest
 import torch
 
-from flatlib.downstream import (
-    finetune, fit_logistic, linear_probe, lookup_table_features, mean_ci, model_features, pool,
-)
 from flatlib.languages import HMM
-from flatlib.model import Transformer, TransformerConfig
+from flatlib.measurement.downstream import (
+    finetune,
+    fit_logistic,
+    linear_probe,
+    lookup_table_features,
+    mean_ci,
+    model_features,
+    pool,
+)
+from flatlib.training.model import Transformer, TransformerConfig
 
 
 def hmm_task():

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from flatlib.measure import Protocol, lookup_table_probe, measure_checkpoint
-from flatlib.train import continuation
-from flatlib.runs import RunStore
-from flatlib.sweep import SweepError, run_configs
-from flatlib.train import PretrainConfig
+from flatlib.measurement.measure import Protocol, lookup_table_probe, measure_checkpoint
+from flatlib.runner.runs import RunStore
+from flatlib.runner.sweep import SweepError, run_configs
+from flatlib.training.train import PretrainConfig, continuation
 
 LANGUAGE = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.5, "seed": 3,
             "task_positions": [3]}
@@ -72,7 +71,7 @@ def test_bad_sweep_arguments():
 
 
 def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
-    from flatlib.measure import measure_checkpoints
+    from flatlib.measurement.measure import measure_checkpoints
 
     configs = [base_config(seed=s) for s in range(2)]
     runs = [r.run for r in run_configs(configs, RunStore(tmp_path / "a"), progress=False)]
@@ -89,7 +88,7 @@ def test_measure_checkpoints_in_workers_matches_serial(tmp_path):
 
 
 def test_widened_trace_and_finetune_are_cached_and_consistent(tmp_path):
-    from flatlib.measure import measure_many, measure_widened_trace
+    from flatlib.measurement.measure import measure_many, measure_widened_trace
 
     [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)
     raw = measure_checkpoint(result.run, 40, SMALL)
@@ -116,9 +115,9 @@ def test_widened_trace_and_finetune_are_cached_and_consistent(tmp_path):
 def test_notebook_grids_share_runs():
     """Notebook 05 finds every model of 02-04 (the same configs, so the same runs in the store), and
     every width of notebook 03 widens into exactly the widest model's architecture."""
-    from flatlib.experiments import experiment_models, model_of, phase1_config, phase2_config
-    from flatlib.model import Transformer, TransformerConfig, widen
     from flatlib.profiles import resolve
+    from flatlib.runner.experiments import experiment_models, model_of, phase1_config, phase2_config
+    from flatlib.training.model import Transformer, TransformerConfig, widen
 
     params = resolve("smoke", algorithms={"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}})
     models = experiment_models(params, ["hmm"])
@@ -170,10 +169,10 @@ def test_killed_workers_do_not_hang_the_sweep(tmp_path):
 
 
 def test_measure_many_reports_a_failed_item_and_keeps_the_others(tmp_path):
-    """In workers, a failing item is reported with its run and step (flatlib.pool.PoolError) after
+    """In workers, a failing item is reported with its run and step (flatlib.runner.pool.PoolError) after
     the other items have finished and been cached."""
-    from flatlib.measure import _checkpoint_path, measure_many
-    from flatlib.pool import PoolError
+    from flatlib.measurement.measure import _checkpoint_path, measure_many
+    from flatlib.runner.pool import PoolError
 
     [result] = run_configs([base_config()], RunStore(tmp_path), progress=False)
     with pytest.raises(PoolError, match=rf"run {result.run.key} at step 999"):
@@ -184,7 +183,7 @@ def test_measure_many_reports_a_failed_item_and_keeps_the_others(tmp_path):
 def test_the_adversary_weight_is_chosen_on_a_held_out_seed(monkeypatch):
     """Rule "adversary weight" applied to the held-out seed's runs: the largest λ at equal loss with
     that seed's AdamW continuation; the evaluated seeds' runs are not involved."""
-    import flatlib.experiments as experiments
+    import flatlib.runner.experiments as experiments
     from flatlib.profiles import resolve
 
     params = resolve("smoke")
@@ -216,8 +215,8 @@ def test_the_adversary_weight_is_chosen_on_a_held_out_seed(monkeypatch):
 def test_notebook_05_gets_extra_lineages_without_the_clock():
     """pretraining.correlation_seeds > seeds: the extra lineages of the 2x64 family have phase 1, the
     constant-rate continuations and the adversary, but no clock doses, and notebook 03 keeps its seeds."""
-    from flatlib.experiments import experiment_models
     from flatlib.profiles import resolve
+    from flatlib.runner.experiments import experiment_models
 
     weights = {"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}}
     base = experiment_models(resolve("smoke", algorithms=weights), ["hmm"])
@@ -232,7 +231,7 @@ def test_notebook_05_gets_extra_lineages_without_the_clock():
 def test_parents_train_first_and_once(tmp_path, monkeypatch):
     """Two children of one unlisted, untrained parent: the parent trains alone in a first wave (two
     workers would otherwise each train it inside their child's pretrain), then the children."""
-    from flatlib import sweep
+    from flatlib.runner import sweep
 
     store = RunStore(tmp_path)
     base = base_config(steps=20, checkpoint_every=20)
@@ -255,7 +254,7 @@ def test_the_costliest_runs_of_a_wave_come_first(tmp_path):
     """Workers take jobs in order: a long run started last would leave the others idle."""
     from dataclasses import replace
 
-    from flatlib import sweep
+    from flatlib.runner import sweep
 
     short, long = base_config(steps=10), base_config(steps=40)
     wide = replace(short, model={**short.model, "d_model": 2 * short.model["d_model"]})

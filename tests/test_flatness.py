@@ -1,6 +1,6 @@
-"""Tests of flatlib.flatness against dense Hessians built by classic double backward.
+"""Tests of flatlib.measurement.flatness against dense Hessians built by classic double backward.
 
-Reference Hessians (``flatlib.flatness.dense_hessian``) are built row by row with
+Reference Hessians (``flatlib.measurement.flatness.dense_hessian``) are built row by row with
 ``torch.autograd.grad(create_graph=True)`` (never ``torch.func.hessian``, which is wrong for affine
 LayerNorm on torch 2.13 CPU, see docs/design.md) in float64, and asserted symmetric. Two models: a tiny
 MLP with an affine LayerNorm, and a tiny flatlib Transformer with the single-mask MLM loss on two batches
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlib.flatness import (
+from flatlib.measurement.flatness import (
     TraceEstimate,
     dense_hessian,
     fisher_trace,
@@ -27,8 +27,8 @@ from flatlib.flatness import (
     rademacher_probes,
     trainable_parameters,
 )
-from flatlib.model import Transformer, TransformerConfig, explicit_attention_on
-from flatlib.objective import ValidationSet
+from flatlib.training.model import Transformer, TransformerConfig, explicit_attention_on
+from flatlib.training.objective import ValidationSet
 
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -121,7 +121,7 @@ def flat(tensors) -> torch.Tensor:
 
 
 def random_vector(model, seed: int) -> torch.Tensor:
-    """A flat parameter-space vector (flatlib.flatness's format)."""
+    """A flat parameter-space vector (flatlib.measurement.flatness's format)."""
     g = torch.Generator().manual_seed(seed)
     return flat([torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()])
 
@@ -452,7 +452,7 @@ def test_mlm_helpers_on_a_real_validation_set():
     """mlm_batches splits a flatlib ValidationSet; mlm_loss_fn is the loss that train.evaluate
     reports (hard targets) and its soft-target form gives the exact conditionals' cross-entropy."""
     from flatlib.languages import HMM
-    from flatlib.objective import evaluate, single_mask_batch
+    from flatlib.training.objective import evaluate, single_mask_batch
 
     language = HMM.random(n_states=3, vocab_size=5, seq_len=4, seed=0)
     corpus = language.sample(10, seed=1)

@@ -1,4 +1,4 @@
-"""flatlib.hf: the symmetry groups of HuggingFace GPT-2 / BERT / RoBERTa (each a symmetry of the function,
+"""flatlib.measurement.hf: the symmetry groups of HuggingFace GPT-2 / BERT / RoBERTa (each a symmetry of the function,
 in float64; the pairs left out are not), eager attention, and the adapters from flatlib's batches and exact
 optima (against objective.evaluate and a brute-force computation, row by row)."""
 
@@ -13,11 +13,21 @@ import pytest
 import torch
 from torch import nn
 
-from flatlib import flatness, hf
+from flatlib.analysis import your_model
 from flatlib.languages import HMM, Corpus
-from flatlib.objective import ValidationSet, evaluate, single_mask_batch
-from flatlib.symmetry import (Group, Member, SymmetryError, check_groups, full_gauge_trace, norm_reader_group,
-                              rescale, verify_groups)
+from flatlib.measurement import flatness, hf
+from flatlib.measurement.symmetry import (
+    Group,
+    Member,
+    SymmetryError,
+    check_groups,
+    full_gauge_trace,
+    norm_reader_group,
+    rescale,
+    verify_groups,
+)
+from flatlib.plots import your_model as your_model_plots
+from flatlib.training.objective import ValidationSet, evaluate, single_mask_batch
 
 SIZES = dict(n_layer=2, n_head=2, d_model=8, d_ff=16)
 # float64 logits of O(1): a true symmetry moves them by rounding only (~1e-15); a broken one by O(0.1)
@@ -324,15 +334,15 @@ def test_full_gauge_trace_invariant_under_every_group(language, corpus, mlm_rows
 
 
 def test_flatlib_imports_without_transformers():
-    """transformers is optional: flatlib and its estimators import without it, and nothing but flatlib.hf
+    """transformers is optional: flatlib and its estimators import without it, and nothing but flatlib.measurement.hf
     imports it."""
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import flatlib, flatlib.flatness, flatlib.symmetry, flatlib.measure, flatlib.objective\n"
-            "assert 'flatlib.hf' not in sys.modules\n"
-            "try:\n    import flatlib.hf\nexcept ImportError as e:\n    print(e)\n")
+            "import flatlib, flatlib.measurement.flatness, flatlib.measurement.symmetry, flatlib.measurement.measure, flatlib.training.objective\n"
+            "assert 'flatlib.measurement.hf' not in sys.modules\n"
+            "try:\n    import flatlib.measurement.hf\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "flatlib.hf needs transformers" in out.stdout
+    assert "flatlib.measurement.hf needs transformers" in out.stdout
 
 
 def test_docs_your_model_runs(tmp_path, monkeypatch, capsys):
@@ -479,9 +489,9 @@ def test_measure_gives_the_gap_the_invariant_traces_and_the_probe(language, kind
     before = _state(model)
     m = hf.measure(model, language, **MEASURE)
     assert _same_weights(before, _state(model))  # measured, not changed
-    assert hf.failed_checks(m) == []
+    assert your_model.failed_checks(m) == []
     assert m["trace_full"] <= m["trace_norm"] <= m["trace_raw"]
-    assert m["rescaled_full"] == pytest.approx(m["trace_full"], rel=hf.INVARIANCE_RTOL)
+    assert m["rescaled_full"] == pytest.approx(m["trace_full"], rel=your_model.INVARIANCE_RTOL)
     assert abs(m["rescaled_raw"] - m["trace_raw"]) > 0.01 * m["trace_raw"]  # the raw trace is not invariant
     assert m["groups"] == len(hf.symmetry_groups(model)) and m["max_deviation"] < 1e-4
     assert 0 < m["bayes"] <= 1 and 0 <= m["probe"] <= 1 and 0 < m["chance"] <= m["bayes"]
@@ -489,7 +499,7 @@ def test_measure_gives_the_gap_the_invariant_traces_and_the_probe(language, kind
     tokens = hf.TokenMap.for_language(language)
     if kind == "bert":  # the gap is exact_gap's on the validation pairs
         assert m["gap"] == hf.exact_gap(model, tokens, hf.mlm_rows(language, tokens, 64))["gap"]
-    table = hf.measurement_table(m)
+    table = your_model.measurement_table(m)
     assert table.loc["full-gauge invariant trace", "value"] == m["trace_full"]
     assert hf.measure(model, language, **MEASURE)["trace_full"] == m["trace_full"]  # deterministic
 
@@ -507,16 +517,16 @@ def test_failed_checks_name_what_is_out_of_place(language):
     model = hf.model_for(language, "bert", seed=0, **TINY)
     history = hf.train_mlm(model, language, **TRAIN)
     m = hf.measure(model, language, **MEASURE)
-    assert hf.failed_checks(m, history) == []
+    assert your_model.failed_checks(m, history) == []
     broken = {**m, "rescaled_full": m["trace_full"] * 1.01, "probe": 0.9, "probe_ci95": 0.01, "bayes": 0.5,
               "bayes_se": 0.001, "special_mass": 1.5,
               "trace_norm": m["trace_raw"] * 2, "gap_full": math.nan}
-    problems = "\n".join(hf.failed_checks(broken))
+    problems = "\n".join(your_model.failed_checks(broken))
     for words in ("full-gauge trace moved", "beats the Bayes accuracy", "special_mass", "LayerNorm-only <= raw",
                   "gap_full = nan"):
         assert words in problems
     flat = hf.TrainHistory(history.table.assign(gap=history.table["gap"].iloc[0]), 1.0, False, 0, None)
-    assert "the gap did not fall" in "\n".join(hf.failed_checks(m, flat))
+    assert "the gap did not fall" in "\n".join(your_model.failed_checks(m, flat))
 
 
 def test_your_model_figure(language):
@@ -525,7 +535,7 @@ def test_your_model_figure(language):
     matplotlib.use("Agg")
     model = hf.model_for(language, "bert", seed=0, **TINY)
     history = hf.train_mlm(model, language, **TRAIN)
-    fig, note = hf.your_model_figure(history, hf.measure(model, language, **MEASURE), epsilon=0.1)
+    fig, note = your_model_plots.your_model_figure(history, hf.measure(model, language, **MEASURE), epsilon=0.1)
     assert len(fig.axes) == 3 and "95%" in note
 
 

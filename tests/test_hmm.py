@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from brute_force import causal_conditional, hmm_strings, mlm_conditional, sample_fit_pvalue
+
 from flatlib.languages import HMM, Corpus
 
 

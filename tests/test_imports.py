@@ -102,9 +102,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read() -> None:
     """The walker sees absolute, relative, ``from flatlib import x`` and function-level imports."""
     graph = import_graph()
-    assert "flatlib.train" in graph["flatlib.measure"]  # top level, from flatlib.x import y
-    assert "flatlib.progress" in graph["flatlib.measure"]  # from flatlib import progress (a submodule)
-    assert "flatlib.compare" in graph["flatlib.reproduce"]  # inside a function
+    assert "flatlib.training.train" in graph["flatlib.measurement.measure"]  # top level, from flatlib.x import y
+    assert "flatlib.runner.progress" in graph["flatlib.measurement.measure"]  # from flatlib import progress (a submodule)
+    assert "flatlib.tools.compare" in graph["flatlib.tools.reproduce"]  # inside a function
     assert "flatlib.theory.contexts" in graph["flatlib.theory"]  # a package's __init__
 
 
@@ -120,10 +120,44 @@ def test_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("module", ["flatlib.report", "flatlib.claims"])
+@pytest.mark.parametrize("module", ["flatlib.tools.report", "flatlib.claims"])
 def test_report_modules_do_not_import_torch(module: str) -> None:
     """The report and the rules are read without the training stack (torch takes seconds to import)."""
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False", f"import {module} imports torch"
+
+
+# the layout: one analysis module per notebook with one contract, every figure drawn in flatlib.plots
+NOTEBOOK_ANALYSIS = {"01_synthetic_languages": "languages", "02_pretraining_to_optimality": "pretraining",
+                     "03_model_size": "size", "04_training_algorithms": "algorithms",
+                     "05_flatness_and_downstream": "correlations", "06_theory": "theory", "07_your_model": "your_model"}
+DRAWING = ("plt.subplots(", "plt.figure(", ".add_subplot(", ".subplots(")
+
+
+def test_every_notebook_has_one_analysis_module() -> None:
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert notebooks == sorted(NOTEBOOK_ANALYSIS)
+    analysis = {p.stem for p in (PACKAGE / "analysis").glob("*.py")} - {"__init__"}
+    assert analysis == set(NOTEBOOK_ANALYSIS.values())
+    for notebook, module in NOTEBOOK_ANALYSIS.items():
+        twin = (ROOT / "notebooks" / f"{notebook}.py").read_text()
+        assert f"flatlib.analysis import {module}" in twin or f"flatlib.analysis.{module} import" in twin, notebook
+
+
+@pytest.mark.parametrize("module", sorted(set(NOTEBOOK_ANALYSIS.values())))
+def test_analysis_modules_keep_one_contract(module: str) -> None:
+    """Each notebook's analysis module defines ``parameters`` (the notebook's parameters, validated) and
+    ``summary`` (its checked summary), both as top-level functions."""
+    tree = ast.parse((PACKAGE / "analysis" / f"{module}.py").read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {"parameters", "summary"} <= functions, f"flatlib.analysis.{module} lacks {({'parameters', 'summary'} - functions)}"
+
+
+def test_every_figure_is_drawn_in_plots() -> None:
+    """Only ``flatlib/plots`` creates figures (the headless runner ``tools/script`` only shows them)."""
+    drawing = [str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")
+               if path.parent.name != "plots" and path != PACKAGE / "tools" / "script.py"
+               and any(call in path.read_text() for call in DRAWING)]
+    assert drawing == []

@@ -9,11 +9,18 @@ import math
 
 import pytest
 import torch
-
-from flatlib.flatness import (dense_hessian, fisher_diagonal, hessian_trace, invariant_trace, mlm_batches,
-                              mlm_logits_fn, mlm_loss_fn)
-from flatlib.model import gauge_pairs, rescale_norms, widen
 from test_flatness import diagonal_by_name, make_transformer, optimum_case, tiny_validation_set
+
+from flatlib.measurement.flatness import (
+    dense_hessian,
+    fisher_diagonal,
+    hessian_trace,
+    invariant_trace,
+    mlm_batches,
+    mlm_logits_fn,
+    mlm_loss_fn,
+)
+from flatlib.training.model import gauge_pairs, rescale_norms, widen
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -1,4 +1,4 @@
-"""flatlib.languages.summary: notebook 01's tables, checked against exact values computed another way
+"""flatlib.analysis.languages: notebook 01's tables, checked against exact values computed another way
 (enumeration of every sentence and hidden path of tiny languages, tests/brute_force.py)."""
 
 import itertools
@@ -7,14 +7,27 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from brute_force import causal_conditional, hmm_strings, mlm_conditional, pcfg_strings
-from flatlib.languages import HMM, PCFG, Corpus, TeacherLM
-from flatlib.languages.summary import (RELEASED_RULES, causal_sample_size, check_languages, lookup_table_loss,
-                                       majority_rate, optimal_loss_table, optimal_losses, released_grammar,
-                                       sampled_type_agreement, sampling_reproducible, shortcut_sentence,
-                                       summary, task_table, teacher_sample_size, teacher_summary)
 from test_pcfg import TINY_RULES  # the same toy grammar as the PCFG tests
+
+from flatlib.analysis.languages import (
+    RELEASED_RULES,
+    causal_sample_size,
+    check_languages,
+    lookup_table_loss,
+    majority_rate,
+    optimal_loss_table,
+    optimal_losses,
+    released_grammar,
+    sampled_type_agreement,
+    sampling_reproducible,
+    shortcut_sentence,
+    summary,
+    task_table,
+    teacher_sample_size,
+    teacher_summary,
+)
+from flatlib.languages import HMM, PCFG, Corpus, TeacherLM
 
 
 def tiny_hmm() -> HMM:

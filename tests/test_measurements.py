@@ -1,18 +1,18 @@
-"""The checkpoint measurement's probes and traces (flatlib.experiments.measure_checkpoint), and the
-probe options they use (flatlib.downstream)."""
+"""The checkpoint measurement's probes and traces (flatlib.runner.experiments.measure_checkpoint), and the
+probe options they use (flatlib.measurement.downstream)."""
 
 import math
 
 import pytest
 import torch
-
-from flatlib.downstream import linear_probe, model_features
-from flatlib.measure import PROBES, Protocol, measure_checkpoint
-from flatlib.model import Transformer, TransformerConfig
-from flatlib.runs import RunStore
-from flatlib.languages import build_language
-from flatlib.train import PretrainConfig, load_model, pretrain
 from test_experiments import LANGUAGE, SMALL, base_config
+
+from flatlib.languages import build_language
+from flatlib.measurement.downstream import linear_probe, model_features
+from flatlib.measurement.measure import PROBES, Protocol, measure_checkpoint
+from flatlib.runner.runs import RunStore
+from flatlib.training.model import Transformer, TransformerConfig
+from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 
 def test_masked_position_features_are_those_of_the_masked_sentence():
@@ -61,7 +61,7 @@ def test_protocol_names_unknown_probes():
 
 
 def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
-    from flatlib.measure import measure_gauge
+    from flatlib.measurement.measure import measure_gauge
 
     run = pretrain(base_config(), RunStore(tmp_path), progress=False)
     g = measure_gauge(run, 40, SMALL)
@@ -85,11 +85,11 @@ def test_protocol_names_a_bad_field(field, value):
 def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm_minimum(tmp_path):
     from dataclasses import replace
 
+    from flatlib.measurement.measure import _trace_batches
+    from flatlib.measurement.mlm import mlm_logits_fn, mlm_loss_fn
+    from flatlib.measurement.symmetry import full_gauge_trace
     from flatlib.seeds import derived_seed
-    from flatlib.mlm import mlm_logits_fn, mlm_loss_fn
-    from flatlib.measure import _trace_batches
-    from flatlib.objective import validation_set
-    from flatlib.symmetry import full_gauge_trace
+    from flatlib.training.objective import validation_set
 
     full = replace(SMALL, gauge="full")
     assert full.key() != SMALL.key() and replace(SMALL, gauge="layernorm").key() == SMALL.key()
@@ -111,7 +111,7 @@ def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm
 def test_measure_gauge_full_is_one_number_along_attention_rescalings_where_the_layernorm_one_moves(tmp_path):
     from dataclasses import replace
 
-    from flatlib.measure import measure_gauge
+    from flatlib.measurement.measure import measure_gauge
 
     run = pretrain(base_config(), RunStore(tmp_path), progress=False)
     g = measure_gauge(run, 40, replace(SMALL, gauge="full"))

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from flatlib.model import (KVCache, Transformer, TransformerConfig, explicit_attention, explicit_attention_on,
-                           widen)
+from flatlib.training.model import (
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    explicit_attention,
+    explicit_attention_on,
+    widen,
+)
 
 
 def tiny(causal=False, **kw):

@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from brute_force import causal_conditional, mlm_conditional, pcfg_strings, sample_fit_pvalue
+
 from flatlib.languages import PCFG
 
 # Unary (S -> C), binary, a ternary rule with words, a mixed word / non-terminal rule.

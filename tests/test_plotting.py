@@ -1,9 +1,9 @@
-"""flatlib.plotting: figures saved under the profile's folder, stamped with profile and seed."""
+"""flatlib.plots.style: figures saved under the profile's folder, stamped with profile and seed."""
 
 import matplotlib.pyplot as plt
 import pytest
 
-from flatlib.plotting import saver, figures_dir
+from flatlib.plots.style import figures_dir, saver
 
 
 def test_saver_fills_in_profile_and_seed(tmp_path, monkeypatch):

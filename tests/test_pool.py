@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flatlib.pool import WORKER_DIED, run_jobs
+from flatlib.runner.pool import WORKER_DIED, run_jobs
 
 
 def square_or_die(job: int) -> int:
@@ -75,7 +75,7 @@ def test_workers_die_when_their_parent_is_killed(tmp_path):
     jobs = [str(tmp_path / f"job{i}") for i in range(2)]
     script = ("import sys\n"
               f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              "from flatlib.pool import run_jobs\nfrom test_pool import sleep_and_report\n"
+              "from flatlib.runner.pool import run_jobs\nfrom test_pool import sleep_and_report\n"
               f"run_jobs(sleep_and_report, {jobs!r}, workers=2)\n")
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 120

@@ -1,4 +1,4 @@
-"""flatlib.stats' power functions and flatlib.power: the power of the rules' t-intervals against published values, against simulation of
+"""flatlib.stats' power functions and flatlib.tools.power: the power of the rules' t-intervals against published values, against simulation of
 the test itself (fixed seeds), and its inverses (minimum detectable effect, lineages needed) against
 the power function; the variance components of a paired effect on hand-made tables."""
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flatlib.power import clock_components, pair_components
 from flatlib.stats import paired_mde, paired_n, paired_power, unpaired_mde, unpaired_n, unpaired_power
+from flatlib.tools.power import clock_components, pair_components
 
 
 # ---------------------------------------------------------------------------- the power of a paired effect
@@ -160,7 +160,7 @@ def test_the_committed_clock_reproduces_the_measured_components():
     # lineage's effect 0.0047 with one noise seed and 0.0034 with infinitely many, 87% between lineages
     from pathlib import Path
 
-    from flatlib.power import ROOT
+    from flatlib.tools.power import ROOT
 
     frame = pd.read_csv(Path(ROOT) / "figures" / "02_measurements.csv")
     c = clock_components(frame[frame.continuation == "sgd clock"], "hmm", "acc state@3", tau=10.0)

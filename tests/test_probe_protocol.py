@@ -1,4 +1,4 @@
-"""Probe protocol 2 (flatlib.downstream.exact_probe): the exact multinomial logistic regression, classes
+"""Probe protocol 2 (flatlib.measurement.downstream.exact_probe): the exact multinomial logistic regression, classes
 absent from a training split, one L2 per (task, model) chosen on the pooled validation splits with its
 grid edge flagged, accuracy as a function of L2, and its selection through ``Protocol.probe_version``
 without changing any existing cache key."""
@@ -10,12 +10,22 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
-
-from flatlib.downstream import (PROBE_V2_L2_GRID, PROBE_V2_PATIENCE, accuracy_vs_l2, choose_l2, exact_probe, fit_logistic,
-                                fit_logistic_exact, grid_edge, lookup_table_features, pool)
-from flatlib.languages import HMM
-from flatlib.measure import Protocol, lookup_table_probe
 from test_experiments import LANGUAGE
+
+from flatlib.languages import HMM
+from flatlib.measurement.downstream import (
+    PROBE_V2_L2_GRID,
+    PROBE_V2_PATIENCE,
+    accuracy_vs_l2,
+    choose_l2,
+    exact_probe,
+    fit_logistic,
+    fit_logistic_exact,
+    grid_edge,
+    lookup_table_features,
+    pool,
+)
+from flatlib.measurement.measure import Protocol, lookup_table_probe
 
 
 def blobs(n: int, d: int, k: int, seed: int, noise: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,10 +277,11 @@ def test_protocol_unknown_probe_version_is_refused_before_anything_is_cached() -
 def test_measure_checkpoint_under_protocol_2_uses_it_for_every_probe(tmp_path) -> None:
     from dataclasses import replace
 
-    from flatlib.measure import measure_checkpoint
-    from flatlib.runs import RunStore
-    from flatlib.train import pretrain
     from test_experiments import SMALL, base_config
+
+    from flatlib.measurement.measure import measure_checkpoint
+    from flatlib.runner.runs import RunStore
+    from flatlib.training.train import pretrain
 
     run = pretrain(base_config(), RunStore(tmp_path), progress=False)
     protocol = replace(SMALL, probe_version=2, probe_l2_grid=(1e-5, 1e-3, 1e-1))

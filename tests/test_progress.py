@@ -1,4 +1,4 @@
-"""flatlib.progress (the reporter in the kernel, the printer in reproduce) and its hooks: the sweep,
+"""flatlib.runner.progress (the reporter in the kernel, the printer in reproduce) and its hooks: the sweep,
 the pool, measure_many, and reproduce's Ctrl-C path (with a stub instead of papermill)."""
 
 import io
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from flatlib import measure, progress, reproduce, sweep
-from flatlib.pool import run_jobs
-from flatlib.runs import RunStore
-from flatlib.train import PretrainConfig
+from flatlib.measurement import measure
+from flatlib.runner import progress, sweep
+from flatlib.runner.pool import run_jobs
+from flatlib.runner.runs import RunStore
+from flatlib.tools import reproduce
+from flatlib.training.train import PretrainConfig
 
 
 @pytest.fixture(autouse=True)

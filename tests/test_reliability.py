@@ -2,9 +2,8 @@
 
 import pytest
 
-from flatlib.languages import HMM, PCFG, TeacherLM
+from flatlib.languages import HMM, PCFG, TeacherLM, build_language
 from flatlib.profiles import resolve
-from flatlib.languages import build_language
 
 TINY = {"hmm": {"kind": "hmm", "n_states": 3, "vocab_size": 4, "seq_len": 4},
         "pcfg": {"kind": "pcfg", "depth": 2, "n_types": 2, "n_per_level": 3, "n_binary_rules": 2,
@@ -43,8 +42,8 @@ TINY_RUN = dict(model={"n_layer": 1, "n_head": 1, "d_model": 8, "d_ff": 16}, ste
 def test_a_rules_file_language_is_keyed_by_its_contents(tmp_path):
     """Regression: keyed by the path, an edited file returned the old run, and load_model paired
     the edited grammar with the old model."""
-    from flatlib.runs import RunStore
-    from flatlib.train import PretrainConfig, load_model, pretrain
+    from flatlib.runner.runs import RunStore
+    from flatlib.training.train import PretrainConfig, load_model, pretrain
 
     path = tmp_path / "grammar.txt"
     path.write_text(GRAMMAR)
@@ -109,8 +108,8 @@ def test_a_grammar_too_big_to_allocate_is_refused_with_the_estimate():
 
 @pytest.mark.parametrize("profile", ["../x", "a/b", "", ".", "..", "x y"])
 def test_figure_and_claims_folders_need_a_plain_profile_name(profile):
-    from flatlib.plotting import figures_dir
-    from flatlib.report import claims_dir
+    from flatlib.plots.style import figures_dir
+    from flatlib.tools.report import claims_dir
 
     for folder in (figures_dir, claims_dir):
         with pytest.raises(ValueError, match="^profile: "):
@@ -121,7 +120,7 @@ def test_run_store_files_follow_the_umask(tmp_path):
     """Regression: every file was created 0600 (mkstemp), so a shared store was unreadable."""
     import os
 
-    from flatlib.runs import atomic_write
+    from flatlib.runner.runs import atomic_write
 
     old = os.umask(0o022)
     try:
@@ -139,9 +138,9 @@ def test_the_summary_records_the_thread_count_and_serial_sweeps_restore_it(tmp_p
     threads_per_worker in every backend, and the serial backend leaves the caller's count alone."""
     import torch
 
-    from flatlib.runs import RunStore
-    from flatlib.sweep import run_configs
-    from flatlib.train import PretrainConfig
+    from flatlib.runner.runs import RunStore
+    from flatlib.runner.sweep import run_configs
+    from flatlib.training.train import PretrainConfig
 
     config = PretrainConfig(language={**TINY["hmm"], "seed": 0}, **TINY_RUN)
     before = torch.get_num_threads()

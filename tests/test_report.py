@@ -2,7 +2,7 @@
 
 import pytest
 
-from flatlib.report import Claim, load_claims, record_claims, record_runs, render_report, write_report
+from flatlib.tools.report import Claim, load_claims, record_claims, record_runs, render_report, write_report
 
 
 @pytest.fixture()
@@ -51,7 +51,7 @@ def test_report_lists_claims_and_keeps_the_last_good_run(figures):
 
 def test_a_truncated_claims_file_is_named_and_the_rest_is_reported(figures):
     """It used to crash the report with a bare JSONDecodeError naming no file."""
-    from flatlib.report import DamagedFileError, damaged_files
+    from flatlib.tools.report import DamagedFileError, damaged_files
 
     record_claims("smoke", "03_model_size", [claim()])
     path = figures / "smoke" / "claims" / "02_pretraining_to_optimality.json"
@@ -72,7 +72,7 @@ def test_a_truncated_claims_file_is_named_and_the_rest_is_reported(figures):
 def test_a_claim_that_is_not_a_claim_names_its_file_and_its_number(figures, edit, problem):
     import json
 
-    from flatlib.report import DamagedFileError
+    from flatlib.tools.report import DamagedFileError
 
     path = record_claims("smoke", "03_model_size", [claim()])
     data = json.loads(path.read_text())
@@ -86,7 +86,7 @@ def test_a_claim_that_is_not_a_claim_names_its_file_and_its_number(figures, edit
 def test_a_damaged_runs_record_is_kept_aside_and_the_results_recorded_afresh(figures):
     import json
 
-    from flatlib.report import DamagedFileError
+    from flatlib.tools.report import DamagedFileError
 
     result = {"notebook": "03_model_size.ipynb", "ok": True, "seconds": 60.0, "error": ""}
     path = record_runs("smoke", [result])
@@ -111,7 +111,7 @@ def test_the_verdicts_that_moved_get_their_own_section(figures):
 
 
 def test_reproduce_report_only_rewrites_the_report_with_the_moved_verdicts(figures, monkeypatch, capsys):
-    from flatlib import reproduce
+    from flatlib.tools import reproduce
 
     record_claims("smoke", "03_model_size", [claim()])
     monkeypatch.setattr(reproduce, "moved_verdicts", lambda profile: ("commit abc1234", [("n", "c", "no", "yes")]))

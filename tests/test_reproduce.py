@@ -1,4 +1,4 @@
-"""flatlib.reproduce: parameters the notebooks do not define are errors; damaged claims files are named,
+"""flatlib.tools.reproduce: parameters the notebooks do not define are errors; damaged claims files are named,
 the report is still written from what can be read, and the exit status says something went wrong."""
 
 import functools
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flatlib import reproduce
-from flatlib.report import Claim, record_claims
-from flatlib.script import UnknownParameterError
+from flatlib.tools import reproduce
+from flatlib.tools.report import Claim, record_claims
+from flatlib.tools.script import UnknownParameterError
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_a_notebook_without_the_profile_parameter_fails_instead_of_running_on_it
 
 
 def test_papermills_unknown_parameter_warning_is_an_error_while_reproduce_runs():
-    """Where papermill's reading of a parameters cell and flatlib.script's differ, papermill's warning
+    """Where papermill's reading of a parameters cell and flatlib.tools.script's differ, papermill's warning
     still stops the notebook."""
     logger = logging.getLogger("papermill")
     with pytest.raises(UnknownParameterError, match="papermill: Passed unknown parameter: n_chain"), \

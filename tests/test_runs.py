@@ -3,7 +3,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from flatlib.runs import CorruptCheckpointError, RunStore, atomic_write, config_hash
+from flatlib.runner.runs import CorruptCheckpointError, RunStore, atomic_write, config_hash
 
 CONFIG = {"language": {"kind": "hmm", "n_states": 4}, "lr": 1e-3, "steps": 10}
 
@@ -84,7 +84,7 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
                                         ("metrics.csv", ""), ("metrics.csv", "\x00\xff")])
 def test_garbage_run_files_are_named(tmp_path, name, text):
     """Regression: a bare JSONDecodeError / EmptyDataError, and one bad run broke iterating the store."""
-    from flatlib.runs import CorruptRunError
+    from flatlib.runner.runs import CorruptRunError
 
     store = RunStore(tmp_path)
     good, bad = store.open(CONFIG), store.open({**CONFIG, "lr": 2e-3})

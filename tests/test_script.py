@@ -1,4 +1,4 @@
-"""flatlib.script: notebooks executed without Jupyter (the GPU machine's way), with papermill's
+"""flatlib.tools.script: notebooks executed without Jupyter (the GPU machine's way), with papermill's
 parameter injection and a readable executed copy."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flatlib.script import NotebookError, execute_notebook, with_parameters
+from flatlib.tools.script import NotebookError, execute_notebook, with_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,22 +71,22 @@ def test_the_command_line_reads_literals_and_strings(tmp_path):
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb"),
+    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb"),
                            "-p", "profile", "smoke", "-p", "seed", "4"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     out = json.loads((tmp_path / "out.ipynb").read_text())
     assert out["cells"][-1]["outputs"][0]["text"] == "'smoke' 5\n"
     path.write_text(json.dumps(notebook("1 / 0")))
-    failed = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb")],
+    failed = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb")],
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
 
 
 def test_reproduce_runs_the_notebooks_as_scripts_in_fresh_processes(tmp_path, monkeypatch):
-    """`python -m flatlib.reproduce --runner script` (scripts/gpu_story.sh): each notebook through
-    flatlib.script in its own Python process, with the profile injected."""
-    from flatlib import reproduce
-    from flatlib.script import execute_in_subprocess
+    """`python -m flatlib.tools.reproduce --runner script` (scripts/gpu_story.sh): each notebook through
+    flatlib.tools.script in its own Python process, with the profile injected."""
+    from flatlib.tools import reproduce
+    from flatlib.tools.script import execute_in_subprocess
 
     seen = {}
     monkeypatch.setattr(reproduce, "_run", lambda profile, out_dir, only, execute: seen.update(execute=execute) or 0)
@@ -110,7 +110,7 @@ PARAMETERS = 'profile = "cpu"  # smoke | cpu\nseed: int = 0\nn_chains = None\nlo
 
 def test_an_unknown_parameter_is_refused_naming_it_the_close_match_and_the_known_ones(tmp_path):
     """`-p n_chain 3` for `n_chains` used to run the notebook on its defaults and exit 0."""
-    from flatlib.script import UnknownParameterError
+    from flatlib.tools.script import UnknownParameterError
 
     nb = notebook(("x = 1", ["other"]), (PARAMETERS, ["parameters"]), "open('ran.txt', 'w').write('ran')")
     path = tmp_path / "nb.ipynb"
@@ -126,7 +126,7 @@ def test_an_unknown_parameter_is_refused_naming_it_the_close_match_and_the_known
 
 
 def test_a_notebook_without_a_parameters_cell_takes_no_parameter(tmp_path):
-    from flatlib.script import UnknownParameterError, notebook_parameters
+    from flatlib.tools.script import UnknownParameterError, notebook_parameters
 
     nb = notebook("profile = 'cpu'")  # assigned, but not in a cell tagged 'parameters'
     assert notebook_parameters(nb) is None
@@ -142,7 +142,7 @@ def test_the_command_line_refuses_a_misspelt_parameter(tmp_path):
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "flatlib.script", str(path), str(tmp_path / "out.ipynb"),
+    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb"),
                            "-p", "n_chain", "3"], check=False, capture_output=True, text=True, env=env)
     assert done.returncode == 2, done.stderr
     assert "n_chain" in done.stderr and "n_chains" in done.stderr and "Traceback" not in done.stderr
@@ -150,7 +150,7 @@ def test_the_command_line_refuses_a_misspelt_parameter(tmp_path):
 
 
 def test_every_notebook_defines_the_profile_that_reproduce_and_make_test_inject():
-    from flatlib.script import check_parameters
+    from flatlib.tools.script import check_parameters
 
     paths = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert paths

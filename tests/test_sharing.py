@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flatlib import measure
-from flatlib.runs import CorruptRunError, RunStore, atomic_write
-from flatlib.train import PretrainConfig, load_model, pretrain
 from test_train import tiny_config
 
+from flatlib.measurement import measure
+from flatlib.runner.runs import CorruptRunError, RunStore, atomic_write
+from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 
 def _writer(config: PretrainConfig, store: Path, threads: int) -> subprocess.Popen:
     script = (f"import torch; torch.set_num_threads({threads})\n"
-              "from flatlib.runs import RunStore\nfrom flatlib.train import PretrainConfig, pretrain\n"
+              "from flatlib.runner.runs import RunStore\nfrom flatlib.training.train import PretrainConfig, pretrain\n"
               f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store)!r}), progress=False)\n")
     return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
 
@@ -220,7 +219,7 @@ def test_the_last_measurement_left_goes_to_a_worker(tmp_path, monkeypatch):
     """Regression: with one measurement left, measure_many ran it in the calling process at that
     process's thread count (2), not in a worker at the workers' (1): the trace differed at ~1e-8 from
     an uninterrupted run's."""
-    from flatlib.pool import Outcome
+    from flatlib.runner.pool import Outcome
 
     monkeypatch.setitem(measure._MEASURES, "threads", (thread_count, _thread_path))
     submitted = []

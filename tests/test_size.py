@@ -1,4 +1,4 @@
-"""flatlib.size (notebook 03's analysis) and flatlib.plots.size on small hand-made tables: known gaps,
+"""flatlib.analysis.size (notebook 03's analysis) and flatlib.plots.size on small hand-made tables: known gaps,
 accuracies and traces give the known equal-loss pair, effects, verdicts and claim texts."""
 
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flatlib import size
+from flatlib.analysis import size
 from flatlib.claims import claims_table
-from flatlib.measure import Protocol
+from flatlib.measurement.measure import Protocol
 from flatlib.plots import size as size_plots
 
 T_975_2 = 4.302653  # t quantile for 3 values

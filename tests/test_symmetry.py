@@ -10,17 +10,36 @@ import math
 
 import pytest
 import torch
-from scipy.optimize import minimize
 import torch.nn.functional as F
+from scipy.optimize import minimize
+from test_flatness import diagonal_by_name, optimum_case, perturb, tiny_validation_set
 from torch import nn
 
-from flatlib.flatness import (dense_hessian, hessian_mode, invariant_trace, mlm_batches, mlm_logits_fn,
-                              mlm_loss_fn, trainable_parameters)
-from flatlib.model import Transformer, TransformerConfig
-from flatlib.symmetry import (Group, Member, SymmetryError, check_groups, full_gauge_trace, gauge_minimum,
-                              log_factors, norm_reader_group, query_key_group, rescale, transformer_groups,
-                              value_output_group, verify_groups)
-from test_flatness import diagonal_by_name, optimum_case, perturb, tiny_validation_set
+from flatlib.measurement.flatness import (
+    dense_hessian,
+    hessian_mode,
+    invariant_trace,
+    mlm_batches,
+    mlm_logits_fn,
+    mlm_loss_fn,
+    trainable_parameters,
+)
+from flatlib.measurement.symmetry import (
+    Group,
+    Member,
+    SymmetryError,
+    check_groups,
+    full_gauge_trace,
+    gauge_minimum,
+    log_factors,
+    norm_reader_group,
+    query_key_group,
+    rescale,
+    transformer_groups,
+    value_output_group,
+    verify_groups,
+)
+from flatlib.training.model import Transformer, TransformerConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from flatlib.pretraining import gauge_tables, reference_table
-from flatlib.report import parameter_lines
+from flatlib.analysis.pretraining import gauge_tables, reference_table
+from flatlib.tools.report import parameter_lines
 
 
 def test_parameter_lines_expand_the_named_sections():
@@ -30,7 +30,7 @@ def test_gauge_and_reference_tables():
 
 
 def test_final_gaps_reads_each_runs_summary():
-    from flatlib.experiments import final_gaps
+    from flatlib.runner.experiments import final_gaps
 
     class Finished:  # what final_gaps reads of a run
         def __init__(self, gap):

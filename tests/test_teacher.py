@@ -4,10 +4,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-
 from brute_force import causal_conditional, mlm_conditional, sample_fit_pvalue
-from flatlib.languages import Corpus, TeacherLM
-from flatlib.languages import build_language
+
+from flatlib.languages import Corpus, TeacherLM, build_language
 
 
 def tiny_teacher(**overrides) -> TeacherLM:

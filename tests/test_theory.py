@@ -2,10 +2,10 @@
 sections of the notebook (``noise_vs_curvature``, ``sgd_vs_flow``, ``flat_vs_sharp``: their tables
 and verdicts).
 
-Dense reference Hessians come from ``flatlib.flatness.dense_hessian`` (classic double backward,
+Dense reference Hessians come from ``flatlib.measurement.flatness.dense_hessian`` (classic double backward,
 ``torch.autograd.grad`` with ``create_graph``, row by row), never from ``torch.func.hessian`` (see
 docs/design.md); the batched exact Hessian of ``flatlib.theory`` is checked against them, and against
-``flatlib.flatness.hvp``.
+``flatlib.measurement.flatness.hvp``.
 """
 
 import copy
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from flatlib.flatness import dense_hessian, hvp
 from flatlib.languages import HMM, Corpus
+from flatlib.measurement.flatness import dense_hessian, hvp
+from flatlib.plots.theory import implicit_bias_figure, noise_vs_curvature_figure, transfer_figure
 from flatlib.profiles import PROFILES, theory_params
 from flatlib.theory import (
     BagOfWordsLanguage,
@@ -52,7 +53,6 @@ from flatlib.theory import (
     trace_gradient,
     with_ids,
 )
-from flatlib.theory.figures import implicit_bias_figure, noise_vs_curvature_figure, transfer_figure
 
 # torch loads its forward-AD decompositions through torch.jit.script on first use (one-off, harmless)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -90,7 +90,7 @@ def optimum(contexts):
 
 
 def reference_hessian(flat: FlatModel, theta: torch.Tensor, contexts: ContextSet) -> torch.Tensor:
-    """``flatlib.flatness.dense_hessian`` of the expected loss at ``theta`` (on a copy of the model)."""
+    """``flatlib.measurement.flatness.dense_hessian`` of the expected loss at ``theta`` (on a copy of the model)."""
     model = copy.deepcopy(flat.model)
     FlatModel(model).load_(theta)
     return dense_hessian(model, expected_loss_fn, [contexts.batch()])
@@ -193,7 +193,7 @@ def test_exact_hessian_matches_the_reference_and_flatness_hvp(contexts, optimum)
     reference = reference_hessian(flat, theta, contexts)
     assert torch.allclose(reference, reference.T, atol=1e-12), "the reference must be symmetric"
     torch.testing.assert_close(fast, reference, atol=1e-10, rtol=1e-10)
-    # and flatlib.flatness.hvp (double backward through the model) on the same expected loss
+    # and flatlib.measurement.flatness.hvp (double backward through the model) on the same expected loss
     v = torch.randn(flat.n_params, generator=torch.Generator().manual_seed(3))
     hv = hvp(model, expected_loss_fn, [contexts.batch()], v)
     torch.testing.assert_close(hv, reference @ v, atol=1e-10, rtol=1e-10)
@@ -526,7 +526,7 @@ def test_noise_vs_curvature_measures_what_its_table_says(noise_result):
         np.testing.assert_allclose(frame["H exact"], expected_h, rtol=1e-12)
         np.testing.assert_allclose(frame["C exact"], expected_c, rtol=1e-12)
         np.testing.assert_allclose(frame["z"], (frame["C sampled"] - frame["H exact"]) / frame["C se"], rtol=1e-12)
-        # the forms through flatlib.flatness.hvp are those of the dense H
+        # the forms through flatlib.measurement.flatness.hvp are those of the dense H
         torch.testing.assert_close(r.points[point].hvp_forms, torch.tensor(expected_h[1:], dtype=torch.float64))
     # at the optimum the sampled noise estimates H (within 4 SE); away from it the exact C is not H
     assert (table[table.point == "at the optimum"]["z"].abs() < 4).all()

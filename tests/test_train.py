@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import interrupt
 
 from flatlib.languages import build_language
-from flatlib.objective import single_mask_batch
-from flatlib.runs import CorruptCheckpointError, RunStore
-from flatlib.train import PretrainConfig, learning_rate, load_model, pretrain
-from run_helpers import interrupt
+from flatlib.runner.runs import CorruptCheckpointError, RunStore
+from flatlib.training.objective import single_mask_batch
+from flatlib.training.train import PretrainConfig, learning_rate, load_model, pretrain
 
 TINY_HMM = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concentration": 0.3, "seed": 0}
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64}
@@ -42,7 +42,7 @@ def test_masks_are_independent_of_the_sentences():
     """Regression: drawing the masked positions from the sentences' own random stream made the
     position predictive of the hidden states, and a model beat the 'optimum'."""
     config = tiny_config()
-    from flatlib.objective import mask_generator, training_corpus
+    from flatlib.training.objective import mask_generator, training_corpus
 
     language = build_language(config.language)
     corpus = training_corpus(config, language, 0, None)
@@ -83,7 +83,7 @@ def test_sigkill_then_rerun_gives_identical_results(tmp_path):
     store_dir = tmp_path / "killed"
     script = (
         "import sys, torch; torch.set_num_threads(1)\n"
-        "from flatlib.runs import RunStore\nfrom flatlib.train import PretrainConfig, pretrain\n"
+        "from flatlib.runner.runs import RunStore\nfrom flatlib.training.train import PretrainConfig, pretrain\n"
         f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store_dir)!r}), progress=False)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script])
@@ -127,7 +127,7 @@ def test_truncated_metrics_are_rewritten_from_the_checkpoint(tmp_path):
 def test_a_checkpoint_without_metrics_resumes_from_the_csv_only_if_it_reaches_it(tmp_path):
     """Checkpoints written before they held the metrics (existing stores): metrics.csv is used, and
     must reach the checkpoint's step."""
-    from flatlib.runs import CorruptRunError
+    from flatlib.runner.runs import CorruptRunError
 
     store = RunStore(tmp_path)
     run = pretrain(tiny_config(), store, progress=False)
@@ -147,7 +147,7 @@ def test_finished_run_vouches_for_its_metrics_and_final_checkpoint(tmp_path):
     """FINISHED records a checksum of metrics.csv and the final checkpoint's digest: a damaged
     metrics file, or a missing final checkpoint (which silently loaded the previous one), is an
     error naming the file."""
-    from flatlib.runs import CorruptRunError
+    from flatlib.runner.runs import CorruptRunError
 
     run = pretrain(tiny_config(), RunStore(tmp_path), progress=False)
     good = run.metrics_path.read_bytes()
@@ -213,7 +213,7 @@ def test_learning_rate_schedules():
 def test_invalid_configs_name_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         config = tiny_config(**overrides)
-        from flatlib.train import model_config
+        from flatlib.training.train import model_config
 
         model_config(config, build_language(config.language))
 
@@ -238,7 +238,7 @@ def test_the_model_config_is_completed_into_the_key():
     # layer_norm_eps enters a key only when given: its default is part of the store's format
     from dataclasses import fields
 
-    from flatlib.model import TransformerConfig
+    from flatlib.training.model import TransformerConfig
     assert {f.name: f.default for f in fields(TransformerConfig)}["layer_norm_eps"] == 1e-5
 
 
@@ -252,7 +252,7 @@ def test_supervise_all_and_multi_mask_train(tmp_path):
 
 def test_train_sentences_cycles_through_one_fixed_corpus():
     """A fixed corpus of train_sentences: each epoch's batches are a reshuffle of it, sentence by sentence."""
-    from flatlib.objective import fixed_corpus, training_corpus
+    from flatlib.training.objective import fixed_corpus, training_corpus
 
     config = tiny_config(train_sentences=96, batch_size=32)
     language = build_language(config.language)

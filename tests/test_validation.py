@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from flatlib.algorithms import protocol as profile_protocol
+from flatlib.analysis.algorithms import protocol as profile_protocol
 from flatlib.checks import SEED_LIMIT, check_seed
-from flatlib.downstream import linear_probe
-from flatlib.experiments import experiment_models, held_out_configs, phase1_config, training_seeds
 from flatlib.languages import PCFG
 from flatlib.languages.pcfg import parse_rules
-from flatlib.measure import Protocol, lookup_table_probe
-from flatlib.model import TransformerConfig
-from flatlib.objective import mask_generator
-from flatlib.seeds import derived_seed
+from flatlib.measurement.downstream import linear_probe
+from flatlib.measurement.measure import Protocol, lookup_table_probe
 from flatlib.profiles import PROFILES, language_spec, resolve, theory_params
-from flatlib.train import PretrainConfig
+from flatlib.runner.experiments import experiment_models, held_out_configs, phase1_config, training_seeds
+from flatlib.seeds import derived_seed
+from flatlib.training.model import TransformerConfig
+from flatlib.training.objective import mask_generator
+from flatlib.training.train import PretrainConfig
 
 NAN, INF = math.nan, math.inf
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "rule_deep_mlm.txt"
@@ -335,6 +335,6 @@ def test_released_grammar_still_loads() -> None:
 
 @pytest.mark.parametrize("version", [3, 0, True, "2", 2.0])
 def test_a_protocol_refuses_an_unknown_probe_version_when_built(version):
-    from flatlib.measure import Protocol
+    from flatlib.measurement.measure import Protocol
     with pytest.raises(ValueError, match="probe_version"):
         Protocol(probe_version=version)

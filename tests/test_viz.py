@@ -1,4 +1,4 @@
-"""flatlib.viz's figures draw the numbers they are given (saving them is tests/test_plotting.py)."""
+"""flatlib.plots.languages's figures draw the numbers they are given (saving them is tests/test_plotting.py)."""
 
 import matplotlib
 
@@ -9,9 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from flatlib import viz  # noqa: E402
+from flatlib.analysis.languages import task_table  # noqa: E402
 from flatlib.languages import HMM, PCFG  # noqa: E402
-from flatlib.languages.summary import task_table  # noqa: E402
+from flatlib.plots import languages as viz  # noqa: E402
 
 RULES = "S S1 0.4\nS S2 0.6\nS1 a b 0.5\nS1 a 0.5\nS2 A c 0.7\nS2 c 0.3\nA a 0.5\nA b 0.5"
 

@@ -257,7 +257,7 @@ class LanguageBase:
 
 def unknown_task(task: object, language: str, tasks: tuple[str, ...]) -> ValueError:
     """The error for a task name the language does not have. Where it came from is named, since a
-    ``flatlib.measure.Protocol`` cannot check its ``tasks`` before it meets the language."""
+    ``flatlib.measurement.measure.Protocol`` cannot check its ``tasks`` before it meets the language."""
     return ValueError(f"task: unknown task {task!r}; this {language} has {tasks}: the tasks asked for "
                       "(Protocol.tasks, algorithms.tasks, adversarial.task) must be among them")
 

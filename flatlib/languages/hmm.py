@@ -12,8 +12,14 @@ import torch
 from torch import Tensor
 
 from flatlib.checks import check_int, check_number, check_seed, is_real
-from flatlib.languages.base import (Corpus, Estimate, LanguageBase, RowSampler, check_probability_rows,
-                                    unknown_task)
+from flatlib.languages.base import (
+    Corpus,
+    Estimate,
+    LanguageBase,
+    RowSampler,
+    check_probability_rows,
+    unknown_task,
+)
 
 PAPER_TASK_POSITIONS = (6, 10)
 

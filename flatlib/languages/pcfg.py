@@ -31,8 +31,15 @@ import torch
 from torch import Tensor
 
 from flatlib.checks import check_int, check_seed, is_real
-from flatlib.languages.base import (PAD, Corpus, LanguageBase, LossEstimate, RowSampler, loss_estimate,
-                                    unknown_task)
+from flatlib.languages.base import (
+    PAD,
+    Corpus,
+    LanguageBase,
+    LossEstimate,
+    RowSampler,
+    loss_estimate,
+    unknown_task,
+)
 
 Rule = tuple[str, tuple[str, ...], float]
 

@@ -15,7 +15,7 @@ Choices (documented here once):
   ``L`` words, so a causal model loses nothing at the end. A corpus of shorter sentences is read as
   prefixes (later words marginalised out, which for a causal teacher is just ignoring them).
 * **The topic is the teacher's first input token**, in place of the start (CLS) token. The teacher
-  is a ``flatlib.model.Transformer(TransformerConfig(vocab_size=V, max_len=L + 1, causal=True))``
+  is a ``flatlib.training.model.Transformer(TransformerConfig(vocab_size=V, max_len=L + 1, causal=True))``
   whose input embedding is extended by ``n_topics`` rows: topic ``k`` has input id
   ``V + N_SPECIAL + k`` (after the model's words and its ``N_SPECIAL`` special ids, none of which the
   teacher ever reads). Its outputs are the ``V`` words; the output at position ``t`` predicts ``x_t``
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from flatlib.checks import check_int, check_seed
 from flatlib.languages.base import Corpus, Estimate, LanguageBase, unknown_task
-from flatlib.model import N_SPECIAL, KVCache, Transformer, TransformerConfig
+from flatlib.training.model import N_SPECIAL, KVCache, Transformer, TransformerConfig
 
 TOPIC_TASK = "topic"
 
@@ -66,7 +66,7 @@ class TeacherLM(LanguageBase):
     def __init__(self, teacher: Transformer, seq_len: int, n_topics: int, temperature: float = 1.0,
                  max_rows: int = 8192) -> None:
         if not isinstance(teacher, Transformer) or not teacher.config.causal:
-            raise ValueError("teacher: expected a causal flatlib.model.Transformer")
+            raise ValueError("teacher: expected a causal flatlib.training.model.Transformer")
         check_int("seq_len", seq_len)
         check_int("n_topics", n_topics)
         check_int("max_rows", max_rows)
@@ -220,7 +220,7 @@ class TeacherLM(LanguageBase):
         ``t`` the ``V`` variants of every sentence are run through the teacher under every topic: the
         words up to ``x_t`` are scored by the original run, and only the positions after ``t`` are
         recomputed for the variants, attending to the original run's cached keys and values of the
-        shared prefix (``flatlib.model.KVCache``). In log space. Cost per sentence: ``V * K`` teacher
+        shared prefix (``flatlib.training.model.KVCache``). In log space. Cost per sentence: ``V * K`` teacher
         runs over ``L - 1 - t`` positions for each ``t``. Words beyond a sentence's length are ignored
         (a prefix).
         """

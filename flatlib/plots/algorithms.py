@@ -1,5 +1,5 @@
 """Notebook 04's figures: the continuations of AdamW, SGD and the adversary (``continuations``) and
-the paper's table as a figure (``accuracy_and_trace``), from the tables of ``flatlib.algorithms``."""
+the paper's table as a figure (``accuracy_and_trace``), from the tables of ``flatlib.analysis.algorithms``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flatlib.algorithms import ALGORITHMS, PHASE1, labels, tasks
-from flatlib.experiments import training_seeds
+from flatlib.analysis.algorithms import ALGORITHMS, PHASE1, labels, tasks
+from flatlib.runner.experiments import training_seeds
 from flatlib.stats import mean_ci
 
 COLORS = {"adamw": "C1", "sgd": "C0", "adversarial": "C3", "lookup": "0.5", PHASE1: "0.2"}
@@ -18,7 +18,7 @@ COLORS = {"adamw": "C1", "sgd": "C0", "adversarial": "C3", "lookup": "0.5", PHAS
 
 def continuations(curves: pd.DataFrame, params: dict[str, Any]) -> plt.Figure:
     """One row per language of ``algorithms.languages``. Left: each algorithm's gap to the optimum
-    during the continuation (``curves``, ``flatlib.algorithms.curves_table``; mean over seeds, band
+    during the continuation (``curves``, ``flatlib.analysis.algorithms.curves_table``; mean over seeds, band
     min-max), with ε. Right: the adversary's downstream loss ``adv_loss`` per seed."""
     names, seed_list, label = params["algorithms"]["languages"], training_seeds(params), labels(params)
     eps, adversary = params["pretraining"]["epsilon"], params["algorithms"]
@@ -49,7 +49,7 @@ def continuations(curves: pd.DataFrame, params: dict[str, Any]) -> plt.Figure:
 def accuracy_and_trace(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any]]],
                        params: dict[str, Any]) -> plt.Figure:
     """One row per language. Left: probe accuracy per task of the phase-1 checkpoint, each algorithm
-    (mean ± 95% CI over seeds, from ``table``, ``flatlib.algorithms.measurement_table``) and the
+    (mean ± 95% CI over seeds, from ``table``, ``flatlib.analysis.algorithms.measurement_table``) and the
     lookup table (± its CI over resplits, from ``lookup``). Right: the invariant trace of each
     model (mean ± 95% CI over seeds, small dots the seeds; the view is set by the seeds' values)."""
     names, label, task_names = params["algorithms"]["languages"], labels(params), tasks(params)

@@ -1,5 +1,5 @@
 """Notebook 05's figures: accuracy against the traces and the gap, and the correlations' forest plot
-(tables of ``flatlib.correlations``)."""
+(tables of ``flatlib.analysis.correlations``)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def accuracy_vs_trace_and_gap(models: pd.DataFrame, name: str, tasks: Sequence[s
 
 
 def correlation_forest(correlations: pd.DataFrame) -> plt.Figure:
-    """Spearman's ρ with its interval per row of ``correlations`` (``flatlib.correlations.
+    """Spearman's ρ with its interval per row of ``correlations`` (``flatlib.analysis.correlations.
     correlation_table``): the partial correlation with the invariant trace given the gap (blue), with
     the raw trace (grey) and with the gap (orange); the band is ±``EQUIVALENCE_RHO``."""
     if not len(correlations):

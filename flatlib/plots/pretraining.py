@@ -7,9 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from flatlib.pretraining import dose_response
+from flatlib.analysis.pretraining import dose_response
 from flatlib.plots.panels import gap_panel
-from flatlib.runs import Run
+from flatlib.runner.runs import Run
 
 
 def training_curves(runs: dict[tuple[str, int], Run], optima: dict[str, float], epsilon: float) -> plt.Figure:
@@ -40,7 +40,7 @@ def training_curves(runs: dict[tuple[str, int], Run], optima: dict[str, float], 
 
 def gauge(points: pd.DataFrame, seed: int) -> plt.Figure:
     """Raw against invariant trace (95% CI bars, log scale) of one function in the parameterizations
-    of ``points`` (``flatlib.pretraining.gauge_tables``), one panel per language; with the full gauge
+    of ``points`` (``flatlib.analysis.pretraining.gauge_tables``), one panel per language; with the full gauge
     (``invariant_trace_layernorm`` present) the LayerNorm-only minimum between them (no bar: it shares the
     full trace's body and noise)."""
     names = list(dict.fromkeys(points.language))
@@ -70,7 +70,7 @@ def gauge(points: pd.DataFrame, seed: int) -> plt.Figure:
 def effect_vs_l2(effects: pd.DataFrame) -> plt.Figure:
     """The clock's transfer effect (largest dose - control, points of accuracy) against the probe's L2
     strength, one panel per language, one line per task, with 95% t-intervals over lineages
-    (``flatlib.pretraining.effect_vs_l2``); a ring marks each task's most often chosen strength."""
+    (``flatlib.analysis.pretraining.effect_vs_l2``); a ring marks each task's most often chosen strength."""
     names = list(dict.fromkeys(effects.language))
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -93,8 +93,8 @@ def effect_vs_l2(effects: pd.DataFrame) -> plt.Figure:
 def clock_dose_response(measurements: pd.DataFrame, taus: list[float], tasks: dict[str, list[str]]) -> plt.Figure:
     """Per language (rows): gap, raw trace, invariant trace and the standard probe's accuracy per
     task against the dose τ (equally spaced). Large dots with 95% CI bars over lineages
-    (``flatlib.pretraining.dose_response``), small dots the lineage means, dashed the phase-1 end's mean.
-    ``measurements`` is notebook 02's table (``flatlib.measure.measurement_frame``)."""
+    (``flatlib.analysis.pretraining.dose_response``), small dots the lineage means, dashed the phase-1 end's mean.
+    ``measurements`` is notebook 02's table (``flatlib.measurement.measure.measurement_frame``)."""
     clock = measurements[measurements.continuation == "sgd clock"]
     names = list(tasks)
     panels = ["gap", "trace", "invariant_trace"]

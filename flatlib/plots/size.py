@@ -1,6 +1,6 @@
-"""Notebook 03's figures (model size), from the tables of ``flatlib.size``: the gap during training per
+"""Notebook 03's figures (model size), from the tables of ``flatlib.analysis.size``: the gap during training per
 width, accuracy against size, and the gap and traces against size. Hollow markers are widths whose
-seeds did not all reach ε (``flatlib.size.converged``)."""
+seeds did not all reach ε (``flatlib.analysis.size.converged``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from flatlib.analysis.size import converged, parameter_counts, per_width
 from flatlib.plots.panels import gap_panel, mark_epsilon
-from flatlib.size import converged, parameter_counts, per_width
 
 
 def gap(curves: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str], epsilon: float) -> plt.Figure:
-    """Per language, the gap to the optimum during training (``flatlib.size.gap_curves``) of every
+    """Per language, the gap to the optimum during training (``flatlib.analysis.size.gap_curves``) of every
     width: mean over seeds, band from min to max over seeds, ε dotted; log scale."""
     params = parameter_counts(sizes)
     widths = [int(w) for w in sorted(curves["width"].unique())]

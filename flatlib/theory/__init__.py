@@ -23,7 +23,7 @@ Modules, in the order of notebook 06:
 * the set-up: ``contexts`` (``ContextSet``, ``hmm_contexts``: every single-mask context of a tiny
   HMM, ``with_ids``), ``factored`` (``FactoredSoftmax``, ``z_c = a_c^T B``: a manifold of exact optima),
   ``functional`` (``FlatModel``: a model as a function of one flat vector ``theta``, in
-  ``flatlib.flatness``'s parameter order; the losses; ``per_example_gradients``) and ``curvature``
+  ``flatlib.measurement.flatness``'s parameter order; the losses; ``per_example_gradients``) and ``curvature``
   (dense and exact, for tiny models: ``exact_hessian``, ``hessian_traces`` of many points at once,
   ``exact_gradient_covariance``, ``exact_fisher``, ``fisher_trace_at_optimum``, ``trace_gradient``);
 * section 1, ``noise``: ``gradient_noise`` (the sampled C, with standard errors) and
@@ -44,23 +44,46 @@ Modules, in the order of notebook 06:
 The sizes of each profile are the ``theory`` section of ``flatlib.profiles`` (``theory_params``).
 Second derivatives: forward-over-reverse (``jvp`` of ``grad``) or classic double backward only, never
 ``torch.func.hessian`` / ``jacrev(jacrev)`` (wrong with affine LayerNorm on torch 2.13,
-docs/lessons.md); the row-by-row reference is ``flatlib.flatness.dense_hessian``. All randomness comes
+docs/lessons.md); the row-by-row reference is ``flatlib.measurement.flatness.dense_hessian``. All randomness comes
 from explicit ``torch.Generator`` s; everything is float64.
 """
 
 from flatlib.theory.bag_of_words import BagOfWordsLanguage
 from flatlib.theory.contexts import DTYPE, ContextSet, hmm_contexts, with_ids
-from flatlib.theory.curvature import (exact_fisher, exact_gradient_covariance, exact_hessian, fisher_trace_at_optimum,
-                                      hessian_traces, trace_gradient)
+from flatlib.theory.curvature import (
+                                      exact_fisher,
+                                      exact_gradient_covariance,
+                                      exact_hessian,
+                                      fisher_trace_at_optimum,
+                                      hessian_traces,
+                                      trace_gradient,
+)
 from flatlib.theory.dynamics import Flow, Trajectory, retract, run_gd, run_sgd, slow_flow
 from flatlib.theory.factored import FactoredSoftmax
 from flatlib.theory.functional import FlatModel, expected_loss, expected_loss_fn, per_example_gradients
 from flatlib.theory.implicit_bias import SgdVerdict, SgdVsFlow, sgd_vs_flow
-from flatlib.theory.noise import NoiseEstimate, NoiseVerdict, NoiseVsCurvature, gradient_noise, noise_vs_curvature
+from flatlib.theory.noise import (
+                                      NoiseEstimate,
+                                      NoiseVerdict,
+                                      NoiseVsCurvature,
+                                      gradient_noise,
+                                      noise_vs_curvature,
+)
 from flatlib.theory.text import tiny
-from flatlib.theory.transfer import FlatVsSharp, HeadErrors, TransferVerdict, flat_vs_sharp, min_norm_head_errors
-from flatlib.theory.transformer import (OneLayerTransformer, balance_neurons, feature_solution, neuron_trace_parts,
-                                        random_solution)
+from flatlib.theory.transfer import (
+                                      FlatVsSharp,
+                                      HeadErrors,
+                                      TransferVerdict,
+                                      flat_vs_sharp,
+                                      min_norm_head_errors,
+)
+from flatlib.theory.transformer import (
+                                      OneLayerTransformer,
+                                      balance_neurons,
+                                      feature_solution,
+                                      neuron_trace_parts,
+                                      random_solution,
+)
 
 __all__ = [
     "DTYPE", "ContextSet", "hmm_contexts", "with_ids", "BagOfWordsLanguage", "FactoredSoftmax",

@@ -68,7 +68,7 @@ class ContextSet:
 
     def batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(inputs, targets, weights)``: the whole expected loss as one batch for
-        ``expected_loss_fn`` (and so for ``flatlib.flatness.hvp`` / ``hessian_trace``)."""
+        ``expected_loss_fn`` (and so for ``flatlib.measurement.flatness.hvp`` / ``hessian_trace``)."""
         return self.inputs, self.targets, self.weights
 
     def pairs(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ At any global minimiser ``q = p``: the residual terms vanish, ``grad L = 0`` and
 Second derivatives: classic double backward (``exact_hessian``, ``hessian_traces``: every row in one
 batched backward, many points at once) or forward-over-reverse (``trace_gradient``: ``jvp`` of
 ``grad``), never ``torch.func.hessian`` / ``jacrev(jacrev)`` (wrong with affine LayerNorm on torch
-2.13, docs/lessons.md). The row-by-row reference is ``flatlib.flatness.dense_hessian``
+2.13, docs/lessons.md). The row-by-row reference is ``flatlib.measurement.flatness.dense_hessian``
 (tests/test_theory.py checks the two agree).
 """
 
@@ -28,7 +28,7 @@ from flatlib.theory.functional import FlatModel, _example_loss, expected_loss, p
 def exact_hessian(flat: FlatModel, theta: Tensor, contexts: ContextSet) -> Tensor:
     """``[P, P]`` the Hessian of L at ``theta`` by classic double backward: the gradient with its graph,
     then every row ``d(grad L)_i / d theta`` in one vectorised backward (``is_grads_batched``; see
-    ``hessian_traces``). Exact; equal to the row-by-row ``flatlib.flatness.dense_hessian`` of
+    ``hessian_traces``). Exact; equal to the row-by-row ``flatlib.measurement.flatness.dense_hessian`` of
     ``expected_loss_fn`` (tests/test_theory.py). Symmetrised (the asymmetry is rounding)."""
     return hessian_traces(flat, theta[None], contexts, full=True)[0]
 

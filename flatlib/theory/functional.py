@@ -1,6 +1,6 @@
 """A model as a function of one flat parameter vector, and the losses of notebook 06.
 
-``FlatModel`` orders the trainable parameters as ``flatlib.flatness`` does (``named_parameters``
+``FlatModel`` orders the trainable parameters as ``flatlib.measurement.flatness`` does (``named_parameters``
 order); ``expected_loss`` is ``L(theta) = sum_c w_c CE(p_c, q_c)`` on a ``ContextSet``;
 ``per_example_gradients`` gives ``g = grad [-log q_theta(y | c)]`` for a batch of examples ``(c, y)``.
 """
@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from flatlib.flatness import trainable_parameters
+from flatlib.measurement.flatness import trainable_parameters
 from flatlib.theory.contexts import ContextSet
 
 
 class FlatModel:
     """``model`` as a function of one vector ``theta in R^P``: its trainable parameters in
-    ``named_parameters`` order (the order of ``flatlib.flatness``), flattened and concatenated.
+    ``named_parameters`` order (the order of ``flatlib.measurement.flatness``), flattened and concatenated.
     ``logits(theta, inputs)`` calls the model with ``theta`` swapped in (``functional_call``; works
     under ``vmap``, so ``theta`` may carry chain dimensions through ``vmap``)."""
 
@@ -56,7 +56,7 @@ class FlatModel:
 # ---------------------------------------------------------------------------- losses
 def expected_loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """``sum_i weights_i CE(targets_i, softmax(model(inputs)_i))``, for ``batch = ContextSet.batch()``:
-    the expected loss L (a ``flatlib.flatness`` loss_fn; use the whole ContextSet as one batch)."""
+    the expected loss L (a ``flatlib.measurement.flatness`` loss_fn; use the whole ContextSet as one batch)."""
     inputs, targets, weights = batch
     return (weights * -(targets * torch.log_softmax(model(inputs), -1)).sum(-1)).sum()
 

@@ -22,7 +22,7 @@ import torch
 
 from flatlib.checks import check_seed
 from flatlib.claims import Claim
-from flatlib.downstream import mean_ci
+from flatlib.measurement.downstream import mean_ci
 from flatlib.theory.contexts import ContextSet
 from flatlib.theory.dynamics import Flow, Trajectory, run_gd, run_sgd, slow_flow
 from flatlib.theory.factored import FactoredSoftmax

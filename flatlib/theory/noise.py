@@ -21,8 +21,8 @@ from torch import Tensor
 
 from flatlib.checks import check_int, check_number, check_seed
 from flatlib.claims import Claim
-from flatlib.flatness import hvp
 from flatlib.languages import HMM
+from flatlib.measurement.flatness import hvp
 from flatlib.theory.contexts import DTYPE, ContextSet, hmm_contexts, with_ids
 from flatlib.theory.curvature import exact_fisher, exact_gradient_covariance, exact_hessian
 from flatlib.theory.factored import FactoredSoftmax
@@ -83,7 +83,7 @@ def gradient_noise(flat: FlatModel, theta: Tensor, contexts: ContextSet, vectors
 class PointCurvature:
     """At one point: the exact ``hessian`` H, ``covariance`` C and ``fisher`` F (``[P, P]``), the
     excess loss ``gap`` = L - L* (nats), ``hvp_forms`` ``[k]`` the forms ``v_k^T H v_k`` computed once
-    more through ``flatlib.flatness.hvp``, and the sampled ``noise``."""
+    more through ``flatlib.measurement.flatness.hvp``, and the sampled ``noise``."""
 
     hessian: Tensor
     covariance: Tensor
@@ -149,7 +149,7 @@ def noise_vs_curvature(hmm: HMM, rank: int, n_samples: int, n_forms: int, offset
     single-mask context of ``hmm`` (``B`` from ``seed``), and the same model with every parameter moved
     by ``N(0, offset^2)``; at both, H, C and F exactly, ``n_forms`` random unit directions ``v_k``
     (one generator seeded by ``seed`` draws the move, then the directions), the forms ``v_k^T H v_k``
-    through ``flatlib.flatness.hvp``, and C sampled from ``n_samples`` examples (seed ``seed + 1``)."""
+    through ``flatlib.measurement.flatness.hvp``, and C sampled from ``n_samples`` examples (seed ``seed + 1``)."""
     check_int("n_forms", n_forms)
     check_number("offset", offset)
     check_seed("seed", seed)

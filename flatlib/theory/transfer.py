@@ -20,15 +20,20 @@ from torch import Tensor
 
 from flatlib.checks import check_int, check_seed
 from flatlib.claims import Claim
-from flatlib.downstream import mean_ci
-from flatlib.flatness import hessian_trace
+from flatlib.measurement.downstream import mean_ci
+from flatlib.measurement.flatness import hessian_trace
 from flatlib.theory.bag_of_words import BagOfWordsLanguage
 from flatlib.theory.contexts import DTYPE, ContextSet
 from flatlib.theory.curvature import fisher_trace_at_optimum
 from flatlib.theory.functional import FlatModel, expected_loss, expected_loss_fn
 from flatlib.theory.text import held_text
-from flatlib.theory.transformer import (OneLayerTransformer, balance_neurons, feature_solution, neuron_trace_parts,
-                                        random_solution)
+from flatlib.theory.transformer import (
+    OneLayerTransformer,
+    balance_neurons,
+    feature_solution,
+    neuron_trace_parts,
+    random_solution,
+)
 
 HUTCHINSON_PROBES = 32  # the Hutchinson cross-check of the exact traces
 SOLUTIONS = ("feature", "random")
@@ -107,7 +112,7 @@ class FlatVsSharp:
         return (f"{self.language!r}: {self.contexts.n_contexts} contexts, L* = {self.contexts.optimal_loss():.6f} "
                 f"nats; width {self.width}; Tr H exact = sum_(c,y) w_c p_c(y) |grad log q|^2 (equal to Tr H at an "
                 f"exact optimum, section 1), Hutchinson: {HUTCHINSON_PROBES} Rademacher probes on the expected loss "
-                f"(flatlib.flatness.hessian_trace)\n{self.draws} draws of n training contexts per n; P(sentiment > 0) "
+                f"(flatlib.measurement.flatness.hessian_trace)\n{self.draws} draws of n training contexts per n; P(sentiment > 0) "
                 f"= {self.p_positive:.3f}; {self.seconds:.1f} s")
 
     def first_n(self, name: str, level: float = 0.9) -> int | None:
