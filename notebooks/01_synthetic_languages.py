@@ -28,13 +28,13 @@ n_sentences = None  # evaluation sentences per language; None means the profile'
 # %% [markdown]
 # ## Parameters
 #
-# `parameters` (`flatlib.analysis.languages`) applies the parameters to the profile and validates them (an unknown profile or a bad value
-# stops here with a `ValueError` naming the parameter); `build_languages` generates the profile's HMM and
-# PCFG from the profile's `language_seed` (the *language* is fixed by the profile; `seed` only drives the
-# sampling of sentences). Every number in this notebook is computed by `flatlib.analysis.languages` (tested
-# in `tests/test_language_summary.py`) and every figure drawn by `flatlib.plots.languages`; `save` (from
-# `flatlib.plots.style.saver`) writes each figure to the profile's figures folder, stamped with the
-# profile and seed.
+# `parameters` (`flatlib.analysis.languages`) applies the parameters to the profile and validates them (an
+# unknown profile or a bad value stops here with a `ValueError` naming the parameter); `build_languages`
+# generates the profile's HMM and PCFG from the profile's `language_seed` (the *language* is fixed by the
+# profile; `seed` only drives the sampling of sentences). Every number in this notebook is computed by
+# `flatlib.analysis.languages` (tested in `tests/test_language_summary.py`) and every figure drawn by
+# `flatlib.plots.languages`; `save` (from `flatlib.plots.style.saver`) writes each figure to the profile's
+# figures folder, stamped with the profile and seed.
 
 # %%
 import math
@@ -66,7 +66,8 @@ for key, value in P.items():
 
 # %%
 set_style()
-save = saver(P["profile"], P["seed"])  # save(fig, name, note): figures/ (figures/<profile>/ beyond cpu), stamped, then shown
+# save(fig, name, note): figures/ (figures/<profile>/ beyond cpu), stamped, then shown
+save = saver(P["profile"], P["seed"])
 FIGURES = figures_dir(P["profile"])
 N = P["n_eval_sentences"]
 corpora = {name: lang.sample(N, seed=P["seed"]) for name, lang in languages.items()}
@@ -120,8 +121,10 @@ save(plots.plot_hidden_path(hmm, corpora["hmm"], 0), "01_hmm_hidden_path",
 # %%
 corpus = corpora["pcfg"]
 print(f"{pcfg!r}: {len(pcfg.user_nonterminals)} non-terminals, {len(pcfg.rules)} rules, "
-      f"{pcfg.vocab_size} words, sentences of {pcfg.min_len}-{pcfg.max_len} words; task spans {pcfg.task_spans}")
-print("rules of the start symbol:", ", ".join(f"{l} -> {' '.join(r)} ({p:.3f})" for l, r, p in pcfg.rules if l == pcfg.start))
+      f"{pcfg.vocab_size} words, sentences of {pcfg.min_len}-{pcfg.max_len} words; "
+      f"task spans {pcfg.task_spans}")
+print("rules of the start symbol:",
+      ", ".join(f"{l} -> {' '.join(r)} ({p:.3f})" for l, r, p in pcfg.rules if l == pcfg.start))
 print(f"\nthe first 5 of {len(corpus)} sampled sentences:")
 for i, sentence in enumerate(pcfg.decode(corpus[:5])):
     print(f"  [{i}] {sentence}")
@@ -171,7 +174,8 @@ save(plots.plot_parse_tree(pcfg, corpora["pcfg"], i_tree), "01_pcfg_parse_tree",
 losses, exact = optimal_loss_table(languages, corpora)
 losses.to_csv(FIGURES / "01_optimal_losses.csv")
 for name, c in exact.items():
-    print(f"{name}: max |row sum - 1| = {c.row_error:.1e}; causal sum vs -log p(x): relative error {c.chain_rule_error:.1e}")
+    print(f"{name}: max |row sum - 1| = {c.row_error:.1e}; "
+          f"causal sum vs -log p(x): relative error {c.chain_rule_error:.1e}")
 losses.round(4)
 
 # %% [markdown]
@@ -228,7 +232,8 @@ tasks.round(3)
 # %%
 agreement = sampled_type_agreement(pcfg, corpora["pcfg"])  # None without a whole-sentence task
 if agreement is not None:
-    print(f"task {agreement[0]}: the label equals the sampled sentence type for {agreement[1]:.1%} of the {N} sentences")
+    print(f"task {agreement[0]}: the label equals the sampled sentence type for {agreement[1]:.1%} "
+          f"of the {N} sentences")
 
 # %% [markdown]
 # The label distributions (fractions of the labelled sentences). A task whose labels are dominated by one
@@ -244,10 +249,10 @@ save(plots.plot_task_labels(languages, task_labels, tasks), "01_task_labels",
 #
 # The paper's **lookup table** is the Bayes-optimal pre-trained model itself: its "features" at position t
 # are the exact conditional distribution p(x_t = · | x_-t), one V-vector per position
-# (`flatlib.measurement.downstream.lookup_table_features`). It sits exactly at the optimum of the pre-training loss, and
-# in the paper a linear probe on these features transfers *worse* than a trained transformer: same (optimal)
-# loss, different downstream. Below, one sentence per language (positions × words; red circles: the true
-# words). Each row is the distribution a perfect MLM predicts at that position when it is masked.
+# (`flatlib.measurement.downstream.lookup_table_features`). It sits exactly at the optimum of the pre-training
+# loss, and in the paper a linear probe on these features transfers *worse* than a trained transformer: same
+# (optimal) loss, different downstream. Below, one sentence per language (positions × words; red circles: the
+# true words). Each row is the distribution a perfect MLM predicts at that position when it is masked.
 
 # %%
 save(plots.plot_lookup_features(languages, corpora, {"hmm": 0, "pcfg": i_tree}), "01_lookup_table_features",
@@ -262,7 +267,8 @@ save(plots.plot_lookup_features(languages, corpora, {"hmm": 0, "pcfg": i_tree}),
 lookup = {name: lookup_table_loss(lang, corpora[name]) for name, lang in languages.items()}
 for name, loss in lookup.items():
     optimum = losses.loc[name, "MLM optimum"]
-    print(f"{name}: lookup-table loss {loss:.10f} vs optimum {optimum:.10f} (|diff| {abs(loss - optimum):.1e})")
+    print(f"{name}: lookup-table loss {loss:.10f} vs optimum {optimum:.10f} "
+          f"(|diff| {abs(loss - optimum):.1e})")
 
 # %% [markdown]
 # ## 6 · The third language: text from a teacher language model

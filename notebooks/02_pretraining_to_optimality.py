@@ -30,8 +30,8 @@
 #   trace (`flatness.hessian_trace`, the paper's quantity) and the **invariant trace**
 #   (`symmetry.full_gauge_trace`, minimised over that whole gauge, each symmetry verified on the model first),
 #   which decides the claims; the profile's `protocol.gauge` says which gauge (`"full"` at cpu).
-# - **SGD runs on the theory's clock** τ = η²k/B (`flatlib.training.clock`), for τ up to 10, where notebook 06 sees
-#   the drift; each dose ends with a short learning-rate anneal that brings the loss back, so every
+# - **SGD runs on the theory's clock** τ = η²k/B (`flatlib.training.clock`), for τ up to 10, where notebook 06
+#   sees the drift; each dose ends with a short learning-rate anneal that brings the loss back, so every
 #   comparison is at equal loss. The earlier continuation ran τ = 0.047.
 #
 # The decision rules (equal loss, when a claim holds, which trace and probe decide) are fixed in
@@ -43,16 +43,17 @@ seed = 0  # training seeds are seed, seed + 1, ...; also the seed of the probe /
 n_seeds = None  # phase-1 seeds (lineages) per language; None means the profile's pretraining.seeds
 phase1_steps = None  # e.g. {"hmm": 3000, "pcfg": 3000}; None means the profile's pretraining.steps
 languages = None  # e.g. ["hmm", "pcfg", "teacher"]; None means the profile's pretraining.languages
-taus = None  # doses of the theory's clock, starting with 0, e.g. [0, 1, 3, 10]; None means the profile's clock.taus
+# doses of the theory's clock, starting with 0, e.g. [0, 1, 3, 10]; None means the profile's clock.taus
+taus = None
 noise_seeds = None  # SGD noise seeds per lineage; None means the profile's clock.noise_seeds
 
 # %% [markdown]
 # ## Parameters
 #
-# `pretraining.parameters` applies the parameters to the profile and validates them (the `pretraining` section: model,
-# schedule, seeds, the AdamW continuation, the probe and trace protocol; the `clock` section: the doses,
-# SGD's learning rate and batch, the anneal, the noise seeds): an unknown profile or a bad value stops here
-# with a `ValueError` naming the parameter, before any training.
+# `pretraining.parameters` applies the parameters to the profile and validates them (the `pretraining`
+# section: model, schedule, seeds, the AdamW continuation, the probe and trace protocol; the `clock` section:
+# the doses, SGD's learning rate and batch, the anneal, the noise seeds): an unknown profile or a bad value
+# stops here with a `ValueError` naming the parameter, before any training.
 
 # %%
 import time
@@ -77,8 +78,8 @@ from flatlib.runner.sweep import run_configs
 from flatlib.tools.report import parameter_lines, record_claims
 from flatlib.training import clock
 
-P = pretraining.parameters(profile, seed, n_seeds=n_seeds, phase1_steps=phase1_steps, languages=languages, taus=taus,
-                           noise_seeds=noise_seeds)
+P = pretraining.parameters(profile, seed, n_seeds=n_seeds, phase1_steps=phase1_steps, languages=languages,
+                           taus=taus, noise_seeds=noise_seeds)
 print(parameter_lines(P, ("pretraining", "clock")))
 
 # %%
@@ -104,13 +105,14 @@ save = saver(P["profile"], P["seed"])
 # the run store (`runs/`), so a rerun costs nothing.
 
 # %%
-# flatlib.runner.experiments.phase1_config: AdamW, warm-up, linear decay to 0 (shared with notebooks 03 and 05)
+# flatlib.runner.experiments.phase1_config: AdamW, warm-up, linear decay to 0 (shared with notebooks 03
+# and 05)
 phase1_configs = {(name, s): phase1_config(P, name, s) for name in NAMES for s in SEEDS}
 start = time.perf_counter()
 results = run_configs(list(phase1_configs.values()), backend="local", workers=T["workers"], progress=False)
 phase1 = {key: r.run for key, r in zip(phase1_configs, results)}
-print(f"phase 1: {len(phase1)} runs ({len(SEEDS)} seeds x {len(NAMES)} languages) in {time.perf_counter() - start:.0f} s "
-      f"(0 s = all read from the run store)")
+print(f"phase 1: {len(phase1)} runs ({len(SEEDS)} seeds x {len(NAMES)} languages) "
+      f"in {time.perf_counter() - start:.0f} s (0 s = all read from the run store)")
 phase1_table = final_gaps(phase1, EPS)
 converged = phase1_table[f"within ε={EPS}"].groupby(level="language").all().to_dict()
 phase1_table.round(4)
@@ -130,9 +132,10 @@ save(fig, "02_phase1_loss_gap", f"AdamW, warm-up {T['warmup_steps']} then linear
 # %%
 for name, t in phase1_table.groupby(level="language", sort=False):
     per_seed = ", ".join(f"seed {s}: {r['gap']:.4f} ± {r['gap ± se']:.4f}" for (_, s), r in t.iterrows())
-    print(f"{name}: final gap after {int(t['steps'].iloc[0])} steps: {per_seed} -> {int(t[f'within ε={EPS}'].sum())} of "
-          f"{len(t)} seeds within ε = {EPS}" + ("" if converged[name] else
-                                               "  (NOT converged: phase 2 below is not 'training after convergence' here)"))
+    print(f"{name}: final gap after {int(t['steps'].iloc[0])} steps: {per_seed} -> "
+          f"{int(t[f'within ε={EPS}'].sum())} of {len(t)} seeds within ε = {EPS}"
+          + ("" if converged[name] else
+             "  (NOT converged: phase 2 below is not 'training after convergence' here)"))
 
 # %% [markdown]
 # ## 2 · The trace is mostly a gauge
@@ -152,7 +155,8 @@ for name, t in phase1_table.groupby(level="language", sort=False):
 # trained model sits.
 
 # %%
-gauge_points, gauge_blocks = gauge_tables({name: measure_gauge(phase1[name, SEEDS[0]], phase1_configs[name, SEEDS[0]].steps,
+gauge_points, gauge_blocks = gauge_tables({name: measure_gauge(phase1[name, SEEDS[0]],
+                                                              phase1_configs[name, SEEDS[0]].steps,
                                                               PROTOCOL) for name in NAMES})
 gauge_points.to_csv(FIGURES / "02_gauge.csv", index=False)
 display(gauge_points.set_index(["language", "parameterization"]).round(4))
@@ -171,40 +175,48 @@ save(fig, "02_gauge", f"phase-1 model of seed {SEEDS[0]}; {PROTOCOL.trace_probes
 # with it an earlier version saw the weights shrink ×0.3 and the trace double), for τ = η²k/B units of the
 # theory's clock, checkpointed at every dose of one trajectory, `noise_seeds` times per lineage with
 # different batches. Each dose then gets a linear anneal of the learning rate to 0 (`clock.anneal_steps`
-# steps, per language, at a larger batch; the cpu PCFG needs a longer one than the HMM, docs/lessons.md): SGD at a constant rate sits above the minimum by its noise floor, and the anneal
-# brings it back, so that the doses can be compared **at equal loss**. The control, τ = 0, is the same
-# anneal straight from phase 1, once per lineage. AdamW at a constant learning rate (phase 1's weight decay)
-# runs beside it as a contrast: the paper's effect is SGD's.
+# steps, per language, at a larger batch; the cpu PCFG needs a longer one than the HMM, docs/lessons.md): SGD
+# at a constant rate sits above the minimum by its noise floor, and the anneal brings it back, so that the
+# doses can be compared **at equal loss**. The control, τ = 0, is the same anneal straight from phase 1, once
+# per lineage. AdamW at a constant learning rate (phase 1's weight decay) runs beside it as a contrast: the
+# paper's effect is SGD's.
 
 # %%
 points = clock.clock_grid(phase1_configs, CLOCK)
 ANNEAL = ", ".join(f"{name} {CLOCK['anneal_steps'][name]}" for name in NAMES)  # steps per language
 print(f"SGD lr {CLOCK['lr']}, {CLOCK['batch_size']} sentences a step; anneal ({ANNEAL}) steps at "
-      f"{CLOCK['anneal_batch_size']}; {CLOCK['noise_seeds']} noise seeds x {len(SEEDS)} lineages x {len(NAMES)} languages")
+      f"{CLOCK['anneal_batch_size']}; {CLOCK['noise_seeds']} noise seeds x {len(SEEDS)} lineages x "
+      f"{len(NAMES)} languages")
 for tau in TAUS:
     k = clock.steps_for_clock(tau, CLOCK["lr"], CLOCK["batch_size"])
-    print(f"  tau = {tau:>5}: {k:>6} SGD steps (check: tau = {clock.sgd_clock(CLOCK['lr'], k, CLOCK['batch_size']):.3g})")
-print(f"  the earlier continuation: tau = {clock.sgd_clock(T['sgd_lr'], T['continue_steps'], T['batch_size']):.3f}")
+    print(f"  tau = {tau:>5}: {k:>6} SGD steps "
+          f"(check: tau = {clock.sgd_clock(CLOCK['lr'], k, CLOCK['batch_size']):.3g})")
+print(f"  the earlier continuation: "
+      f"tau = {clock.sgd_clock(T['sgd_lr'], T['continue_steps'], T['batch_size']):.3f}")
 start = time.perf_counter()
 trajectories = list({p.sgd.key: p.sgd for p in points if p.sgd is not None}.values())
-run_configs(trajectories, backend="local", workers=T["workers"], progress=False)  # parents first, then their anneals
-anneals = [r.run for r in run_configs([p.anneal for p in points], backend="local", workers=T["workers"], progress=False)]
+# parents first, then their anneals
+run_configs(trajectories, backend="local", workers=T["workers"], progress=False)
+anneals = [r.run for r in run_configs([p.anneal for p in points], backend="local", workers=T["workers"],
+                                      progress=False)]
 adamw_configs = {(name, s): phase2_config(P, name, s, "adamw") for name in NAMES for s in SEEDS}
-adamw = {key: r.run for key, r in zip(adamw_configs, run_configs(list(adamw_configs.values()), backend="local",
-                                                                 workers=T["workers"], progress=False))}
-print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, {len(adamw)} AdamW continuations "
-      f"in {time.perf_counter() - start:.0f} s")
+adamw = {key: r.run for key, r in zip(adamw_configs, run_configs(list(adamw_configs.values()),
+                                                                 backend="local", workers=T["workers"],
+                                                                 progress=False))}
+print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, "
+      f"{len(adamw)} AdamW continuations in {time.perf_counter() - start:.0f} s")
 
 # %% [markdown]
 # ## 4 · Measuring every model: gap, probes, both traces
 #
 # Every anneal's end, every phase-1 end and every AdamW continuation's end, under one fixed protocol
-# (`flatlib.measurement.measure.Protocol`, cached in the run directory): the gap ± SE; the **standard linear probe**
-# per task (frozen final-layer features of the unmasked sentence, standardised, L2 chosen on a validation
-# split; mean test accuracy over resplits), which decides the claims, and beside it the other probes of
-# `measure.PROBES` (printed below); the raw and the invariant Hessian trace of the expected single-mask
-# loss on the same validation pairs and probe vectors. The references are the standard probe on the
-# **lookup table** (the exact conditionals), the exact **Bayes accuracy** (HMM) and the **majority class**.
+# (`flatlib.measurement.measure.Protocol`, cached in the run directory): the gap ± SE; the **standard linear
+# probe** per task (frozen final-layer features of the unmasked sentence, standardised, L2 chosen on a
+# validation split; mean test accuracy over resplits), which decides the claims, and beside it the other
+# probes of `measure.PROBES` (printed below); the raw and the invariant Hessian trace of the expected
+# single-mask loss on the same validation pairs and probe vectors. The references are the standard probe on
+# the **lookup table** (the exact conditionals), the exact **Bayes accuracy** (HMM) and the **majority
+# class**.
 
 # %%
 for kind, text in PROBES.items():
@@ -228,8 +240,10 @@ refs.round(3)
 
 # %%
 fig = plots.clock_dose_response(M, TAUS, TASKS)
-save(fig, "02_clock_dose_response", f"SGD lr {CLOCK['lr']}, batch {CLOCK['batch_size']}, then an anneal ({ANNEAL} steps)"
-     f"; {len(SEEDS)} lineages x {CLOCK['noise_seeds']} noise seeds; bars: 95% CI over lineages; dashed: phase-1 end")
+save(fig, "02_clock_dose_response", f"SGD lr {CLOCK['lr']}, batch {CLOCK['batch_size']}, "
+     f"then an anneal ({ANNEAL} steps)"
+     f"; {len(SEEDS)} lineages x {CLOCK['noise_seeds']} noise seeds; bars: 95% CI over lineages; "
+     "dashed: phase-1 end")
 
 # %% [markdown]
 # How much of the transfer effect is the probe's regularisation? The probe's L2 strength is chosen per model
@@ -243,7 +257,8 @@ save(fig, "02_clock_dose_response", f"SGD lr {CLOCK['lr']}, batch {CLOCK['batch_
 L2_EFFECTS = pretraining.effect_vs_l2(labels, measured)
 L2_EFFECTS.to_csv(FIGURES / "02_effect_vs_l2.csv", index=False)
 fig = plots.effect_vs_l2(L2_EFFECTS)
-save(fig, "02_effect_vs_l2", f"τ = {TAUS[-1]} vs anneal-only control at a fixed probe L2; {len(SEEDS)} lineages x "
+save(fig, "02_effect_vs_l2", f"τ = {TAUS[-1]} vs anneal-only control at a fixed probe L2; "
+     f"{len(SEEDS)} lineages x "
      f"{CLOCK['noise_seeds']} noise seeds; bands: 95% CI over lineages; ring: most often chosen L2")
 
 # %% [markdown]
@@ -266,7 +281,8 @@ claims = pretraining.verdict_claims(verdict, TAUS[-1], T["adamw_lr"])
 claims_table(claims)
 
 # %% [markdown]
-# The answer in words, generated from the verdict table: does continuing SGD at equal loss lower the invariant trace and raise transfer at this profile?
+# The answer in words, generated from the verdict table: does continuing SGD at equal loss lower the invariant
+# trace and raise transfer at this profile?
 
 # %%
 print("\n".join(pretraining.answer(verdict, P["profile"], TAUS[-1], CLOCK["noise_seeds"])))
@@ -283,6 +299,8 @@ print("\n".join(pretraining.answer(verdict, P["profile"], TAUS[-1], CLOCK["noise
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 pretraining.check_measurements(M, gauge_points, refs)
-print(pretraining.summary(P["profile"], SEEDS, CLOCK, T["steps"], EPS, phase1_table, gauge_points, verdict, claims))
+print(pretraining.summary(P["profile"], SEEDS, CLOCK, T["steps"], EPS, phase1_table, gauge_points, verdict,
+                          claims))
+# only once the checks above passed
 record_claims(P["profile"], "02_pretraining_to_optimality", claims,
-              {"seeds": SEEDS, "languages": NAMES, "steps": T["steps"], "clock": CLOCK})  # only once the checks above passed
+              {"seeds": SEEDS, "languages": NAMES, "steps": T["steps"], "clock": CLOCK})

@@ -28,8 +28,11 @@ profile = "cpu"  # smoke | cpu | paper (flatlib.profiles)
 seed = 0  # training seeds are seed, seed + 1, ...; also the seed of the probe / trace protocol
 n_seeds = None  # training seeds; None means the profile's pretraining.seeds
 languages = None  # e.g. ["hmm", "pcfg"]; None means the profile's algorithms.languages
-weights = None  # the adversary's lambda per language, e.g. {"hmm": 0.1}; None: chosen on a held-out seed from algorithms.weight_grid
-backend = "local"  # local (worker processes) | serial | submitit (a Slurm job array, see flatlib.runner.sweep)
+# the adversary's lambda per language, e.g. {"hmm": 0.1}; None: chosen on a held-out seed from
+# algorithms.weight_grid
+weights = None
+# local (worker processes) | serial | submitit (a Slurm job array, see flatlib.runner.sweep)
+backend = "local"
 
 # %% [markdown]
 # ## Parameters
@@ -46,7 +49,8 @@ from flatlib.plots.style import figures_dir, saver, set_style
 from flatlib.runner.experiments import choose_adversary_weights, training_seeds
 from flatlib.tools.report import record_claims
 
-P = algorithms.parameters(profile, seed, n_seeds=n_seeds, languages=languages, weights=weights, backend=backend)
+P = algorithms.parameters(profile, seed, n_seeds=n_seeds, languages=languages, weights=weights,
+                          backend=backend)
 print(algorithms.describe(P))
 
 # %%
@@ -68,7 +72,8 @@ print(f"languages {NAMES} · tasks {algorithms.tasks(P)} · training seeds {SEED
 # hand on evaluated seed 0; the report says so. A `weights` parameter skips the choice.
 
 # %%
-P, choices = choose_adversary_weights(P, backend)  # trains the held-out seed's runs, or reads them from the store
+# trains the held-out seed's runs, or reads them from the store
+P, choices = choose_adversary_weights(P, backend)
 for choice in choices.values():
     print(choice.describe())
 weights = algorithms.weight_table(choices)
@@ -82,15 +87,16 @@ weights.round(4)
 # adversarial run continues from the same checkpoint with AdamW at the same learning rate on
 # L_mlm − λ·L_down, where L_down is the cross-entropy of a linear head on the model's features for the
 # adversary's task; the head is refit every `refit_every` steps on sentences disjoint from every
-# evaluation corpus, and L_down is capped (`flatlib.training.adversary`). λ is section 1's choice on the held-out
-# seed; whether the evaluated adversaries stay at equal loss with AdamW is checked below, not assumed.
+# evaluation corpus, and L_down is capped (`flatlib.training.adversary`). λ is section 1's choice on the
+# held-out seed; whether the evaluated adversaries stay at equal loss with AdamW is checked below, not
+# assumed.
 
 # %%
 # phase 1 first (the parents), then all three continuations of every seed; raises if one diverged
 trained = algorithms.train(P, backend)
 curves = algorithms.curves_table(trained.runs)  # every continuation's logged metrics, one long table
-print(f"{len(trained.runs)} continuations ({len(algorithms.ALGORITHMS)} algorithms x {len(SEEDS)} seeds x {len(NAMES)} "
-      f"languages) in {trained.seconds:.0f} s (0 s = all read from the run store)")
+print(f"{len(trained.runs)} continuations ({len(algorithms.ALGORITHMS)} algorithms x {len(SEEDS)} seeds x "
+      f"{len(NAMES)} languages) in {trained.seconds:.0f} s (0 s = all read from the run store)")
 
 # %% [markdown]
 # Left of each pair: the gap to the optimum during the continuation (mean over seeds, band min-max); the
@@ -100,8 +106,8 @@ print(f"{len(trained.runs)} continuations ({len(algorithms.ALGORITHMS)} algorith
 
 # %%
 fig = plots.continuations(curves, P)
-save(fig, "04_continuations", f"{len(SEEDS)} seeds from the same phase-1 checkpoints; gap on {T['eval_pairs']} "
-     "validation pairs (mean, band min-max over seeds)")
+save(fig, "04_continuations", f"{len(SEEDS)} seeds from the same phase-1 checkpoints; "
+     f"gap on {T['eval_pairs']} validation pairs (mean, band min-max over seeds)")
 
 # %% [markdown]
 # ## 3 · The paper's table, at this profile
@@ -122,29 +128,31 @@ print(f"{measured.checkpoints} checkpoints measured (or read from the cache) in 
 tables = algorithms.result_tables(P, measured)
 for name, table in tables.items():
     table.to_csv(OUT / f"04_table_{name}.csv")
-    print(f"\n{name} (profile {P['profile']}, {len(SEEDS)} seeds, ± 95% CI; after {T['continue_steps']} continuation steps):")
+    print(f"\n{name} (profile {P['profile']}, {len(SEEDS)} seeds, ± 95% CI; "
+          f"after {T['continue_steps']} continuation steps):")
     print(table.to_string())
 print("\nthe paper's table (PCFG, 235M parameters; second-hand):")
 print(algorithms.PAPER_TABLE.to_string(index=False))
 
 # %% [markdown]
 # The table as a figure: probe accuracy per task, mean ± 95% CI over seeds (lookup table: CI over
-# resplits), and the invariant Hessian trace (LayerNorm gauge fixed; the raw trace is in the table above) of each algorithm's models (mean ± 95% CI over seeds; the view is set by
-# the seeds' own values, a 95% CI over 2-3 seeds can reach far beyond them). The paper's
-# pattern: the adversary is lower than AdamW on every task and sharper (higher trace); the lookup table,
-# the optimal model itself, is lowest.
+# resplits), and the invariant Hessian trace (LayerNorm gauge fixed; the raw trace is in the table above) of
+# each algorithm's models (mean ± 95% CI over seeds; the view is set by the seeds' own values, a 95% CI over
+# 2-3 seeds can reach far beyond them). The paper's pattern: the adversary is lower than AdamW on every task
+# and sharper (higher trace); the lookup table, the optimal model itself, is lowest.
 
 # %%
 fig = plots.accuracy_and_trace(M, lookup, P)
-save(fig, "04_algorithms", f"after {T['continue_steps']} continuation steps; mean ± 95% CI over {len(SEEDS)} seeds "
+save(fig, "04_algorithms", f"after {T['continue_steps']} continuation steps; "
+     f"mean ± 95% CI over {len(SEEDS)} seeds "
      f"(lookup: over {PROTOCOL.probe_splits} probe resplits); invariant trace: LayerNorm gauge fixed, "
      f"{PROTOCOL.trace_probes} probes, {PROTOCOL.trace_pairs} pairs")
 
 # %% [markdown]
 # ## 4 · The verdict, computed by the rules
 #
-# By the rules of `flatlib/claims.py`, fixed before these runs, applied by `algorithms.verdict_table` (the claims
-# with the paper's numbers: `algorithms.algorithm_claims`): paired per seed (every algorithm continued
+# By the rules of `flatlib/claims.py`, fixed before these runs, applied by `algorithms.verdict_table` (the
+# claims with the paper's numbers: `algorithms.algorithm_claims`): paired per seed (every algorithm continued
 # the same phase-1 checkpoint), the adversary minus AdamW per task, mean with its 95% t-interval over seeds
 # (rule "paired effect", combined over tasks by rule "parts"), decided only if the two are at **equal loss**
 # (mean gaps within 0.002 nats, the same rule as notebook 02; an earlier version accepted "both within ε");
@@ -161,12 +169,15 @@ verdict.set_index(["language", "comparison", "quantity"]).round(4)
 # %% [markdown]
 # ## Summary (checked)
 #
-# Asserts (`algorithms.check_summary`) what must hold whatever the outcome (not the paper's claims): every continuation stayed finite,
-# every gap, trace and accuracy is finite, the adversary's downstream loss was recorded, and the probes stay
-# below the Bayes accuracy plus a tolerance where it is known. Prints one rounded summary with the verdict.
+# Asserts (`algorithms.check_summary`) what must hold whatever the outcome (not the paper's claims): every
+# continuation stayed finite, every gap, trace and accuracy is finite, the adversary's downstream loss was
+# recorded, and the probes stay below the Bayes accuracy plus a tolerance where it is known. Prints one
+# rounded summary with the verdict.
 
 # %%
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 algorithms.check_summary(trained.runs, M, lookup)  # raises AssertionError naming what failed
 print(algorithms.summary(P, verdict, claims))
-record_claims(P["profile"], "04_training_algorithms", claims, {"seeds": SEEDS, "languages": NAMES, "weights": P["algorithms"]["weights"]})  # only once the checks above passed
+# only once the checks above passed
+record_claims(P["profile"], "04_training_algorithms", claims,
+              {"seeds": SEEDS, "languages": NAMES, "weights": P["algorithms"]["weights"]})

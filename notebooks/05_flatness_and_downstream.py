@@ -70,14 +70,14 @@ FIGURES = figures_dir(P["profile"])
 # `experiment_models` lists every checkpoint the earlier notebooks measured: the end of phase 1, every
 # anneal's end of notebook 02's dose-response on the clock, the end of each constant-rate continuation (SGD,
 # AdamW) and of each adversarial run of notebook 04, every width of notebook 03. (Their earlier checkpoints
-# are not measured: they would add models but no lineage, and the bootstrap resamples lineages.) Runs and measurements come from the
-# store; anything missing is trained and measured now with the same protocol (`correlations.collect_models`,
-# which also leaves out the checkpoints of a run that diverged). Each model has a **family**, the
-# parameterization its trace is measured in: the profile's pre-training architecture (02 and 04), or the
-# widest architecture of notebook 03 (its models are widened into it). Traces are only comparable within a
-# family, so correlations are computed per family. Each model also has a **lineage**, the phase-1 run it
-# descends from: models of one lineage are not independent. The rule "correlation" needs 5 lineages, two
-# more than notebooks 02-04 train (`pretraining.correlation_seeds`): those two have phase 1, the
+# are not measured: they would add models but no lineage, and the bootstrap resamples lineages.) Runs and
+# measurements come from the store; anything missing is trained and measured now with the same protocol
+# (`correlations.collect_models`, which also leaves out the checkpoints of a run that diverged). Each model
+# has a **family**, the parameterization its trace is measured in: the profile's pre-training architecture (02
+# and 04), or the widest architecture of notebook 03 (its models are widened into it). Traces are only
+# comparable within a family, so correlations are computed per family. Each model also has a **lineage**, the
+# phase-1 run it descends from: models of one lineage are not independent. The rule "correlation" needs 5
+# lineages, two more than notebooks 02-04 train (`pretraining.correlation_seeds`): those two have phase 1, the
 # constant-rate continuations and the adversary, but not the clock's doses.
 
 # %%
@@ -97,13 +97,16 @@ corr.model_summary(ALL)
 
 # %%
 for name in NAMES:
-    if not (M.language == name).any():  # nothing at the optimal loss: no figure (an empty one would only mislead)
-        print(f"{name}: no model within ε = {EPS} ({int((ALL.language == name).sum())} models measured): no figure")
+    # nothing at the optimal loss: no figure (an empty one would only mislead)
+    if not (M.language == name).any():
+        print(f"{name}: no model within ε = {EPS} "
+              f"({int((ALL.language == name).sum())} models measured): no figure")
         continue
     fig = plots.accuracy_vs_trace_and_gap(M, name, TASKS[name], families=ALL["family"].unique())
     save(fig, f"05_{name}_accuracy_vs_trace_and_gap",
          f"models of notebooks 02-04 within ε={EPS}; training lineages {lineage_seeds(P)}; "
-         f"error bars ±1 SE (trace: {PROTOCOL.trace_probes} Hutchinson probes; gap: over {T['eval_pairs']} contexts)")
+         f"error bars ±1 SE (trace: {PROTOCOL.trace_probes} Hutchinson probes; "
+         f"gap: over {T['eval_pairs']} contexts)")
 
 # %% [markdown]
 # ## 2 · Rank correlations with bootstrap confidence intervals
@@ -162,4 +165,6 @@ claims_table(claims, corr.CLAIM_COLUMNS)
 # the checks on this cell's first line raise if a number is out of place: nbval fails the notebook on it
 corr.check_tables(ALL, C, TASKS)
 print(corr.summary(P, ALL, C, claims))
-record_claims(P["profile"], "05_flatness_and_downstream", claims, {"seed": P["seed"], "languages": NAMES, "n_boot": n_boot})  # only once the checks above passed
+# only once the checks above passed
+record_claims(P["profile"], "05_flatness_and_downstream", claims,
+              {"seed": P["seed"], "languages": NAMES, "n_boot": n_boot})
