@@ -71,7 +71,8 @@ save = saver(P["profile"], P["seed"])  # save(fig, name, note): PNG + PDF, stamp
 # (nats), and $S(r) = \operatorname{diag} r - r r^\top$:
 #
 # $$H = \sum_c w_c\Big[J_c^\top S(q_c) J_c + \sum_k (q_c-p_c)_k \nabla^2 z_{ck}\Big],\quad
-# C = \operatorname{Cov}[g] = \sum_c w_c J_c^\top\big[S(p_c) + (q_c-p_c)(q_c-p_c)^\top\big] J_c - \nabla L\,\nabla L^\top,\quad
+# C = \operatorname{Cov}[g] = \sum_c w_c J_c^\top\big[S(p_c) + (q_c-p_c)(q_c-p_c)^\top\big] J_c
+# - \nabla L\,\nabla L^\top,\quad
 # F = \sum_c w_c J_c^\top S(q_c) J_c .$$
 #
 # **Prediction.** At an exact optimum ($q = p$) the residual terms vanish and $C = H = F$ *exactly*; so the
