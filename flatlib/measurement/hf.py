@@ -85,6 +85,7 @@ from flatlib.runner.runs import Run, RunStore
 from flatlib.seeds import derived_seed
 from flatlib.training.model import N_SPECIAL  # PAD, MASK, BOS (once CLS) and one reserved id after the words
 from flatlib.training.objective import ValidationSet, gap_statistics, sample, single_mask_batch
+from flatlib.training.train import _checkpoint_tensors, _restore  # one checkpoint layout for every run
 
 SUPPORTED = (GPT2LMHeadModel, BertForMaskedLM, RobertaForMaskedLM)
 KINDS = ("gpt2", "bert", "roberta")
@@ -565,30 +566,6 @@ def _hf_config(model: nn.Module) -> dict[str, Any]:
             ("transformers_version", "architectures", "dtype", "torch_dtype", "attn_implementation")}
 
 
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                tensors[f"optim.{index}.{key}"] = value.cpu()
-    return tensors
-
-
-def _load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, tensors: dict[str, Tensor]) -> None:
-    device = next(model.parameters()).device
-    model.load_state_dict({k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
-    if optimizer is None:
-        return
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
-
-
 def _json_row(row: dict[str, float]) -> dict[str, float | None]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
@@ -671,11 +648,11 @@ def train_mlm(model: nn.Module, language: Language | dict[str, Any], steps: int,
                   "eval_pairs": eval_pairs}
         run = store.open(config)
         if run.finished:
-            _load_state(model, None, run.verified().load_checkpoint().tensors)
+            _restore(model, None, run.verified().load_checkpoint().tensors)
             return _history(run, 0.0, True, steps)
         with run.writing():
             if run.finished:  # another process finished it while this one waited
-                _load_state(model, None, run.verified().load_checkpoint().tensors)
+                _restore(model, None, run.verified().load_checkpoint().tensors)
                 return _history(run, 0.0, True, steps)
             return _train_mlm(model, language, tokens, optimizer, run, steps, batch_size, lr, seed,
                               warmup_steps, eval_every, eval_pairs, checkpoint_every)
@@ -694,7 +671,7 @@ def _train_mlm(model: nn.Module, language: Language, tokens: TokenMap, optimizer
     step, running, earlier = 0, 0.0, 0.0
     checkpoint = run.load_checkpoint() if run is not None else None
     if checkpoint is not None:
-        _load_state(model, optimizer, checkpoint.tensors)
+        _restore(model, optimizer, checkpoint.tensors)
         step, rows, earlier = checkpoint.step, checkpoint.state["rows"], checkpoint.state["seconds"]
     resumed_from = step
 
@@ -705,7 +682,7 @@ def _train_mlm(model: nn.Module, language: Language, tokens: TokenMap, optimizer
 
     def save() -> None:
         if run is not None:
-            run.save_checkpoint(step, _state_tensors(model, optimizer),
+            run.save_checkpoint(step, _checkpoint_tensors(model, optimizer),
                                 {"rows": rows, "seconds": earlier + time.time() - start_time})
 
     if not rows:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -98,7 +98,9 @@ def learning_rate(config: PretrainConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+def _checkpoint_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The model's state and the optimizer's tensor state, on the CPU, as one checkpoint's tensors (any model:
+    ``flatlib.hf.train_mlm`` saves its runs with it too)."""
     tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -107,7 +109,9 @@ def _checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer) ->
     return tensors
 
 
-def _restore(model: Transformer, optimizer: torch.optim.Optimizer | None, tensors: dict[str, Tensor]) -> None:
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, tensors: dict[str, Tensor]) -> None:
+    """Load ``_checkpoint_tensors``' tensors back (``load_state_dict`` copies them onto each parameter's and
+    state's device); ``optimizer`` None: the model only."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     if optimizer is None:
         return
