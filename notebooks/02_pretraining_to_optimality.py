@@ -59,22 +59,14 @@ noise_seeds = None  # SGD noise seeds per lineage; None means the profile's cloc
 import time
 
 from flatlib.analysis import pretraining
-from flatlib.analysis.pretraining import gauge_tables, reference_table
+from flatlib.analysis.pretraining import gauge_tables
 from flatlib.claims import claims_table
 from flatlib.languages import build_language
-from flatlib.measurement.measure import (
-    PROBES,
-    Protocol,
-    lookup_table_probe,
-    measure_checkpoints,
-    measure_gauge,
-    measurement_frame,
-)
+from flatlib.measurement.measure import PROBES, Protocol, measure_gauge
 from flatlib.plots import pretraining as plots
 from flatlib.plots.style import figures_dir, saver, set_style
 from flatlib.profiles import language_spec
-from flatlib.runner.experiments import final_gaps, phase1_config, phase2_config, training_seeds
-from flatlib.runner.sweep import run_configs
+from flatlib.runner.experiments import final_gaps, training_seeds
 from flatlib.tools.report import parameter_lines, record_claims
 from flatlib.training import clock
 
@@ -105,12 +97,10 @@ save = saver(P["profile"], P["seed"])
 # the run store (`runs/`), so a rerun costs nothing.
 
 # %%
-# flatlib.runner.experiments.phase1_config: AdamW, warm-up, linear decay to 0 (shared with notebooks 03
-# and 05)
-phase1_configs = {(name, s): phase1_config(P, name, s) for name in NAMES for s in SEEDS}
+# pretraining.train_phase1: flatlib.runner.experiments.phase1_config (AdamW, warm-up, linear decay to 0;
+# shared with notebooks 03 and 05) for every language and seed
 start = time.perf_counter()
-results = run_configs(list(phase1_configs.values()), backend="local", workers=T["workers"], progress=False)
-phase1 = {key: r.run for key, r in zip(phase1_configs, results)}
+phase1_configs, phase1 = pretraining.train_phase1(P)
 print(f"phase 1: {len(phase1)} runs ({len(SEEDS)} seeds x {len(NAMES)} languages) "
       f"in {time.perf_counter() - start:.0f} s (0 s = all read from the run store)")
 phase1_table = final_gaps(phase1, EPS)
@@ -182,7 +172,6 @@ save(fig, "02_gauge", f"phase-1 model of seed {SEEDS[0]}; {PROTOCOL.trace_probes
 # paper's effect is SGD's.
 
 # %%
-points = clock.clock_grid(phase1_configs, CLOCK)
 ANNEAL = ", ".join(f"{name} {CLOCK['anneal_steps'][name]}" for name in NAMES)  # steps per language
 print(f"SGD lr {CLOCK['lr']}, {CLOCK['batch_size']} sentences a step; anneal ({ANNEAL}) steps at "
       f"{CLOCK['anneal_batch_size']}; {CLOCK['noise_seeds']} noise seeds x {len(SEEDS)} lineages x "
@@ -194,17 +183,9 @@ for tau in TAUS:
 print(f"  the earlier continuation: "
       f"tau = {clock.sgd_clock(T['sgd_lr'], T['continue_steps'], T['batch_size']):.3f}")
 start = time.perf_counter()
-trajectories = list({p.sgd.key: p.sgd for p in points if p.sgd is not None}.values())
-# parents first, then their anneals
-run_configs(trajectories, backend="local", workers=T["workers"], progress=False)
-anneals = [r.run for r in run_configs([p.anneal for p in points], backend="local", workers=T["workers"],
-                                      progress=False)]
-adamw_configs = {(name, s): phase2_config(P, name, s, "adamw") for name in NAMES for s in SEEDS}
-adamw = {key: r.run for key, r in zip(adamw_configs, run_configs(list(adamw_configs.values()),
-                                                                 backend="local", workers=T["workers"],
-                                                                 progress=False))}
-print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, "
-      f"{len(adamw)} AdamW continuations in {time.perf_counter() - start:.0f} s")
+phase2 = pretraining.train_phase2(P, phase1_configs)  # the SGD trajectories first, then their anneals
+print(f"phase 2: {len(phase2.trajectories)} SGD trajectories, {len(phase2.points)} anneals, "
+      f"{len(phase2.adamw)} AdamW continuations in {time.perf_counter() - start:.0f} s")
 
 # %% [markdown]
 # ## 4 · Measuring every model: gap, probes, both traces
@@ -221,12 +202,9 @@ print(f"phase 2: {len(trajectories)} SGD trajectories, {len(points)} anneals, "
 # %%
 for kind, text in PROBES.items():
     print(f"probe {kind!r}: {text}")
-items, labels = pretraining.measured_models(points, anneals, phase1, adamw)
 start = time.perf_counter()
-measured = measure_checkpoints(items, PROTOCOL, workers=T["workers"])
-M = measurement_frame(labels, measured)
-refs = reference_table({name: lookup_table_probe(language_spec(P, name), PROTOCOL) for name in NAMES})
-print(f"{len(items)} models measured (or read from the cache) in {time.perf_counter() - start:.0f} s")
+labels, measured, M, refs = pretraining.measure(P, phase1, phase2, PROTOCOL)
+print(f"{len(labels)} models measured (or read from the cache) in {time.perf_counter() - start:.0f} s")
 M.to_csv(FIGURES / "02_measurements.csv", index=False)
 refs.to_csv(FIGURES / "02_references.csv")
 refs.round(3)

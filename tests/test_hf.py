@@ -449,6 +449,8 @@ def test_train_mlm_caches_in_the_run_store_and_resumes_bit_for_bit(language, tmp
     cached_model = hf.model_for(language, "bert", seed=0, **TINY)
     cached = hf.train_mlm(cached_model, SPEC, **TRAIN, store=store)
     assert cached.cached and cached.seconds == 0.0 and cached.key == resumed.key
+    # the run's key, pinned (computed before the package layout): stored runs of train_mlm keep their keys
+    assert resumed.key == "cd9c60236d9709d6"
     assert _same_weights(_state(cached_model), _state(plain))
     assert cached.table.equals(resumed.table)
     # other initial weights, another run

@@ -1,13 +1,16 @@
-"""Notebook 02's analysis: pre-training to the optimum, then SGD on the theory's clock (``flatlib.training.clock``
-builds the runs: ``clock_grid``). Its ``parameters``, its tables (``gauge_tables``, ``reference_table``, ``measured_models``,
-``effect_vs_l2``, the dose-response ``dose_response`` / ``lineage_effects``), its verdicts (``decide``,
-``verdict_table``, by the rules of ``flatlib.claims``), its claims (``verdict_claims``), its answer in words
-(``answer``) and its checked summary (``check_measurements``, ``summary``).
+"""Notebook 02's analysis: pre-training to the optimum, then SGD on the theory's clock
+(``flatlib.training.clock`` builds the runs: ``clock_grid``). Its ``parameters``; what it trains and
+measures (``train_phase1``, ``train_phase2``, ``measure``); its tables (``gauge_tables``,
+``reference_table``, ``measured_models``, ``effect_vs_l2``, the dose-response ``dose_response`` /
+``lineage_effects``); its verdicts (``decide``, ``verdict_table``, by the rules of ``flatlib.claims``),
+its claims (``verdict_claims``), its answer in words (``answer``) and its checked summary
+(``check_measurements``, ``summary``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +26,13 @@ from flatlib.claims import (
     paired_effect,
     t_interval,
 )
-from flatlib.profiles import resolve
+from flatlib.measurement.measure import Protocol, lookup_table_probe, measure_checkpoints, measurement_frame
+from flatlib.profiles import language_spec, resolve
+from flatlib.runner.experiments import phase1_config, phase2_config, training_seeds
 from flatlib.runner.runs import Run
-from flatlib.training.clock import ClockPoint
+from flatlib.runner.sweep import run_configs
+from flatlib.training.clock import ClockPoint, clock_grid
+from flatlib.training.config import PretrainConfig
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -39,6 +46,57 @@ def parameters(profile: str, seed: int, n_seeds: int | None = None, phase1_steps
     overrides = {"seeds": n_seeds, "steps": phase1_steps, "languages": languages}
     return resolve(profile, seed=seed, pretraining={k: v for k, v in overrides.items() if v is not None},
                    clock={k: v for k, v in {"taus": taus, "noise_seeds": noise_seeds}.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------- training and measuring
+def train_phase1(params: dict[str, Any]
+                 ) -> tuple[dict[tuple[str, int], PretrainConfig], dict[tuple[str, int], Run]]:
+    """Phase 1 (``flatlib.runner.experiments.phase1_config``: AdamW, warm-up, linear decay to 0) for every
+    language and training seed of ``params``, through the run store (finished runs are read back):
+    ``(configs, runs)``, both keyed by ``(language, seed)``."""
+    t = params["pretraining"]
+    configs = {(name, s): phase1_config(params, name, s) for name in t["languages"]
+               for s in training_seeds(params)}
+    results = run_configs(list(configs.values()), backend="local", workers=t["workers"], progress=False)
+    return configs, {key: r.run for key, r in zip(configs, results)}
+
+
+@dataclass(frozen=True)
+class Phase2:
+    """Phase 2's runs: the clock's ``points`` (``clock_grid``), their distinct SGD ``trajectories``,
+    ``anneals`` (the run of ``points[i].anneal``) and the AdamW continuations by ``(language, seed)``."""
+
+    points: list[ClockPoint]
+    trajectories: list[PretrainConfig]
+    anneals: list[Run]
+    adamw: dict[tuple[str, int], Run]
+
+
+def train_phase2(params: dict[str, Any], phase1: dict[tuple[str, int], PretrainConfig]) -> Phase2:
+    """SGD on the theory's clock from every phase-1 config (each dose and control closed by its anneal;
+    trajectories first, they are the anneals' parents) and AdamW continued from every phase-1 end,
+    through the run store."""
+    t = params["pretraining"]
+    points = clock_grid(phase1, params["clock"])
+    trajectories = list({p.sgd.key: p.sgd for p in points if p.sgd is not None}.values())
+    run_configs(trajectories, backend="local", workers=t["workers"], progress=False)
+    anneals = [r.run for r in run_configs([p.anneal for p in points], backend="local", workers=t["workers"],
+                                          progress=False)]
+    adamw_configs = {key: phase2_config(params, key[0], key[1], "adamw") for key in phase1}
+    adamw = run_configs(list(adamw_configs.values()), backend="local", workers=t["workers"], progress=False)
+    return Phase2(points, trajectories, anneals, {key: r.run for key, r in zip(adamw_configs, adamw)})
+
+
+def measure(params: dict[str, Any], phase1: dict[tuple[str, int], Run], phase2: Phase2,
+            protocol: Protocol) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame, pd.DataFrame]:
+    """Every checkpoint of ``measured_models`` measured with ``protocol`` (cached in its run), and the
+    lookup-table references: ``(labels, measurements, frame, references)``, the frame one row per
+    model (``measurement_frame``), the references ``reference_table``'s."""
+    items, labels = measured_models(phase2.points, phase2.anneals, phase1, phase2.adamw)
+    measured = measure_checkpoints(items, protocol, workers=params["pretraining"]["workers"])
+    references = reference_table({name: lookup_table_probe(language_spec(params, name), protocol)
+                                  for name in params["pretraining"]["languages"]})
+    return labels, measured, measurement_frame(labels, measured), references
 
 
 # ---------------------------------------------------------------------------- the dose-response

@@ -639,7 +639,9 @@ def train_mlm(model: nn.Module, language: Language | dict[str, Any], steps: int,
             raise ValueError("language: the run store keys a run by the language's spec; pass the spec "
                              "(e.g. flatlib.profiles.language_spec(params, 'hmm')) instead of the Language, "
                              "or leave store out")
-        config = {"kind": "flatlib.measurement.hf.train_mlm", "language": spec, "model": type(model).__name__,
+        # "flatlib.hf.train_mlm": the run kind's name, part of every such run's key (it predates the package
+        # layout; changing it would make every stored run of train_mlm a new run)
+        config = {"kind": "flatlib.hf.train_mlm", "language": spec, "model": type(model).__name__,
                   "hf_config": _hf_config(model), "initial_weights_sha256": _weights_digest(model),
                   "dtype": str(next(model.parameters()).dtype), "tokens": [tokens.n_words, tokens.pad_id,
                   tokens.vocab_size, tokens.mask_id, tokens.bos_id, tokens.words],
