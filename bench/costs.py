@@ -52,8 +52,8 @@ MAX_TIMED_STEPS = 5000  # if the rough estimate is swamped by set-up noise, do n
 
 def _fresh(config: PretrainConfig, steps: int) -> PretrainConfig:
     """``config`` from scratch for ``steps`` steps, evaluated and checkpointed only at the end."""
-    return replace(config, init_from=None, steps=steps, warmup_steps=0, eval_every=steps, checkpoint_every=steps,
-                   stop_gap=None, extra_steps=0)
+    return replace(config, init_from=None, steps=steps, warmup_steps=0, eval_every=steps,
+                   checkpoint_every=steps, stop_gap=None, extra_steps=0)
 
 
 def _seconds(work: Callable[[], Any]) -> float:
@@ -69,8 +69,8 @@ def step_seconds(config: PretrainConfig, store: RunStore, target_s: float) -> fl
         run = pretrain(_fresh(config, steps), RunStore(tempfile.mkdtemp(dir=store.root)), progress=False)
         seconds = time.perf_counter() - start
         if run.summary().get("steps") != steps:
-            raise RuntimeError(f"{step_class(config)}: the timing run stopped at step {run.summary().get('steps')} "
-                               f"of {steps} (diverged?)")
+            raise RuntimeError(f"{step_class(config)}: the timing run stopped at step "
+                               f"{run.summary().get('steps')} of {steps} (diverged?)")
         return seconds
 
     train(1)  # builds what later runs find cached (the language, the validation set)
@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         store = RunStore(tmp)
         step_s = {name: step_seconds(c, store, args.target) for name, c in steps.items()}
         eval_s = {name: eval_seconds(c) for name, c in evals.items()}
-        measure_s = {name: measure_seconds(kind, c, w, params, store) for name, (kind, c, w) in measures.items()}
+        measure_s = {name: measure_seconds(kind, c, w, params, store)
+                     for name, (kind, c, w) in measures.items()}
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": args.profile,
-              "torch": torch.__version__, "threads": 1, "machine": f"{cpu_model()}, {torch.get_num_threads()} thread",
+              "torch": torch.__version__, "threads": 1,
+              "machine": f"{cpu_model()}, {torch.get_num_threads()} thread",
               "step_s": step_s, "eval_s": eval_s, "measure_s": measure_s,
               "wall_s": time.perf_counter() - started}
     rows = ([("step", k, f"{v * 1e3:.2f} ms") for k, v in step_s.items()]
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(("unit", "class", "cost"), rows, text_columns=2)
     out = args.out or RESULTS_DIR / f"costs_{args.profile}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}; predict with: python -m flatlib.runner.census --profile {args.profile} --costs {out}")
+    print(f"\nwrote {out}; predict with: python -m flatlib.runner.census --profile {args.profile} --costs "
+          f"{out}")
 
 
 if __name__ == "__main__":

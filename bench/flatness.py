@@ -795,13 +795,16 @@ def invariant_rows(model: nn.Module, batches: Sequence[Batch], n_probes: int) ->
     soft = [(b[0], b[1], b[3]) for b in batches]  # the expected loss: targets = the exact conditionals
     gain = model.ln_f.weight.detach().abs()
     out: dict[str, Any] = {}
-    for label, m in (("as trained", model), ("ln_f gain folded, x3", rescale_norms(model, {"ln_f": 3 / gain}))):
+    for label, m in (("as trained", model),
+                     ("ln_f gain folded, x3", rescale_norms(model, {"ln_f": 3 / gain}))):
         raw_s, raw = timed(lambda: hessian_trace(m, mlm_loss_fn, soft, n_probes, seed=0))
         setup_s, _ = timed(lambda: fisher_diagonal(m, mlm_logits_fn, soft, parameters=[
-            n for norm, reader in gauge_pairs(m) for n in (f"{norm}.weight", f"{norm}.bias", f"{reader}.weight")]))
+            n for norm, reader in gauge_pairs(m)
+            for n in (f"{norm}.weight", f"{norm}.bias", f"{reader}.weight")]))
         inv_s, inv = timed(lambda: invariant_trace(m, mlm_loss_fn, mlm_logits_fn, soft, n_probes, seed=0))
         rows = {}
-        for name, est, seconds, setup in (("raw hessian_trace", raw, raw_s, 0.0), ("invariant_trace", inv, inv_s, setup_s)):
+        for name, est, seconds, setup in (("raw hessian_trace", raw, raw_s, 0.0),
+                                          ("invariant_trace", inv, inv_s, setup_s)):
             per_probe = (seconds - setup) / n_probes
             cv = float(est.samples.std()) / abs(est.mean)
             n = probes_for(cv)
@@ -817,7 +820,8 @@ def print_invariant(inv: dict[str, Any], n_pairs: int, n_probes: int) -> None:
           f"time to {REL_SE:.0%} SE = setup + probes x s/probe):")
     print_table(("model", "estimator", "estimate ± SE", "cv", "setup s", "s/probe", f"probes to {REL_SE:.0%}",
                  f"s to {REL_SE:.0%}"),
-                [(label, name, f"{r['estimate']:.3f} ± {r['stderr']:.3f}", f"{r['cv']:.3f}", f"{r['setup_s']:.2f}",
+                [(label, name, f"{r['estimate']:.3f} ± {r['stderr']:.3f}", f"{r['cv']:.3f}",
+                  f"{r['setup_s']:.2f}",
                   f"{r['per_probe_s']:.3f}", str(r["probes_to_target"]), f"{r['seconds_to_target']:.1f}")
                  for label, rows in inv.items() for name, r in rows.items()], text_columns=2)
 

@@ -14,8 +14,8 @@ corpus (4000 sentences) with the protocol's sizes (1000 train, 500 validation, 1
 Per (features, L2), on split 0: seconds per fit of each solver (each fit cold-started, best of
 ``--repeats``), Newton steps, the capped L-BFGS's excess objective over the exact optimum, and both test
 accuracies. Per features: each protocol whole (protocol 1 on its grid 1e-4 .. 1e-1, protocol 2 on
-``PROBE_V2_L2_GRID`` 1e-7 .. 10 with warm starts down the grid, to 3 strengths past the best), its accuracy, chosen L2(s) and total
-seconds. One thread.
+``PROBE_V2_L2_GRID`` 1e-7 .. 10 with warm starts down the grid, to 3 strengths past the best), its accuracy,
+chosen L2(s) and total seconds. One thread.
 
     python -m bench.probes                 # ~3 minutes (writes bench/results/probes.json)
     python -m bench.probes --quick         # a smoke test (writes probes_quick.json)

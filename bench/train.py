@@ -27,8 +27,8 @@ Beside the default (eager, fused attention, ``--threads`` threads, default 1):
 * ``torch.compile`` of the forward + loss (backward through AOTAutograd; the optimizer stays eager),
   in a child process with a time limit, since its warm-up costs tens of seconds on this CPU (the
   "first step" column; inductor's on-disk cache makes it much shorter on later runs);
-* explicit attention (``with flatlib.training.model.explicit_attention():``, the twice-differentiable path that the
-  flatness computations use) for the 2x64 model;
+* explicit attention (``with flatlib.training.model.explicit_attention():``, the twice-differentiable path
+  that the flatness computations use) for the 2x64 model;
 * one process with 2 threads vs two single-threaded processes side by side, as aggregate tokens/s:
   on a 2-core machine this decides whether to parallelise inside a run or run two runs at once;
 * the live last block (``Transformer.forward`` with ``positions``, what ``pretrain`` runs): the same
@@ -126,7 +126,8 @@ class Result:
         return self.flops() / (self.processes * peaks[self.threads])
 
 
-def _setup(model_name: str, batch_size: int) -> tuple[PretrainConfig, Language, Transformer, torch.optim.Optimizer]:
+def _setup(model_name: str,
+           batch_size: int) -> tuple[PretrainConfig, Language, Transformer, torch.optim.Optimizer]:
     """What ``pretrain`` builds for ``MODELS[model_name]`` on the profile's HMM: config, language,
     the model (in training mode) and its optimizer."""
     params = resolve(PROFILE)
@@ -173,7 +174,8 @@ def _measure(spec: Spec, barrier: Any) -> Result:
             group["lr"] = learning_rate(config, i)
         corpus = training_corpus(config, language, i, None)
         t1 = time.perf_counter()
-        inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id, mask_generator(config, i))
+        inputs, positions, targets = single_mask_batch(corpus, mc.mask_id, mc.pad_id,
+                                                       mask_generator(config, i))
         t2 = time.perf_counter()
         loss = compute(inputs, positions, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -227,7 +229,8 @@ def in_processes(spec: Spec, processes: int, timeout_s: float) -> list[Result]:
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     barrier = ctx.Barrier(processes) if processes > 1 else None
-    children = [ctx.Process(target=_child, args=(spec, results, barrier), daemon=True) for _ in range(processes)]
+    children = [ctx.Process(target=_child, args=(spec, results, barrier), daemon=True)
+                for _ in range(processes)]
     for child in children:
         child.start()
     deadline = time.monotonic() + timeout_s
@@ -239,7 +242,8 @@ def in_processes(spec: Spec, processes: int, timeout_s: float) -> list[Result]:
             late, dead = time.monotonic() > deadline, not any(child.is_alive() for child in children)
             if late or dead:
                 error = f"timed out after {timeout_s:.0f}s" if late else "a child process died"
-                out += [Result(label="", model=spec.model, threads=spec.threads, error=error)] * (processes - len(out))
+                out += ([Result(label="", model=spec.model, threads=spec.threads, error=error)]
+                        * (processes - len(out)))
     for child in children:
         child.join(timeout=5)
         if child.is_alive():
@@ -314,10 +318,12 @@ def matmul_flops(model_name: str, batch_size: int) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     config, language, model, _ = _setup(model_name, batch_size)
-    inputs, positions, targets = single_mask_batch(training_corpus(config, language, 0, None), model.config.mask_id,
+    inputs, positions, targets = single_mask_batch(training_corpus(config, language, 0, None),
+                                                   model.config.mask_id,
                                                    model.config.pad_id, mask_generator(config, 0))
     out = {}
-    variants = {"full": lambda: full_logits(model, inputs, positions), "live": lambda: model(inputs, positions)}
+    variants = {"full": lambda: full_logits(model, inputs, positions),
+                "live": lambda: model(inputs, positions)}
     for name, logits in variants.items():
         with FlopCounterMode(display=False) as counter:
             F.cross_entropy(logits(), targets).backward()
@@ -388,11 +394,13 @@ def print_table(rows: list[Result], peaks: dict[int, float], target_rows: set[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the default runs (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the default runs (default 1)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not numbers")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: bench/results/train.json, or train_quick.json with --quick)")
+                        help="JSON path (default: bench/results/train.json, or train_quick.json with "
+                             "--quick)")
     args = parser.parse_args()
     load_start = os.getloadavg()
     started = time.perf_counter()
@@ -403,7 +411,8 @@ def main() -> None:
     else:
         sizes = dict(batch_size=256, warmup_steps=5, target_s=3.0, matmul=(256, 512, 1024), repeats=5,
                      compile_models=(CPU_MODEL, "4x128"), compile_timeout_s=240)
-    base = dict(batch_size=sizes["batch_size"], warmup_steps=sizes["warmup_steps"], target_s=sizes["target_s"])
+    base = dict(batch_size=sizes["batch_size"], warmup_steps=sizes["warmup_steps"],
+                target_s=sizes["target_s"])
     if args.quick:
         print("--quick: a smoke test with tiny sizes; the numbers mean little")
     if load_start[0] > BUSY_LOAD:
@@ -471,14 +480,15 @@ def main() -> None:
     if target_row is not None and breakdown.get("matmul"):
         bound = ceiling(target_row.of_peak(peaks), breakdown["matmul"], PEAK_TARGET)
         needs = (f"{PEAK_TARGET:.0%} is met" if bound["non_matmul_left"] >= 1 else
-                 f"{PEAK_TARGET:.0%} needs the non-matmul time cut to {bound['non_matmul_left']:.0%} of today's")
-        print(f"the {CPU_MODEL} matmuls run at {bound['matmul_rate']:.0%} of the peak while they run (the step's "
-              f"ceiling with every other op free); {needs} ({1 - breakdown['matmul']:.0%} of the step: "
-              + ", ".join(f"{g} {v:.0%}" for g, v in breakdown.items() if g != "matmul") + ")")
+                 f"{PEAK_TARGET:.0%} needs the non-matmul time cut to {bound['non_matmul_left']:.0%} of "
+                 "today's")
+        print(f"the {CPU_MODEL} matmuls run at {bound['matmul_rate']:.0%} of the peak while they run (the "
+              f"step's ceiling with every other op free); {needs} ({1 - breakdown['matmul']:.0%} of the "
+              "step: " + ", ".join(f"{g} {v:.0%}" for g, v in breakdown.items() if g != "matmul") + ")")
     if not live.error:
-        print(f"live last block ({CPU_MODEL}): {live.tokens_per_s / eager[CPU_MODEL].tokens_per_s:.2f}x the eager "
-              f"step's tokens/s, with {live_flops['live'] / live_flops['full']:.0%} of its matmul FLOPs (counted); "
-              "its 'of peak' counts the work of the model as written")
+        print(f"live last block ({CPU_MODEL}): {live.tokens_per_s / eager[CPU_MODEL].tokens_per_s:.2f}x the "
+              f"eager step's tokens/s, with {live_flops['live'] / live_flops['full']:.0%} of its matmul "
+              "FLOPs (counted); its 'of peak' counts the work of the model as written")
     compiled = {r.model: r for r in rows if r.label.startswith("compiled")}
     for name, r in compiled.items():
         if r.error:
@@ -492,12 +502,13 @@ def main() -> None:
         line = (f"{name}: 2 procs x 1 thr = {two.tokens_per_s / one.tokens_per_s:.2f}x 1 proc x 2 thr "
                 f"({two.tokens_per_s:,.0f} vs {one.tokens_per_s:,.0f} tokens/s)")
         if args.threads == 1:  # both against the single-threaded run
-            line += (f"; over 1 thread, a second thread adds {one.tokens_per_s / eager[name].tokens_per_s - 1:+.0%}, "
-                     f"a second process {two.tokens_per_s / eager[name].tokens_per_s - 1:+.0%}")
+            line += ("; over 1 thread, a second thread adds "
+                     f"{one.tokens_per_s / eager[name].tokens_per_s - 1:+.0%}, a second process "
+                     f"{two.tokens_per_s / eager[name].tokens_per_s - 1:+.0%}")
         print(line)
     print(f"load average: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end"
-          + (" (other work was running: numbers are pessimistic)" if max(load_start[0], load_end[0]) > BUSY_LOAD
-             else ""))
+          + (" (other work was running: numbers are pessimistic)"
+             if max(load_start[0], load_end[0]) > BUSY_LOAD else ""))
 
     out = args.out or RESULTS_DIR / ("train_quick.json" if args.quick else "train.json")
     out.parent.mkdir(parents=True, exist_ok=True)

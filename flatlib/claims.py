@@ -71,36 +71,38 @@ SMALLEST_EFFECT = {
 RULES = {
     "equal loss": (f"two models are at equal loss when their exact gaps to the optimum differ by at most "
                    f"{EQUAL_LOSS_NATS} nats (point estimates; the paper's own 'same loss')"),
-    "paired effect": ("the mean of per-lineage paired differences, 95% t-interval: 'no' if it lies entirely inside "
-                      "±b, the smallest effect of interest of its quantity (rule 'smallest effect'), or entirely on "
-                      "the other side of 0; else 'yes' if it lies entirely on the predicted side of 0, else "
-                      "'inconclusive'; fewer than 2 pairs: 'not tested'; printed with its minimum detectable effect "
-                      "at 80% power"),
-    "unpaired effect": ("the difference of two groups' means (e.g. two widths, each its own training runs), Welch "
-                        "95% interval, decided like a paired effect (the same ±b)"),
-    "smallest effect": (f"the equivalence bound ±b of a paired or unpaired effect: {SMALLEST_EFFECT['accuracy']:g} "
-                        f"(one point) of probe or fine-tuning accuracy; {SMALLEST_EFFECT['trace']:.0%} of the level "
-                        f"before (control, AdamW, narrower width) for a Hessian trace; {SMALLEST_EFFECT['gap']} nats "
-                        "for the gap"),
-    "equal-loss pair": (f"for a comparison across model sizes: the widest model family whose seeds all reached ε, "
-                        f"against the narrowest such family whose mean gap is within {EQUAL_LOSS_NATS} nats of it; "
-                        "none: 'not tested'"),
-    "correlation": (f"rank correlation with a lineage-bootstrap 95% CI from at least {MIN_LINEAGES} lineages: "
-                    f"'yes' if the CI excludes 0 on the predicted side, 'no' if it lies on the other side or "
-                    f"inside ±{EQUIVALENCE_RHO}, else 'inconclusive'"),
-    "unrelated": f"'loss does not explain it' needs the whole CI of the rank correlation with the gap inside ±{EQUIVALENCE_RHO}",
-    "flatness explains": ("per task: the partial rank correlation of accuracy with the trace given the gap is "
-                          "'yes' by the correlation rule (predicted negative) and accuracy is 'unrelated' to the gap; "
-                          "'no' if the trace correlation is 'no'; else 'inconclusive'"),
+    "paired effect": ("the mean of per-lineage paired differences, 95% t-interval: 'no' if it lies entirely "
+                      "inside ±b, the smallest effect of interest of its quantity (rule 'smallest effect'), "
+                      "or entirely on the other side of 0; else 'yes' if it lies entirely on the predicted "
+                      "side of 0, else 'inconclusive'; fewer than 2 pairs: 'not tested'; printed with its "
+                      "minimum detectable effect at 80% power"),
+    "unpaired effect": ("the difference of two groups' means (e.g. two widths, each its own training runs), "
+                        "Welch 95% interval, decided like a paired effect (the same ±b)"),
+    "smallest effect": ("the equivalence bound ±b of a paired or unpaired effect: "
+                        f"{SMALLEST_EFFECT['accuracy']:g} (one point) of probe or fine-tuning accuracy; "
+                        f"{SMALLEST_EFFECT['trace']:.0%} of the level before (control, AdamW, narrower "
+                        f"width) for a Hessian trace; {SMALLEST_EFFECT['gap']} nats for the gap"),
+    "equal-loss pair": ("for a comparison across model sizes: the widest model family whose seeds all "
+                        "reached ε, against the narrowest such family whose mean gap is within "
+                        f"{EQUAL_LOSS_NATS} nats of it; none: 'not tested'"),
+    "correlation": (f"rank correlation with a lineage-bootstrap 95% CI from at least {MIN_LINEAGES} "
+                    "lineages: 'yes' if the CI excludes 0 on the predicted side, 'no' if it lies on the "
+                    f"other side or inside ±{EQUIVALENCE_RHO}, else 'inconclusive'"),
+    "unrelated": "'loss does not explain it' needs the whole CI of the rank correlation with the gap inside "
+                 f"±{EQUIVALENCE_RHO}",
+    "flatness explains": ("per task: the partial rank correlation of accuracy with the trace given the gap "
+                          "is 'yes' by the correlation rule (predicted negative) and accuracy is 'unrelated' "
+                          "to the gap; 'no' if the trace correlation is 'no'; else 'inconclusive'"),
     "parts": "a claim over several tasks: all 'yes' -> 'yes', some 'yes' -> 'partly', all 'no' -> 'no', "
              "else 'inconclusive' (or 'not tested' if every part is)",
-    "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (LayerNorm gauge fixed); the raw trace is shown",
+    "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (LayerNorm gauge fixed); the raw "
+             "trace is shown",
     "probe": f"transfer claims are decided on the {DECIDING_PROBE} probe; the other probes are shown",
-    "adversary weight": (f"notebook 04's adversary weight λ is chosen on a held-out training seed (not one of the "
-                         f"evaluated lineages): the largest λ of the profile's grid whose continuation ends within "
-                         f"{EQUAL_LOSS_NATS} nats of the AdamW continuation's gap (same seed and steps): the strongest "
-                         "adversary at equal loss; none: the smallest λ of the grid, and its claims read as the "
-                         "equal-loss rule decides"),
+    "adversary weight": ("notebook 04's adversary weight λ is chosen on a held-out training seed (not one of "
+                         "the evaluated lineages): the largest λ of the profile's grid whose continuation "
+                         f"ends within {EQUAL_LOSS_NATS} nats of the AdamW continuation's gap (same seed and "
+                         "steps): the strongest adversary at equal loss; none: the smallest λ of the grid, "
+                         "and its claims read as the equal-loss rule decides"),
 }
 
 # Every change of a rule after results it judges were seen: (rule, what changed, when: the commit that made
@@ -111,22 +113,22 @@ RULE_CHANGES: list[tuple[str, str, str, str]] = [
     ("equal loss", "fixed here to 'within 0.002 nats' (no SE term, which noisier data pass more easily) and "
      "applied by every notebook (04 used 'both within ε = 0.025')", "ab90d2f, 2026-11-30",
      "declared before the τ-clock runs it judges; the earlier cpu results had been seen"),
-    ("adversary weight", "notebook 04's λ was tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1); now chosen by "
-     "this rule on a held-out seed from a declared grid (HMM 0.01/0.03/0.1, PCFG 0.03/0.1/0.3)",
+    ("adversary weight", "notebook 04's λ was tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1); now "
+     "chosen by this rule on a held-out seed from a declared grid (HMM 0.01/0.03/0.1, PCFG 0.03/0.1/0.3)",
      "eb4341d, 2026-11-30",
      "declared before the held-out runs; the evaluated seeds' results at the hand-tuned λ had been seen"),
-    ("smallest effect", "declared: ±1 point of accuracy, ±5% of the level for a trace, ±0.002 nats for the gap (was: "
-     "no bound, so 'no' could only mean 'the other sign')", "46154b0, 2026-12-07",
+    ("smallest effect", "declared: ±1 point of accuracy, ±5% of the level for a trace, ±0.002 nats for the "
+     "gap (was: no bound, so 'no' could only mean 'the other sign')", "46154b0, 2026-12-07",
      "declared before the regeneration it judges; the cpu results it will judge again had been seen (7 yes, "
      "4 partly, 11 inconclusive), the bounds are argued from the paper's effects and the committed noise"),
-    ("paired effect", "the equivalence bound is the quantity's smallest effect (was 0); an interval inside ±b is "
-     "'no' even when it excludes 0 (was 'yes')", "46154b0, 2026-12-07",
+    ("paired effect", "the equivalence bound is the quantity's smallest effect (was 0); an interval inside "
+     "±b is 'no' even when it excludes 0 (was 'yes')", "46154b0, 2026-12-07",
      "declared before the regeneration; at the committed cpu results, e.g. the PCFG clock's task A +0.000 "
      "[-0.003, +0.004] would read 'no' instead of 'inconclusive'"),
     ("smallest effect", "a trace whose level before is not positive has no relative bound: its comparison is "
      "'not tested' (was: an error)", "d73e6fc, 2026-12-07",
-     "declared before the regeneration; met at the smoke profile, whose 60-step models' full-gauge trace has a "
-     "negative Hutchinson body"),
+     "declared before the regeneration; met at the smoke profile, whose 60-step models' full-gauge trace has "
+     "a negative Hutchinson body"),
     ("unpaired effect", "the same bound ±b as a paired effect (was 0)", "46154b0, 2026-12-07",
      "declared before the regeneration; the committed widths' results had been seen"),
 ]
@@ -136,36 +138,37 @@ RULE_CHANGES: list[tuple[str, str, str, str]] = [
 # in REPORT.md.
 DESIGN_CHANGES: list[tuple[str, str, str, str]] = [
     ("notebook 02's clock", "η = 0.2 at the same τ (a quarter of the SGD steps) checked against a criterion "
-     "committed before the check (docs/lessons.md, 'One clock, two step sizes'); NOT adopted: the PCFG failed it "
-     "(gap after the anneal 0.013-0.078 nats), the HMM passed", "788c1cf, 2026-12-01",
+     "committed before the check (docs/lessons.md, 'One clock, two step sizes'); NOT adopted: the PCFG "
+     "failed it (gap after the anneal 0.013-0.078 nats), the HMM passed", "788c1cf, 2026-12-01",
      "the η = 0.1 results had been seen; the profile is unchanged"),
-    ("notebook 05's models", "each constant-rate and adversarial continuation is measured at its end only (was: "
-     "every 400 steps): 60 fewer measurements, to fit the run time; "
+    ("notebook 05's models", "each constant-rate and adversarial continuation is measured at its end only "
+     "(was: every 400 steps): 60 fewer measurements, to fit the run time; "
      "the earlier checkpoints added models, not lineages, and the bootstrap resamples lineages",
      "788c1cf, 2026-12-01",
-     "decided for its cost; the earlier verdicts had been seen (HMM yes, PCFG inconclusive); after it HMM yes, "
-     "PCFG partly (task A yes), until the PCFG anneal below"),
-    ("notebook 02's clock, PCFG anneal", "3000 steps (was 1000; the HMM keeps 1000), once, declared before the runs "
-     "(docs/lessons.md, 'The PCFG's anneal'): each anneal must return the gap to equal loss",
+     "decided for its cost; the earlier verdicts had been seen (HMM yes, PCFG inconclusive); after it HMM "
+     "yes, PCFG partly (task A yes), until the PCFG anneal below"),
+    ("notebook 02's clock, PCFG anneal", "3000 steps (was 1000; the HMM keeps 1000), once, declared before "
+     "the runs (docs/lessons.md, 'The PCFG's anneal'): each anneal must return the gap to equal loss",
      "e92baae, 2026-12-01",
-     "the 1000-step results had been seen ('not tested': 0.0024 nats above the control); after it the PCFG is at "
-     "equal loss (0.0068 -> 0.0081): invariant trace -1.69 [-3.72, +0.35] and accuracy inconclusive, the raw "
-     "trace's fall yes; notebook 05's PCFG partly -> inconclusive"),
-    ("notebooks 02-05's design (cpu, gpu)", "8 training lineages (was 3; 05's family 8, was 5) and 8 seeds a width in "
-     "03 (was 3); notebook 02's clock 2 noise seeds a lineage (was 6) and 2 anneal-only controls (was 1), sized "
-     "from the variance components of the committed results (docs/power.md)", "c57b0e0, 2026-12-07",
-     "declared before the regeneration it judges; the cpu results of the old design had been seen"),
-    ("the measurement protocol (cpu, gpu)", "probe protocol 2 (the exact regularised optimum, one L2 from the pooled "
-     "validation splits, grid 1e-7 .. 10 walked from the strongest penalty down to 3 strengths past the best, the "
-     "choice and any grid edge recorded; was: capped L-BFGS, L2 per "
-     "split from 1e-4 .. 1e-1, chosen at its lower edge on every HMM split checked) and the invariant trace over "
-     "the whole exact gauge (LayerNorm/reader, attention Q/K and V/O per head coordinate; was: LayerNorm/reader "
-     "alone, which V/O rescalings moved by 40%); the LayerNorm-only and raw traces are shown beside it",
+     "the 1000-step results had been seen ('not tested': 0.0024 nats above the control); after it the PCFG "
+     "is at equal loss (0.0068 -> 0.0081): invariant trace -1.69 [-3.72, +0.35] and accuracy inconclusive, "
+     "the raw trace's fall yes; notebook 05's PCFG partly -> inconclusive"),
+    ("notebooks 02-05's design (cpu, gpu)", "8 training lineages (was 3; 05's family 8, was 5) and 8 seeds a "
+     "width in 03 (was 3); notebook 02's clock 2 noise seeds a lineage (was 6) and 2 anneal-only controls "
+     "(was 1), sized from the variance components of the committed results (docs/power.md)",
      "c57b0e0, 2026-12-07",
+     "declared before the regeneration it judges; the cpu results of the old design had been seen"),
+    ("the measurement protocol (cpu, gpu)", "probe protocol 2 (the exact regularised optimum, one L2 from "
+     "the pooled validation splits, grid 1e-7 .. 10 walked from the strongest penalty down to 3 strengths "
+     "past the best, the choice and any grid edge recorded; was: capped L-BFGS, L2 per "
+     "split from 1e-4 .. 1e-1, chosen at its lower edge on every HMM split checked) and the invariant trace "
+     "over the whole exact gauge (LayerNorm/reader, attention Q/K and V/O per head coordinate; was: "
+     "LayerNorm/reader alone, which V/O rescalings moved by 40%); the LayerNorm-only and raw traces are "
+     "shown beside it", "c57b0e0, 2026-12-07",
      "declared before the regeneration; the committed results under the old protocol had been seen"),
-    ("training computation", "the live last block: Transformer.forward(tokens, positions) runs the last block's "
-     "attention output and MLP only at the masked positions (the same function; float rounding differs, so every "
-     "run is new)", "34d18ce, 2026-12-07",
+    ("training computation", "the live last block: Transformer.forward(tokens, positions) runs the last "
+     "block's attention output and MLP only at the masked positions (the same function; float rounding "
+     "differs, so every run is new)", "34d18ce, 2026-12-07",
      "a speed change (no science): declared before the regeneration"),
 ]
 
@@ -266,7 +269,8 @@ def welch_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
         if not np.all(np.isfinite(np.asarray(values, dtype=float))):
             raise ValueError(f"{name}: expected finite numbers")
     d = mean_difference(a, b, level=CONFIDENCE)
-    return Interval(d.delta, d.delta - d.ci95, d.delta + d.ci95, min(d.n_a, d.n_b), None if math.isnan(d.dof) else d.dof)
+    return Interval(d.delta, d.delta - d.ci95, d.delta + d.ci95, min(d.n_a, d.n_b),
+                    None if math.isnan(d.dof) else d.dof)
 
 
 def equal_loss_pair(mean_gaps: dict[int, float], converged: dict[int, bool]) -> tuple[int, int] | None:
@@ -324,14 +328,16 @@ def equivalence_bound(quantity: str, reference: float | None = None) -> float:
     if "trace" in quantity:
         if reference is None or isinstance(reference, bool) or not isinstance(reference, (int, float)) \
                 or math.isinf(reference):
-            raise ValueError(f"reference: a trace's bound is {SMALLEST_EFFECT['trace']:.0%} of its level before; "
-                             f"pass that level for {quantity!r}, got {reference!r}")
+            raise ValueError(f"reference: a trace's bound is {SMALLEST_EFFECT['trace']:.0%} of its level "
+                             f"before; pass that level for {quantity!r}, got {reference!r}")
         return SMALLEST_EFFECT["trace"] * reference if reference > 0 else math.nan
-    raise ValueError(f"quantity: {quantity!r} has no declared smallest effect (expected 'acc <task>', 'probe <task>', "
-                     f"'finetune <task>', a trace or 'gap'); declare one in flatlib.claims.SMALLEST_EFFECT first")
+    raise ValueError(f"quantity: {quantity!r} has no declared smallest effect (expected 'acc <task>', 'probe "
+                     "<task>', 'finetune <task>', a trace or 'gap'); declare one in "
+                     "flatlib.claims.SMALLEST_EFFECT first")
 
 
-def paired_effect(differences: Sequence[float], predicted: int, equivalence: float = 0.0) -> tuple[str, Interval]:
+def paired_effect(differences: Sequence[float], predicted: int,
+                  equivalence: float = 0.0) -> tuple[str, Interval]:
     """Rule "paired effect": per-lineage differences (after - before, one value per independent
     lineage: average the continuation seeds of one phase-1 checkpoint first), their t-interval,
     and the verdict of ``interval_verdict``."""

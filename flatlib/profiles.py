@@ -2,8 +2,8 @@
 
 * ``smoke``: tests and CI; every notebook in well under a minute.
 * ``cpu``: the default; the whole reproduction on a 2-core laptop.
-* ``gpu``: the cpu profile's languages with larger models, longer runs and larger probe and trace sets, for one GPU
-  (models train on ``flatlib.device.default_device()``: the GPU when one is visible).
+* ``gpu``: the cpu profile's languages with larger models, longer runs and larger probe and trace sets, for
+  one GPU (models train on ``flatlib.device.default_device()``: the GPU when one is visible).
 * ``paper``: the paper's sizes (HMM with 100 states and 200 words, length 16; PCFG of the released
   shape, one level deeper so that sentences reach 32 words as the paper describes; sparsity
   calibrated to the paper's optima), for GPUs and clusters.
@@ -51,18 +51,21 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 64, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
-        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock): SGD from each phase-1
-        # checkpoint for each tau, noise_seeds times, each ending with a linear anneal (tau = 0: the anneal alone)
-        "clock": {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 10, "pcfg": 10, "teacher": 10},
-                  "anneal_batch_size": 16,
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock): SGD from each
+        # phase-1 checkpoint for each tau, noise_seeds times, each ending with a linear
+        # anneal (tau = 0: the anneal alone)
+        "clock": {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8,
+                  "anneal_steps": {"hmm": 10, "pcfg": 10, "teacher": 10}, "anneal_batch_size": 16,
                   "noise_seeds": 2, "control_seeds": 2},
         # 03_model_size: widths of an n_layer model (d_ff = ff_mult * width), trained like phase 1 above
         "model_size": {"languages": ["hmm"], "widths": [8, 16], "n_layer": 1, "head_dim": 4, "ff_mult": 2,
                        "steps": {"hmm": 60, "pcfg": 60, "teacher": 60},
                        "finetune_epochs": 2},
-        # 04_training_algorithms: the adversary (flatlib.training.adversary: PretrainConfig's `adversarial` option) per language
+        # 04_training_algorithms: the adversary (flatlib.training.adversary: PretrainConfig's `adversarial`
+        # option) per language
         "algorithms": {"languages": ["hmm"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
-                       "weight_grid": {"hmm": [0.03, 0.1], "pcfg": [0.1], "teacher": [0.1]}, "held_out_seed": 1000,
+                       "weight_grid": {"hmm": [0.03, 0.1], "pcfg": [0.1], "teacher": [0.1]},
+                       "held_out_seed": 1000,
                        "adversarial": {"refit_every": 5, "head_sentences": 100, "batch_sentences": 32}},
     },
     "cpu": {
@@ -98,10 +101,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                          "trace_batch": 512, "probe_version": 2, "gauge": "full"},
             "workers": 2,
         },
-        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock). Notebook 06 sees the drift
-        # at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at 64) is issue
-        # 14's (tau = 10 is 16,000 SGD steps). The PCFG's anneal is 3000 steps: 1000 left it 0.0024 nats above its
-        # control (docs/lessons.md, "The PCFG's anneal").
+        # 02's continuation on the theory's clock tau = lr^2 k / B (flatlib.training.clock). Notebook 06 sees
+        # the drift at tau ~ 10; the recipe (lr 0.1, 16 sentences a step, then 1000 steps of linear anneal at
+        # 64) is issue 14's (tau = 10 is 16,000 SGD steps). The PCFG's anneal is 3000 steps: 1000 left it
+        # 0.0024 nats above its control (docs/lessons.md, "The PCFG's anneal").
         # Noise seeds cut from 6 to 2 and the control replicated on both (docs/power.md: 87-99.5% of a
         # lineage effect's variance is between lineages; the control's own anneal noise was most of the rest).
         "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 16,
@@ -119,8 +122,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # weight_grid by flatlib.claims' rule "adversary weight"; the grid brackets the values an earlier
         # version had tuned by hand on evaluated seed 0 (HMM 0.03, PCFG 0.1; docs/lessons.md). The head is
         # refit every 5 steps: with a stale head the adversary only fools that head.
-        "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
-                       "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3], "teacher": [0.03, 0.1, 0.3]},
+        "algorithms": {"languages": ["hmm", "pcfg"],
+                       "tasks": {"hmm": "state@6", "pcfg": "A", "teacher": "topic"},
+                       "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3],
+                                       "teacher": [0.03, 0.1, 0.3]},
                        "held_out_seed": 1000,
                        "adversarial": {"refit_every": 5, "head_sentences": 1000, "batch_sentences": 128}},
     },
@@ -137,7 +142,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pretraining": {
             "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
             "batch_size": 512, "lr": 2e-3, "warmup_steps": 500,
-            "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000}, "languages": ["hmm", "pcfg", "teacher"],
+            "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
+            "languages": ["hmm", "pcfg", "teacher"],
             "seeds": 8, "correlation_seeds": 8, "eval_every": 500, "eval_pairs": 8192, "epsilon": 0.015,
             "continue_steps": 4000, "checkpoint_every": 1000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 2e-4, "lr_scan": (0.03, 0.05, 0.1, 0.2, 0.5), "scan_steps": 300,
@@ -148,8 +154,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         # (clock: the cpu profile's, copied in below the table)
         # 4-layer models of width 32 to 256 (50k to 3.2M parameters), heads of 16
-        "model_size": {"languages": ["hmm", "pcfg"], "widths": [32, 64, 128, 256], "n_layer": 4, "head_dim": 16,
-                       "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
+        "model_size": {"languages": ["hmm", "pcfg"], "widths": [32, 64, 128, 256], "n_layer": 4,
+                       "head_dim": 16, "steps": {"hmm": 12_000, "pcfg": 30_000, "teacher": 8000},
                        "ff_mult": 4, "finetune_epochs": 10},
         # (algorithms: the cpu profile's with this adversary, below the table)
         "algorithms": {"adversarial": {"refit_every": 5, "head_sentences": 2000, "batch_sentences": 256}},
@@ -174,26 +180,30 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pretraining": {
             "model": {"n_layer": 6, "n_head": 4, "d_model": 256, "d_ff": 1024},
             "batch_size": 512, "lr": 1e-3, "warmup_steps": 1800,
-            "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000}, "languages": ["hmm", "pcfg", "teacher"],
+            "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000},
+            "languages": ["hmm", "pcfg", "teacher"],
             "seeds": 5, "correlation_seeds": 5, "eval_every": 1000, "eval_pairs": 16_384, "epsilon": 0.01,
             "continue_steps": 20_000, "checkpoint_every": 4000, "continue_eval_every": 100,
             "sgd_lr": 0.1, "adamw_lr": 1e-4, "lr_scan": (0.03, 0.1, 0.3, 1.0), "scan_steps": 500,
-            "protocol": {"probe_sentences": 20_000, "probe_train": 5000, "probe_test": 5000, "probe_splits": 5,
+            "protocol": {"probe_sentences": 20_000, "probe_train": 5000, "probe_test": 5000,
+                         "probe_splits": 5,
                          "probe_l2_grid": (1e-4, 1e-3, 1e-2, 1e-1), "trace_pairs": 4096, "trace_probes": 50,
                          "trace_batch": 512},
             "workers": 2,
         },
         # 02's clock (flatlib.training.clock): tau = 10 at lr 0.1 and 64 sentences a step is 64,000 steps
-        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 64, "anneal_steps": {"hmm": 2000, "pcfg": 2000, "teacher": 2000},
-                  "anneal_batch_size": 256,
+        "clock": {"taus": [0, 1, 3, 10], "lr": 0.1, "batch_size": 64,
+                  "anneal_steps": {"hmm": 2000, "pcfg": 2000, "teacher": 2000}, "anneal_batch_size": 256,
                   "noise_seeds": 6},
         # 03_model_size: 6-layer models from 0.3M to 19M parameters
-        "model_size": {"languages": ["hmm", "pcfg"], "widths": [64, 128, 256, 512], "n_layer": 6, "head_dim": 64,
-                       "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000},
+        "model_size": {"languages": ["hmm", "pcfg"], "widths": [64, 128, 256, 512], "n_layer": 6,
+                       "head_dim": 64, "steps": {"hmm": 30_000, "pcfg": 30_000, "teacher": 30_000},
                        "ff_mult": 4, "finetune_epochs": 10},
         # 04_training_algorithms: the paper's table is on its PCFG (task A adversary)
-        "algorithms": {"languages": ["hmm", "pcfg"], "tasks": {"hmm": "state@10", "pcfg": "A", "teacher": "topic"},
-                       "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3], "teacher": [0.03, 0.1, 0.3]},
+        "algorithms": {"languages": ["hmm", "pcfg"],
+                       "tasks": {"hmm": "state@10", "pcfg": "A", "teacher": "topic"},
+                       "weight_grid": {"hmm": [0.01, 0.03, 0.1], "pcfg": [0.03, 0.1, 0.3],
+                                       "teacher": [0.03, 0.1, 0.3]},
                        "held_out_seed": 1000,
                        "adversarial": {"refit_every": 10, "head_sentences": 5000, "batch_sentences": 256}},
     },
@@ -203,7 +213,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 for _key in ("hmm", "pcfg", "teacher", "language_seed", "clock"):
     PROFILES["gpu"][_key] = copy.deepcopy(PROFILES["cpu"][_key])
 # ... and its notebook 04 (languages, tasks, λ grid, held-out seed), with a larger adversary
-PROFILES["gpu"]["algorithms"] = {**copy.deepcopy(PROFILES["cpu"]["algorithms"]), **PROFILES["gpu"]["algorithms"]}
+PROFILES["gpu"]["algorithms"] = {**copy.deepcopy(PROFILES["cpu"]["algorithms"]),
+                                 **PROFILES["gpu"]["algorithms"]}
 
 # Notebook 06's theory (flatlib.theory): tiny exact demonstrations, float64 on the CPU whatever the profile;
 # "paper" only adds seeds, draws and samples, and "gpu" (whose machine has 16 cores) takes the paper's.
@@ -246,24 +257,29 @@ _THEORY["gpu"] = copy.deepcopy(_THEORY["paper"])
 for _name, _sizes in _THEORY.items():
     PROFILES[_name]["theory"] = _sizes
 
-# Notebook 07 (flatlib on your model; flatlib.measurement.hf): a HuggingFace masked LM trained on the profile's HMM
-# with flatlib.measurement.hf.train_mlm (cached in the run store), then flatlib.measurement.hf.measure: the exact gap, the raw,
-# LayerNorm-only and full-gauge traces, a linear probe of `task` against its Bayes accuracy. Each
-# profile's "your_model" section; "measure" holds measure's sizes.
+# Notebook 07 (flatlib on your model; flatlib.measurement.hf): a HuggingFace masked LM trained on the
+# profile's HMM with flatlib.measurement.hf.train_mlm (cached in the run store), then
+# flatlib.measurement.hf.measure: the exact gap, the raw, LayerNorm-only and full-gauge traces, a linear probe
+# of `task` against its Bayes accuracy. Each profile's "your_model" section; "measure" holds measure's sizes.
 _YOUR_MODEL: dict[str, dict[str, Any]] = {
     # seconds: it checks the code path
     "smoke": {"kind": "bert", "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32},
-              "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "eval_every": 20, "task": "state@3",
+              "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "eval_every": 20,
+              "task": "state@3",
               "measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64,
                           "probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2}},
-    # docs/your_model.md's BERT: 2x64, 2400 steps (130-180 s on one thread, 2026-12-07), the cpu protocol's sizes
+    # docs/your_model.md's BERT: 2x64, 2400 steps (130-180 s on one thread,
+    # 2026-12-07), the cpu protocol's sizes
     "cpu": {"kind": "bert", "model": {"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256},
-            "steps": 2400, "batch_size": 256, "lr": 3e-3, "warmup_steps": 200, "eval_every": 200, "task": "state@3",
+            "steps": 2400, "batch_size": 256, "lr": 3e-3, "warmup_steps": 200, "eval_every": 200,
+            "task": "state@3",
             "measure": {"pairs": 4096, "trace_pairs": 1024, "trace_probes": 12, "trace_batch": 512,
                         "probe_sentences": 4000, "probe_train": 1000, "probe_test": 1000, "probe_splits": 3}},
-    # the gpu profile's model size and protocol; NOT yet run (sized by estimate, like the rest of that profile)
+    # the gpu profile's model size and protocol; NOT yet run (sized by estimate,
+    # like the rest of that profile)
     "gpu": {"kind": "bert", "model": {"n_layer": 4, "n_head": 8, "d_model": 128, "d_ff": 512},
-            "steps": 12_000, "batch_size": 512, "lr": 2e-3, "warmup_steps": 500, "eval_every": 500, "task": "state@3",
+            "steps": 12_000, "batch_size": 512, "lr": 2e-3, "warmup_steps": 500, "eval_every": 500,
+            "task": "state@3",
             "measure": {"pairs": 8192, "trace_pairs": 2048, "trace_probes": 30, "trace_batch": 1024,
                         "probe_sentences": 8000, "probe_train": 2000, "probe_test": 2000, "probe_splits": 5}},
 }
@@ -296,8 +312,8 @@ THEORY = Dict(  # notebook 06
 YOUR_MODEL = Dict(  # notebook 07
     kind=OneOf(("bert", "roberta")), model=Dict(n_layer=Int(), n_head=Int(), d_model=Int(), d_ff=Int()),
     steps=Int(), batch_size=Int(), lr=Number(), warmup_steps=Int(0), eval_every=Int(), task=Str(),
-    measure=Dict(pairs=Int(), trace_pairs=Int(), trace_probes=Int(2), trace_batch=Int(), probe_sentences=Int(),
-                 probe_train=Int(2), probe_test=Int(), probe_splits=Int()),
+    measure=Dict(pairs=Int(), trace_pairs=Int(), trace_probes=Int(2), trace_batch=Int(),
+                 probe_sentences=Int(), probe_train=Int(2), probe_test=Int(), probe_splits=Int()),
 )
 PROFILE = Dict(
     profile=OneOf(tuple(PROFILES)), seed=Seed(), language_seed=Seed(), n_eval_sentences=Int(2),
@@ -306,7 +322,8 @@ PROFILE = Dict(
         model=Dict(n_layer=Int(), n_head=Int(), d_model=Int(), d_ff=Int()),
         languages=LANGUAGE_LIST, steps=PerLanguage(Int()), warmup_steps=Int(0), batch_size=Int(),
         lr=Number(), seeds=Int(2),  # >= 2: confidence intervals over seeds
-        correlation_seeds=Int(2),  # notebook 05's lineages: max(seeds, this); those beyond seeds skip the clock
+        # notebook 05's lineages: max(seeds, this); those beyond seeds skip the clock
+        correlation_seeds=Int(2),
         eval_every=Int(), eval_pairs=Int(), epsilon=Number(), continue_steps=Int(), checkpoint_every=Int(),
         continue_eval_every=Int(), sgd_lr=Number(), adamw_lr=Number(), lr_scan=ListOf(Number()),
         scan_steps=Int(), workers=Int(),
@@ -327,7 +344,8 @@ PROFILE = Dict(
     algorithms=Dict(  # notebook 04
         languages=LANGUAGE_LIST, tasks=PerLanguage(Str()), held_out_seed=Seed(),
         weight_grid=PerLanguage(ListOf(Number(), increasing=True)),
-        weights=Opt(PerLanguage(Number())),  # given, λ replaces the held-out choice (flatlib.runner.experiments)
+        # given, λ replaces the held-out choice (flatlib.runner.experiments)
+        weights=Opt(PerLanguage(Number())),
         adversarial=Dict(refit_every=Int(), head_sentences=Int(), batch_sentences=Int()),
     ),
     theory=THEORY,
@@ -406,11 +424,12 @@ def _check_relations(params: dict[str, Any]) -> None:
     # the held-out seed is seed + held_out_seed: it must not be one of the evaluated seeds
     lineages = max(p["seeds"], p["correlation_seeds"])
     _require(a["held_out_seed"] >= lineages, "algorithms.held_out_seed",
-             f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got {a['held_out_seed']!r}")
+             f"expected an integer >= pretraining.seeds and correlation_seeds ({lineages}), got "
+             f"{a['held_out_seed']!r}")
     _check_derived_seeds(params)
     _require(c.get("control_seeds", 1) <= c["noise_seeds"], "clock.control_seeds",
-             f"expected at most noise_seeds ({c['noise_seeds']}): each control anneals on one noise seed's batches, "
-             f"got {c.get('control_seeds')!r}")
+             f"expected at most noise_seeds ({c['noise_seeds']}): each control anneals on one noise seed's "
+             f"batches, got {c.get('control_seeds')!r}")
     taus = c["taus"]
     _require(taus[0] == 0, "clock.taus", f"expected increasing numbers starting with 0 (the anneal-only "
                                          f"control), got {taus!r}")
@@ -476,10 +495,12 @@ def _check_your_model(params: dict[str, Any]) -> None:
     in its sentences (train + test + test/2 for the validation split), seed + 1 (the rescaling) is a seed."""
     y = params["your_model"]
     m, s = y["model"], y["measure"]
-    _require(m["d_model"] % m["n_head"] == 0, "your_model.model.n_head", f"must divide d_model ({m['d_model']})")
+    _require(m["d_model"] % m["n_head"] == 0, "your_model.model.n_head",
+             f"must divide d_model ({m['d_model']})")
     _require(y["warmup_steps"] < y["steps"], "your_model.warmup_steps", f"must be below steps ({y['steps']})")
     tasks = HMM.random(seed=params["language_seed"], **params["hmm"]).tasks
-    _require(y["task"] in tasks, "your_model.task", f"{y['task']!r} is not a task of the profile's HMM {tasks}")
+    _require(y["task"] in tasks, "your_model.task",
+             f"{y['task']!r} is not a task of the profile's HMM {tasks}")
     _require(s["trace_pairs"] <= s["pairs"], "your_model.measure.trace_pairs",
              f"must be at most measure.pairs ({s['pairs']}): the traces read the gap's first rows")
     needed = s["probe_train"] + s["probe_test"] + s["probe_test"] // 2

@@ -71,7 +71,8 @@ class Correlation:
 
 
 def _coefficient(method: str, x: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> float:
-    if z is not None:  # partial Spearman: rho_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) on ranks
+    # partial Spearman: rho_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) on ranks
+    if z is not None:
         r = stats.spearmanr(np.column_stack([x, y, z])).statistic
         rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
         denominator = math.sqrt(max(0.0, (1 - rxz**2) * (1 - ryz**2)))
@@ -138,14 +139,16 @@ def rank_correlation(x, y, method: str = "spearman", n_boot: int = 2000, seed: i
 # (df = 2n - 2); for a Welch interval it is the usual approximation with the Welch-Satterthwaite df of
 # the population variances. The wrong-sign tail P(T < -c) is included (the convention of G*Power and
 # of most tables); at 80% power it is below 1e-4. The standard approximation
-# delta = (t_{(1 + level) / 2, df} + t_{power, df}) se is close but not used: it is 5% low at df = 2 (3 lineages).
+# delta = (t_{(1 + level) / 2, df} + t_{power, df}) se is close but not used: it is
+# 5% low at df = 2 (3 lineages).
 POWER = 0.8
 
 
 def _check(name: str, value: float, low: float = 0.0, high: float = math.inf, open_low: bool = True) -> None:
     ok = math.isfinite(value) and (value > low if open_low else value >= low) and value < high
     if not ok:
-        raise ValueError(f"{name}: expected a finite number in {'(' if open_low else '['}{low}, {high}), got {value!r}")
+        raise ValueError(f"{name}: expected a finite number in {'(' if open_low else '['}{low}, {high}), got "
+                         f"{value!r}")
 
 
 def _t_power(noncentrality: float, df: float, level: float) -> float:
@@ -154,7 +157,8 @@ def _t_power(noncentrality: float, df: float, level: float) -> float:
     # large noncentralities far in the lower tail (df 1, nc 8), its sf does not
     power = float(stats.nct.sf(c, df, noncentrality) + stats.nct.sf(c, df, -noncentrality))
     if not math.isfinite(power):
-        raise ArithmeticError(f"the noncentral t power is not finite at df {df}, noncentrality {noncentrality}")
+        raise ArithmeticError(f"the noncentral t power is not finite at df {df}, noncentrality "
+                              f"{noncentrality}")
     return power
 
 
@@ -163,7 +167,8 @@ def _noncentrality(df: float, power: float, level: float) -> float:
     high = 1.0
     while _t_power(high, df, level) < power:  # the power rises with the noncentrality: bracket, then solve
         high *= 2
-    return float(optimize.brentq(lambda nc: _t_power(nc, df, level) - power, 0.0, high, xtol=1e-12, rtol=1e-12))
+    return float(optimize.brentq(lambda nc: _t_power(nc, df, level) - power, 0.0, high, xtol=1e-12,
+                                 rtol=1e-12))
 
 
 def _check_design(power: float, level: float) -> None:
@@ -218,13 +223,15 @@ def _normal_n(effect: float, sd: float, power: float, level: float) -> int:
     return int(min(1e9, (z * sd / abs(effect)) ** 2))
 
 
-def paired_n(effect: float, sd: float, power: float = POWER, level: float = 0.95, n_max: int = 10_000) -> int | None:
+def paired_n(effect: float, sd: float, power: float = POWER, level: float = 0.95,
+             n_max: int = 10_000) -> int | None:
     """The number of lineages a paired effect of size ``effect`` (lineage-effect SD ``sd``) needs for
     ``power``: the smallest n with ``paired_power(effect, sd, n) >= power``; None if above ``n_max``."""
     _check("effect", abs(effect))
     _check("sd", sd)
     _check_design(power, level)
-    return _smallest_n(lambda n: paired_power(effect, sd, n, level) >= power, _normal_n(effect, sd, power, level), n_max)
+    return _smallest_n(lambda n: paired_power(effect, sd, n, level) >= power,
+                       _normal_n(effect, sd, power, level), n_max)
 
 
 def _welch(sd_a: float, sd_b: float, n_a: int, n_b: int) -> tuple[float, float]:
@@ -247,7 +254,8 @@ def unpaired_power(effect: float, sd_a: float, sd_b: float, n_a: int, n_b: int, 
     return _t_power(effect / se, df, level)
 
 
-def unpaired_mde(sd_a: float, sd_b: float, n_a: int, n_b: int, power: float = POWER, level: float = 0.95) -> float:
+def unpaired_mde(sd_a: float, sd_b: float, n_a: int, n_b: int, power: float = POWER,
+                 level: float = 0.95) -> float:
     """The minimum detectable difference of two groups' means (``unpaired_power``'s model)."""
     se, df = _welch(sd_a, sd_b, n_a, n_b)
     return detectable_effect(se, df, power, level)

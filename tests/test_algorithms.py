@@ -94,7 +94,8 @@ def test_describe_tasks_protocol_labels(smoke):
     assert algorithms.tasks(smoke) == {"hmm": ["state@3", "state@6"]}
     assert algorithms.protocol(smoke).probe_splits == smoke["pretraining"]["protocol"]["probe_splits"]
     label = algorithms.labels(smoke)
-    assert label["adamw"] == "AdamW lr 0.001" and label["sgd"] == "SGD lr 0.1" and label["phase 1"] == "phase-1 end"
+    assert (label["adamw"] == "AdamW lr 0.001" and label["sgd"] == "SGD lr 0.1"
+            and label["phase 1"] == "phase-1 end")
 
 
 def test_continuation_configs_start_from_the_same_checkpoint(smoke):
@@ -143,7 +144,8 @@ def test_train_runs_the_parents_first_and_keys_every_run(smoke, monkeypatch):
 
 def test_curves_table_stacks_every_run():
     runs = {("x", 0, "adamw"): FakeRun("a", {"step": [0, 10], "gap": [0.02, 0.01]}),
-            ("x", 0, "adversarial"): FakeRun("b", {"step": [0, 10], "gap": [0.02, 0.03], "adv_loss": [np.nan, 1.5]})}
+            ("x", 0, "adversarial"): FakeRun("b", {"step": [0, 10], "gap": [0.02, 0.03],
+                                                   "adv_loss": [np.nan, 1.5]})}
     curves = algorithms.curves_table(runs)
     assert list(curves.columns[:5]) == ["language", "seed", "algorithm", "step", "gap"]
     assert curves["gap"].tolist() == [0.02, 0.01, 0.02, 0.03]
@@ -161,7 +163,8 @@ def measured_dict(gap, acc):
 def test_measurement_table_one_row_per_checkpoint():
     table = algorithms.measurement_table([("x", 0, "phase 1"), ("x", 0, "adamw")],
                                          [measured_dict(0.01, 0.8), measured_dict(0.02, 0.7)])
-    assert table[["language", "seed", "algorithm"]].values.tolist() == [["x", 0, "phase 1"], ["x", 0, "adamw"]]
+    assert table[["language", "seed", "algorithm"]].values.tolist() == [["x", 0, "phase 1"],
+                                                                        ["x", 0, "adamw"]]
     assert table["gap"].tolist() == [0.01, 0.02] and table["acc A"].tolist() == [0.8, 0.7]
     assert table["acc A [limited]"].tolist() == pytest.approx([0.7, 0.6])
     with pytest.raises(ValueError, match="labels, measured"):
@@ -179,7 +182,8 @@ def test_measure_measures_phase1_and_the_final_checkpoints(smoke, monkeypatch):
         return [measured_dict(0.01 * (k + 1), 0.5) for k in range(len(items))]
 
     monkeypatch.setattr(algorithms, "measure_checkpoints", fake_measure)
-    monkeypatch.setattr(algorithms, "lookup_table_probe", lambda spec, protocol: {"A": {"kind": spec["kind"]}})
+    monkeypatch.setattr(algorithms, "lookup_table_probe",
+                        lambda spec, protocol: {"A": {"kind": spec["kind"]}})
     m = algorithms.measure(smoke, algorithms.Continuations(phase1, configs, runs, 0.0))
     last, first = smoke["pretraining"]["continue_steps"], smoke["pretraining"]["steps"]["hmm"]
     assert seen[:4] == [("p0", first), ("adamw0", last), ("sgd0", last), ("adversarial0", last)]
@@ -193,8 +197,8 @@ def test_result_table_cells_are_mean_and_t_interval():
     table = measurement_frame()
     label = algorithms.labels(small_params())
     out = algorithms.result_table(table, lookup_probe(), "x", ["A", "B"], label)
-    assert out.index.tolist() == ["phase-1 end", "AdamW lr 0.0003", "SGD lr 0.1", "adversarial (AdamW, L - λ·L_down)",
-                                  "lookup table"]
+    assert out.index.tolist() == ["phase-1 end", "AdamW lr 0.0003", "SGD lr 0.1",
+                                  "adversarial (AdamW, L - λ·L_down)", "lookup table"]
     # AdamW's task A: 0.80, 0.81, 0.82 -> mean 0.81, half-width t(0.975, 2) * 0.01 / sqrt(3) = 0.0248
     assert out.loc["AdamW lr 0.0003", "task A"] == "0.810 ± 0.025"
     # trace 10, 11, 12: mean 11.0 ± 2.484 (one decimal); invariant 5, 6, 7: 6.00 ± 2.48
@@ -211,7 +215,8 @@ def test_result_tables_for_every_language(smoke):
     frame = measurement_frame(tasks=tasks, seeds=(0, 1), name="hmm")
     m = algorithms.MeasuredTable(frame, {"hmm": lookup_probe(tasks)}, 8, 0)
     out = algorithms.result_tables(smoke, m)
-    assert list(out) == ["hmm"] and list(out["hmm"].columns) == ["gap (nats)", "task state@3", "task state@6", "trace",
+    assert list(out) == ["hmm"] and list(out["hmm"].columns) == ["gap (nats)", "task state@3", "task state@6",
+                                                                 "trace",
                                                                   "invariant trace"]
 
 
@@ -219,10 +224,11 @@ def test_result_tables_for_every_language(smoke):
 def test_verdict_table_known_effects():
     table, lookup = measurement_frame(), {"x": lookup_probe()}
     v = algorithms.verdict_table(table, lookup, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    assert v.columns.tolist() == ["language", "quantity", "comparison", "effect", "low", "high", "mde", "verdict",
-                                  "gap adamw", "gap adversarial", "equal loss"]
+    assert v.columns.tolist() == ["language", "quantity", "comparison", "effect", "low", "high", "mde",
+                                  "verdict", "gap adamw", "gap adversarial", "equal loss"]
     row = v.set_index(["comparison", "quantity"])
-    # task A: paired differences -0.100, -0.105, -0.110: mean -0.105, half-width 4.303 * 0.005 / sqrt(3) = 0.0124
+    # task A: paired differences -0.100, -0.105, -0.110: mean -0.105, half-width
+    # 4.303 * 0.005 / sqrt(3) = 0.0124
     a = row.loc[("adversarial - adamw", "acc A")]
     assert a["effect"] == pytest.approx(-0.105) and a["high"] == pytest.approx(-0.105 + 0.012421, abs=1e-5)
     assert a["verdict"] == "yes"
@@ -238,7 +244,8 @@ def test_verdict_table_known_effects():
     # AdamW (0.80, 0.81, 0.82) against the lookup's resplits (0.70, 0.72, 0.74): Welch
     expected = welch_interval([0.70, 0.72, 0.74], [0.80, 0.81, 0.82])
     b = row.loc[("adamw - lookup table", "acc A")]
-    assert b["effect"] == pytest.approx(0.09) and b["low"] == pytest.approx(expected.low) and b["verdict"] == "yes"
+    assert (b["effect"] == pytest.approx(0.09) and b["low"] == pytest.approx(expected.low)
+            and b["verdict"] == "yes")
     assert b["mde"] == pytest.approx(minimum_detectable(expected))
     # the mean gaps: AdamW 0.0101, adversary 0.0105 -> within 0.002: equal loss
     assert v["gap adamw"].iloc[0] == pytest.approx(0.0101) and v["equal loss"].all()
@@ -251,8 +258,10 @@ def test_verdict_table_not_tested_without_equal_loss_or_convergence():
     assert (adversary["verdict"] == "not tested").all() and not v["equal loss"].any()
     assert adversary["effect"].iloc[0] == pytest.approx(-0.105)  # the effect is still shown
     assert (v[v.comparison == "adamw - lookup table"]["verdict"] == "yes").all()
-    strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.0101)
-    assert (strict[strict.comparison == "adamw - lookup table"]["verdict"] == "not tested").all()  # seed 2: 0.0102 > ε
+    strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2],
+                                      epsilon=0.0101)
+    # seed 2: 0.0102 > ε
+    assert (strict[strict.comparison == "adamw - lookup table"]["verdict"] == "not tested").all()
 
 
 def test_verdicts_uses_the_profile(smoke):
@@ -262,7 +271,8 @@ def test_verdicts_uses_the_profile(smoke):
     v = algorithms.verdicts(smoke, m)
     assert v["quantity"].tolist() == ["acc state@3", "acc state@6", "invariant_trace", "trace", "acc state@3",
                                       "acc state@6"]
-    assert v["effect"].iloc[0] == pytest.approx(-0.1025)  # (-0.100 - 0.105) / 2 over the smoke profile's 2 seeds
+    # (-0.100 - 0.105) / 2 over the smoke profile's 2 seeds
+    assert v["effect"].iloc[0] == pytest.approx(-0.1025)
 
 
 def test_claims_quote_the_numbers_and_combine_the_tasks():
@@ -273,12 +283,14 @@ def test_claims_quote_the_numbers_and_combine_the_tasks():
     assert worse.held == "partly"  # task A yes, task B inconclusive
     assert "A -0.105 [-0.117, -0.093]" in worse.ours and "B +0.000 [+0.000, +0.000]" in worse.ours
     assert "95% CI over 3 seeds; gaps AdamW 0.0101, adversarial 0.0105 nats" in worse.ours
-    assert "89.9 -> 83.1" in worse.paper and "λ = 0.1 given as a parameter (not chosen on a held-out seed), on task A" in worse.detail
+    assert ("89.9 -> 83.1" in worse.paper
+            and "λ = 0.1 given as a parameter (not chosen on a held-out seed), on task A" in worse.detail)
     assert worse.notebook == algorithms.NOTEBOOK
     assert sharper.held == "yes" and sharper.ours.startswith("invariant 6.00 -> 9.00 (+3.000 [")
     assert "raw 11.0 -> 14.0" in sharper.ours and sharper.detail == "the raw trace's own verdict: yes"
     assert lookup.held == "yes" and "A +0.090 [" in lookup.ours and lookup.detail == "AdamW's gap 0.0101 nats"
-    strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.0101)
+    strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2],
+                                      epsilon=0.0101)
     last = algorithms.algorithm_claims(small_params(epsilon=0.0101), table, strict, {})[2]
     assert last.held == "not tested" and last.detail.endswith("not within ε = 0.0101")
 
@@ -286,7 +298,8 @@ def test_claims_quote_the_numbers_and_combine_the_tasks():
 # ---------------------------------------------------------------------------- the checked summary
 def summary_runs(gap=0.01, adv_loss=1.2):
     return {("x", s, a): FakeRun(f"{a}{s}", {"step": [0, 10], "gap": [0.02, gap],
-                                               **({"adv_loss": [np.nan, adv_loss]} if a == "adversarial" else {})})
+                                               **({"adv_loss": [np.nan, adv_loss]}
+                                                  if a == "adversarial" else {})})
             for s in (0, 1, 2) for a in algorithms.ALGORITHMS}
 
 
@@ -310,19 +323,23 @@ def test_summary():
     params, table = small_params(), measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
     lines = algorithms.summary(params, v, algorithms.algorithm_claims(params, table, v, {})).splitlines()
-    assert lines[0] == "04_training_algorithms · profile=cpu · seeds=[0, 1, 2] · 100 continuation steps · ε=0.025"
-    assert lines[1] == "   x  adversarial - adamw           acc A: -0.105 [-0.117, -0.093] · gaps 0.010/0.011 · yes"
+    assert (lines[0]
+            == "04_training_algorithms · profile=cpu · seeds=[0, 1, 2] · 100 continuation steps · ε=0.025")
+    assert (lines[1]
+            == "   x  adversarial - adamw           acc A: -0.105 [-0.117, -0.093] · gaps 0.010/0.011 · yes")
     first_claim = lines[len(v) + 1]
     assert first_claim.startswith("claim: x: the adversarial algorithm reaches the same l")
     assert first_claim.endswith("-> partly")
     assert lines[-1].startswith("checks passed") and len(lines) == 1 + len(v) + 3 + 1
-    assert "these numbers mean nothing" in algorithms.summary({**params, "profile": "smoke"}, v, []).splitlines()[-2]
+    assert ("these numbers mean nothing" in algorithms.summary({**params, "profile": "smoke"}, v, [])
+            .splitlines()[-2])
 
 
 # ---------------------------------------------------------------------------- the figures
 def test_continuations_figure_draws_the_seed_mean(smoke):
-    runs = {("hmm", s, a): FakeRun("r", {"step": [0, 10, 20], "gap": [0.02 + s * 0.01, 0.01, 0.01 + s * 0.002],
-                                        "adv_loss": [np.nan, 1.0 + s, 2.0 + s]})
+    runs = {("hmm", s, a): FakeRun("r",
+                                   {"step": [0, 10, 20], "gap": [0.02 + s * 0.01, 0.01, 0.01 + s * 0.002],
+                                   "adv_loss": [np.nan, 1.0 + s, 2.0 + s]})
             for s in (0, 1) for a in algorithms.ALGORITHMS}
     fig = plots.continuations(algorithms.curves_table(runs), smoke)
     ax_gap, ax_adv = fig.axes
@@ -340,7 +357,8 @@ def test_accuracy_and_trace_figure(smoke):
     fig = plots.accuracy_and_trace(table, {"hmm": lookup_probe(tasks)}, smoke)
     ax_acc, ax_trace = fig.axes
     assert [t.get_text() for t in ax_acc.get_xticklabels()] == ["task state@3", "task state@6"]
-    assert ax_acc.get_ylim() == pytest.approx((0.62, 0.89))  # lowest: the adversary's 0.70 on state@3; highest 0.81
+    # lowest: the adversary's 0.70 on state@3; highest 0.81
+    assert ax_acc.get_ylim() == pytest.approx((0.62, 0.89))
     labels = [t.get_text() for t in ax_trace.get_xticklabels()]
     assert labels == ["phase-1 end", "AdamW lr 0.001", "SGD lr 0.1", "adversarial"]
     matplotlib.pyplot.close(fig)
@@ -352,11 +370,12 @@ def test_weight_table_and_claims_say_how_lambda_was_chosen():
     choice = WeightChoice("x", 1000, {0.01: 0.0101, 0.03: 0.0112, 0.1: 0.0150}, 0.0100, 0.03, True)
     table = algorithms.weight_table({"x": choice})
     assert table["λ"].tolist() == [0.01, 0.03, 0.1] and table["chosen"].tolist() == [False, True, False]
-    assert table["equal loss"].tolist() == [True, True, False]  # 0.0012 nats apart is equal loss, 0.0050 is not
+    # 0.0012 nats apart is equal loss, 0.0050 is not
+    assert table["equal loss"].tolist() == [True, True, False]
     assert table["difference"].tolist() == pytest.approx([0.0001, 0.0012, 0.0050])
     params, frame = small_params(), measurement_frame()
     v = algorithms.verdict_table(frame, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
     worse, sharper, _ = algorithms.algorithm_claims(params, frame, v, {"x": choice})
-    assert worse.detail.startswith("λ = 0.03 chosen on held-out seed 1000 (rule 'adversary weight': gaps λ 0.01: "
-                                   "0.0101, λ 0.03: 0.0112, λ 0.1: 0.0150 against AdamW's 0.0100)")
+    assert worse.detail.startswith("λ = 0.03 chosen on held-out seed 1000 (rule 'adversary weight': gaps λ "
+                                   "0.01: 0.0101, λ 0.03: 0.0112, λ 0.1: 0.0150 against AdamW's 0.0100)")
     assert "adversary weight" in worse.rule and "adversary weight" in sharper.rule

@@ -6,11 +6,12 @@ from bench.train import ceiling
 
 
 def test_ceiling_of_a_step_by_hand():
-    # a step at 20% of the peak, half of its time in matmuls: the matmuls run at 40% while they run; 40% overall
-    # needs the step twice as fast, i.e. every other op free
+    # a step at 20% of the peak, half of its time in matmuls: the matmuls run at 40% while they run; 40%
+    # overall needs the step twice as fast, i.e. every other op free
     bound = ceiling(of_peak=0.2, matmul_share=0.5, target=0.4)
     assert bound == pytest.approx({"matmul_rate": 0.4, "step_time_left": 0.5, "non_matmul_left": 0.0})
-    # at 30% with 60% of the time in matmuls: 40% needs the step at 3/4 of its time, the rest at 3/8 of its time
+    # at 30% with 60% of the time in matmuls: 40% needs the step at 3/4 of its
+    # time, the rest at 3/8 of its time
     assert ceiling(0.3, 0.6, 0.4)["non_matmul_left"] == pytest.approx((0.75 - 0.6) / 0.4)
 
 
@@ -36,7 +37,8 @@ def test_the_live_last_block_is_the_same_function_with_fewer_flops(kind):
     language = build_language(config.language)
     model = new_model(config, language).double()
     for p in model.parameters():  # away from the initialisation's symmetric point
-        p.data += 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype)
+        p.data += 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                    dtype=p.dtype)
     corpus = training_corpus(config, language, 0, None)
     inputs, positions, targets = single_mask_batch(corpus, model.config.mask_id, model.config.pad_id,
                                                    mask_generator(config, 0))

@@ -12,7 +12,8 @@ def test_the_smoke_story_counted_by_hand():
     assert (t.loc["02 sgd", "runs"], t.loc["02 adamw", "steps"]) == (4, 160)
     # the clock: 2 noise seeds per lineage, one trajectory each to tau = 0.03 at lr 0.1, batch 8:
     # 0.03 * 8 / 0.01 = 24 steps; anneals: 2 controls per lineage + 2 noise x 2 doses, 10 steps each
-    assert (t.loc["02 sgd clock trajectory", "runs"], t.loc["02 sgd clock trajectory", "steps"]) == (8, 8 * 24)
+    assert (t.loc["02 sgd clock trajectory", "runs"],
+            t.loc["02 sgd clock trajectory", "steps"]) == (8, 8 * 24)
     assert (t.loc["02 sgd clock", "runs"], t.loc["02 sgd clock", "steps"]) == (4 * 6, 4 * 6 * 10)
     assert t.loc["02 sgd clock trajectory", "sentences"] == 8 * 24 * 8
     # the adversary's weight: the held-out seed's phase 1 (60), AdamW (40) and one run per lambda (2 x 40)
@@ -52,7 +53,8 @@ def test_predicted_time_is_steps_evaluations_and_measurements():
     assert times.loc["02 phase 1", "training s"] == pytest.approx(4 * (60 * 0.01 + 7 * 0.5))
     assert times.loc["02 phase 1", "measuring s"] == pytest.approx(4 * 2.0)
     training, _ = census(params)
-    evaluations = sum(c.steps // c.eval_every + 1 for _, c in runs.values())  # smoke: every run divides evenly
+    # smoke: every run divides evenly
+    evaluations = sum(c.steps // c.eval_every + 1 for _, c in runs.values())
     assert times["training s"].sum() == pytest.approx(training["steps"].sum() * 0.01 + evaluations * 0.5)
     assert times["measuring s"].sum() == pytest.approx(len(measured) * 2.0)
     del costs["step_s"][next(iter(costs["step_s"]))]
@@ -107,7 +109,8 @@ def test_step_flops_are_six_rows_in_out_of_every_linear():
     from flatlib.training.train import new_model
 
     runs, _ = plan(resolve("smoke"))
-    configs = {c.language["kind"]: c for _, c in runs.values() if c.adversarial is None and c.mask_rate is None}
+    configs = {c.language["kind"]: c for _, c in runs.values()
+               if c.adversarial is None and c.mask_rate is None}
     for kind, config in configs.items():
         language = build_language(config.language)
         model = new_model(config, language)
@@ -134,7 +137,8 @@ def test_the_training_floor_is_counted_flops_at_the_peak():
     assert floor.loc["02 phase 1", "matmul TFLOP"] == pytest.approx(flops / 1e12)
     assert floor.loc["02 phase 1", "floor s"] == pytest.approx(flops / 1e9)
     assert len({step_class(c) for c in phase1}) == 2  # one count per kind of step, HMM and PCFG
-    assert (training_floor(params, peak_flops=2e9)["floor s"] * 2).to_list() == pytest.approx(floor["floor s"].to_list())
+    assert ((training_floor(params, peak_flops=2e9)["floor s"] * 2).to_list()
+            == pytest.approx(floor["floor s"].to_list()))
     with pytest.raises(ValueError, match="peak_flops"):
         training_floor(params, peak_flops=0.0)
 
@@ -174,8 +178,10 @@ def test_what_is_left_leaves_out_finished_runs_and_cached_measurements(tmp_path)
     measure_checkpoint(run, config.steps, protocol(params))
     assert is_cached("checkpoint", run, config.steps, protocol(params))
     left = predict(params, costs, store).set_index("origin")
-    assert left.loc["02 phase 1", "training s"] == pytest.approx(whole.loc["02 phase 1", "training s"] * 3 / 4)
-    assert left.loc["02 phase 1", "measuring s"] == pytest.approx(whole.loc["02 phase 1", "measuring s"] - 2.0)
+    assert (left.loc["02 phase 1", "training s"]
+            == pytest.approx(whole.loc["02 phase 1", "training s"] * 3 / 4))
+    assert (left.loc["02 phase 1", "measuring s"]
+            == pytest.approx(whole.loc["02 phase 1", "measuring s"] - 2.0))
     others = [o for o in whole.index if o != "02 phase 1"]
     pd_testing.assert_frame_equal(left.loc[others], whole.loc[others])
 
@@ -186,7 +192,8 @@ def test_the_evaluated_adversary_is_done_at_whichever_weight_was_chosen():
 
     params = resolve("smoke")
     runs, _ = plan(params)
-    origin, config = next((o, c) for o, c in runs.values() if o == "04 adversarial" and c.language["kind"] == "hmm")
+    origin, config = next((o, c) for o, c in runs.values()
+                          if o == "04 adversarial" and c.language["kind"] == "hmm")
     grid = params["algorithms"]["weight_grid"]["hmm"]
     assert config.adversarial["weight"] == grid[0]
     keys = {c.key for c in _alternatives(params, origin, config)}
@@ -207,7 +214,8 @@ def test_the_forecast_line_says_what_is_left_and_when_nothing_is(tmp_path):
     line = forecast("smoke", RunStore(tmp_path / "empty"), costs_path=path)
     assert "54 training runs and" in line and "a CPU" in line
     path.write_text(json.dumps({"step_s": {}, "eval_s": {}, "measure_s": {}}))
-    assert "no time estimate: costs: no measured cost" in forecast("smoke", RunStore(tmp_path), costs_path=path)
+    assert "no time estimate: costs: no measured cost" in forecast("smoke", RunStore(tmp_path),
+                                                                   costs_path=path)
 
 
 def test_the_forecast_of_a_complete_store(tmp_path, monkeypatch):

@@ -41,7 +41,8 @@ def test_t_interval_matches_a_hand_computation():
     # mean 2, sd 1, n 3: half-width t_{0.975, 2} * 1 / sqrt(3) = 4.302653 / 1.732051 = 2.484138
     i = t_interval([1.0, 2.0, 3.0])
     assert i.n == 3 and i.estimate == 2.0
-    assert math.isclose(i.high - 2.0, 2.484138, rel_tol=1e-6) and math.isclose(2.0 - i.low, 2.484138, rel_tol=1e-6)
+    assert (math.isclose(i.high - 2.0, 2.484138, rel_tol=1e-6)
+            and math.isclose(2.0 - i.low, 2.484138, rel_tol=1e-6))
     assert math.isnan(t_interval([1.0]).low)
     with pytest.raises(ValueError, match="values"):
         t_interval([1.0, math.inf])
@@ -94,7 +95,8 @@ def test_combine_parts():
 
 
 def test_rules_are_printable_and_claims_name_them():
-    assert "inconclusive" in HELD and set(RULES) >= {"equal loss", "paired effect", "correlation", "trace", "probe"}
+    assert "inconclusive" in HELD and set(RULES) >= {"equal loss", "paired effect", "correlation", "trace",
+                                                     "probe"}
     assert all(len(change) == 4 for change in RULE_CHANGES + DESIGN_CHANGES)
     Claim("c", "p", "o", "inconclusive", "02_x", rule="equal loss, paired effect")
     with pytest.raises(ValueError, match="rule: .*equal-ish"):
@@ -130,7 +132,8 @@ def test_flatness_verdict_needs_the_trace_and_an_unrelated_gap():
 
     trace_yes, gap_flat = Interval(-0.7, -0.9, -0.4, 8), Interval(0.0, -0.2, 0.2, 8)
     assert flatness_verdict(trace_yes, gap_flat) == "yes"
-    assert flatness_verdict(trace_yes, Interval(0.0, -0.6, 0.6, 8)) == "inconclusive"  # the gap might explain it
+    # the gap might explain it
+    assert flatness_verdict(trace_yes, Interval(0.0, -0.6, 0.6, 8)) == "inconclusive"
     assert flatness_verdict(Interval(0.6, 0.3, 0.8, 8), gap_flat) == "no"
     assert flatness_verdict(Interval(-0.7, -0.9, -0.4, 3), gap_flat) == "not tested"
 
@@ -142,7 +145,8 @@ def test_adversary_weight_is_the_strongest_at_equal_loss():
     gaps = {0.01: 0.0081, 0.03: 0.0095, 0.1: 0.0102, 0.3: 0.05}
     assert adversary_weight(gaps, 0.0080) == (0.03, True)  # 0.0095 is 0.0015 away; 0.1's 0.0022 is not
     assert adversary_weight({0.1: 0.02, 0.03: 0.015}, 0.0080) == (0.03, False)  # none: the smallest, flagged
-    assert adversary_weight({0.1: float("nan"), 0.03: 0.0081}, 0.0080) == (0.03, True)  # a diverged run is no choice
+    # a diverged run is no choice
+    assert adversary_weight({0.1: float("nan"), 0.03: 0.0081}, 0.0080) == (0.03, True)
     with pytest.raises(ValueError, match="gaps"):
         adversary_weight({}, 0.008)
     with pytest.raises(ValueError, match="gaps"):
@@ -168,7 +172,8 @@ def test_equivalence_bound_per_quantity():
     # a level at or below 0 is no minimum's: no bound, and the comparison is "not tested"
     for level in (-1.0, 0.0, math.nan):
         assert math.isnan(equivalence_bound("trace", reference=level))
-    assert interval_verdict(Interval(-2.0, -3.0, -1.0, 8), -1, equivalence_bound("trace", -1.0)) == "not tested"
+    assert (interval_verdict(Interval(-2.0, -3.0, -1.0, 8), -1, equivalence_bound("trace", -1.0))
+            == "not tested")
 
 
 def test_an_interval_inside_the_bound_is_no_even_off_zero():

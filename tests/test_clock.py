@@ -14,7 +14,8 @@ LANGUAGE = {"kind": "hmm", "n_states": 4, "vocab_size": 8, "seq_len": 8, "concen
 
 def base_config(**overrides):
     settings = dict(language=LANGUAGE, model={"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}, steps=40,
-                    batch_size=32, eval_every=20, checkpoint_every=40, eval_pairs=256, warmup_steps=5, lr=3e-3)
+                    batch_size=32, eval_every=20, checkpoint_every=40, eval_pairs=256, warmup_steps=5,
+                    lr=3e-3)
     return PretrainConfig(**{**settings, **overrides})
 
 
@@ -47,7 +48,8 @@ def test_clock_runs_share_one_trajectory_and_end_with_an_anneal(tmp_path):
     assert anneal1.init_from == {"config": sgd1.to_dict(), "step": 8}
     assert anneal3.init_from == {"config": sgd1.to_dict(), "step": 24}
     assert learning_rate(anneal1, 0) == pytest.approx(0.1) and learning_rate(anneal1, 6) == 0.0
-    other = clock_runs(base, [0, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16, noise_seed=1)
+    other = clock_runs(base, [0, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16,
+                       noise_seed=1)
     assert other[0.01][0].seed != sgd1.seed
     store = RunStore(tmp_path)
     for config in (control, anneal1, anneal3):
@@ -55,7 +57,8 @@ def test_clock_runs_share_one_trajectory_and_end_with_an_anneal(tmp_path):
         assert run.metrics()["step"].iloc[-1] == 6
         load_model(run)
     with pytest.raises(ValueError, match="taus"):
-        clock_runs(base, [0.03, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16, noise_seed=0)
+        clock_runs(base, [0.03, 0.01], lr=0.1, batch_size=8, anneal_steps=6, anneal_batch_size=16,
+                   noise_seed=0)
 
 
 def test_anneal_validates_like_any_config():
@@ -101,8 +104,8 @@ def test_clock_grid_has_one_control_per_lineage():
     from flatlib.training.clock import clock_grid
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
-    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
-             "noise_seeds": 3}
+    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
+             "anneal_batch_size": 16, "noise_seeds": 3}
     points = clock_grid(phase1, clock)
     assert len(points) == 2 * (1 + 3 * 2)
     controls = [p for p in points if p.tau == 0]
@@ -117,8 +120,8 @@ def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_average
     from flatlib.training.clock import clock_grid
 
     phase1 = {("hmm", 0): base_config(), ("hmm", 1): base_config(seed=1)}
-    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6}, "anneal_batch_size": 16,
-             "noise_seeds": 3, "control_seeds": 2}
+    clock = {"taus": [0, 0.01, 0.03], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
+             "anneal_batch_size": 16, "noise_seeds": 3, "control_seeds": 2}
     points = clock_grid(phase1, clock)
     assert len(points) == 2 * (2 + 3 * 2)
     controls = [p for p in points if p.tau == 0]
@@ -131,7 +134,8 @@ def test_replicated_controls_anneal_on_their_noise_seeds_batches_and_are_average
             p for p in controls if p.lineage == c.lineage and p.noise != c.noise).anneal.seed
     # a lineage's effect: the mean of its doses minus the mean of its controls
     frame = pd.DataFrame([{"language": "hmm", "lineage": p.lineage, "noise": p.noise, "tau": p.tau,
-                           "x": {0: 1.0, 1: 3.0}[p.noise] if p.tau == 0 else 10.0 * p.tau + p.lineage} for p in points])
+                           "x": {0: 1.0, 1: 3.0}[p.noise] if p.tau == 0 else 10.0 * p.tau + p.lineage}
+                          for p in points])
     effects = lineage_effects(frame, "x").set_index(["tau", "lineage"])["effect"]
     assert effects.loc[(0.03, 1)] == pytest.approx(0.3 + 1 - 2.0)
     with pytest.raises(ValueError, match="clock.control_seeds"):
@@ -156,14 +160,17 @@ def notebook_frame():
         for tau, noises in ((0, [0]), (1, [0, 1]), (10, [0, 1])):
             for noise in noises:
                 dose = tau == 10
-                rows.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau, "continuation": "sgd clock",
-                             "gap": 0.008, "gap_se": 0.0005, "trace": 20.0 - 5 * dose + lineage, "trace_se": 0.5,
-                             "invariant_trace": 10.0 - 2 * dose + lineage + 0.1 * noise, "invariant_trace_se": 0.1,
-                             "acc t": 0.6 + (0.01 + 0.001 * lineage) * dose, "acc t ci95": 0.01, "acc t [limited]": 0.5})
+                rows.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau,
+                             "continuation": "sgd clock", "gap": 0.008, "gap_se": 0.0005,
+                             "trace": 20.0 - 5 * dose + lineage, "trace_se": 0.5,
+                             "invariant_trace": 10.0 - 2 * dose + lineage + 0.1 * noise,
+                             "invariant_trace_se": 0.1, "acc t": 0.6 + (0.01 + 0.001 * lineage) * dose,
+                             "acc t ci95": 0.01, "acc t [limited]": 0.5})
         for continuation in ("phase 1", "adamw"):
-            rows.append({"language": "a", "lineage": lineage, "noise": 0, "tau": 0, "continuation": continuation,
-                         "gap": 0.008, "gap_se": 0.0005, "trace": 20.0, "trace_se": 0.5, "invariant_trace": 10.0 + lineage,
-                         "invariant_trace_se": 0.1, "acc t": 0.6 + 0.001 * lineage, "acc t ci95": 0.01, "acc t [limited]": 0.5})
+            rows.append({"language": "a", "lineage": lineage, "noise": 0, "tau": 0,
+                         "continuation": continuation, "gap": 0.008, "gap_se": 0.0005, "trace": 20.0,
+                         "trace_se": 0.5, "invariant_trace": 10.0 + lineage, "invariant_trace_se": 0.1,
+                         "acc t": 0.6 + 0.001 * lineage, "acc t ci95": 0.01, "acc t [limited]": 0.5})
     return __import__("pandas").DataFrame(rows)
 
 
@@ -184,12 +191,15 @@ def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
     claims = verdict_claims(verdict.reset_index(), tau=10, adamw_lr=3e-4)
     assert [c.held for c in claims] == ["yes", "yes", verdict.loc[("adamw", "acc t"), "verdict"],
                                         verdict.loc[("adamw", "invariant_trace"), "verdict"]]
-    assert "t +0.011 [+0.009, +0.013]" in claims[0].ours  # 0.011 ± t(2) 4.303 x 0.001 / sqrt 3 and "3 lineages" in claims[0].ours
+    # 0.011 ± t(2) 4.303 x 0.001 / sqrt 3 and "3 lineages" in claims[0].ours
+    assert "t +0.011 [+0.009, +0.013]" in claims[0].ours
     assert "invariant -1.95 [-1.95, -1.95]" in claims[1].ours and "raw -5.00" in claims[1].ours
     # beside each interval, the design's minimum detectable effect at 80% power (noncentral t, 2 df)
     from flatlib.stats import detectable_effect
-    assert f"t +0.011 [+0.009, +0.013], MDE ±{detectable_effect(0.001 / 3 ** 0.5, 2, 0.8, 0.95):.3f}" in claims[0].ours
-    assert "invariant -1.95 [-1.95, -1.95], MDE ±0.00;" in claims[1].ours  # no spread at all: any effect is detected
+    assert (f"t +0.011 [+0.009, +0.013], MDE ±{detectable_effect(0.001 / 3 ** 0.5, 2, 0.8, 0.95):.3f}"
+            in claims[0].ours)
+    # no spread at all: any effect is detected
+    assert "invariant -1.95 [-1.95, -1.95], MDE ±0.00;" in claims[1].ours
     assert "AdamW at constant lr 0.0003" in claims[2].claim
     not_converged = verdict_table(frame, {"a": ["t"]}, {"a": False})
     assert set(not_converged.verdict) == {"not tested"}
@@ -206,15 +216,17 @@ def test_notebook_02_checks_catch_what_they_name():
     frame = notebook_frame()
     gauge = pd.DataFrame({"language": ["a"] * 3, "max logit change": [0.0, 1e-6, 2e-6],
                           "invariant_trace": [10.0, 10.0, 10.0]})
-    refs = pd.DataFrame({"language": ["a"], "task": ["t"], "lookup probe": [0.62], "lookup ci95": [0.01],
-                         "majority": [0.3], "Bayes": [0.7], "Bayes se": [0.01]}).set_index(["language", "task"])
+    refs = (pd.DataFrame({"language": ["a"], "task": ["t"], "lookup probe": [0.62], "lookup ci95": [0.01],
+                          "majority": [0.3], "Bayes": [0.7], "Bayes se": [0.01]})
+            .set_index(["language", "task"]))
     check_measurements(frame, gauge, refs)
     with pytest.raises(AssertionError, match="gap"):
         check_measurements(frame.assign(gap=-frame["gap"]), gauge, refs)
     with pytest.raises(AssertionError, match="changed the function"):
         check_measurements(frame, gauge.assign(**{"max logit change": [0.0, 0.1, 0.0]}), refs)
     with pytest.raises(AssertionError):
-        check_measurements(frame, gauge, refs.assign(Bayes=0.5))  # accuracies of 0.6 above Bayes 0.5 + tolerance
+        # accuracies of 0.6 above Bayes 0.5 + tolerance
+        check_measurements(frame, gauge, refs.assign(Bayes=0.5))
 
 
 def test_measured_models_label_every_checkpoint(tmp_path):
@@ -223,8 +235,9 @@ def test_measured_models_label_every_checkpoint(tmp_path):
     from flatlib.training.clock import clock_grid
 
     base = base_config()
-    points = clock_grid({("hmm", 0): base}, {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
-                                              "anneal_batch_size": 16, "noise_seeds": 2})
+    points = clock_grid({("hmm", 0): base},
+                        {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6},
+                         "anneal_batch_size": 16, "noise_seeds": 2})
     runs = [Run(tmp_path / str(i), p.anneal.to_dict()) for i, p in enumerate(points)]
     phase1 = {("hmm", 0): Run(tmp_path / "p", base.to_dict())}
     adamw = {("hmm", 0): Run(tmp_path / "a", base_config(steps=7).to_dict())}
@@ -232,7 +245,8 @@ def test_measured_models_label_every_checkpoint(tmp_path):
     assert len(items) == len(labels) == len(points) + 2
     assert [step for _, step in items] == [6] * len(points) + [40, 7]
     assert [label["continuation"] for label in labels] == ["sgd clock"] * len(points) + ["phase 1", "adamw"]
-    assert [(label["tau"], label["noise"]) for label in labels[: len(points)]] == [(p.tau, p.noise) for p in points]
+    assert ([(label["tau"], label["noise"]) for label in labels[: len(points)]]
+            == [(p.tau, p.noise) for p in points])
 
 
 def test_each_language_gets_its_own_anneal_length():
@@ -241,11 +255,13 @@ def test_each_language_gets_its_own_anneal_length():
     base = base_config()
     clock = {"taus": [0, 0.01], "lr": 0.1, "batch_size": 8, "anneal_steps": {"hmm": 6, "pcfg": 9},
              "anneal_batch_size": 16, "noise_seeds": 2}
-    points = clock_grid({("hmm", 0): base, ("pcfg", 0): base}, clock)  # one base, two labels: only the length differs
+    # one base, two labels: only the length differs
+    points = clock_grid({("hmm", 0): base, ("pcfg", 0): base}, clock)
     assert {p.anneal.steps for p in points if p.language == "hmm"} == {6}
     assert {p.anneal.steps for p in points if p.language == "pcfg"} == {9}
     # the trajectories are shared: only the anneals differ
-    assert {p.sgd.key for p in points if p.sgd and p.language == "hmm"} == {p.sgd.key for p in points if p.sgd and p.language == "pcfg"}
+    assert ({p.sgd.key for p in points if p.sgd and p.language == "hmm"}
+            == {p.sgd.key for p in points if p.sgd and p.language == "pcfg"})
 
 
 def test_effect_vs_l2_is_the_paired_effect_at_each_strength_every_model_reached():
@@ -260,16 +276,20 @@ def test_effect_vs_l2_is_the_paired_effect_at_each_strength_every_model_reached(
                 if lineage == 2 and noise == 1 and tau == 1.0:
                     sweep["0.0001"] = 0.9  # only one model's walk reached 1e-4: not comparable
                 chosen = 0.001 if tau else 0.01
-                labels.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau, "continuation": "sgd clock"})
+                labels.append({"language": "a", "lineage": lineage, "noise": noise, "tau": tau,
+                               "continuation": "sgd clock"})
                 measured.append({"probes": {"t": {"sweep": sweep, "chosen_l2": [chosen, chosen]}}})
-    labels.append({"language": "a", "lineage": 0, "noise": 0, "tau": 0, "continuation": "phase 1"})  # not the clock's
+    # not the clock's
+    labels.append({"language": "a", "lineage": 0, "noise": 0, "tau": 0, "continuation": "phase 1"})
     measured.append({"probes": {"t": {"sweep": {"0.01": 0.0}, "chosen_l2": [0.01, 0.01]}}})
     table = effect_vs_l2(labels, measured).set_index("l2")
     assert list(table.index) == [0.001, 0.01]
-    assert table.loc[0.01, "effect"] == pytest.approx(0.02) and table.loc[0.001, "effect"] == pytest.approx(0.05)
+    assert (table.loc[0.01, "effect"] == pytest.approx(0.02)
+            and table.loc[0.001, "effect"] == pytest.approx(0.05))
     assert table.loc[0.01, "low"] == pytest.approx(0.02)  # no spread between lineages
     assert table.loc[0.001, "lineages"] == 3 and table.loc[0.001, "models"] == 12
-    assert table.loc[0.001, "chosen"] == 6 and table.loc[0.01, "chosen"] == 6  # the doses chose 1e-3, the controls 1e-2
+    # the doses chose 1e-3, the controls 1e-2
+    assert table.loc[0.001, "chosen"] == 6 and table.loc[0.01, "chosen"] == 6
     with pytest.raises(ValueError, match="labels, measured"):
         effect_vs_l2(labels[:-1], measured)
 
@@ -282,13 +302,14 @@ def test_the_l2_panel_and_the_gauge_panel_draw_what_they_are_given():
 
     from flatlib.plots import pretraining as plots
 
-    effects = pd.DataFrame([{"language": lang, "task": task, "l2": l2, "effect": 0.01, "low": 0.0, "high": 0.02,
-                             "lineages": 8, "chosen": int(l2 == 1e-3), "models": 32}
+    effects = pd.DataFrame([{"language": lang, "task": task, "l2": l2, "effect": 0.01, "low": 0.0,
+                             "high": 0.02, "lineages": 8, "chosen": int(l2 == 1e-3), "models": 32}
                             for lang in ("hmm", "pcfg") for task in ("x", "y") for l2 in (1e-4, 1e-3, 1e-2)])
     fig = plots.effect_vs_l2(effects)
     assert len(fig.axes) == 2 and all(len(ax.get_legend().get_texts()) == 2 for ax in fig.axes)
     points = pd.DataFrame([{"language": "hmm", "parameterization": p, "trace": 20.0, "trace_se": 1.0,
-                            "invariant_trace_layernorm": 12.0, "invariant_trace": 10.0, "invariant_trace_se": 0.1}
+                            "invariant_trace_layernorm": 12.0, "invariant_trace": 10.0,
+                            "invariant_trace_se": 0.1}
                            for p in ("as trained", "attention V/O x3 per head coordinate")])
     fig = plots.gauge(points, 0)
     (ax,) = fig.axes

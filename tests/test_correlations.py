@@ -19,7 +19,8 @@ from flatlib.stats import rank_correlation
 
 
 # ---------------------------------------------------------------------------- fixtures
-def ref(language="hmm", origin="02 sgd", family="2x64", lineage="hmm seed 0", key="a", step=10, widen_to=None):
+def ref(language="hmm", origin="02 sgd", family="2x64", lineage="hmm seed 0", key="a", step=10,
+        widen_to=None):
     return ModelRef(language, origin, family, lineage, SimpleNamespace(key=key), step, widen_to)
 
 
@@ -44,7 +45,8 @@ def correlation_row(task, partial, gap, lineages=6, language="hmm", family="2x64
     """One row of a correlation table with the given (value, low, high) of the partial Spearman
     correlation with the invariant trace and of the Spearman correlation with the gap."""
     row = {"language": language, "family": family, "task": task, "models": models, "lineages": lineages}
-    for label, (v, lo, hi) in [("invariant trace|gap", partial), ("gap", gap), ("raw trace", (0.4, 0.1, 0.7))]:
+    for label, (v, lo, hi) in [("invariant trace|gap", partial), ("gap", gap),
+                               ("raw trace", (0.4, 0.1, 0.7))]:
         key = f"spearman acc~{label}"
         row[key], row[f"{key} low"], row[f"{key} high"] = v, lo, hi
     return row
@@ -57,24 +59,26 @@ def test_check_parameters_names_the_bad_parameter():
     for bad in (99, True, 2000.0, "2000", None):
         with pytest.raises(ValueError, match=r"^n_boot: expected an integer >= 100"):
             corr.check_parameters(bad, "local")
-    with pytest.raises(ValueError, match=r"^backend: expected one of \('serial', 'local', 'submitit'\), got 'slurm'"):
+    with pytest.raises(ValueError,
+                       match=r"^backend: expected one of \('serial', 'local', 'submitit'\), got 'slurm'"):
         corr.check_parameters(2000, "slurm")
 
 
 # ---------------------------------------------------------------------------- the model table
 def test_model_table_takes_the_widened_traces_and_marks_epsilon():
-    models = [ref(origin="02 phase 1", key="a", step=100), ref(origin="03 sizes", family="2x128", key="b", step=50,
-                                                              widen_to=128)]
+    models = [ref(origin="02 phase 1", key="a", step=100),
+              ref(origin="03 sizes", family="2x128", key="b", step=50, widen_to=128)]
     measured = [measurement(0.004, 12.0, 3.0, {"6": 0.8, "10": 0.7}),
                 measurement(0.02, 20.0, 5.0, {"6": 0.6, "10": 0.65}, se=0.02)]
     widened = {1: {"trace": 30.0, "trace_se": 0.5, "invariant_trace": 7.0, "invariant_trace_se": 0.25}}
     table = corr.model_table(models, measured, widened, epsilon=0.01)
     assert list(table.columns) == ["language", "family", "origin", "lineage", "step", "gap", "gap_se",
-                                   "invariant trace", "invariant trace_se", "raw trace", "raw trace_se", "acc 6",
-                                   "acc 10", "within ε"]
+                                   "invariant trace", "invariant trace_se", "raw trace", "raw trace_se",
+                                   "acc 6", "acc 10", "within ε"]
     assert table["invariant trace"].tolist() == [3.0, 7.0]  # the second model's traces after widening
     assert table["raw trace"].tolist() == [12.0, 30.0] and table["raw trace_se"].tolist() == [0.02, 0.5]
-    assert table["gap"].tolist() == [0.004, 0.02] and table["gap_se"].tolist() == [0.01, 0.02]  # never widened
+    # never widened
+    assert table["gap"].tolist() == [0.004, 0.02] and table["gap_se"].tolist() == [0.01, 0.02]
     assert table["acc 10"].tolist() == [0.7, 0.65] and table["step"].tolist() == [100, 50]
     assert table["within ε"].tolist() == [True, False]
     with pytest.raises(ValueError, match="measured"):
@@ -87,7 +91,8 @@ def test_collect_models_leaves_out_diverged_runs_and_widens(monkeypatch):
 
     def run_configs(configs, backend, workers, progress):
         assert backend == "serial" and workers == 3 and [c.key for c in configs] == ["a", "d", "w"]
-        return [SimpleNamespace(config=c, run=SimpleNamespace(key=c.key, summary=lambda k=c.key: {"diverged": k == "d"}))
+        return [SimpleNamespace(config=c, run=SimpleNamespace(key=c.key,
+                                                              summary=lambda k=c.key: {"diverged": k == "d"}))
                 for c in configs]
 
     def measure_checkpoints(checkpoints, protocol, workers):
@@ -95,12 +100,14 @@ def test_collect_models_leaves_out_diverged_runs_and_widens(monkeypatch):
         return [measurement(0.001 * step, step, step / 10, {"6": 0.5}) for _, step in checkpoints]
 
     def measure_many(kind, items, protocol, workers):
-        assert kind == "widened_trace" and [(run.key, step, kw) for run, step, kw in items] == [("w", 5, {"width": 128})]
+        assert (kind == "widened_trace"
+                and [(run.key, step, kw) for run, step, kw in items] == [("w", 5, {"width": 128})])
         return [{"trace": 99.0, "trace_se": 1.0, "invariant_trace": 9.0, "invariant_trace_se": 0.5}]
 
     monkeypatch.setattr(corr, "experiment_models", lambda params, names: models)
     chosen = []
-    monkeypatch.setattr(corr, "choose_adversary_weights", lambda params, backend: chosen.append(backend) or (params, {}))
+    monkeypatch.setattr(corr, "choose_adversary_weights",
+                        lambda params, backend: chosen.append(backend) or (params, {}))
     monkeypatch.setattr(corr, "run_configs", run_configs)
     monkeypatch.setattr(corr, "measure_checkpoints", measure_checkpoints)
     monkeypatch.setattr(corr, "measure_many", measure_many)
@@ -109,15 +116,18 @@ def test_collect_models_leaves_out_diverged_runs_and_widens(monkeypatch):
     assert got.runs == 3 and got.diverged == ("d",)
     assert chosen == ["serial"]  # the adversary's weights are notebook 04's held-out choice
     assert got.table["step"].tolist() == [10, 20, 5]
-    assert got.table["invariant trace"].tolist() == [1.0, 2.0, 9.0] and got.table["raw trace"].tolist() == [10, 20, 99.0]
+    assert (got.table["invariant trace"].tolist() == [1.0, 2.0, 9.0]
+            and got.table["raw trace"].tolist() == [10, 20, 99.0])
     assert got.table["within ε"].tolist() == [True, False, True]
     text = got.describe(0.015)
-    assert text.startswith("left out the checkpoints of 1 diverged run(s): ['d']\n3 models (3 runs; trained in 0 s")
+    assert text.startswith("left out the checkpoints of 1 diverged run(s): ['d']\n3 models (3 runs; trained "
+                           "in 0 s")
     assert text.endswith("2 within ε = 0.015")
 
 
 def test_model_summary_counts_and_averages_per_origin():
-    table = pd.concat([models_frame(4), models_frame(2, family="2x128").assign(origin="03 sizes")], ignore_index=True)
+    table = pd.concat([models_frame(4), models_frame(2, family="2x128").assign(origin="03 sizes")],
+                      ignore_index=True)
     table.loc[0, "within ε"] = False
     summary = corr.model_summary(table)
     assert summary.index.tolist() == [("hmm", "2x128", "03 sizes"), ("hmm", "2x64", "02 sgd")]
@@ -130,7 +140,8 @@ def test_model_summary_counts_and_averages_per_origin():
 # ---------------------------------------------------------------------------- correlations
 def test_correlation_table_on_a_known_ranking():
     frame = pd.concat([models_frame(6), models_frame(3, family="2x128"),  # 3 models: too few, no row
-                       models_frame(5, family="4x64", lineages=["one"] * 5)], ignore_index=True)  # one lineage: no row
+                       # one lineage: no row
+                       models_frame(5, family="4x64", lineages=["one"] * 5)], ignore_index=True)
     table = corr.correlation_table(frame, {"hmm": ("6", "10")}, n_boot=200, seed=0)
     assert table[["language", "family", "task", "models", "lineages"]].values.tolist() == [
         ["hmm", "2x64", "6", 6, 6], ["hmm", "2x64", "10", 6, 6]]
@@ -139,11 +150,13 @@ def test_correlation_table_on_a_known_ranking():
     for key in ("spearman acc~invariant trace", "kendall acc~invariant trace"):
         assert (a[key], a[f"{key} low"], a[f"{key} high"]) == pytest.approx((-1.0, -1.0, -1.0))
     # and given the gap (the partial's resamples whose gap and trace ranks nearly coincide are less exact)
-    partial = rank_correlation(frame["invariant trace"][:6], frame["acc 6"][:6], "spearman", n_boot=200, seed=0,
-                               groups=frame["lineage"][:6], given=frame["gap"][:6])
+    partial = rank_correlation(frame["invariant trace"][:6], frame["acc 6"][:6], "spearman", n_boot=200,
+                               seed=0, groups=frame["lineage"][:6], given=frame["gap"][:6])
     key = "spearman acc~invariant trace|gap"
-    assert a[key] == pytest.approx(-1.0) and (a[f"{key} low"], a[f"{key} high"]) == (partial.low, partial.high)
-    assert b["spearman acc~invariant trace"] == pytest.approx(1.0) and a["spearman acc~raw trace"] == pytest.approx(1.0)
+    assert (a[key] == pytest.approx(-1.0)
+            and (a[f"{key} low"], a[f"{key} high"]) == (partial.low, partial.high))
+    assert (b["spearman acc~invariant trace"] == pytest.approx(1.0)
+            and a["spearman acc~raw trace"] == pytest.approx(1.0))
     gap, acc = frame["gap"][:6], frame["acc 6"][:6]
     assert a["spearman acc~gap"] == pytest.approx(stats.spearmanr(gap, acc).statistic)
     assert a["kendall acc~gap"] == pytest.approx(stats.kendalltau(gap, acc).statistic)
@@ -163,17 +176,19 @@ def test_flatness_claims_decide_per_task_and_combine():
     table = pd.DataFrame([
         correlation_row("6", (-0.8, -0.95, -0.5), (0.05, -0.2, 0.25)),  # yes: below 0, gap unrelated
         correlation_row("10", (-0.6, -0.9, 0.1), (0.05, -0.2, 0.25)),  # inconclusive: the interval reaches 0
-        correlation_row("A", (-0.8, -0.95, -0.5), (0.1, -0.2, 0.5), language="pcfg", lineages=3),  # 3 lineages
+        # 3 lineages
+        correlation_row("A", (-0.8, -0.95, -0.5), (0.1, -0.2, 0.5), language="pcfg", lineages=3),
     ])
     models = pd.concat([models_frame(6), models_frame(2, language="teacher")])
     claims = corr.flatness_claims(table, models, ["hmm", "pcfg", "teacher"], epsilon=0.01)
     assert [c.held for c in claims] == ["partly", "not tested", "not tested"]
     hmm, pcfg, teacher = claims
     assert hmm.claim.startswith("hmm (2x64): among models at the optimal loss")
-    assert hmm.detail == ("8 models within ε = 0.01 from 6 training lineages; 95% bootstrap CIs over lineages; "
-                          "per task: yes, inconclusive")
-    assert hmm.ours.startswith("6: partial ρ(inv. trace | gap) -0.8 [-0.95, -0.5] (n = 6), ρ(gap) +0.05 [-0.20, +0.25], "
-                               "ρ(raw trace) +0.40; 10: partial ρ(inv. trace | gap) -0.6 [-0.9, +0.1] (n = 6)")
+    assert hmm.detail == ("8 models within ε = 0.01 from 6 training lineages; 95% bootstrap CIs over "
+                          "lineages; per task: yes, inconclusive")
+    assert hmm.ours.startswith("6: partial ρ(inv. trace | gap) -0.8 [-0.95, -0.5] (n = 6), ρ(gap) +0.05 "
+                               "[-0.20, +0.25], ρ(raw trace) +0.40; 10: partial ρ(inv. trace | gap) -0.6 "
+                               "[-0.9, +0.1] (n = 6)")
     assert hmm.notebook == corr.NOTEBOOK and hmm.figure == "05_correlations.png"
     assert "from 3 training lineages" in pcfg.detail and "per task: not tested" in pcfg.detail
     assert teacher.ours == "2 models within ε = 0.01: too few to correlate" and teacher.figure == ""
@@ -184,16 +199,19 @@ def test_flatness_claims_gap_related_is_not_yes_and_no_rows_is_not_tested():
     both = pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (0.05, -0.2, 0.25)),
                          correlation_row("10", (-0.7, -0.9, -0.4), (0.05, -0.2, 0.25))])
     assert [c.held for c in corr.flatness_claims(both, models_frame(6), ["hmm"], 0.01)] == ["yes"]
-    related = pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (-0.5, -0.8, -0.2))])  # accuracy tracks the gap
+    # accuracy tracks the gap
+    related = pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (-0.5, -0.8, -0.2))])
     assert [c.held for c in corr.flatness_claims(related, models_frame(6), ["hmm"], 0.01)] == ["inconclusive"]
     rising = pd.DataFrame([correlation_row("6", (0.8, 0.5, 0.95), (0.05, -0.2, 0.25))])  # flatter is worse
     assert [c.held for c in corr.flatness_claims(rising, models_frame(6), ["hmm"], 0.01)] == ["no"]
     none = corr.flatness_claims(pd.DataFrame(), models_frame(3), ["hmm"], 0.01)
-    assert [(c.held, c.ours) for c in none] == [("not tested", "3 models within ε = 0.01: too few to correlate")]
+    assert [(c.held, c.ours) for c in none] == [("not tested",
+                                                 "3 models within ε = 0.01: too few to correlate")]
 
 
 def test_claims_table_shows_claim_verdict_and_detail():
-    claims = corr.flatness_claims(pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (0.05, -0.2, 0.25))]),
+    claims = corr.flatness_claims(pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5),
+                                                                (0.05, -0.2, 0.25))]),
                                   models_frame(6), ["hmm"], 0.01)
     table = claims_table(claims, corr.CLAIM_COLUMNS)
     assert list(table.columns) == ["claim", "held", "detail"] and table["held"].tolist() == ["yes"]
@@ -239,11 +257,13 @@ def test_summary_rounds_and_names_every_verdict():
 
 # ---------------------------------------------------------------------------- figures
 def test_accuracy_vs_trace_and_gap_draws_one_panel_per_task_and_axis():
-    models = pd.concat([models_frame(4), models_frame(2, family="2x128").assign(origin="03 sizes")], ignore_index=True)
+    models = pd.concat([models_frame(4), models_frame(2, family="2x128").assign(origin="03 sizes")],
+                       ignore_index=True)
     fig = plots.accuracy_vs_trace_and_gap(models, "hmm", ("6", "10"), families=["4x64", "2x64", "2x128"])
     axes = np.array(fig.axes).reshape(3, 2)
     assert [ax.get_xlabel() for ax in axes[:, 0]] == ["invariant trace (LayerNorm gauge fixed)",
-                                                     "raw Hessian trace (mean loss, nats)", "gap to the optimum (nats)"]
+                                                      "raw Hessian trace (mean loss, nats)",
+                                                      "gap to the optimum (nats)"]
     assert axes[0, 1].get_title() == "hmm · task 10"
     lines = axes[0, 0].get_lines()
     # markers by the sorted families (2x128: o, 2x64: s), colours by origin

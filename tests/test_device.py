@@ -87,7 +87,8 @@ def test_measurements_on_the_gpu_match_the_cpu(tmp_path, monkeypatch):
     measured on each device: the gap, the trace (the same Rademacher probes on both: they are drawn on
     the CPU), the widened trace and the probes and fine-tuning agree to float error."""
     config = smoke_config()
-    runs = {name: pretrain(config, RunStore(tmp_path / name), progress=False, device="cpu") for name in ("cpu", "cuda")}
+    runs = {name: pretrain(config, RunStore(tmp_path / name), progress=False, device="cpu")
+            for name in ("cpu", "cuda")}
     protocol = Protocol(probe_sentences=600, probe_train=300, probe_test=200, probe_splits=2, trace_pairs=128,
                         trace_probes=8, trace_batch=64)
     out = {}
@@ -112,7 +113,8 @@ def test_adversarial_training_runs_on_the_gpu(tmp_path):
     """The adversary's head lives on the CPU (float64), the model on the GPU: the objective's gradient
     crosses devices. The run finishes near the CPU run (the head is refit on features that differ by
     float error, so not bit for bit)."""
-    adversarial = {"weight": 0.1, "task": "state@3", "refit_every": 5, "head_sentences": 100, "batch_sentences": 32}
+    adversarial = {"weight": 0.1, "task": "state@3", "refit_every": 5, "head_sentences": 100,
+                   "batch_sentences": 32}
     config = smoke_config(adversarial=adversarial)
     on_cpu = pretrain(config, RunStore(tmp_path / "cpu"), progress=False, device="cpu")
     on_gpu = pretrain(config, RunStore(tmp_path / "gpu"), progress=False, device="cuda")

@@ -86,7 +86,8 @@ def test_finetune_from_the_probe_starts_exactly_at_the_probe():
     """LP-FT: with zero fine-tuning epochs the head folded from the standardised probe predicts
     exactly what the probe does on the test examples."""
     hmm, corpus, labels = hmm_task()
-    config = TransformerConfig(vocab_size=hmm.vocab_size, max_len=hmm.max_len, n_layer=1, n_head=2, d_model=16, d_ff=32)
+    config = TransformerConfig(vocab_size=hmm.vocab_size, max_len=hmm.max_len, n_layer=1, n_head=2,
+                               d_model=16, d_ff=32)
     torch.manual_seed(0)
     model = Transformer(config).eval()
     n_train, n_test, seed = 400, 500, 3
@@ -99,7 +100,8 @@ def test_finetune_from_the_probe_starts_exactly_at_the_probe():
     mean, std = x[train].mean(0), x[train].std(0).clamp(min=1e-8)
     w = fit_logistic((x[train] - mean) / std, labels[train], hmm.n_states, 1e-3)
     xs = torch.cat([(x[test] - mean) / std, torch.ones(n_test, 1, dtype=x.dtype)], 1)
-    assert accuracy == pytest.approx(float(((xs @ w).argmax(1) == labels[test]).double().mean()), abs=1 / n_test)
+    assert accuracy == pytest.approx(float(((xs @ w).argmax(1) == labels[test]).double().mean()),
+                                     abs=1 / n_test)
     with pytest.raises(ValueError, match="init_head"):
         finetune(model, corpus, labels, hmm.n_states, 10, 10, init_head="zeros")
 

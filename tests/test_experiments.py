@@ -19,7 +19,8 @@ SMALL = Protocol(probe_sentences=600, probe_train=300, probe_test=200, probe_spl
 
 def base_config(**overrides):
     settings = dict(language=LANGUAGE, model={"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}, steps=40,
-                    batch_size=32, eval_every=20, checkpoint_every=20, eval_pairs=256, warmup_steps=5, lr=3e-3)
+                    batch_size=32, eval_every=20, checkpoint_every=20, eval_pairs=256, warmup_steps=5,
+                    lr=3e-3)
     return PretrainConfig(**{**settings, **overrides})
 
 
@@ -122,7 +123,8 @@ def test_notebook_grids_share_runs():
     params = resolve("smoke", algorithms={"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}})
     models = experiment_models(params, ["hmm"])
     keys = {m.config.key for m in models}
-    assert phase2_config(params, "hmm", 1, "sgd").key in keys and phase1_config(params, "hmm", 1, width=8).key in keys
+    assert (phase2_config(params, "hmm", 1, "sgd").key in keys
+            and phase1_config(params, "hmm", 1, width=8).key in keys)
     widened = [m for m in models if m.widen_to is not None]
     assert widened and all(m.config.model["d_model"] < m.widen_to for m in widened)
     widths = params["model_size"]["widths"]
@@ -220,7 +222,8 @@ def test_notebook_05_gets_extra_lineages_without_the_clock():
 
     weights = {"weights": {"hmm": 0.1, "pcfg": 0.1, "teacher": 0.1}}
     base = experiment_models(resolve("smoke", algorithms=weights), ["hmm"])
-    more = experiment_models(resolve("smoke", algorithms=weights, pretraining={"correlation_seeds": 3}), ["hmm"])
+    more = experiment_models(resolve("smoke", algorithms=weights, pretraining={"correlation_seeds": 3}),
+                             ["hmm"])
     extra = [m for m in more if m.lineage == "hmm seed 2"]
     assert {m.origin for m in extra} == {"02 phase 1", "02 sgd", "02 adamw", "04 adversarial"}
     assert [m for m in more if m.lineage != "hmm seed 2"] == base  # nothing else changes
@@ -261,5 +264,6 @@ def test_the_costliest_runs_of_a_wave_come_first(tmp_path):
     assert sweep.training_cost(long) == 4 * sweep.training_cost(short)
     assert sweep.training_cost(wide) > sweep.training_cost(short)
     waves = sweep.training_waves([short, wide, long], RunStore(tmp_path))
-    assert [c.key for c in waves[0]] == [c.key for c in sorted([short, wide, long], key=sweep.training_cost, reverse=True)]
+    assert [c.key for c in waves[0]] == [c.key for c in sorted([short, wide, long], key=sweep.training_cost,
+                                                               reverse=True)]
     assert waves[0][-1].key == short.key

@@ -75,7 +75,8 @@ def make_transformer() -> Transformer:
 
 
 def diagonal_by_name(model, H) -> dict[str, torch.Tensor]:
-    """The diagonal of a dense ``[P, P]`` Hessian, per parameter (``trainable_parameters`` order and shapes)."""
+    """The diagonal of a dense ``[P, P]`` Hessian, per parameter (``trainable_parameters`` order and
+    shapes)."""
     out, i = {}, 0
     for name, p in trainable_parameters(model).items():
         out[name] = H.diagonal()[i:i + p.numel()].reshape(p.shape)
@@ -142,7 +143,8 @@ def test_dense_reference_is_symmetric(name):
 
 
 class Quadratic(nn.Module):
-    """``loss(batch) = mean_i c_i (theta^T A theta / 2 + b . theta)``: the Hessian is ``mean_i c_i A`` exactly."""
+    """``loss(batch) = mean_i c_i (theta^T A theta / 2 + b . theta)``: the Hessian is ``mean_i c_i A``
+    exactly."""
 
     def __init__(self, A: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__()
@@ -168,8 +170,8 @@ def test_dense_hessian_of_a_quadratic_weights_batches_by_size_and_leaves_the_mod
     assert torch.equal(model.theta.detach(), before) and model.theta.grad is None
     assert model.training  # hessian_mode restored the mode
     # a loss linear in the parameters has a zero Hessian
-    linear = dense_hessian(Quadratic(torch.zeros(5, 5, dtype=torch.float64), b), lambda m, batch: m.loss(batch),
-                           batches)
+    linear = dense_hessian(Quadratic(torch.zeros(5, 5, dtype=torch.float64), b),
+                           lambda m, batch: m.loss(batch), batches)
     assert torch.equal(linear, torch.zeros(5, 5, dtype=torch.float64))
 
 
@@ -504,7 +506,8 @@ class _MLMLogits(nn.Module):
 
 
 def _curvlinops_hvp(model, batches, v):
-    """curvlinops' H v, for a flat ``v`` over the trainable parameters (its operator takes them one by one)."""
+    """curvlinops' H v, for a flat ``v`` over the trainable parameters (its operator takes them one by
+    one)."""
     curvlinops = pytest.importorskip("curvlinops")
     data = [({"inputs": b[0], "positions": b[1]}, b[2]) for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
-"""flatlib.measurement.hf: the symmetry groups of HuggingFace GPT-2 / BERT / RoBERTa (each a symmetry of the function,
-in float64; the pairs left out are not), eager attention, and the adapters from flatlib's batches and exact
-optima (against objective.evaluate and a brute-force computation, row by row)."""
+"""flatlib.measurement.hf: the symmetry groups of HuggingFace GPT-2 / BERT / RoBERTa (each a symmetry of the
+function, in float64; the pairs left out are not), eager attention, and the adapters from flatlib's batches
+and exact optima (against objective.evaluate and a brute-force computation, row by row)."""
 
 from __future__ import annotations
 
@@ -334,10 +334,11 @@ def test_full_gauge_trace_invariant_under_every_group(language, corpus, mlm_rows
 
 
 def test_flatlib_imports_without_transformers():
-    """transformers is optional: flatlib and its estimators import without it, and nothing but flatlib.measurement.hf
-    imports it."""
+    """transformers is optional: flatlib and its estimators import without it, and nothing but
+    flatlib.measurement.hf imports it."""
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import flatlib, flatlib.measurement.flatness, flatlib.measurement.symmetry, flatlib.measurement.measure, flatlib.training.objective\n"
+            "import flatlib, flatlib.measurement.flatness, flatlib.measurement.symmetry, "
+            "flatlib.measurement.measure, flatlib.training.objective\n"
             "assert 'flatlib.measurement.hf' not in sys.modules\n"
             "try:\n    import flatlib.measurement.hf\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -377,8 +378,9 @@ def test_fisher_diagonal_layers_on_gpt2_conv1d_equals_vmap(language, corpus):
     model = _model(language, "gpt2", n_layer=1, d_ff=SIZES["d_model"])
     tokens = hf.TokenMap.for_language(language)
     batches = flatness.mlm_batches(hf.causal_rows(language, corpus[:4]), 8, soft_targets=True)
-    names = [n for n, _ in model.named_parameters() if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
-                                                                  "mlp.c_fc.weight", "mlp.c_fc.bias", "ln_2.weight"))]
+    names = [n for n, _ in model.named_parameters()
+             if n.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                            "ln_2.weight"))]
     assert any("c_fc.weight" in n for n in names) and len(names) == 5
     fast = flatness.fisher_diagonal(model, tokens.logits_fn, batches, parameters=names, method="layers")
     slow = flatness.fisher_diagonal(model, tokens.logits_fn, batches, parameters=names, method="vmap")
@@ -507,8 +509,8 @@ def test_measure_gives_the_gap_the_invariant_traces_and_the_probe(language, kind
 
 
 @pytest.mark.parametrize("override, match", [
-    ({"task": "state@9"}, "task"), ({"trace_pairs": 65}, "trace_pairs"), ({"trace_probes": 1}, "trace_probes"),
-    ({"seed": -1}, "seed"),
+    ({"task": "state@9"}, "task"), ({"trace_pairs": 65}, "trace_pairs"),
+    ({"trace_probes": 1}, "trace_probes"), ({"seed": -1}, "seed"),
 ])
 def test_measure_refuses_bad_arguments(language, override, match):
     with pytest.raises(ValueError, match=match):
@@ -524,8 +526,8 @@ def test_failed_checks_name_what_is_out_of_place(language):
               "bayes_se": 0.001, "special_mass": 1.5,
               "trace_norm": m["trace_raw"] * 2, "gap_full": math.nan}
     problems = "\n".join(your_model.failed_checks(broken))
-    for words in ("full-gauge trace moved", "beats the Bayes accuracy", "special_mass", "LayerNorm-only <= raw",
-                  "gap_full = nan"):
+    for words in ("full-gauge trace moved", "beats the Bayes accuracy", "special_mass",
+                  "LayerNorm-only <= raw", "gap_full = nan"):
         assert words in problems
     flat = hf.TrainHistory(history.table.assign(gap=history.table["gap"].iloc[0]), 1.0, False, 0, None)
     assert "the gap did not fall" in "\n".join(your_model.failed_checks(m, flat))
@@ -537,11 +539,12 @@ def test_your_model_figure(language):
     matplotlib.use("Agg")
     model = hf.model_for(language, "bert", seed=0, **TINY)
     history = hf.train_mlm(model, language, **TRAIN)
-    fig, note = your_model_plots.your_model_figure(history, hf.measure(model, language, **MEASURE), epsilon=0.1)
+    fig, note = your_model_plots.your_model_figure(history, hf.measure(model, language, **MEASURE),
+                                                   epsilon=0.1)
     assert len(fig.axes) == 3 and "95%" in note
 
 
-# ---------------------------------------------------------------------------- the profiles' your_model section
+# --------------------------------------------------------------------------- the profiles' your_model section
 def test_every_profile_has_a_your_model_section():
     from flatlib.profiles import PROFILES, resolve
 
@@ -560,10 +563,12 @@ def test_every_profile_has_a_your_model_section():
     ({"task": "state@9"}, "your_model.task"),
     ({"warmup_steps": 60}, "your_model.warmup_steps"),
     ({"model": {"n_layer": 1, "n_head": 3, "d_model": 16, "d_ff": 32}}, "your_model.model.n_head"),
-    ({"measure": {"pairs": 64, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64, "probe_sentences": 1000,
-                  "probe_train": 300, "probe_test": 200, "probe_splits": 2}}, "your_model.measure.trace_pairs"),
-    ({"measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64, "probe_sentences": 500,
-                  "probe_train": 300, "probe_test": 200, "probe_splits": 2}}, "your_model.measure.probe_sentences"),
+    ({"measure": {"pairs": 64, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64,
+                  "probe_sentences": 1000, "probe_train": 300, "probe_test": 200, "probe_splits": 2}},
+     "your_model.measure.trace_pairs"),
+    ({"measure": {"pairs": 512, "trace_pairs": 128, "trace_probes": 4, "trace_batch": 64,
+                  "probe_sentences": 500, "probe_train": 300, "probe_test": 200, "probe_splits": 2}},
+     "your_model.measure.probe_sentences"),
     ({"measure": {"pairs": 512}}, "your_model.measure: unknown keys"),
     ({"colour": 1}, r"your_model: unknown keys \['colour'\]"),
 ])

@@ -45,7 +45,8 @@ def test_shorter_sentences_are_treated_as_ending():
     long, short = tiny_hmm(4), tiny_hmm(3)
     corpus3 = all_sentences(short)
     padded = Corpus(torch.cat([corpus3.tokens, torch.full((len(corpus3), 1), -1)], dim=1), corpus3.lengths)
-    np.testing.assert_allclose(long.mlm_conditionals(padded)[:, :3], short.mlm_conditionals(corpus3), atol=1e-12)
+    np.testing.assert_allclose(long.mlm_conditionals(padded)[:, :3], short.mlm_conditionals(corpus3),
+                               atol=1e-12)
 
 
 def test_posterior_and_bayes_accuracy_match_enumeration():

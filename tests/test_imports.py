@@ -102,8 +102,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read() -> None:
     """The walker sees absolute, relative, ``from flatlib import x`` and function-level imports."""
     graph = import_graph()
-    assert "flatlib.training.train" in graph["flatlib.measurement.measure"]  # top level, from flatlib.x import y
-    assert "flatlib.runner.progress" in graph["flatlib.measurement.measure"]  # from flatlib import progress (a submodule)
+    # top level, from flatlib.x import y
+    assert "flatlib.training.train" in graph["flatlib.measurement.measure"]
+    # from flatlib import progress (a submodule)
+    assert "flatlib.runner.progress" in graph["flatlib.measurement.measure"]
     assert "flatlib.tools.compare" in graph["flatlib.tools.reproduce"]  # inside a function
     assert "flatlib.theory.contexts" in graph["flatlib.theory"]  # a package's __init__
 
@@ -132,7 +134,8 @@ def test_report_modules_do_not_import_torch(module: str) -> None:
 # the layout: one analysis module per notebook with one contract, every figure drawn in flatlib.plots
 NOTEBOOK_ANALYSIS = {"01_synthetic_languages": "languages", "02_pretraining_to_optimality": "pretraining",
                      "03_model_size": "size", "04_training_algorithms": "algorithms",
-                     "05_flatness_and_downstream": "correlations", "06_theory": "theory", "07_your_model": "your_model"}
+                     "05_flatness_and_downstream": "correlations", "06_theory": "theory",
+                     "07_your_model": "your_model"}
 DRAWING = ("plt.subplots(", "plt.figure(", ".add_subplot(", ".subplots(")
 
 
@@ -143,7 +146,8 @@ def test_every_notebook_has_one_analysis_module() -> None:
     assert analysis == set(NOTEBOOK_ANALYSIS.values())
     for notebook, module in NOTEBOOK_ANALYSIS.items():
         twin = (ROOT / "notebooks" / f"{notebook}.py").read_text()
-        assert f"flatlib.analysis import {module}" in twin or f"flatlib.analysis.{module} import" in twin, notebook
+        assert (f"flatlib.analysis import {module}" in twin
+                or f"flatlib.analysis.{module} import" in twin), notebook
 
 
 @pytest.mark.parametrize("module", sorted(set(NOTEBOOK_ANALYSIS.values())))
@@ -152,7 +156,8 @@ def test_analysis_modules_keep_one_contract(module: str) -> None:
     ``summary`` (its checked summary), both as top-level functions."""
     tree = ast.parse((PACKAGE / "analysis" / f"{module}.py").read_text())
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    assert {"parameters", "summary"} <= functions, f"flatlib.analysis.{module} lacks {({'parameters', 'summary'} - functions)}"
+    assert {"parameters", "summary"} <= functions, (f"flatlib.analysis.{module} lacks "
+                                                    f"{({'parameters', 'summary'} - functions)}")
 
 
 def test_every_figure_is_drawn_in_plots() -> None:

@@ -49,13 +49,14 @@ def logits(model, batches):
 
 
 def test_gauge_pairs_name_each_layer_norm_and_its_reader():
-    assert gauge_pairs(MODEL) == [("blocks.0.ln_1", "blocks.0.attn.qkv"), ("blocks.0.ln_2", "blocks.0.mlp.fc"),
-                                  ("ln_f", "head")]
+    assert gauge_pairs(MODEL) == [("blocks.0.ln_1", "blocks.0.attn.qkv"),
+                                  ("blocks.0.ln_2", "blocks.0.mlp.fc"), ("ln_f", "head")]
 
 
 def test_rescale_norms_preserves_the_function_and_moves_the_parameters():
     g = torch.Generator().manual_seed(0)
-    scales = {norm: torch.exp(torch.randn(4, generator=g, dtype=torch.float64)) for norm, _ in gauge_pairs(MODEL)}
+    scales = {norm: torch.exp(torch.randn(4, generator=g, dtype=torch.float64))
+              for norm, _ in gauge_pairs(MODEL)}
     other = rescale_norms(MODEL, scales)
     assert torch.allclose(logits(other, AWAY), logits(MODEL, AWAY), atol=1e-12, rtol=0)
     assert not torch.allclose(other.ln_f.weight, MODEL.ln_f.weight)
@@ -142,7 +143,8 @@ def test_fisher_diagonal_falls_back_where_the_closed_forms_do_not_hold(case):
         assert all(torch.allclose(plain[n], expected[n], rtol=1e-10) for n in names)
         with torch.no_grad():  # also inside no_grad, as the other estimators
             assert torch.allclose(fisher_diagonal(_TwoLayers(), logits_fn, batches, parameters=names,
-                                                  method="layers")["a.weight"], expected["a.weight"], rtol=1e-10)
+                                                  method="layers")["a.weight"], expected["a.weight"],
+                                  rtol=1e-10)
 
 
 def test_invariant_trace_against_the_dense_hessian_and_brute_force_rescaling():
@@ -193,7 +195,8 @@ def test_widen_keeps_the_final_pair_and_divides_the_inner_pairs_by_sqrt_f():
         assert set(inv_wide.gauge) == set(names)
         assert math.isclose(inv_wide.gauge["ln_f"]["min"], inv.gauge["ln_f"]["min"], rel_tol=1e-9)
         for norm in ("blocks.0.ln_1", "blocks.0.ln_2"):
-            assert math.isclose(inv_wide.gauge[norm]["min"], inv.gauge[norm]["min"] / math.sqrt(f), rel_tol=1e-9)
+            assert math.isclose(inv_wide.gauge[norm]["min"], inv.gauge[norm]["min"] / math.sqrt(f),
+                                rel_tol=1e-9)
 
 
 def test_bad_arguments():

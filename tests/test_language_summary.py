@@ -111,8 +111,8 @@ def test_optimal_loss_table_rows_order_and_nan_for_languages_without_ends():
     table, exact = optimal_loss_table(languages, corpora)
     assert list(table.index) == ["hmm", "pcfg"]
     assert list(table.columns) == ["V", "max length", "sentences", "tokens", "MLM optimum", "MLM ± se",
-                                   "causal sentences", "causal optimum (words)", "causal ± se", "causal + EOS",
-                                   "causal + EOS ± se", "uniform log V"]
+                                   "causal sentences", "causal optimum (words)", "causal ± se",
+                                   "causal + EOS", "causal + EOS ± se", "uniform log V"]
     assert math.isnan(table.loc["hmm", "causal + EOS"]) and not math.isnan(table.loc["pcfg", "causal + EOS"])
     for name in languages:
         assert table.loc[name, "MLM optimum"] == exact[name].mlm.mean
@@ -200,7 +200,8 @@ def test_sampled_type_agreement_is_one_when_each_type_has_its_own_words():
     _, agreement = sampled_type_agreement(grammar, corpus)
     # "a" is labelled S1 (inside probability 1 against 0.5), but S2 generates it 3 times in 7
     is_a = (corpus.tokens[:, 0] == grammar.vocab.index("a"))
-    from_s2 = torch.tensor([grammar.nonterminals[s] == "S2" for s in corpus.latents["node_symbol"][:, 1].tolist()])
+    from_s2 = torch.tensor([grammar.nonterminals[s] == "S2"
+                            for s in corpus.latents["node_symbol"][:, 1].tolist()])
     assert agreement == pytest.approx(1 - float((is_a & from_s2).double().mean()))
     assert sampled_type_agreement(PCFG.from_rules(TINY_RULES, task_spans={"B": 2}), corpus) is None
 
@@ -220,7 +221,8 @@ def test_shortcut_sentence_is_the_longest_short_one():
 
 # ------------------------------------------------------------------------------------ the teacher
 def tiny_teacher(**overrides) -> TeacherLM:
-    kwargs = dict(vocab_size=3, seq_len=4, n_topics=2, temperature=0.7, seed=1, n_layer=1, d_model=8, n_head=1)
+    kwargs = dict(vocab_size=3, seq_len=4, n_topics=2, temperature=0.7, seed=1, n_layer=1, d_model=8,
+                  n_head=1)
     return TeacherLM.random(**{**kwargs, **overrides})
 
 
@@ -297,7 +299,8 @@ def test_summary_rounds_the_table(summary_inputs):
                    teacher, None)
     lines = text.splitlines()
     assert lines[0] == "01_synthetic_languages · profile=smoke · seed=0 · 80 sentences per language"
-    assert f"MLM optimum {losses.loc['hmm', 'MLM optimum']:.3f} ± {losses.loc['hmm', 'MLM ± se']:.3f}" in lines[1]
+    assert (f"MLM optimum {losses.loc['hmm', 'MLM optimum']:.3f} ± {losses.loc['hmm', 'MLM ± se']:.3f}"
+            in lines[1])
     assert "causal+EOS" in text and "released grammar: not found (skipped)" in text
     assert f"vs majority {teacher.majority:.3f} (40 sentences)" in text
     assert lines[-1].startswith("checks passed")

@@ -19,7 +19,8 @@ def test_masked_position_features_are_those_of_the_masked_sentence():
     language = build_language(LANGUAGE)
     corpus = language.sample(5, seed=0)
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=8, max_len=8, n_layer=1, n_head=2, d_model=16, d_ff=32)).eval()
+    model = Transformer(TransformerConfig(vocab_size=8, max_len=8, n_layer=1, n_head=2, d_model=16,
+                                          d_ff=32)).eval()
     masked = model_features(model, corpus, masked_position=3)
     tokens = corpus.tokens.clone()
     tokens[:, 3] = model.config.mask_id
@@ -36,8 +37,10 @@ def test_unstandardised_probe_sees_feature_scales_and_the_standard_one_does_not(
     y = (x[:, 0] + 0.5 * torch.randn(600, generator=g, dtype=torch.float64) > 0).long()
     scaled = x * torch.tensor([1e-3, 1, 1, 1, 1, 1], dtype=torch.float64)  # shrink the informative feature
     kwargs = dict(n_classes=2, n_train=200, n_test=200, l2_grid=(1e-1,), n_splits=2)
-    assert math.isclose(linear_probe(x, y, **kwargs).accuracy, linear_probe(scaled, y, **kwargs).accuracy, abs_tol=1e-9)
-    raw, raw_scaled = linear_probe(x, y, **kwargs, standardize=False), linear_probe(scaled, y, **kwargs, standardize=False)
+    assert math.isclose(linear_probe(x, y, **kwargs).accuracy, linear_probe(scaled, y, **kwargs).accuracy,
+                        abs_tol=1e-9)
+    raw, raw_scaled = (linear_probe(x, y, **kwargs, standardize=False),
+                       linear_probe(scaled, y, **kwargs, standardize=False))
     assert raw_scaled.accuracy < raw.accuracy - 0.1  # the L2 penalty now hits the shrunken feature
 
 
@@ -48,7 +51,8 @@ def test_measure_checkpoint_reports_every_probe_and_both_traces(tmp_path):
     for kind, tasks in m["extra_probes"].items():
         assert set(tasks) == {"state@3"} and 0 < tasks["state@3"]["accuracy"] <= 1, kind
     assert m["extra_probes"]["limited"]["state@3"]["chosen_l2"] == [SMALL.limited_l2] * SMALL.probe_splits
-    assert m["invariant_trace"] <= m["trace_body"] + sum(g["norm"] + g["reader"] for g in m["trace_gauge"].values())
+    assert m["invariant_trace"] <= m["trace_body"] + sum(g["norm"] + g["reader"]
+                                                         for g in m["trace_gauge"].values())
     assert m["invariant_trace_se"] > 0 and "LayerNorm gauge" in m["invariant_trace_description"]
     assert set(m["trace_gauge"]) == {"blocks.0.ln_1", "blocks.0.ln_2", "ln_f"}
     assert math.isfinite(m["trace"]) and m["trace_se"] > 0
@@ -76,7 +80,8 @@ def test_measure_gauge_one_function_three_raw_traces_one_invariant(tmp_path):
     assert measure_gauge(run, 40, SMALL) == g  # cached
 
 
-@pytest.mark.parametrize("field, value", [("seed", None), ("seed", -1), ("trace_probes", 1), ("probe_train", 0)])
+@pytest.mark.parametrize("field, value",
+                         [("seed", None), ("seed", -1), ("trace_probes", 1), ("probe_train", 0)])
 def test_protocol_names_a_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         Protocol(**{field: value})
@@ -100,7 +105,8 @@ def test_full_gauge_protocol_decides_on_the_full_gauge_and_records_the_layernorm
     reference = full_gauge_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, full),
                                  full.trace_probes, derived_seed("trace probes", full.seed))
     assert m["gauge"] == "full" and m["invariant_trace"] == reference.mean
-    assert m["invariant_trace_layernorm"] == reference.norm_mean and m["trace_gauged_raw"] == reference.raw_mean
+    assert (m["invariant_trace_layernorm"] == reference.norm_mean
+            and m["trace_gauged_raw"] == reference.raw_mean)
     # the full minimum is over more rescalings than the LayerNorm-only one, which is over more than none
     assert m["invariant_trace"] <= m["invariant_trace_layernorm"] <= m["trace_gauged_raw"]
     assert m["gauge_max_logit_change"] < 1e-3 and "whole declared gauge" in m["invariant_trace_description"]
@@ -116,7 +122,8 @@ def test_measure_gauge_full_is_one_number_along_attention_rescalings_where_the_l
     run = pretrain(base_config(), RunStore(tmp_path), progress=False)
     g = measure_gauge(run, 40, replace(SMALL, gauge="full"))
     points = {p["parameterization"]: p for p in g["points"]}
-    assert list(points)[3:] == ["attention V/O x3 per head coordinate", "attention Q/K x3 per head coordinate"]
+    assert list(points)[3:] == ["attention V/O x3 per head coordinate",
+                                "attention Q/K x3 per head coordinate"]
     trained = points["as trained"]
     for name, p in points.items():
         assert p["max logit change"] < 1e-4, name  # one function

@@ -157,7 +157,8 @@ def test_live_last_block_is_the_whole_model_at_the_positions(explicit):
     same function as every block at every position, on padded rows too, on both attention paths (the
     explicit one is what second derivatives and vmap use)."""
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=7, max_len=6, n_layer=2, n_head=2, d_model=8, d_ff=16)).double()
+    model = Transformer(TransformerConfig(vocab_size=7, max_len=6, n_layer=2, n_head=2, d_model=8,
+                                          d_ff=16)).double()
     tokens = torch.randint(0, 7, (5, 6))
     tokens[1, 4:] = model.config.pad_id  # a padded row
     positions = torch.tensor([0, 3, 5, 2, 1])

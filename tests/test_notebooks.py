@@ -54,7 +54,8 @@ def test_the_third_language_is_one_parameter_away(name, tmp_path, monkeypatch):
     monkeypatch.setenv("FLATLIB_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("FLATLIB_RUNS", str(tmp_path / "runs"))
     path = NOTEBOOKS[0].parent / f"{name}.ipynb"
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"profile": "smoke", "languages": ["teacher"]},
+    papermill.execute_notebook(str(path), str(tmp_path / path.name),
+                               parameters={"profile": "smoke", "languages": ["teacher"]},
                                kernel_name="python3", progress_bar=False, cwd=str(path.parent))
     executed = json.loads((tmp_path / path.name).read_text())
     summary = "".join("".join(o.get("text", "")) for o in code_cells_of(executed)[-1]["outputs"])

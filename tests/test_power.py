@@ -1,6 +1,7 @@
-"""flatlib.stats' power functions and flatlib.tools.power: the power of the rules' t-intervals against published values, against simulation of
-the test itself (fixed seeds), and its inverses (minimum detectable effect, lineages needed) against
-the power function; the variance components of a paired effect on hand-made tables."""
+"""flatlib.stats' power functions and flatlib.tools.power: the power of the rules' t-intervals against
+published values, against simulation of the test itself (fixed seeds), and its inverses (minimum detectable
+effect, lineages needed) against the power function; the variance components of a paired effect on hand-made
+tables."""
 
 import math
 
@@ -90,7 +91,8 @@ def test_unpaired_power_is_the_pooled_t_power_for_equal_groups():
     assert abs(simulated - exact) < 4 * math.sqrt(exact * (1 - exact) / draws)
     nc = effect / math.sqrt(2 * sd**2 / n)
     c = stats.t.ppf(0.975, 2 * n - 2)
-    assert exact == pytest.approx(stats.nct.sf(c, 2 * n - 2, nc) + stats.nct.cdf(-c, 2 * n - 2, nc), abs=1e-12)
+    assert exact == pytest.approx(stats.nct.sf(c, 2 * n - 2, nc) + stats.nct.cdf(-c, 2 * n - 2, nc),
+                                  abs=1e-12)
 
 
 def test_unpaired_power_uses_the_satterthwaite_df_for_unequal_groups():
@@ -118,8 +120,9 @@ def _clock_frame(doses: dict[int, list[float]], controls: dict[int, float]) -> p
 
 
 def test_clock_components_by_hand():
-    # lineage effects (dose mean - control): 1.0 - 0 = 1.0, 3.0 - 0 = 3.0, 2.0 - 0 = 2.0 -> mean 2, variance 1;
-    # within-lineage variances of the doses: 2, 2, 2 (values mean +- 1 with 2 seeds: (1 + 1) / 1) -> pooled 2
+    # lineage effects (dose mean - control): 1.0 - 0 = 1.0, 3.0 - 0 = 3.0, 2.0 - 0 = 2.0 -> mean 2, variance
+    # 1; within-lineage variances of the doses: 2, 2, 2 (values mean +- 1 with 2
+    # seeds: (1 + 1) / 1) -> pooled 2
     frame = _clock_frame({0: [0.0, 2.0], 1: [2.0, 4.0], 2: [1.0, 3.0]}, {0: 0.0, 1: 0.0, 2: 0.0})
     c = clock_components(frame, "x", "q", tau=10.0)
     assert (c.lineages, c.noise_seeds) == (3, 2)
@@ -165,5 +168,6 @@ def test_the_committed_clock_reproduces_the_measured_components():
     frame = pd.read_csv(Path(ROOT) / "figures" / "02_measurements.csv")
     c = clock_components(frame[frame.continuation == "sgd clock"], "hmm", "acc state@3", tau=10.0)
     assert (c.lineages, c.noise_seeds) == (3, 6)
-    assert c.lineage_sd(1) == pytest.approx(0.0047, abs=5e-5) and c.lineage_sd(math.inf) == pytest.approx(0.0034, abs=5e-5)
+    assert (c.lineage_sd(1) == pytest.approx(0.0047, abs=5e-5)
+            and c.lineage_sd(math.inf) == pytest.approx(0.0034, abs=5e-5))
     assert c.between_share == pytest.approx(0.87, abs=0.005)

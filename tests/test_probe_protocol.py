@@ -1,5 +1,5 @@
-"""Probe protocol 2 (flatlib.measurement.downstream.exact_probe): the exact multinomial logistic regression, classes
-absent from a training split, one L2 per (task, model) chosen on the pooled validation splits with its
+"""Probe protocol 2 (flatlib.measurement.downstream.exact_probe): the exact multinomial logistic regression,
+classes absent from a training split, one L2 per (task, model) chosen on the pooled validation splits with its
 grid edge flagged, accuracy as a function of L2, and its selection through ``Protocol.probe_version``
 without changing any existing cache key."""
 
@@ -267,7 +267,8 @@ def test_protocol_unknown_probe_version_is_refused_before_anything_is_cached() -
     with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):  # refused when built
         Protocol(probe_version=3)
     protocol = Protocol(probe_sentences=800, probe_train=300, probe_test=200)
-    object.__setattr__(protocol, "probe_version", 0)  # past the constructor: key() and the probe refuse it too
+    # past the constructor: key() and the probe refuse it too
+    object.__setattr__(protocol, "probe_version", 0)
     with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):
         protocol.key()
     with pytest.raises(ValueError, match=r"probe_version: expected 1 or 2"):
@@ -312,6 +313,7 @@ def test_the_walk_down_the_grid_stops_past_the_optimum_with_the_whole_grids_choi
     if len(below) == PROBE_V2_PATIENCE and all(pooled[l2] < pooled[chosen] for l2 in below):
         assert len(walked.sweep) < len(grid) and walked.sweep.index.min() == min(below)
     assert walked.chosen_l2 == whole.chosen_l2 and walked.accuracy == whole.accuracy
-    assert set(walked.sweep.index) <= set(grid) and all(l2 < chosen for l2 in set(grid) - set(walked.sweep.index))
+    assert (set(walked.sweep.index) <= set(grid)
+            and all(l2 < chosen for l2 in set(grid) - set(walked.sweep.index)))
     with pytest.raises(ValueError, match="patience"):
         exact_probe(x, labels, 4, l2_grid=grid, patience=0, **kwargs)

@@ -25,7 +25,8 @@ def test_overrides_apply_and_none_keeps_the_profile():
     params = resolve("smoke", seed=3, n_eval_sentences=None, hmm={"seq_len": 10})
     assert params["seed"] == 3
     assert params["n_eval_sentences"] == PROFILES["smoke"]["n_eval_sentences"]
-    assert params["hmm"]["seq_len"] == 10 and params["hmm"]["n_states"] == PROFILES["smoke"]["hmm"]["n_states"]
+    assert (params["hmm"]["seq_len"] == 10
+            and params["hmm"]["n_states"] == PROFILES["smoke"]["hmm"]["n_states"])
 
 
 @pytest.mark.parametrize(
@@ -90,7 +91,8 @@ def test_every_profile_has_theory_sizes():
     [
         ({"rank": 2}, "theory.rank"),
         ({"noise": {"n_samples": 1, "n_forms": 4, "offset": 0.5}}, "theory.noise.n_samples"),
-        ({"hmm": {"n_states": 0, "vocab_size": 3, "seq_len": 3, "concentration": 0.5}}, "theory.hmm.n_states"),
+        ({"hmm": {"n_states": 0, "vocab_size": 3, "seq_len": 3, "concentration": 0.5}},
+         "theory.hmm.n_states"),
         ({"colour": 1}, r"theory: unknown keys \['colour'\]"),
     ],
 )

@@ -43,7 +43,8 @@ class Clock:
 def test_the_reporter_writes_each_phase_and_its_counts(status):
     shown = progress.start("training", 3, "runs", skipped=2)
     s = progress.read_status(status)
-    assert (s["phase"], s["unit"], s["done"], s["total"], s["skipped"], s["finished"]) == ("training", "runs", 0, 3, 2, False)
+    assert ((s["phase"], s["unit"], s["done"], s["total"], s["skipped"], s["finished"])
+            == ("training", "runs", 0, 3, 2, False))
     assert s["pid"] == os.getpid() and s["started"] <= s["last"]
     shown.advance()
     shown.advance(2)
@@ -229,7 +230,8 @@ def test_measure_many_advances_one_per_measurement_and_counts_the_cached(status,
     results = measure.measure_many("fake", [(None, step, {}) for step in (1, 2, 3)])
     assert results == [{"step": 1}, {"step": 2, "cached": True}, {"step": 3}] and calls == [1, 3]
     s = progress.read_status(status)
-    assert (s["phase"], s["done"], s["total"], s["skipped"], s["finished"]) == ("measuring (fake)", 2, 2, 1, True)
+    assert ((s["phase"], s["done"], s["total"], s["skipped"], s["finished"])
+            == ("measuring (fake)", 2, 2, 1, True))
 
 
 def test_a_sweep_counts_the_runs_it_trains_and_not_those_in_the_store(status, tmp_path, monkeypatch):
@@ -250,7 +252,8 @@ def test_a_sweep_counts_the_runs_it_trains_and_not_those_in_the_store(status, tm
     assert [r.run.dir for r in results] == [store.path(c.to_dict()) for c in configs]  # the same order
     assert trained == [0, 2, 1]  # the two to train, then the stored one, only looked up
     s = progress.read_status(status)
-    assert (s["phase"], s["unit"], s["done"], s["total"], s["skipped"], s["finished"]) == ("training", "runs", 2, 2, 1, True)
+    assert ((s["phase"], s["unit"], s["done"], s["total"], s["skipped"], s["finished"])
+            == ("training", "runs", 2, 2, 1, True))
 
 
 # ---------------------------------------------------------------------------- reproduce
@@ -291,7 +294,8 @@ def test_ctrl_c_says_what_ran_and_what_is_kept_and_exits_non_zero(figures, tmp_p
             shown.advance()
             raise KeyboardInterrupt  # as papermill raises it when the user presses Ctrl-C
 
-    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "01_", "02_", "03_"],
+    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "01_", "02_",
+                           "03_"],
                           execute=execute)
     assert code == 130
     captured = capsys.readouterr()
@@ -299,7 +303,8 @@ def test_ctrl_c_says_what_ran_and_what_is_kept_and_exits_non_zero(figures, tmp_p
     err = captured.err
     assert "Interrupted (Ctrl-C): 02_pretraining_to_optimality.ipynb" in err
     assert "training, 1/4 runs done" in err
-    assert "Finished before it: 01_synthetic_languages.ipynb (ok)" in err and "Not started: 03_model_size.ipynb" in err
+    assert ("Finished before it: 01_synthetic_languages.ipynb (ok)" in err
+            and "Not started: 03_model_size.ipynb" in err)
     assert "run store" in err and "resumes" in err and "--profile smoke" in err
     runs = json.loads((figures / "smoke" / "claims" / "_runs.json").read_text())
     assert set(runs) == {"01_synthetic_languages"}  # the finished notebook keeps its time, the cut one none

@@ -12,8 +12,8 @@ def figures(tmp_path, monkeypatch):
 
 
 def claim(**kw):
-    return Claim(**{"claim": "trace falls", "paper": "19.8 -> 12.6", "ours": "30 ± 2 -> 25 ± 2", "held": "yes",
-                    "notebook": "03_model_size", "figure": "03_size.png", **kw})
+    return Claim(**{"claim": "trace falls", "paper": "19.8 -> 12.6", "ours": "30 ± 2 -> 25 ± 2",
+                    "held": "yes", "notebook": "03_model_size", "figure": "03_size.png", **kw})
 
 
 def test_bad_claims_are_refused():
@@ -45,7 +45,8 @@ def test_report_lists_claims_and_keeps_the_last_good_run(figures):
     assert "**yes**" in text and "19.8 -> 12.6" in text and "seeds = `[0, 1]`" in text
     assert "In short: 1 yes" in text
     from flatlib.claims import DESIGN_CHANGES, RULE_CHANGES
-    assert all(f"| {change[0]} |" in text for change in RULE_CHANGES + DESIGN_CHANGES)  # every change is printed
+    # every change is printed
+    assert all(f"| {change[0]} |" in text for change in RULE_CHANGES + DESIGN_CHANGES)
     assert write_report("smoke").read_text() == text
 
 
@@ -104,9 +105,11 @@ def test_the_verdicts_that_moved_get_their_own_section(figures):
     assert "Verdicts that moved" not in render_report("smoke")  # no comparison: no section
     none = render_report("smoke", moved=("commit abc1234", []))
     assert "## Verdicts that moved against the committed figures (commit abc1234)" in none and "None:" in none
-    text = render_report("smoke", moved=("commit abc1234", [("03_model_size", "trace | falls", "inconclusive", "yes"),
-                                                            ("02_x", "new claim", "(absent)", "no")]))
-    assert "2 verdict(s) differ" in text and "| 03_model_size | trace \\| falls | inconclusive | **yes** |" in text
+    text = render_report("smoke",
+                         moved=("commit abc1234", [("03_model_size", "trace | falls", "inconclusive", "yes"),
+                                                   ("02_x", "new claim", "(absent)", "no")]))
+    assert ("2 verdict(s) differ" in text
+            and "| 03_model_size | trace \\| falls | inconclusive | **yes** |" in text)
     assert text.index("## Verdicts that moved") < text.index("## Decision rules")
 
 
@@ -114,7 +117,8 @@ def test_reproduce_report_only_rewrites_the_report_with_the_moved_verdicts(figur
     from flatlib.tools import reproduce
 
     record_claims("smoke", "03_model_size", [claim()])
-    monkeypatch.setattr(reproduce, "moved_verdicts", lambda profile: ("commit abc1234", [("n", "c", "no", "yes")]))
+    monkeypatch.setattr(reproduce, "moved_verdicts",
+                        lambda profile: ("commit abc1234", [("n", "c", "no", "yes")]))
     assert reproduce.main(["--profile", "smoke", "--report-only"]) == 0
     text = (figures / "smoke" / "REPORT.md").read_text()
     assert "| n | c | no | **yes** |" in text and "claims report:" in capsys.readouterr().out

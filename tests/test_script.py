@@ -71,13 +71,15 @@ def test_the_command_line_reads_literals_and_strings(tmp_path):
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb"),
-                           "-p", "profile", "smoke", "-p", "seed", "4"], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path),
+                           str(tmp_path / "out.ipynb"), "-p", "profile", "smoke", "-p", "seed", "4"],
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     out = json.loads((tmp_path / "out.ipynb").read_text())
     assert out["cells"][-1]["outputs"][0]["text"] == "'smoke' 5\n"
     path.write_text(json.dumps(notebook("1 / 0")))
-    failed = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb")],
+    failed = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path),
+                             str(tmp_path / "out.ipynb")],
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
 
@@ -89,15 +91,16 @@ def test_reproduce_runs_the_notebooks_as_scripts_in_fresh_processes(tmp_path, mo
     from flatlib.tools.script import execute_in_subprocess
 
     seen = {}
-    monkeypatch.setattr(reproduce, "_run", lambda profile, out_dir, only, execute: seen.update(execute=execute) or 0)
+    monkeypatch.setattr(reproduce, "_run",
+                        lambda profile, out_dir, only, execute: seen.update(execute=execute) or 0)
     assert reproduce.main(["--profile", "smoke", "--runner", "script"]) == 0
     assert seen["execute"] is execute_in_subprocess
     nb = notebook(('profile = "cpu"', ["parameters"]), "import os\nprint(profile, os.getpid())")
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    execute_in_subprocess(str(path), str(tmp_path / "out.ipynb"), parameters={"profile": "smoke"}, cwd=str(tmp_path),
-                          kernel_name="python3", progress_bar=False)
+    execute_in_subprocess(str(path), str(tmp_path / "out.ipynb"), parameters={"profile": "smoke"},
+                          cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
     printed = json.loads((tmp_path / "out.ipynb").read_text())["cells"][-1]["outputs"][0]["text"]
     assert printed.split()[0] == "smoke" and int(printed.split()[1]) != os.getpid()
     path.write_text(json.dumps(notebook("raise KeyError('x')")))
@@ -142,7 +145,8 @@ def test_the_command_line_refuses_a_misspelt_parameter(tmp_path):
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path), str(tmp_path / "out.ipynb"),
+    done = subprocess.run([sys.executable, "-m", "flatlib.tools.script", str(path),
+                           str(tmp_path / "out.ipynb"),
                            "-p", "n_chain", "3"], check=False, capture_output=True, text=True, env=env)
     assert done.returncode == 2, done.stderr
     assert "n_chain" in done.stderr and "n_chains" in done.stderr and "Traceback" not in done.stderr

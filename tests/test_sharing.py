@@ -20,8 +20,10 @@ from flatlib.training.train import PretrainConfig, load_model, pretrain
 
 def _writer(config: PretrainConfig, store: Path, threads: int) -> subprocess.Popen:
     script = (f"import torch; torch.set_num_threads({threads})\n"
-              "from flatlib.runner.runs import RunStore\nfrom flatlib.training.train import PretrainConfig, pretrain\n"
-              f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store)!r}), progress=False)\n")
+              "from flatlib.runner.runs import RunStore\n"
+              "from flatlib.training.train import PretrainConfig, pretrain\n"
+              f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store)!r}), "
+              "progress=False)\n")
     return subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
 
 
@@ -46,7 +48,8 @@ def test_two_writers_with_different_thread_counts_train_a_run_once(tmp_path):
         time.sleep(0.01)
     messages = [w.communicate()[1] for w in writers]
     assert all(w.returncode == 0 for w in writers), messages
-    assert errors == [], f"{len(errors)} of {reads + len(errors)} reads of the finished run failed: {errors[:3]}"
+    assert errors == [], (f"{len(errors)} of {reads + len(errors)} reads of the finished run failed: "
+                          f"{errors[:3]}")
     run = RunStore(tmp_path).find(config.to_dict())
     assert run.finished and run.verified() is run
     assert seen is None or run.metrics_path.read_bytes() == seen  # never rewritten once finished
@@ -166,7 +169,8 @@ def test_a_one_digit_edit_of_a_cache_entry_is_never_used(entry):
     """Regression: a cache entry with one digit changed was returned as is (0.195 for 0.145)."""
     path, compute, calls = entry
     path.write_text(path.read_text().replace("0.145", "0.195"))
-    with pytest.warns(UserWarning, match=r"00000060_abc.json does not match .*moved to 00000060_abc.json.corrupt"):
+    with pytest.warns(UserWarning,
+                      match=r"00000060_abc.json does not match .*moved to 00000060_abc.json.corrupt"):
         assert measure._cached(path, compute)["gap"] == 0.145
     assert calls == [1, 1] and "0.195" in path.with_name(path.name + ".corrupt").read_text()
     assert measure.read_cached(path)["gap"] == 0.145

@@ -1,5 +1,5 @@
-"""flatlib.analysis.size (notebook 03's analysis) and flatlib.plots.size on small hand-made tables: known gaps,
-accuracies and traces give the known equal-loss pair, effects, verdicts and claim texts."""
+"""flatlib.analysis.size (notebook 03's analysis) and flatlib.plots.size on small hand-made tables: known
+gaps, accuracies and traces give the known equal-loss pair, effects, verdicts and claim texts."""
 
 import math
 
@@ -48,8 +48,10 @@ def sizes_frame(gaps):
 
 
 # hmm: width 16 above ε; 32 and 64 converged, mean gaps 0.0120 and 0.0110 (equal loss)
-GAPS = {("hmm", 16): [0.05, 0.06, 0.04], ("hmm", 32): [0.011, 0.012, 0.013], ("hmm", 64): [0.010, 0.011, 0.012]}
-PROBE = {16: [0.50, 0.51, 0.52], 32: [0.60, 0.61, 0.62], 64: [0.70, 0.71, 0.72]}  # rises by 0.10 from 32 to 64
+GAPS = {("hmm", 16): [0.05, 0.06, 0.04], ("hmm", 32): [0.011, 0.012, 0.013],
+        ("hmm", 64): [0.010, 0.011, 0.012]}
+# rises by 0.10 from 32 to 64
+PROBE = {16: [0.50, 0.51, 0.52], 32: [0.60, 0.61, 0.62], 64: [0.70, 0.71, 0.72]}
 TRACE = {16: [90.0, 100.0, 110.0], 32: [28.0, 30.0, 32.0], 64: [18.0, 20.0, 22.0]}  # falls by 10
 
 
@@ -111,7 +113,8 @@ def test_size_table_converged_and_mean_gaps():
 
 
 def test_gap_curves_and_per_width():
-    runs = {("hmm", 16, s): FakeRun({}, pd.DataFrame({"step": [10, 20], "gap": [1.0 + s, 0.5 + s], "loss": 0.0}))
+    runs = {("hmm", 16, s): FakeRun({},
+                                    pd.DataFrame({"step": [10, 20], "gap": [1.0 + s, 0.5 + s], "loss": 0.0}))
             for s in range(2)}
     curves = size.gap_curves(runs)
     assert list(curves.columns) == ["language", "width", "seed", "step", "gap"]
@@ -162,7 +165,8 @@ def test_measure_leaves_out_diverged_runs_and_widens_only_the_narrower(monkeypat
 def test_measurement_table_merges_probes_finetune_and_widened_traces():
     sizes = sizes_frame({("hmm", 32): [0.012], ("hmm", 64): [0.011]})
     m = size.RunMeasurements(
-        checkpoint={("hmm", 32, 0): checkpoint_result(40.0, 0.6), ("hmm", 64, 0): checkpoint_result(30.0, 0.7)},
+        checkpoint={("hmm", 32, 0): checkpoint_result(40.0, 0.6),
+                    ("hmm", 64, 0): checkpoint_result(30.0, 0.7)},
         widened={("hmm", 32, 0): {"trace": 50.0, "trace_se": 2.0, "invariant_trace": 20.0,
                                   "invariant_trace_se": 1.5, "max_logit_change": 3e-5}},
         finetune={("hmm", 32, 0): {"accuracy": {"A": 0.65}}, ("hmm", 64, 0): {"accuracy": {"A": 0.75}}},
@@ -173,7 +177,8 @@ def test_measurement_table_merges_probes_finetune_and_widened_traces():
     assert narrow["raw trace"] == 40.0 and narrow["invariant trace"] == 20.0
     assert narrow["widened trace"] == 50.0 and narrow["widened invariant trace"] == 20.0
     assert narrow["widened invariant trace se"] == 1.5
-    assert wide["widened trace"] == 30.0 and wide["widened invariant trace"] == 15.0  # its own parameterization
+    # its own parameterization
+    assert wide["widened trace"] == 30.0 and wide["widened invariant trace"] == 15.0
     assert narrow["probe A"] == 0.6 and narrow["finetune A"] == 0.65 and wide["finetune A"] == 0.75
     assert narrow["gap"] == 0.012 and narrow["parameters"] == 4000  # from the run's own summary
     with pytest.raises(KeyError):  # a narrower model without its widened traces
@@ -229,7 +234,8 @@ def test_size_claims_carry_the_numbers_and_the_paper(equal_loss):
     sizes, verdict = equal_loss
     transfer, flatter = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
     assert transfer.held == "yes" and transfer.paper == size.PAPER["hmm"][0]
-    assert transfer.ours.startswith("width 32 -> 64: A +0.100 [") and "Welch 95% CI over 3 seeds" in transfer.ours
+    assert (transfer.ours.startswith("width 32 -> 64: A +0.100 [")
+            and "Welch 95% CI over 3 seeds" in transfer.ours)
     assert transfer.detail == "gap 0.0120 -> 0.0110 nats; one lr for every width"
     assert transfer.notebook == "03_model_size" and transfer.figure == "03_size_accuracy.png"
     assert flatter.held == "yes" and flatter.paper == "falls (Fig. 5)"
@@ -246,8 +252,8 @@ def test_size_claims_not_tested_list_every_width_gap():
     verdict = size.verdict_table(measured_frame(sizes), sizes, {"hmm": ("A",)}, seed=0)
     claims = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
     assert [c.held for c in claims] == ["not tested", "not tested"]
-    assert claims[0].ours == ("no two converged widths at equal loss (mean gaps: w16 0.0500 (>ε), w32 0.0170, "
-                              "w64 0.0110)")
+    assert claims[0].ours == ("no two converged widths at equal loss (mean gaps: w16 0.0500 (>ε), w32 "
+                              "0.0170, w64 0.0110)")
     assert claims[1].paper == "falls (Fig. 5)" and claims[1].rule == "equal-loss pair"
 
 
@@ -275,9 +281,10 @@ def test_summary(equal_loss):
     sizes, verdict = equal_loss
     measured = measured_frame(sizes)
     claims = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
-    params = {"profile": "smoke", "model_size": {"n_layer": 1, "steps": 60}}  # model_size.steps, not pretraining.steps
-    d = size.Design(seeds=[0, 1, 2], languages=["hmm"], widths=[16, 32, 64], epsilon=0.025, protocol=Protocol(),
-                    tasks={"hmm": ("A",)}, specs={})
+    # model_size.steps, not pretraining.steps
+    params = {"profile": "smoke", "model_size": {"n_layer": 1, "steps": 60}}
+    d = size.Design(seeds=[0, 1, 2], languages=["hmm"], widths=[16, 32, 64], epsilon=0.025,
+                    protocol=Protocol(), tasks={"hmm": ("A",)}, specs={})
     lines = size.summary(params, d, measured, claims).splitlines()
     assert lines[0] == ("03_model_size · profile=smoke · seeds=[0, 1, 2] · widths=[16, 32, 64] (1 layers) · "
                         "60 steps · ε=0.025")

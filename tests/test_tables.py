@@ -15,16 +15,19 @@ def test_parameter_lines_expand_the_named_sections():
 
 
 def test_gauge_and_reference_tables():
-    gauge = {"hmm": {"points": [{"parameterization": "as trained", "trace": 20.0}, {"parameterization": "x3", "trace": 300.0}],
+    gauge = {"hmm": {"points": [{"parameterization": "as trained", "trace": 20.0},
+                                {"parameterization": "x3", "trace": 300.0}],
                      "blocks": {"head weights": {"trace": 15.0, "trace_se": 1.0}}}}
     points, blocks = gauge_tables(gauge)
     assert list(points.trace) == [20.0, 300.0] and list(points.language) == ["hmm", "hmm"]
     assert blocks.set_index("block").loc["head weights", "trace"] == 15.0
-    lookup = {"hmm": {"state@3": {"accuracy": 0.5, "ci95": 0.01, "majority": 0.3, "bayes": 0.6, "bayes_se": 0.02}},
+    lookup = {"hmm": {"state@3": {"accuracy": 0.5, "ci95": 0.01, "majority": 0.3, "bayes": 0.6,
+                                  "bayes_se": 0.02}},
               "pcfg": {"A": {"accuracy": 0.9, "ci95": 0.02, "majority": 0.4}}}
     refs = reference_table(lookup)
     assert refs.loc[("hmm", "state@3"), "Bayes"] == 0.6 and refs.loc[("hmm", "state@3"), "Bayes se"] == 0.02
-    assert refs.loc[("pcfg", "A"), "Bayes"] == 1.0 and refs.loc[("pcfg", "A"), "Bayes se"] == 0.0  # a function of the sentence
+    # a function of the sentence
+    assert refs.loc[("pcfg", "A"), "Bayes"] == 1.0 and refs.loc[("pcfg", "A"), "Bayes se"] == 0.0
 
 
 

@@ -129,7 +129,8 @@ def test_sample_is_reproducible():
 def test_temperature_lowers_entropy():
     corpus_losses = []
     for temperature in (2.0, 1.0, 0.5):
-        lm = TeacherLM.random(vocab_size=8, seq_len=5, n_topics=2, temperature=temperature, seed=0, d_model=16)
+        lm = TeacherLM.random(vocab_size=8, seq_len=5, n_topics=2, temperature=temperature, seed=0,
+                              d_model=16)
         corpus_losses.append(lm.optimal_causal_loss(lm.sample(500, seed=0)).mean)
     assert corpus_losses[0] > corpus_losses[1] > corpus_losses[2] > 0
     assert corpus_losses[0] < np.log(8)
@@ -179,7 +180,8 @@ def test_bad_arguments_raise(tiny):
 
 
 @pytest.mark.parametrize("bad", [True, 2.0])
-@pytest.mark.parametrize("name", ["vocab_size", "seq_len", "n_topics", "n_layer", "d_model", "n_head", "d_ff"])
+@pytest.mark.parametrize("name",
+                         ["vocab_size", "seq_len", "n_topics", "n_layer", "d_model", "n_head", "d_ff"])
 def test_integer_arguments_reject_bools_and_floats(name, bad):
     with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1, got {bad!r}"):
         tiny_teacher(**{name: bad})

@@ -90,7 +90,8 @@ def optimum(contexts):
 
 
 def reference_hessian(flat: FlatModel, theta: torch.Tensor, contexts: ContextSet) -> torch.Tensor:
-    """``flatlib.measurement.flatness.dense_hessian`` of the expected loss at ``theta`` (on a copy of the model)."""
+    """``flatlib.measurement.flatness.dense_hessian`` of the expected loss at ``theta`` (on a copy of the
+    model)."""
     model = copy.deepcopy(flat.model)
     FlatModel(model).load_(theta)
     return dense_hessian(model, expected_loss_fn, [contexts.batch()])
@@ -478,7 +479,8 @@ def test_theory_params():
     for profile in PROFILES:
         params = theory_params(profile, seed=0)
         assert params["profile"] == profile and params["seed"] == 0
-        assert {k: v for k, v in params.items() if k not in ("profile", "seed")} == PROFILES[profile]["theory"]
+        assert ({k: v for k, v in params.items() if k not in ("profile", "seed")}
+                == PROFILES[profile]["theory"])
     with pytest.raises(ValueError, match="profile"):
         theory_params("nope", seed=0)
     with pytest.raises(ValueError, match="seed"):
@@ -525,9 +527,11 @@ def test_noise_vs_curvature_measures_what_its_table_says(noise_result):
         expected_c = [float(C.trace())] + [float(v @ C @ v) for v in r.vectors]
         np.testing.assert_allclose(frame["H exact"], expected_h, rtol=1e-12)
         np.testing.assert_allclose(frame["C exact"], expected_c, rtol=1e-12)
-        np.testing.assert_allclose(frame["z"], (frame["C sampled"] - frame["H exact"]) / frame["C se"], rtol=1e-12)
+        np.testing.assert_allclose(frame["z"], (frame["C sampled"] - frame["H exact"]) / frame["C se"],
+                                   rtol=1e-12)
         # the forms through flatlib.measurement.flatness.hvp are those of the dense H
-        torch.testing.assert_close(r.points[point].hvp_forms, torch.tensor(expected_h[1:], dtype=torch.float64))
+        torch.testing.assert_close(r.points[point].hvp_forms,
+                                   torch.tensor(expected_h[1:], dtype=torch.float64))
     # at the optimum the sampled noise estimates H (within 4 SE); away from it the exact C is not H
     assert (table[table.point == "at the optimum"]["z"].abs() < 4).all()
     away = table[table.point == "away from it"].iloc[0]
@@ -550,7 +554,8 @@ def test_noise_checks_catch_a_broken_estimate(noise_result):
     table = noise_result.table.copy()
     table.loc[1, "C se"] = math.nan
     broken = dataclasses.replace(noise_result, table=table).verdict()
-    assert broken.failed_checks() == ["section 1: a sampled estimate or its standard error is not finite and positive"]
+    assert broken.failed_checks() == [
+        "section 1: a sampled estimate or its standard error is not finite and positive"]
 
 
 @pytest.fixture(scope="module")
@@ -568,14 +573,17 @@ def test_sgd_vs_flow_table(bias_result):
     start = table[table.step == 0]
     np.testing.assert_allclose(start["trace"], r.trace0, rtol=1e-12)  # every chain starts at the optimum
     assert (start["gap"].abs() < 1e-12).all()
-    np.testing.assert_allclose(table["flow trace"], np.interp(table["tau"], r.flow.time, r.flow.trace), rtol=1e-12)
-    np.testing.assert_allclose(table["level eta Tr/(4B)"], table["lr"] * table["trace"] / (4 * table["batch"]))
+    np.testing.assert_allclose(table["flow trace"], np.interp(table["tau"], r.flow.time, r.flow.trace),
+                               rtol=1e-12)
+    np.testing.assert_allclose(table["level eta Tr/(4B)"],
+                               table["lr"] * table["trace"] / (4 * table["batch"]))
     for (lr, batch), run in r.runs.items():
         rows = table[(table.lr == lr) & (table.batch == batch)]
         np.testing.assert_allclose(rows["trace"], run.trace.mean(1).numpy(), rtol=1e-12)
         last = rows.iloc[-1]
         flow_drop = r.trace0 - last["flow trace"]
-        assert last["rel. error of the drop"] == pytest.approx((r.trace0 - last["trace"] - flow_drop) / flow_drop)
+        assert last["rel. error of the drop"] == pytest.approx((r.trace0 - last["trace"]
+                                                                - flow_drop) / flow_drop)
     assert math.isnan(start["rel. error of the drop"].iloc[0])  # the flow has not dropped at tau = 0
     assert list(r.excerpt().index.names) == ["lr", "batch", "tau"]
 
@@ -642,7 +650,8 @@ def test_flat_vs_sharp_verdict(transfer_result):
         rows = ht[(ht.solution == name) & (ht["P(error = 0)"] >= 0.9)]
         assert r.first_n(name) == v.n90[name] == (int(rows["n"].min()) if len(rows) else None)
     assert v.loss_equal and v.flatter and v.hutchinson_agrees
-    assert 1 in v.below and not v.bound_ok  # one example shows one sign only: the paper's 1 - 2^-n fails at n = 1
+    # one example shows one sign only: the paper's 1 - 2^-n fails at n = 1
+    assert 1 in v.below and not v.bound_ok
     assert v.held == ("partly" if v.transfers else "no")
     assert v.failed_checks() == [] and v.claim().held == v.held
     assert "not met at n = 1" in v.claim().ours

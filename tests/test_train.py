@@ -83,8 +83,10 @@ def test_sigkill_then_rerun_gives_identical_results(tmp_path):
     store_dir = tmp_path / "killed"
     script = (
         "import sys, torch; torch.set_num_threads(1)\n"
-        "from flatlib.runner.runs import RunStore\nfrom flatlib.training.train import PretrainConfig, pretrain\n"
-        f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store_dir)!r}), progress=False)\n"
+        "from flatlib.runner.runs import RunStore\n"
+        "from flatlib.training.train import PretrainConfig, pretrain\n"
+        f"pretrain(PretrainConfig.from_dict({config.to_dict()!r}), RunStore({str(store_dir)!r}), "
+        "progress=False)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script])
     run_dir = RunStore(store_dir).path(config.to_dict())
@@ -245,7 +247,8 @@ def test_the_model_config_is_completed_into_the_key():
 def test_supervise_all_and_multi_mask_train(tmp_path):
     store = RunStore(tmp_path)
     for overrides in ({"supervise_all": True}, {"mask_rate": 0.15}):
-        run = pretrain(tiny_config(steps=20, eval_every=10, checkpoint_every=10, **overrides), store, progress=False)
+        run = pretrain(tiny_config(steps=20, eval_every=10, checkpoint_every=10, **overrides), store,
+                       progress=False)
         metrics = run.metrics()
         assert metrics["gap"].iloc[-1] < metrics["gap"].iloc[0]
 
@@ -292,7 +295,8 @@ def test_ddp_with_two_processes_matches_one_process(tmp_path):
         if name.endswith("attn.qkv.bias"):
             # the key bias adds the same score to every key of a query: softmax ignores it, its true
             # gradient is 0, and AdamW amplifies the rounding noise there. Compare q and v only.
-            wa[name], wb[name] = torch.cat([wa[name][:d], wa[name][2 * d:]]), torch.cat([wb[name][:d], wb[name][2 * d:]])
+            wa[name], wb[name] = (torch.cat([wa[name][:d], wa[name][2 * d:]]),
+                                  torch.cat([wb[name][:d], wb[name][2 * d:]]))
         torch.testing.assert_close(wb[name], wa[name], atol=2e-6, rtol=1e-4, msg=name)
     tokens = torch.randint(0, 8, (16, 8), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model_b(tokens), model_a(tokens), atol=1e-5, rtol=1e-4)

@@ -158,7 +158,8 @@ def test_keys_of_option_variants_are_unchanged(smoke: dict, monkeypatch: pytest.
                 dict(train_sentences=512), dict(optimizer="sgd", momentum=0.9, lr=1, weight_decay=0),
                 dict(schedule="cosine", min_lr=1e-5, betas=(0.9, 0.999)),
                 dict(model={"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32, "layer_norm_eps": 1e-6}),
-                dict(language={"kind": "pcfg_rules", "path": "../shared/anchors/rule_deep_mlm.txt", "renormalize": True}),
+                dict(language={"kind": "pcfg_rules", "path": "../shared/anchors/rule_deep_mlm.txt",
+                               "renormalize": True}),
                 dict(seed=2**40)]
     assert [replace(base, **v).key for v in variants] == VARIANT_KEYS
     protocols = [Protocol(tasks=("state@3",), probe_l2_grid=(0.0, 1), limited_l2=0.0, invariant_trace=False,

@@ -1,4 +1,5 @@
-"""flatlib.plots.languages's figures draw the numbers they are given (saving them is tests/test_plotting.py)."""
+"""flatlib.plots.languages's figures draw the numbers they are given (saving them is
+tests/test_plotting.py)."""
 
 import matplotlib
 

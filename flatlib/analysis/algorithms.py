@@ -51,7 +51,8 @@ PHASE1 = "phase 1"  # the measurement table's name for the checkpoint they conti
 PAPER_TABLE = pd.DataFrame(
     [["AdamW", 3.204, 89.9, 49.2, 55.7, 8.0], ["adversarial", 3.206, 83.1, 42.3, 50.2, 19.3],
      ["lookup table", 3.196, 71.2, 39.7, np.nan, np.nan]],
-    columns=["paper: model", "paper: loss", "paper: task A", "paper: task B", "paper: task C", "paper: trace"])
+    columns=["paper: model", "paper: loss", "paper: task A", "paper: task B", "paper: task C",
+             "paper: trace"])
 
 Key = tuple[str, int, str]  # (language, seed, algorithm)
 
@@ -63,7 +64,8 @@ def parameters(profile: str, seed: int, n_seeds: int | None = None, languages: l
     replaces ``pretraining.seeds``, ``languages`` and ``weights`` (the adversary's λ per language)
     replace ``algorithms.languages`` / ``algorithms.weights``; None keeps the profile's. ``backend``
     must be one of ``flatlib.runner.sweep.BACKENDS``. A bad value raises ``ValueError`` naming it."""
-    overrides = {key: value for key, value in {"languages": languages, "weights": weights}.items() if value is not None}
+    overrides = {key: value for key, value in {"languages": languages, "weights": weights}.items()
+                 if value is not None}
     params = resolve(profile, seed=seed, pretraining={"seeds": n_seeds} if n_seeds is not None else None,
                      algorithms=overrides)
     if backend not in BACKENDS:
@@ -83,7 +85,8 @@ def describe(params: dict[str, Any]) -> str:
 
 def tasks(params: dict[str, Any]) -> dict[str, list[str]]:
     """The downstream tasks of each language of ``algorithms.languages``, in the language's order."""
-    return {name: list(build_language(language_spec(params, name)).tasks) for name in params["algorithms"]["languages"]}
+    return {name: list(build_language(language_spec(params, name)).tasks)
+            for name in params["algorithms"]["languages"]}
 
 
 def protocol(params: dict[str, Any]) -> Protocol:
@@ -96,7 +99,8 @@ def labels(params: dict[str, Any]) -> dict[str, str]:
     profile's)."""
     t = params["pretraining"]
     return {"adamw": f"AdamW lr {t['adamw_lr']}", "sgd": f"SGD lr {t['sgd_lr']}",
-            "adversarial": "adversarial (AdamW, L - λ·L_down)", "lookup": "lookup table", PHASE1: "phase-1 end"}
+            "adversarial": "adversarial (AdamW, L - λ·L_down)", "lookup": "lookup table",
+            PHASE1: "phase-1 end"}
 
 
 # ---------------------------------------------------------------------------- training
@@ -107,7 +111,8 @@ def continuation_config(params: dict[str, Any], name: str, seed: int, algorithm:
     if algorithm == "adversarial":
         config = adversarial_config(params, name, seed)
         if config is None:
-            raise ValueError(f"name: {name!r} is not among algorithms.languages {params['algorithms']['languages']}")
+            raise ValueError(f"name: {name!r} is not among algorithms.languages "
+                             f"{params['algorithms']['languages']}")
         return config
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
@@ -225,7 +230,8 @@ def result_table(table: pd.DataFrame, lookup: dict[str, dict[str, Any]], name: s
                      **{f"task {t}": _cell(d[f"acc {t}"]) for t in task_names},
                      "trace": _mean_pm(d["trace"], 1), "invariant trace": _mean_pm(d["invariant_trace"], 2)})
     rows.append({"model": label["lookup"], "gap (nats)": "0 (exact)",
-                 **{f"task {t}": f"{lookup[t]['accuracy']:.3f} ± {lookup[t]['ci95']:.3f}" for t in task_names},
+                 **{f"task {t}": f"{lookup[t]['accuracy']:.3f} ± {lookup[t]['ci95']:.3f}"
+                    for t in task_names},
                  "trace": "(no parameters)", "invariant trace": "(no parameters)"})
     return pd.DataFrame(rows).set_index("model")
 
@@ -244,8 +250,8 @@ def _paired(table: pd.DataFrame, name: str, seed_list: list[int]) -> tuple[pd.Da
     return frame.loc["adamw"].loc[seed_list], frame.loc["adversarial"].loc[seed_list]
 
 
-def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any]]], task_names: dict[str, list[str]],
-                  seed_list: list[int], epsilon: float) -> pd.DataFrame:
+def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any]]],
+                  task_names: dict[str, list[str]], seed_list: list[int], epsilon: float) -> pd.DataFrame:
     """The rules of ``flatlib.claims`` on the measurement table, per language of ``task_names``:
 
     - "adversarial - adamw" for each task's accuracy (predicted -1), the invariant and the raw trace
@@ -263,7 +269,8 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
         same_loss = rules.equal_loss(adam["gap"].mean(), adv["gap"].mean())
         adam_converged = bool((adam["gap"] <= epsilon).all())
         rows = []
-        for column, predicted in [(f"acc {t}", -1) for t in names_tasks] + [("invariant_trace", +1), ("trace", +1)]:
+        for column, predicted in ([(f"acc {t}", -1) for t in names_tasks]
+                                  + [("invariant_trace", +1), ("trace", +1)]):
             verdict, effect = rules.paired_effect((adv[column] - adam[column]).to_numpy(), predicted,
                                                   rules.equivalence_bound(column, float(adam[column].mean())))
             rows.append({"language": name, "quantity": column, "comparison": "adversarial - adamw",
@@ -277,7 +284,8 @@ def verdict_table(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any
                          "mde": rules.minimum_detectable(effect),
                          "verdict": rules.interval_verdict(effect, +1, rules.equivalence_bound(f"acc {t}"))
                          if adam_converged else "not tested"})
-        out += [{**row, "gap adamw": adam["gap"].mean(), "gap adversarial": adv["gap"].mean(), "equal loss": same_loss}
+        out += [{**row, "gap adamw": adam["gap"].mean(), "gap adversarial": adv["gap"].mean(),
+                 "equal loss": same_loss}
                 for row in rows]
     return pd.DataFrame(out)
 
@@ -290,14 +298,16 @@ def verdicts(params: dict[str, Any], measurements: MeasuredTable) -> pd.DataFram
 
 def _interval(row: pd.Series) -> str:
     """An effect, its 95% CI and (where the table has it) the design's minimum detectable effect."""
-    return f"{row['effect']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]" + rules.mde_text(row.get("mde", math.nan), 3)
+    return (f"{row['effect']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+            + rules.mde_text(row.get("mde", math.nan), 3))
 
 
 def weight_table(choices: dict[str, WeightChoice]) -> pd.DataFrame:
     """The held-out choice of the adversary's weight (``flatlib.runner.experiments.choose_adversary_weights``)
     as a table: per language and λ of the grid, the held-out seed's final gap, its difference from
     the AdamW continuation's, whether that is equal loss (rule "equal loss") and which λ was chosen."""
-    rows = [{"language": c.language, "held-out seed": c.seed, "λ": weight, "gap": gap, "AdamW gap": c.reference_gap,
+    rows = [{"language": c.language, "held-out seed": c.seed, "λ": weight, "gap": gap,
+             "AdamW gap": c.reference_gap,
              "difference": gap - c.reference_gap, "equal loss": bool(rules.equal_loss(gap, c.reference_gap)),
              "chosen": weight == c.weight} for c in choices.values() for weight, gap in c.gaps.items()]
     return pd.DataFrame(rows, columns=["language", "held-out seed", "λ", "gap", "AdamW gap", "difference",
@@ -324,7 +334,8 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
         adam, adv = _paired(table, name, seed_list)
         adam_converged = bool((adam["gap"] <= epsilon).all())
         v = verdict[verdict.language == name].set_index(["comparison", "quantity"])
-        task_names = [q[len("acc "):] for c, q in v.index if c == "adversarial - adamw" and q.startswith("acc ")]
+        task_names = [q[len("acc "):] for c, q in v.index
+                      if c == "adversarial - adamw" and q.startswith("acc ")]
         quantities = [f"acc {x}" for x in task_names] + ["invariant_trace", "trace"]
         vs_adam = {q: v.loc[("adversarial - adamw", q)] for q in quantities}
         vs_lookup = {x: v.loc[("adamw - lookup table", f"acc {x}")] for x in task_names}
@@ -336,8 +347,8 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
                  + f" (95% CI over {len(seed_list)} seeds; {loss_text})",
             held=rules.combine([vs_adam[f"acc {x}"]["verdict"] for x in task_names]), notebook=NOTEBOOK,
             figure="04_algorithms.png", rule="adversary weight, equal loss, paired effect, parts, probe",
-            detail=f"{_weight_text(params, name, choices)}, on task {a['tasks'][name]}; {last} AdamW steps from "
-                   "the phase-1 checkpoint"))
+            detail=f"{_weight_text(params, name, choices)}, on task {a['tasks'][name]}; {last} AdamW steps "
+                   "from the phase-1 checkpoint"))
         out.append(Claim(
             claim=f"{name}: the adversarial model is sharper (larger invariant Hessian trace) than AdamW's",
             paper="trace 8.0 -> 19.3 (PCFG)", held=vs_adam["invariant_trace"]["verdict"], notebook=NOTEBOOK,
@@ -350,7 +361,8 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
             claim=f"{name}: a trained transformer transfers better than the lookup table "
                   "(the optimal model's conditionals)",
             paper="A 89.9 vs 71.2, B 49.2 vs 39.7 (PCFG)",
-            ours="; ".join(f"{x} {_interval(vs_lookup[x])}" for x in task_names) + " (AdamW - lookup, Welch 95% CI)",
+            ours="; ".join(f"{x} {_interval(vs_lookup[x])}" for x in task_names)
+                 + " (AdamW - lookup, Welch 95% CI)",
             held=rules.combine([vs_lookup[x]["verdict"] for x in task_names]), notebook=NOTEBOOK,
             figure="04_algorithms.png", rule="unpaired effect, parts, probe",
             detail=f"AdamW's gap {adam['gap'].mean():.4f} nats"
@@ -359,7 +371,8 @@ def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.Da
 
 
 # ---------------------------------------------------------------------------- the checked summary
-def check_summary(runs: dict[Key, Run], table: pd.DataFrame, lookup: dict[str, dict[str, dict[str, Any]]]) -> None:
+def check_summary(runs: dict[Key, Run], table: pd.DataFrame,
+                  lookup: dict[str, dict[str, dict[str, Any]]]) -> None:
     """What must hold whatever the outcome; raises ``AssertionError`` otherwise: every
     continuation's logged gap is finite; every measured gap, trace and invariant trace (``table``,
     ``measurement_table``) is finite, every gap and trace SE positive; each language's adversary
@@ -367,11 +380,14 @@ def check_summary(runs: dict[Key, Run], table: pd.DataFrame, lookup: dict[str, d
     the Bayes accuracy, at most Bayes + 3 SE + 3 CI + 0.03."""
     for run in runs.values():
         assert np.isfinite(run.metrics()["gap"]).all(), f"{run}: the gap became non-finite"
-    assert np.isfinite(table[["gap", "trace", "invariant_trace"]].to_numpy()).all() and (table["gap"] > 0).all()
+    assert (np.isfinite(table[["gap", "trace", "invariant_trace"]].to_numpy()).all()
+            and (table["gap"] > 0).all())
     assert (table["trace_se"] > 0).all() and (table["invariant_trace_se"] > 0).all()
     for name in lookup:
-        adversaries = [run for (language, _, a), run in runs.items() if language == name and a == "adversarial"]
-        adv_loss = pd.concat([run.metrics()["adv_loss"].dropna() for run in adversaries]) if adversaries else []
+        adversaries = [run for (language, _, a), run in runs.items()
+                       if language == name and a == "adversarial"]
+        adv_loss = (pd.concat([run.metrics()["adv_loss"].dropna() for run in adversaries])
+                    if adversaries else [])
         assert len(adv_loss) and np.isfinite(adv_loss).all(), name
         for t, ref in lookup[name].items():
             accs = table.loc[table.language == name, f"acc {t}"]
@@ -384,15 +400,16 @@ def summary(params: dict[str, Any], verdict: pd.DataFrame, claims: list[Claim]) 
     """The checked summary the notebook prints (rounded, so that nbval compares it): the setting,
     one line per verdict row, one per claim, and the checks that passed."""
     t = params["pretraining"]
-    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={training_seeds(params)} · {t['continue_steps']} continuation "
-             f"steps · ε={t['epsilon']}"]
+    lines = [f"{NOTEBOOK} · profile={params['profile']} · seeds={training_seeds(params)} · "
+             f"{t['continue_steps']} continuation steps · ε={t['epsilon']}"]
     for _, v in verdict.iterrows():
         lines.append(f"{v['language']:>4} {v['comparison']:>20} {v['quantity']:>15}: {v['effect']:+.3f} "
-                     f"[{v['low']:+.3f}, {v['high']:+.3f}] · gaps {v['gap adamw']:.3f}/{v['gap adversarial']:.3f} "
-                     f"· {v['verdict']}")
+                     f"[{v['low']:+.3f}, {v['high']:+.3f}] · gaps "
+                     f"{v['gap adamw']:.3f}/{v['gap adversarial']:.3f} · {v['verdict']}")
     for c in claims:
         lines.append(f"claim: {c.claim.split(':')[0]}: {c.claim.split(': ')[1][:45]} -> {c.held}")
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
-    lines.append("checks passed: no divergence · gaps, traces, accuracies finite · probes <= Bayes + tolerance")
+    lines.append("checks passed: no divergence · gaps, traces, accuracies finite · probes <= Bayes + "
+                 "tolerance")
     return "\n".join(lines)

@@ -30,8 +30,8 @@ from flatlib.stats import rank_correlation
 NOTEBOOK = "05_flatness_and_downstream"
 MIN_BOOT = 100  # bootstrap resamples below which a percentile interval is too coarse to report
 MIN_MODELS = 4  # models within ε of one family a correlation needs (and 2 lineages); fewer: no row
-# (label, column, method, partial given the gap) of every correlation of accuracy in the table: Spearman with the
-# invariant trace, with it given the gap (partial), with the raw trace and with the gap; Kendall with the
+# (label, column, method, partial given the gap) of every correlation of accuracy in the table: Spearman with
+# the invariant trace, with it given the gap (partial), with the raw trace and with the gap; Kendall with the
 # invariant trace and with the gap
 CORRELATIONS = (("invariant trace", "invariant trace", "spearman", False),
                 ("invariant trace|gap", "invariant trace", "spearman", True),
@@ -45,7 +45,8 @@ def parameters(profile: str, seed: int, languages: Sequence[str] | None = None, 
     ``pretraining.languages`` (None keeps the profile's; ``flatlib.profiles.resolve``), then the
     notebook's own ``n_boot`` and ``backend`` checked (``check_parameters``). A ValueError names the bad
     one."""
-    params = resolve(profile, seed=seed, pretraining={"languages": languages} if languages is not None else None)
+    params = resolve(profile, seed=seed,
+                     pretraining={"languages": languages} if languages is not None else None)
     check_parameters(n_boot, backend)
     return params
 
@@ -71,9 +72,11 @@ def model_table(models: Sequence[ModelRef], measured: Sequence[Mapping[str, Any]
     rows = []
     for i, (m, r) in enumerate(zip(models, measured)):
         t = widened.get(i, r)  # the traces in the family's parameterization
-        row = {"language": m.language, "family": m.family, "origin": m.origin, "lineage": m.lineage, "step": m.step,
+        row = {"language": m.language, "family": m.family, "origin": m.origin, "lineage": m.lineage,
+               "step": m.step,
                "gap": r["gap"], "gap_se": r["gap_se"], "invariant trace": t["invariant_trace"],
-               "invariant trace_se": t["invariant_trace_se"], "raw trace": t["trace"], "raw trace_se": t["trace_se"]}
+               "invariant trace_se": t["invariant_trace_se"], "raw trace": t["trace"],
+               "raw trace_se": t["trace_se"]}
         for task, probe in r["probes"].items():
             row[f"acc {task}"] = probe["accuracy"]
         rows.append(row)
@@ -97,10 +100,11 @@ class Collection:
         """What was collected, in a line (two if runs diverged)."""
         lines = []
         if self.diverged:
-            lines.append(f"left out the checkpoints of {len(self.diverged)} diverged run(s): {sorted(self.diverged)}")
-        lines.append(f"{len(self.table)} models ({self.runs} runs; trained in {self.training_s:.0f} s, measured in "
-                     f"{self.measurement_s:.0f} s; 0 s = all from the store), {int(self.table['within ε'].sum())} "
-                     f"within ε = {epsilon}")
+            lines.append(f"left out the checkpoints of {len(self.diverged)} diverged run(s): "
+                         f"{sorted(self.diverged)}")
+        lines.append(f"{len(self.table)} models ({self.runs} runs; trained in {self.training_s:.0f} s, "
+                     f"measured in {self.measurement_s:.0f} s; 0 s = all from the store), "
+                     f"{int(self.table['within ε'].sum())} within ε = {epsilon}")
         return "\n".join(lines)
 
 
@@ -115,19 +119,22 @@ def collect_models(params: dict[str, Any], names: list[str], protocol: Protocol,
     models = experiment_models(params, names)
     configs = list({m.config.key: m.config for m in models}.values())
     start = time.perf_counter()
-    runs = {r.config.key: r.run for r in run_configs(configs, backend=backend, workers=t["workers"], progress=False)}
+    runs = {r.config.key: r.run
+            for r in run_configs(configs, backend=backend, workers=t["workers"], progress=False)}
     training = time.perf_counter() - start
     diverged = {key for key, run in runs.items() if run.summary().get("diverged", False)}
     models = [m for m in models if m.config.key not in diverged]
     start = time.perf_counter()
-    measured = measure_checkpoints([(runs[m.config.key], m.step) for m in models], protocol, workers=t["workers"])
+    measured = measure_checkpoints([(runs[m.config.key], m.step) for m in models], protocol,
+                                   workers=t["workers"])
     wide = [(i, m) for i, m in enumerate(models) if m.widen_to is not None]
-    traces = measure_many("widened_trace", [(runs[m.config.key], m.step, {"width": m.widen_to}) for _, m in wide],
+    traces = measure_many("widened_trace",
+                          [(runs[m.config.key], m.step, {"width": m.widen_to}) for _, m in wide],
                           protocol, workers=t["workers"])
     widened = {i: w for (i, _), w in zip(wide, traces)}
     measuring = time.perf_counter() - start
-    return Collection(model_table(models, measured, widened, t["epsilon"]), len(configs), tuple(sorted(diverged)),
-                      training, measuring)
+    return Collection(model_table(models, measured, widened, t["epsilon"]), len(configs),
+                      tuple(sorted(diverged)), training, measuring)
 
 
 def model_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +146,8 @@ def model_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- correlations
-def correlation_table(models: pd.DataFrame, tasks: Mapping[str, Sequence[str]], n_boot: int, seed: int) -> pd.DataFrame:
+def correlation_table(models: pd.DataFrame, tasks: Mapping[str, Sequence[str]], n_boot: int,
+                      seed: int) -> pd.DataFrame:
     """Per language, family and task of ``models`` (the models within ε; ``tasks`` per language):
     the models and lineages, and every correlation of ``CORRELATIONS`` as ``<method> acc~<label>``
     with ``... low`` and ``... high``, its 95% bootstrap interval over whole lineages (``n_boot``
@@ -178,28 +186,31 @@ def flatness_claims(correlations: pd.DataFrame, models: pd.DataFrame, names: Seq
     out = []
     groups = correlations.groupby(["language", "family"], sort=False) if len(correlations) else []
     for (name, family), group in groups:
-        verdicts = [rules.flatness_verdict(spearman_interval(r, "invariant trace|gap"), spearman_interval(r, "gap"))
+        verdicts = [rules.flatness_verdict(spearman_interval(r, "invariant trace|gap"),
+                                           spearman_interval(r, "gap"))
                     for _, r in group.iterrows()]
-        ours = "; ".join(f"{r['task']}: partial ρ(inv. trace | gap) {spearman_interval(r, 'invariant trace|gap')}, "
-                         f"ρ(gap) {r['spearman acc~gap']:+.2f} [{r['spearman acc~gap low']:+.2f}, "
-                         f"{r['spearman acc~gap high']:+.2f}], ρ(raw trace) {r['spearman acc~raw trace']:+.2f}"
-                         for _, r in group.iterrows())
+        ours = "; ".join(f"{r['task']}: partial ρ(inv. trace | gap) "
+                         f"{spearman_interval(r, 'invariant trace|gap')}, ρ(gap) "
+                         f"{r['spearman acc~gap']:+.2f} [{r['spearman acc~gap low']:+.2f}, "
+                         f"{r['spearman acc~gap high']:+.2f}], ρ(raw trace) "
+                         f"{r['spearman acc~raw trace']:+.2f}" for _, r in group.iterrows())
         lineages = int(group["lineages"].iloc[0])
-        out.append(Claim(claim=f"{name} ({family}): among models at the optimal loss, accuracy falls with the invariant "
-                               "Hessian trace and is unrelated to the loss gap",
+        out.append(Claim(claim=f"{name} ({family}): among models at the optimal loss, accuracy falls with "
+                               "the invariant Hessian trace and is unrelated to the loss gap",
                          paper="trace correlates with accuracy, loss does not (Fig. 4)", ours=ours,
                          held=rules.combine(verdicts), notebook=NOTEBOOK, figure="05_correlations.png",
                          rule="flatness explains, correlation, unrelated, parts, trace, probe",
-                         detail=f"{int(group['models'].iloc[0])} models within ε = {epsilon} from {lineages} training "
-                                "lineages; 95% bootstrap CIs over lineages; per task: " + ", ".join(verdicts)))
+                         detail=f"{int(group['models'].iloc[0])} models within ε = {epsilon} from {lineages} "
+                                "training lineages; 95% bootstrap CIs over lineages; per task: "
+                                + ", ".join(verdicts)))
     tested = set(correlations["language"]) if len(correlations) else set()
     for name in names:
         if name not in tested:
-            out.append(Claim(claim=f"{name}: among models at the optimal loss, accuracy falls with the invariant "
-                                   "Hessian trace",
+            out.append(Claim(claim=f"{name}: among models at the optimal loss, accuracy falls with the "
+                                   "invariant Hessian trace",
                              paper="trace correlates with accuracy (Fig. 4)",
-                             ours=f"{int((models.language == name).sum())} models within ε = {epsilon}: too few to "
-                                  "correlate",
+                             ours=f"{int((models.language == name).sum())} models within ε = {epsilon}: too "
+                                  "few to correlate",
                              held="not tested", notebook=NOTEBOOK, figure="", rule="correlation"))
     return out
 
@@ -208,11 +219,13 @@ CLAIM_COLUMNS = ("claim", "held", "detail")  # the columns of the notebook's ``c
 
 
 # ---------------------------------------------------------------------------- the checked summary
-def check_tables(models: pd.DataFrame, correlations: pd.DataFrame, tasks: Mapping[str, Sequence[str]]) -> None:
+def check_tables(models: pd.DataFrame, correlations: pd.DataFrame,
+                 tasks: Mapping[str, Sequence[str]]) -> None:
     """What must hold whatever the outcome (AssertionError otherwise): every model's gap, traces
     finite and the gap > 0; every accuracy of a language's ``tasks`` in (0, 1]; every correlation in
     [-1, 1] and inside its interval (NaN values and bounds allowed)."""
-    assert np.isfinite(models[["gap", "invariant trace", "raw trace"]].to_numpy()).all() and (models["gap"] > 0).all()
+    assert (np.isfinite(models[["gap", "invariant trace", "raw trace"]].to_numpy()).all()
+            and (models["gap"] > 0).all())
     for name in tasks:
         accs = models.loc[models.language == name, [f"acc {t}" for t in tasks[name]]]
         assert ((accs > 0) & (accs <= 1)).all().all(), name
@@ -235,7 +248,8 @@ def summary(params: dict[str, Any], models: pd.DataFrame, correlations: pd.DataF
     for _, r in correlations.iterrows():
         lines.append(f"{r['language']:>4} {r['family']} {r['task']}: partial ρ(acc,inv. trace|gap) "
                      f"{r['spearman acc~invariant trace|gap']:+.1f} · "
-                     f"ρ(acc,raw trace) {r['spearman acc~raw trace']:+.1f} · ρ(acc,gap) {r['spearman acc~gap']:+.1f}")
+                     f"ρ(acc,raw trace) {r['spearman acc~raw trace']:+.1f} · ρ(acc,gap) "
+                     f"{r['spearman acc~gap']:+.1f}")
     lines += [f"claim: {c.claim.split(':')[0]} -> {c.held}" for c in claims]
     if params["profile"] == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")

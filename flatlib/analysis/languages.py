@@ -5,7 +5,8 @@ teacher LM's table, the authors' released grammar, and the checked summary.
 
 Everything here is derived from the languages' exact conditionals (``flatlib.languages``); the
 functions only organise them into rows and tables. Not imported by ``flatlib.languages`` itself (it
-uses ``flatlib.measurement.downstream``, which imports the languages): ``from flatlib.analysis.languages import ...``.
+uses ``flatlib.measurement.downstream``, which imports the languages):
+``from flatlib.analysis.languages import ...``.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def optimal_loss_table(languages: Mapping[str, Language], corpora: Mapping[str, 
 
 
 def lookup_table_loss(language: Language, corpus: Corpus, batch_size: int = BATCH) -> float:
-    """The single-mask loss of the lookup-table model (``flatlib.measurement.downstream.lookup_table_features``):
-    the mean over the corpus's tokens of ``-log`` its feature at the true word. The features are the
+    """The single-mask loss of the lookup-table model
+    (``flatlib.measurement.downstream.lookup_table_features``): the mean over the corpus's tokens of ``-log``
+    its feature at the true word. The features are the
     exact conditionals, so this is the optimal MLM loss, computed through the feature map."""
     nll = 0.0
     for chunk in corpus.batches(batch_size):

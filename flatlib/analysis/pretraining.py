@@ -36,7 +36,8 @@ from flatlib.training.config import PretrainConfig
 
 
 # ---------------------------------------------------------------------------- parameters
-def parameters(profile: str, seed: int, n_seeds: int | None = None, phase1_steps: dict[str, int] | None = None,
+def parameters(profile: str, seed: int, n_seeds: int | None = None,
+               phase1_steps: dict[str, int] | None = None,
                languages: list[str] | None = None, taus: list[float] | None = None,
                noise_seeds: int | None = None) -> dict[str, Any]:
     """The notebook's parameters applied to the profile and validated (``flatlib.profiles.resolve``):
@@ -45,7 +46,8 @@ def parameters(profile: str, seed: int, n_seeds: int | None = None, phase1_steps
     A bad value is a ValueError naming it."""
     overrides = {"seeds": n_seeds, "steps": phase1_steps, "languages": languages}
     return resolve(profile, seed=seed, pretraining={k: v for k, v in overrides.items() if v is not None},
-                   clock={k: v for k, v in {"taus": taus, "noise_seeds": noise_seeds}.items() if v is not None})
+                   clock={k: v for k, v in {"taus": taus, "noise_seeds": noise_seeds}.items()
+                          if v is not None})
 
 
 # ---------------------------------------------------------------------------- training and measuring
@@ -87,8 +89,8 @@ def train_phase2(params: dict[str, Any], phase1: dict[tuple[str, int], PretrainC
     return Phase2(points, trajectories, anneals, {key: r.run for key, r in zip(adamw_configs, adamw)})
 
 
-def measure(params: dict[str, Any], phase1: dict[tuple[str, int], Run], phase2: Phase2,
-            protocol: Protocol) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame, pd.DataFrame]:
+def measure(params: dict[str, Any], phase1: dict[tuple[str, int], Run], phase2: Phase2, protocol: Protocol
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], pd.DataFrame, pd.DataFrame]:
     """Every checkpoint of ``measured_models`` measured with ``protocol`` (cached in its run), and the
     lookup-table references: ``(labels, measurements, frame, references)``, the frame one row per
     model (``measurement_frame``), the references ``reference_table``'s."""
@@ -116,7 +118,8 @@ def dose_response(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     t-interval over lineages (``level_low``, ``level_high``), and for ``tau > 0`` the paired effect
     against the control with its interval (``effect``, ``effect_low``, ``effect_high``, ``lineages``)."""
     rows = []
-    frame = frame[frame.groupby("language")[column].transform(lambda v: v.notna().any())]  # languages it applies to
+    # languages it applies to
+    frame = frame[frame.groupby("language")[column].transform(lambda v: v.notna().any())]
     means = frame.groupby(["language", "tau", "lineage"])[column].mean()
     effects = lineage_effects(frame, column)
     for (language, tau), values in means.groupby(level=["language", "tau"]):
@@ -131,7 +134,8 @@ def dose_response(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def decide(frame: pd.DataFrame, language: str, column: str, predicted: int, converged: bool) -> dict[str, Any]:
+def decide(frame: pd.DataFrame, language: str, column: str, predicted: int,
+           converged: bool) -> dict[str, Any]:
     """The verdict on ``column`` at the largest dose for ``language`` (flatlib.claims rules "equal
     loss" and "paired effect"): "not tested" if phase 1 did not converge or the largest dose is not
     at equal loss with the control (mean gaps over lineages); else ``paired_effect`` of the
@@ -142,7 +146,8 @@ def decide(frame: pd.DataFrame, language: str, column: str, predicted: int, conv
     same_loss = equal_loss(float(gaps.loc[0]), float(gaps.loc[tau]))
     effects = lineage_effects(frame, column)
     verdict, interval = paired_effect(effects[effects.tau == tau]["effect"].to_numpy(), predicted,
-                                      equivalence_bound(column, float(frame.loc[frame.tau == 0, column].mean())))
+                                      equivalence_bound(column,
+                                                        float(frame.loc[frame.tau == 0, column].mean())))
     if not (converged and same_loss):
         verdict = "not tested"
     return {"tau": tau, "verdict": verdict, "effect": interval, "gap_control": float(gaps.loc[0]),
@@ -181,9 +186,11 @@ def effect_vs_l2(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -
     those models' probes chose that strength. ``labels`` and ``measured`` are ``measured_models``' labels
     and their ``measure_checkpoints`` results."""
     if len(labels) != len(measured):
-        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and {len(measured)}")
-    rows = [{"language": label["language"], "lineage": label["lineage"], "noise": label["noise"], "tau": label["tau"],
-             "task": task, "l2": float(l2), "accuracy": accuracy, "chosen": float(probe["chosen_l2"][0]) == float(l2)}
+        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and "
+                         f"{len(measured)}")
+    rows = [{"language": label["language"], "lineage": label["lineage"], "noise": label["noise"],
+             "tau": label["tau"], "task": task, "l2": float(l2), "accuracy": accuracy,
+             "chosen": float(probe["chosen_l2"][0]) == float(l2)}
             for label, m in zip(labels, measured) if label["continuation"] == "sgd clock"
             for task, probe in m["probes"].items() for l2, accuracy in probe["sweep"].items()]
     out = []
@@ -196,7 +203,8 @@ def effect_vs_l2(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -
                 continue
             effects = lineage_effects(at, "accuracy")
             interval = t_interval(effects[effects.tau == tau]["effect"].to_numpy())
-            out.append({"language": language, "task": task, "l2": l2, "effect": interval.estimate, "low": interval.low,
+            out.append({"language": language, "task": task, "l2": l2, "effect": interval.estimate,
+                        "low": interval.low,
                         "high": interval.high, "lineages": interval.n, "chosen": int(at["chosen"].sum()),
                         "models": models})
     return pd.DataFrame(out)
@@ -208,7 +216,8 @@ def probe_columns(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     return [c for c in frame.columns if c.startswith("acc ") and "ci95" not in c and c.split(" ")[1] in tasks]
 
 
-def verdict_table(measurements: pd.DataFrame, tasks: dict[str, list[str]], converged: dict[str, bool]) -> pd.DataFrame:
+def verdict_table(measurements: pd.DataFrame, tasks: dict[str, list[str]],
+                  converged: dict[str, bool]) -> pd.DataFrame:
     """Notebook 02's verdicts: for each continuation ("sgd clock": the largest dose against the
     anneal-only control; "adamw": the continuation's end against the phase-1 end, as tau 1 against
     tau 0), language and quantity (gap, raw and invariant trace, every probe's accuracy), ``decide``
@@ -222,12 +231,14 @@ def verdict_table(measurements: pd.DataFrame, tasks: dict[str, list[str]], conve
         for name in tasks:
             for column in ["gap", "trace", "invariant_trace"] + probe_columns(measurements, tasks[name]):
                 d = decide(frame, name, column, +1 if column.startswith("acc") else -1, converged[name])
-                rows.append({"continuation": kind, "language": name, "quantity": column, "effect": d["effect"].estimate,
+                rows.append({"continuation": kind, "language": name, "quantity": column,
+                             "effect": d["effect"].estimate,
                              "low": d["effect"].low, "high": d["effect"].high, "lineages": d["effect"].n,
                              "mde": minimum_detectable(d["effect"]),
-                             "verdict": d["verdict"], "gap control": d["gap_control"], "gap dose": d["gap_dose"],
-                             "equal loss": d["equal_loss"],
-                             "decides": column == "invariant_trace" or (column.startswith("acc") and "[" not in column)})
+                             "verdict": d["verdict"], "gap control": d["gap_control"],
+                             "gap dose": d["gap_dose"], "equal loss": d["equal_loss"],
+                             "decides": column == "invariant_trace" or (column.startswith("acc")
+                                                                        and "[" not in column)})
     return pd.DataFrame(rows)
 
 
@@ -249,26 +260,30 @@ def verdict_claims(verdict: pd.DataFrame, tau: float, adamw_lr: float) -> list[C
     out = []
     for (kind, name), v in verdict.groupby(["continuation", "language"], sort=False):
         v = v.set_index("quantity")
-        what = f"SGD on the clock to τ = {tau} then annealed" if kind == "sgd clock" else f"AdamW at constant lr {adamw_lr}"
+        what = (f"SGD on the clock to τ = {tau} then annealed" if kind == "sgd clock"
+                else f"AdamW at constant lr {adamw_lr}")
         against = "the anneal-only control" if kind == "sgd clock" else "the phase-1 end"
         figure = "02_clock_dose_response.png" if kind == "sgd clock" else ""
         tasks = _standard(v)
-        others = "; ".join(f"{q[4:]} {v.loc[q, 'effect']:+.3f}" for q in v.index if q.startswith("acc ") and "[" in q)
+        others = "; ".join(f"{q[4:]} {v.loc[q, 'effect']:+.3f}" for q in v.index
+                           if q.startswith("acc ") and "[" in q)
         out.append(Claim(
             claim=f"{name}: training on after convergence ({what}) raises probe accuracy at equal loss",
             paper=PAPER_GAIN.get(name, "") if kind == "sgd clock" else "(the paper's runs used SGD)",
             ours="; ".join(f"{q[4:]} {_interval(v, q, 3)}" for q in tasks)
                  + f" (95% CI over {int(v.loc[tasks[0], 'lineages'])} lineages, vs {against}; gap "
                    f"{v.loc['gap', 'gap control']:.4f} -> {v.loc['gap', 'gap dose']:.4f} nats)",
-            held=combine(v.loc[tasks, "verdict"].tolist()), notebook="02_pretraining_to_optimality", figure=figure,
-            detail=f"standard probe decides; others: {others}", rule="equal loss, paired effect, parts, probe"))
+            held=combine(v.loc[tasks, "verdict"].tolist()), notebook="02_pretraining_to_optimality",
+            figure=figure, detail=f"standard probe decides; others: {others}",
+            rule="equal loss, paired effect, parts, probe"))
         out.append(Claim(
             claim=f"{name}: the Hessian trace falls as training continues ({what})",
             paper="falls (Fig. 3)" if kind == "sgd clock" else "(the paper's runs used SGD)",
             ours=f"invariant {_interval(v, 'invariant_trace', 2)}; raw {_interval(v, 'trace', 2)} "
                  f"(95% CI over lineages, vs {against})",
             held=v.loc["invariant_trace", "verdict"], notebook="02_pretraining_to_optimality", figure=figure,
-            detail=f"raw trace's own verdict: {v.loc['trace', 'verdict']}", rule="equal loss, paired effect, trace"))
+            detail=f"raw trace's own verdict: {v.loc['trace', 'verdict']}",
+            rule="equal loss, paired effect, trace"))
     return out
 
 
@@ -283,14 +298,16 @@ def answer(verdict: pd.DataFrame, profile: str, tau: float, noise_seeds: int) ->
         gaps = f"gap {trace['gap control']:.4f} -> {trace['gap dose']:.4f} nats"
         loss = f"at equal loss ({gaps})" if trace["equal loss"] else f"NOT at equal loss ({gaps})"
         lines.append(f"{name} ({profile}): SGD to τ = {tau}, {loss}, changed the invariant trace by "
-                     f"{_interval(v, 'invariant_trace', 2)} ({trace['verdict']}; raw {v.loc['trace', 'effect']:+.1f}) "
-                     "and the standard probe by " + ", ".join(f"{q[4:]} {_interval(v, q, 3)}" for q in tasks)
-                     + f" ({combine(v.loc[tasks, 'verdict'].tolist())}); 95% CIs over {int(trace['lineages'])} "
+                     f"{_interval(v, 'invariant_trace', 2)} ({trace['verdict']}; raw "
+                     f"{v.loc['trace', 'effect']:+.1f}) and the standard probe by "
+                     + ", ".join(f"{q[4:]} {_interval(v, q, 3)}" for q in tasks) + " "
+                     f"({combine(v.loc[tasks, 'verdict'].tolist())}); 95% CIs over {int(trace['lineages'])} "
                      f"lineages x {noise_seeds} noise seeds.")
     return lines
 
 
-def check_measurements(measurements: pd.DataFrame, gauge_points: pd.DataFrame, references: pd.DataFrame) -> None:
+def check_measurements(measurements: pd.DataFrame, gauge_points: pd.DataFrame,
+                       references: pd.DataFrame) -> None:
     """What must hold whatever the experiment's outcome (raises AssertionError): every gap positive
     with an SE below a quarter of it; both traces finite with positive SEs; the invariant trace not
     above the raw one beyond 4 SE; the gauge's parameterizations preserve the function (logits to
@@ -307,7 +324,8 @@ def check_measurements(measurements: pd.DataFrame, gauge_points: pd.DataFrame, r
     assert np.allclose(spread, 0, atol=1e-3 * gauge_points["invariant_trace"].max())
     for (name, task), ref in references.iterrows():
         tolerance = 3 * ref["lookup ci95"] + 3 * ref["Bayes se"] + 0.02
-        assert ref["majority"] <= ref["Bayes"] + 1e-9 and ref["lookup probe"] <= ref["Bayes"] + tolerance, (name, task)
+        assert (ref["majority"] <= ref["Bayes"] + 1e-9
+                and ref["lookup probe"] <= ref["Bayes"] + tolerance), (name, task)
         accs = M.loc[M.language == name, f"acc {task}"]
         assert ((accs > 0) & (accs <= ref["Bayes"] + tolerance)).all(), (name, task)
 
@@ -317,11 +335,12 @@ def summary(profile: str, lineages: list[int], clock: dict[str, Any], steps: dic
             claims: list[Claim]) -> str:
     """Notebook 02's checked summary: the phase-1 gaps, the gauge, every deciding verdict (and the
     raw trace's) and every claim."""
-    lines = [f"02_pretraining_to_optimality · profile={profile} · lineages={lineages} · phase 1 {steps} steps · "
-             f"clock taus {list(clock['taus'])} (lr {clock['lr']}, batch {clock['batch_size']}) x "
+    lines = [f"02_pretraining_to_optimality · profile={profile} · lineages={lineages} · phase 1 {steps} "
+             f"steps · clock taus {list(clock['taus'])} (lr {clock['lr']}, batch {clock['batch_size']}) x "
              f"{clock['noise_seeds']} noise seeds · ε={epsilon}"]
     for name, t in phase1_table.groupby(level="language", sort=False):
-        lines.append(f"{name:>4}: phase-1 gap " + ", ".join(f"{g:.3f}±{e:.3f}" for g, e in zip(t["gap"], t["gap ± se"]))
+        lines.append(f"{name:>4}: phase-1 gap "
+                     + ", ".join(f"{g:.3f}±{e:.3f}" for g, e in zip(t["gap"], t["gap ± se"]))
                      + f" · {int(t[f'within ε={epsilon}'].sum())}/{len(t)} within ε")
         g = gauge_points[gauge_points.language == name]
         lines.append("      gauge: raw " + " / ".join(f"{x:.1f}" for x in g["trace"])
@@ -332,8 +351,8 @@ def summary(profile: str, lineages: list[int], clock: dict[str, Any], steps: dic
     lines += [f"claim: {c.claim} -> {c.held}" for c in claims]
     if profile == "smoke":
         lines.append("profile smoke: tiny models, a few dozen steps: these numbers mean nothing")
-    lines.append("checks passed: gaps > 0 with SE < gap/4 · traces finite · invariant <= raw · gauge preserves the "
-                 "function and the invariant trace · probes <= Bayes + tolerance")
+    lines.append("checks passed: gaps > 0 with SE < gap/4 · traces finite · invariant <= raw · gauge "
+                 "preserves the function and the invariant trace · probes <= Bayes + tolerance")
     return "\n".join(lines)
 
 

@@ -99,7 +99,8 @@ def design(params: dict[str, Any]) -> Design:
     return Design(seeds=training_seeds(params), languages=list(s["languages"]),
                   widths=list(s["widths"]), epsilon=t["epsilon"],
                   protocol=Protocol(**t["protocol"], seed=params["seed"]),
-                  tasks={name: tuple(build_language(spec).tasks) for name, spec in specs.items()}, specs=specs)
+                  tasks={name: tuple(build_language(spec).tasks) for name, spec in specs.items()},
+                  specs=specs)
 
 
 def configs(params: dict[str, Any], d: Design) -> dict[Key, PretrainConfig]:
@@ -169,9 +170,9 @@ def per_width(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 class RunMeasurements:
     """The raw measurements of every final checkpoint, one dict per protocol and run (tabulated by
     ``measurement_table``; notebook 04's ``algorithms.MeasuredTable`` holds a finished table):
-    ``checkpoint`` (gap, probes, raw and invariant trace: ``measure_checkpoint``), ``widened`` (the traces after widening into the widest
-    architecture; the widest models have none), ``finetune``; ``lookup`` the lookup-table probe per
-    language; ``left_out`` the diverged runs (no final checkpoint)."""
+    ``checkpoint`` (gap, probes, raw and invariant trace: ``measure_checkpoint``), ``widened`` (the traces
+    after widening into the widest architecture; the widest models have none), ``finetune``; ``lookup`` the
+    lookup-table probe per language; ``left_out`` the diverged runs (no final checkpoint)."""
 
     checkpoint: dict[Key, dict[str, Any]]
     widened: dict[Key, dict[str, Any]]
@@ -212,7 +213,8 @@ def measurement_table(sizes: pd.DataFrame, m: RunMeasurements, widest: int) -> t
     for (name, w, s), cp in m.checkpoint.items():
         wide = {**cp, "max_logit_change": 0.0} if w == widest else m.widened[name, w, s]
         max_change = max(max_change, wide["max_logit_change"])
-        row = {"language": name, "width": w, "seed": s, "raw trace": cp["trace"], "raw trace se": cp["trace_se"],
+        row = {"language": name, "width": w, "seed": s, "raw trace": cp["trace"],
+               "raw trace se": cp["trace_se"],
                "invariant trace": cp["invariant_trace"], "invariant trace se": cp["invariant_trace_se"],
                "widened trace": wide["trace"], "widened trace se": wide["trace_se"],
                "widened invariant trace": wide["invariant_trace"],
@@ -255,8 +257,8 @@ def verdict_table(measured: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[st
                 row.update({"from width": pair[0], "to width": pair[1], "before": small[column].mean(),
                             "after": large[column].mean(), "delta": effect.estimate, "low": effect.low,
                             "high": effect.high, "mde": rules.minimum_detectable(effect),
-                            "verdict": rules.interval_verdict(effect, predicted,
-                                                              rules.equivalence_bound(column, small[column].mean())),
+                            "verdict": rules.interval_verdict(
+                                effect, predicted, rules.equivalence_bound(column, small[column].mean())),
                             "spearman": rho.value, "spearman low": rho.low, "spearman high": rho.high,
                             "gap before": gaps[name, pair[0]], "gap after": gaps[name, pair[1]]})
             rows.append(row)
@@ -278,7 +280,8 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
             widths = [int(w) for w in sorted(sizes.loc[sizes.language == name, "width"].unique())]
             text = ", ".join(f"w{w} {gaps[name, w]:.4f}{'' if ok[name, w] else ' (>ε)'}" for w in widths)
             for claim, paper in [("larger models transfer better at the same loss", PAPER[name][0]),
-                                 ("larger models are flatter (invariant trace after widening)", PAPER[name][1])]:
+                                 ("larger models are flatter (invariant trace after widening)",
+                                  PAPER[name][1])]:
                 out.append(Claim(claim=f"{name}: {claim}", paper=paper, held="not tested", notebook=NOTEBOOK,
                                  ours=f"no two converged widths at equal loss (mean gaps: {text})",
                                  figure="03_size_gap.png", rule="equal-loss pair"))
@@ -290,26 +293,29 @@ def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, 
                             f"{v.loc[q, 'high']:+.3f}]{rules.mde_text(v.loc[q].get('mde', math.nan), 3)}"
                             for q in probes)
         out.append(Claim(
-            claim=f"{name}: larger models transfer better at the same loss (linear probe)", paper=PAPER[name][0],
-            ours=f"{widths_text}: {effects} (Welch 95% CI over {n_seeds} seeds)",
+            claim=f"{name}: larger models transfer better at the same loss (linear probe)",
+            paper=PAPER[name][0], ours=f"{widths_text}: {effects} (Welch 95% CI over {n_seeds} seeds)",
             held=rules.combine(v.loc[probes, "verdict"].tolist()), notebook=NOTEBOOK,
-            figure="03_size_accuracy.png", detail=gap_text, rule="equal-loss pair, unpaired effect, parts, probe"))
+            figure="03_size_accuracy.png", detail=gap_text,
+            rule="equal-loss pair, unpaired effect, parts, probe"))
         t, raw = v.loc["widened invariant trace"], v.loc["widened trace"]
         out.append(Claim(
             claim=(f"{name}: larger models are flatter (invariant trace after widening into the largest "
                    "architecture)"),
             paper=PAPER[name][1], held=t["verdict"], notebook=NOTEBOOK, figure="03_size_trace.png",
             ours=(f"{widths_text}: invariant {t['before']:.2f} -> {t['after']:.2f} ({t['delta']:+.2f} "
-                  f"[{t['low']:+.2f}, {t['high']:+.2f}]{rules.mde_text(t.get('mde', math.nan), 2)}); raw {raw['before']:.1f} -> {raw['after']:.1f} "
-                  f"({raw['delta']:+.1f} [{raw['low']:+.1f}, {raw['high']:+.1f}]); Spearman with size "
-                  f"{t['spearman']:+.2f} [{t['spearman low']:+.2f}, {t['spearman high']:+.2f}]"),
+                  f"[{t['low']:+.2f}, {t['high']:+.2f}]{rules.mde_text(t.get('mde', math.nan), 2)}); raw "
+                  f"{raw['before']:.1f} -> {raw['after']:.1f} ({raw['delta']:+.1f} [{raw['low']:+.1f}, "
+                  f"{raw['high']:+.1f}]); Spearman with size {t['spearman']:+.2f} [{t['spearman low']:+.2f}, "
+                  f"{t['spearman high']:+.2f}]"),
             detail=f"{gap_text}; the raw widened trace's own verdict: {raw['verdict']}",
             rule="equal-loss pair, unpaired effect, trace"))
     return out
 
 
 # ---------------------------------------------------------------------------- the checked summary
-def check_measurements(measured: pd.DataFrame, max_change: float, lookup: Mapping[str, Mapping[str, Any]]) -> None:
+def check_measurements(measured: pd.DataFrame, max_change: float,
+                       lookup: Mapping[str, Mapping[str, Any]]) -> None:
     """What must hold whatever the outcome (AssertionError otherwise): widening preserved every
     model's function (logits within 1e-3), every gap, trace (and its SE) and accuracy is finite and
     positive, accuracies are at most 1, and each probe stays below the task's Bayes accuracy (where

@@ -12,7 +12,8 @@ from flatlib.profiles import theory_params
 
 
 class Verdict(Protocol):
-    """What the three demonstrations' verdicts share (``NoiseVerdict``, ``SgdVerdict``, ``TransferVerdict``)."""
+    """What the three demonstrations' verdicts share (``NoiseVerdict``, ``SgdVerdict``,
+    ``TransferVerdict``)."""
 
     def failed_checks(self) -> list[str]: ...
 
@@ -37,9 +38,10 @@ def summary(params: dict[str, Any], verdicts: Sequence[Verdict]) -> str:
     Raises ``AssertionError`` listing the broken checks if any (``failed_checks``)."""
     problems = failed_checks(verdicts)
     assert not problems, problems
-    lines = [f"06_theory · profile={params['profile']} · seed={params['seed']}"] + [v.summary() for v in verdicts]
+    lines = ([f"06_theory · profile={params['profile']} · seed={params['seed']}"]
+             + [v.summary() for v in verdicts])
     if params["profile"] == "smoke":
         lines.append("profile smoke: short runs and few draws; the numbers check the code path")
-    lines.append("checks passed: exact optima · exact identities at the optimum · finite estimates · GD and the "
-                 "flow stay optimal")
+    lines.append("checks passed: exact optima · exact identities at the optimum · finite estimates · GD and "
+                 "the flow stay optimal")
     return "\n".join(lines)

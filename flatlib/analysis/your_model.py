@@ -69,17 +69,21 @@ def failed_checks(measured: dict[str, Any], history: TrainHistory | None = None)
     for prefix in ("trace", "rescaled"):
         full, norm, raw = (m[f"{prefix}_{k}"] for k in ("full", "norm", "raw"))
         if not full <= norm + tol <= raw + 2 * tol:
-            problems.append(f"{prefix}: expected full <= LayerNorm-only <= raw, got {full:.6g}, {norm:.6g}, {raw:.6g}")
+            problems.append(f"{prefix}: expected full <= LayerNorm-only <= raw, got {full:.6g}, {norm:.6g}, "
+                            f"{raw:.6g}")
     change = abs(m["rescaled_full"] - m["trace_full"]) / abs(m["trace_full"])
     if not change <= INVARIANCE_RTOL:
-        problems.append(f"the full-gauge trace moved by {change:.2g} relative under a rescaling of its groups "
-                        f"({m['trace_full']:.6g} -> {m['rescaled_full']:.6g}; allowed {INVARIANCE_RTOL})")
+        problems.append(f"the full-gauge trace moved by {change:.2g} relative under a rescaling of its "
+                        f"groups ({m['trace_full']:.6g} -> {m['rescaled_full']:.6g}; allowed "
+                        f"{INVARIANCE_RTOL})")
     if not 0 <= m["probe"] <= 1:
         problems.append(f"probe = {m['probe']} outside [0, 1]")
     if math.isfinite(m["bayes"]):
-        margin = 3 * math.hypot(m["probe_ci95"] / 1.96 if math.isfinite(m["probe_ci95"]) else 0.0, m["bayes_se"])
+        margin = 3 * math.hypot(m["probe_ci95"] / 1.96 if math.isfinite(m["probe_ci95"]) else 0.0,
+                                m["bayes_se"])
         if m["probe"] > m["bayes"] + margin:
-            problems.append(f"probe {m['probe']:.4f} beats the Bayes accuracy {m['bayes']:.4f} by more than 3 SE")
+            problems.append(f"probe {m['probe']:.4f} beats the Bayes accuracy {m['bayes']:.4f} by more than "
+                            "3 SE")
     if history is not None:
         gaps = history.table["gap"]
         if not gaps.map(math.isfinite).all():
@@ -99,9 +103,9 @@ def summary(measured: dict[str, Any], history: TrainHistory, epsilon: float) -> 
         f"{int(final['step'])} steps ({how}): exact gap {m['gap']:.4f} ± {m['gap_se']:.4f} nats, {within} "
         f"ε = {epsilon} of the optimum; special-token mass {m['special_mass']:.3f}, full-softmax gap "
         f"{m['gap_full']:.3f}",
-        f"traces (± {m['trace_se']:.2f}): raw {m['trace_raw']:.2f} -> {m['rescaled_raw']:.2f}, LayerNorm-only "
-        f"{m['trace_norm']:.2f} -> {m['rescaled_norm']:.2f}, full gauge {m['trace_full']:.2f} -> "
-        f"{m['rescaled_full']:.2f} (the same function rescaled)",
+        f"traces (± {m['trace_se']:.2f}): raw {m['trace_raw']:.2f} -> {m['rescaled_raw']:.2f}, "
+        f"LayerNorm-only {m['trace_norm']:.2f} -> {m['rescaled_norm']:.2f}, full gauge {m['trace_full']:.2f} "
+        f"-> {m['rescaled_full']:.2f} (the same function rescaled)",
         f"probe {m['task']}: {m['probe']:.3f} ± {m['probe_ci95']:.3f} against Bayes {m['bayes']:.3f} ± "
         f"{1.96 * m['bayes_se']:.3f} (majority class {m['chance']:.3f})",
     ])

@@ -137,9 +137,11 @@ def _check_symbol(symbol: str) -> None:
     """Binarisation names its internal symbols ``<word>`` and ``<LHS|tail words>``: a user symbol
     must not be spellable as one (a user's ``<a>`` would merge with the pre-terminal of the word
     ``a``), so ``<...`` and whitespace are refused."""
-    if not isinstance(symbol, str) or not symbol or symbol.startswith("<") or any(c.isspace() for c in symbol):
+    if (not isinstance(symbol, str) or not symbol or symbol.startswith("<")
+            or any(c.isspace() for c in symbol)):
         raise ValueError(f"rules: symbol {symbol!r} is not allowed (symbols are non-empty, without "
-                         "whitespace, and must not start with '<', which marks the grammar's internal symbols)")
+                         "whitespace, and must not start with '<', which marks the grammar's internal "
+                         "symbols)")
     invisible = _invisible(symbol)
     if invisible is not None:  # 'NP\u200b' would be a second NP that prints the same
         raise ValueError(f"rules: symbol {symbol!r} is not allowed: it contains an invisible or non-printing "
@@ -154,8 +156,8 @@ class PCFG(LanguageBase):
         start: the start symbol (default: the left side of the first rule).
         task_spans: task name -> length of the sentence prefix whose most likely non-terminal is the
             label (``None``: the whole sentence). Default: the released code's ``A``/``B``/``C`` =
-            whole sentence / 4 words / 2 words, keeping those that fit in ``max_len`` (the paper reports 32/16/8-token spans:
-            ``PAPER_TASK_SPANS``).
+            whole sentence / 4 words / 2 words, keeping those that fit in ``max_len`` (the paper reports
+            32/16/8-token spans: ``PAPER_TASK_SPANS``).
         renormalize: if True, rescale the rules of every left side whose probabilities sum to
             within ``RENORMALIZE_TOLERANCE`` (0.01, nltk's tolerance) of 1; otherwise they must sum
             to 1 within 1e-6. The authors' released grammar needs this: four of its pre-terminals
@@ -206,7 +208,8 @@ class PCFG(LanguageBase):
             if span is not None:
                 check_int(f"task_spans[{task!r}]", span)
                 if span > self.max_len:
-                    raise ValueError(f"task_spans: span of task {task!r} must be in [1, {self.max_len}], got {span!r}")
+                    raise ValueError(f"task_spans: span of task {task!r} must be in [1, {self.max_len}], got "
+                                     f"{span!r}")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -654,7 +657,8 @@ class PCFG(LanguageBase):
         with torch.no_grad():
             for indices, length in self._length_groups(corpus):
                 chart = self._inside(self._leaves(corpus[indices])[:, :length])
-                out[indices] = self._log_inside(chart, corpus.lengths[indices], self.nonterminals.index(self.start))
+                out[indices] = self._log_inside(chart, corpus.lengths[indices],
+                                                self.nonterminals.index(self.start))
         return out
 
     def mlm_conditionals(self, corpus: Corpus) -> Tensor:

@@ -60,8 +60,8 @@ def build_language(spec: dict[str, Any]) -> Language:
         expected = spec.setdefault("sha256", digest)
         if digest != expected:
             raise ValueError(f"language.path: the rules file {spec['path']!r} has changed since this run "
-                             f"was keyed (sha256 {digest[:12]}..., the run's {expected[:12]}...); restore it to "
-                             "use this run, or build a new config from the edited file")
+                             f"was keyed (sha256 {digest[:12]}..., the run's {expected[:12]}...); restore it "
+                             "to use this run, or build a new config from the edited file")
     try:
         key = json.dumps(spec)
     except (TypeError, ValueError):  # a value JSON cannot hold: not cacheable, built as given

@@ -99,12 +99,14 @@ def model_features(model: Transformer, corpus: Corpus, batch_size: int = 1024,
     out = []
     pad, device = model.config.pad_id, module_device(model)
     if masked_position is not None and not 0 <= masked_position < corpus.tokens.shape[1]:
-        raise ValueError(f"masked_position: expected a position in [0, {corpus.tokens.shape[1]}), got {masked_position!r}")
+        raise ValueError(f"masked_position: expected a position in [0, {corpus.tokens.shape[1]}), got "
+                         f"{masked_position!r}")
     for chunk in corpus.batches(batch_size):
         tokens = torch.where(chunk.mask, chunk.tokens, pad)
         if masked_position is not None:
             tokens = tokens.clone()
-            tokens[:, masked_position] = torch.where(chunk.mask[:, masked_position], model.config.mask_id, pad)
+            tokens[:, masked_position] = torch.where(chunk.mask[:, masked_position], model.config.mask_id,
+                                                     pad)
         out.append(model.features(tokens.to(device)).cpu() * chunk.mask[..., None])  # probes run on the CPU
     model.train(was_training)
     return torch.cat(out)
@@ -168,8 +170,8 @@ def check_probe_version(version: object) -> None:
     """``Protocol.probe_version`` must be one of ``PROBE_VERSIONS`` (an int: 1 is the committed figures'
     protocol, 2 ``exact_probe``'s)."""
     if type(version) is not int or version not in PROBE_VERSIONS:
-        raise ValueError(f"probe_version: expected 1 or 2 (Protocol.probe_version: 1 the capped L-BFGS probe of "
-                         f"the committed figures, 2 the exact probe with one pooled L2), got {version!r}")
+        raise ValueError("probe_version: expected 1 or 2 (Protocol.probe_version: 1 the capped L-BFGS probe "
+                         f"of the committed figures, 2 the exact probe with one pooled L2), got {version!r}")
 
 
 @dataclass
@@ -364,7 +366,8 @@ def linear_probe(features: Tensor, labels: Tensor, n_classes: int, n_train: int,
     if n_train < 2 or n_test < 1 or n_val < 1:
         raise ValueError(f"n_train, n_val, n_test: expected >= 2, 1, 1; got {n_train}, {n_val}, {n_test}")
     if n_train + n_val + n_test > len(y_all):
-        raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} > {len(y_all)} labelled examples")
+        raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} > {len(y_all)} labelled "
+                         "examples")
     if not l2_grid or any(l2 < 0 for l2 in l2_grid):
         raise ValueError(f"l2_grid: expected non-negative strengths, got {l2_grid!r}")
     rows, split_acc, chosen = [], [], []
@@ -456,7 +459,8 @@ def _l2_table(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_
             fits[split] = fit
             if not fit.converged:
                 warnings.warn(f"exact probe: split {split}, l2 {l2:g}: max |gradient| {fit.max_gradient:.2e} "
-                              f"> tol {tol:g} after {fit.newton_steps} Newton steps (recorded as max_gradient)")
+                              f"> tol {tol:g} after {fit.newton_steps} Newton steps (recorded as "
+                              "max_gradient)")
             rows.append({"split": split, "l2": l2, "val_accuracy": _accuracy(fit.weight, x[val], y_all[val]),
                          "test_accuracy": _accuracy(fit.weight, x[test], y_all[test]),
                          "max_gradient": fit.max_gradient, "newton_steps": fit.newton_steps})
@@ -532,12 +536,14 @@ def finetune(model: Transformer, corpus: Corpus, labels: Tensor, n_classes: int,
     device = module_device(net)
     with preserved_rng():
         torch.manual_seed(seed)  # the head is initialised on the CPU: the same head on any device
-        head = torch.nn.Linear(net.config.d_model * (net.config.max_len if pooling == "concat" else 1), n_classes)
+        head = torch.nn.Linear(net.config.d_model * (net.config.max_len if pooling == "concat" else 1),
+                               n_classes)
     pad = net.config.pad_id
     if init_head == "probe":
         with torch.no_grad():
             chunk = corpus[train]
-            x = pool(model_features(net, chunk, batch_size=len(chunk)), chunk, pooling, position).double()  # in one forward pass
+            # in one forward pass
+            x = pool(model_features(net, chunk, batch_size=len(chunk)), chunk, pooling, position).double()
             mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
             w = fit_logistic((x - mean) / std, labels[train], n_classes, head_l2)
             head.weight.copy_((w[:-1] / std[:, None]).T)

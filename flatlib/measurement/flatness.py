@@ -97,7 +97,8 @@ class TraceEstimate:
 def hessian_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode for every submodule of ``model``, restored module by module on exit (also on an
     exception), and inside the block the explicit (twice-differentiable) attention path
-    (``flatlib.training.model.explicit_attention``: every flatlib attention layer, whichever model holds it)."""
+    (``flatlib.training.model.explicit_attention``: every flatlib attention layer, whichever model holds
+    it)."""
     modules = list(model.modules())
     training = [m.training for m in modules]
     try:
@@ -320,7 +321,8 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> 
     with hessian_mode(model), torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in params]
         loss = sum(weight * _scalar_loss(call, leaves, batch) for batch, weight in zip(batches, weights))
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
         flat = _flatten(grads)
         if not flat.requires_grad:  # the loss is linear in the parameters
             return torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -339,8 +341,8 @@ def _generator(seed: int) -> torch.Generator:
 
 def _rademacher(like: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     # integers first, then the dtype: the same signs for a float32 and a float64 model
-    return [torch.randint(0, 2, p.shape, generator=generator).to(device=p.device, dtype=p.dtype).mul_(2).sub_(1)
-            for p in like]
+    return [torch.randint(0, 2, p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
+            .mul_(2).sub_(1) for p in like]
 
 
 def rademacher_probes(model: nn.Module, n_probes: int, seed: int) -> Iterator[Tensor]:
@@ -420,8 +422,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], n_p
             samples += weight * _batch_quadratic_forms(call, params, batch, n_probes, seed, mode)
     loss = _describe(loss_fn, batches[0], f"{getattr(loss_fn, '__name__', 'loss_fn')} (mean over examples)")
     block = "" if parameters is None else f" (the block of {len(names)} of the parameter tensors)"
-    description = (f"Tr H{block} of {loss} on {total} {data} in {len(batches)} batches, {n_probes} Rademacher "
-                   f"probes (seed {seed}, {mode}-mode HVP); ± is the standard error over probes")
+    description = (f"Tr H{block} of {loss} on {total} {data} in {len(batches)} batches, {n_probes} "
+                   f"Rademacher probes (seed {seed}, {mode}-mode HVP); ± is the standard error over probes")
     return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(n_probes)), samples,
                          n_probes, description)
 
@@ -495,7 +497,8 @@ def fisher_trace(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any], 
                 for c in range(n_classes):
                     value += q[:, c] * per_example(tuple(params), batch, eye[c].expand(m, -1))
             else:
-                labels = torch.multinomial(q.cpu(), n_samples, replacement=True, generator=generator).to(q.device)  # [m, S]
+                labels = torch.multinomial(q.cpu(), n_samples, replacement=True,
+                                           generator=generator).to(q.device)  # [m, S]
                 for s in range(n_samples):
                     value += per_example(tuple(params), batch, eye[labels[:, s]]) / n_samples
             values.append(value.cpu())
@@ -534,8 +537,8 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
       log-probability of one example, once per class: any parameter, any model that treats examples
       independently (like ``fisher_trace(n_samples=None)``).
     * ``method="layers"``: only for weights and biases of ``nn.Linear``, HuggingFace ``Conv1D`` (GPT-2's
-      layout, weight ``[in, out]``: the per-example gradient is ``sum_t u_t delta_t^T``) and ``nn.LayerNorm`` modules
-      (each called once per forward, the example as the leading dimension of its input), which
+      layout, weight ``[in, out]``: the per-example gradient is ``sum_t u_t delta_t^T``) and ``nn.LayerNorm``
+      modules (each called once per forward, the example as the leading dimension of its input), which
       covers ``invariant_trace``'s gauge pairs. One forward pass records each module's input ``u``
       (``[n, T, d_in]``: T positions); for each class y one ordinary batched backward gives
       ``delta = d log q(y|x_i) / d(module output)`` for every example at once (examples are
@@ -555,16 +558,16 @@ def fisher_diagonal(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[Any
     layers = _layer_parameters(setup.model, setup.names)
     if method == "layers" and layers is None:
         raise ValueError("method: 'layers' needs every parameter to be the weight or bias of an nn.Linear, "
-                         "a HuggingFace Conv1D or a 1-D nn.LayerNorm (exactly those classes) held by no other module; use 'vmap' "
-                         "(or 'auto')")
+                         "a HuggingFace Conv1D or a 1-D nn.LayerNorm (exactly those classes) held by no "
+                         "other module; use 'vmap' (or 'auto')")
     if method != "vmap" and layers is not None:
         diagonal = _fisher_diagonal_layers(setup, layers)
         if diagonal is not None:
             return diagonal
         if method == "layers":
             raise ValueError("method: 'layers' needs each module called once per forward (a positional input "
-                             "leading with the example, its output not changed in place) and its parameters used "
-                             "nowhere else; use 'vmap'")
+                             "leading with the example, its output not changed in place) and its parameters "
+                             "used nowhere else; use 'vmap'")
     return _fisher_diagonal_vmap(setup, chunk_size)
 
 
@@ -619,7 +622,8 @@ def _layer_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[
     return out
 
 
-def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str]]]) -> dict[str, Tensor] | None:
+def _fisher_diagonal_layers(setup: _Setup,
+                            layers: dict[str, list[tuple[int, str]]]) -> dict[str, Tensor] | None:
     """``fisher_diagonal(method="layers")`` (see there), or None where its closed forms may not hold:
     a module called twice or never, called without a positional input, with an input that does not
     lead with the example, or whose recorded output was modified in place; and, as a catch-all (a
@@ -649,7 +653,8 @@ def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str
                 seen.clear()
                 logits = call(leaves, batch)  # [m, C]
                 m = logits.shape[0]
-                if (invalid or set(seen) != set(layers) or any(u.dim() < 2 or u.shape[0] != m for u, _, _ in seen.values())
+                if (invalid or set(seen) != set(layers)
+                        or any(u.dim() < 2 or u.shape[0] != m for u, _, _ in seen.values())
                         or any(out._version != version for _, out, version in seen.values())):
                     return None
                 q = torch.softmax(logits.detach().double(), dim=-1)
@@ -693,7 +698,8 @@ def _fisher_diagonal_layers(setup: _Setup, layers: dict[str, list[tuple[int, str
     return {name: d / total for name, d in zip(names, diagonal)}
 
 
-def _sums_to_autograd(summed: list[Tensor | None], logits: Tensor, leaves: list[Tensor], direction: Tensor) -> bool:
+def _sums_to_autograd(summed: list[Tensor | None], logits: Tensor, leaves: list[Tensor],
+                      direction: Tensor) -> bool:
     """Whether per-example gradients summed over the batch (None: the parameter got none) equal
     autograd's gradient of ``(logits * direction).sum()`` (float rounding allowed)."""
     full = torch.autograd.grad(logits, leaves, grad_outputs=direction, retain_graph=True, allow_unused=True)
@@ -701,7 +707,8 @@ def _sums_to_autograd(summed: list[Tensor | None], logits: Tensor, leaves: list[
         theirs = torch.zeros_like(leaf) if theirs is None else theirs
         mine = torch.zeros_like(leaf) if mine is None else mine
         scale = float(theirs.abs().max()) if theirs.numel() else 0.0
-        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-5 * scale + 1e-30):
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-3,
+                                                            atol=1e-5 * scale + 1e-30):
             return False
     return True
 
@@ -801,7 +808,8 @@ def invariant_trace(model: nn.Module, loss_fn: LossFn, logits_fn: LogitsFn, batc
         a = diagonal[reader].sum(0)  # [d]: the reader's columns
         both = (a > 0) & (b > 0)
         scales[norm] = torch.where(both, (b / a.clamp_min(1e-300)) ** 0.25, torch.nan)
-        gauge[norm] = {"norm": float(b.sum()), "reader": float(a.sum()), "min": float((2 * (a * b).sqrt()).sum())}
+        gauge[norm] = {"norm": float(b.sum()), "reader": float(a.sum()),
+                       "min": float((2 * (a * b).sqrt()).sum())}
         minimum += gauge[norm]["min"]
         raw += gauge[norm]["norm"] + gauge[norm]["reader"]
     description = (f"Tr H minimised over the LayerNorm gauge ({len(groups)} LayerNorm/reader pairs, exact "

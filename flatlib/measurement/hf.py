@@ -30,8 +30,8 @@ word; the mass it puts elsewhere, ``s = 1 - sum_w q_full(w)``, is reported by ``
 
     KL(p || q_full) = KL(p || q_w) - log(1 - s),
 
-so ``gap_full = gap + E[-log(1 - s)]``: the difference is mass on ids that never occur. (A GPT-2 trained on flatlib's
-cpu HMM measured 0.240 nats over the full softmax against 0.0012 over the words; the BERT of
+so ``gap_full = gap + E[-log(1 - s)]``: the difference is mass on ids that never occur. (A GPT-2 trained on
+flatlib's cpu HMM measured 0.240 nats over the full softmax against 0.0012 over the words; the BERT of
 docs/your_model.md, trained on the words' softmax: 0.269 against 0.028.)
 
 **Symmetries** (``symmetry_groups``): lists of ``flatlib.measurement.symmetry.Group`` (built with its
@@ -75,8 +75,8 @@ try:
         RobertaForMaskedLM,
     )
 except ImportError as error:  # pragma: no cover - exercised only without transformers
-    raise ImportError("flatlib.measurement.hf needs transformers: pip install -r requirements-test.txt (it pins "
-                      "transformers and what it imports; flatlib itself does not need it)") from error
+    raise ImportError("flatlib.measurement.hf needs transformers: pip install -r requirements-test.txt (it "
+                      "pins transformers and what it imports; flatlib itself does not need it)") from error
 
 from flatlib.checks import check_int, check_number, check_numbers, check_seed
 from flatlib.languages import Corpus, Language, build_language
@@ -472,8 +472,8 @@ def _tied(a: nn.Parameter, b: nn.Parameter) -> bool:
 def _gpt2_groups(model: GPT2LMHeadModel) -> list[Group]:
     if model.config.add_cross_attention:
         raise ValueError("model: GPT-2 with add_cross_attention is not supported by "
-                         "flatlib.measurement.hf.symmetry_groups (its cross-attention reads another stream); declare "
-                         "its groups yourself")
+                         "flatlib.measurement.hf.symmetry_groups (its cross-attention reads another stream); "
+                         "declare its groups yourself")
     names, d = _names(model), model.config.n_embd
     groups = []
     for block in model.transformer.h:
@@ -493,8 +493,8 @@ def _gpt2_groups(model: GPT2LMHeadModel) -> list[Group]:
 def _bert_groups(model: nn.Module) -> list[Group]:
     if model.config.is_decoder or getattr(model.config, "add_cross_attention", False):
         raise ValueError("model: a decoder / cross-attention BERT or RoBERTa is not supported by "
-                         "flatlib.measurement.hf.symmetry_groups (its cross-attention reads another stream); declare its "
-                         "groups yourself")
+                         "flatlib.measurement.hf.symmetry_groups (its cross-attention reads another stream); "
+                         "declare its groups yourself")
     names = _names(model)
     groups = []
     for layer in model.base_model.encoder.layer:
@@ -612,8 +612,8 @@ def train_mlm(model: nn.Module, language: Language | dict[str, Any], steps: int,
                         "hf.causal_batches")
     spec = language if isinstance(language, dict) else None
     language = build_language(spec) if spec is not None else language
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0),
-                             ("eval_pairs", eval_pairs, 1)):
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
+                             ("warmup_steps", warmup_steps, 0), ("eval_pairs", eval_pairs, 1)):
         check_int(name, value, low)
     check_seed("seed", seed)
     check_number("lr", lr)
@@ -645,7 +645,8 @@ def train_mlm(model: nn.Module, language: Language | dict[str, Any], steps: int,
                   "hf_config": _hf_config(model), "initial_weights_sha256": _weights_digest(model),
                   "dtype": str(next(model.parameters()).dtype), "tokens": [tokens.n_words, tokens.pad_id,
                   tokens.vocab_size, tokens.mask_id, tokens.bos_id, tokens.words],
-                  "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup_steps": warmup_steps,
+                  "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "warmup_steps": warmup_steps,
                   "weight_decay": weight_decay, "betas": list(betas), "eval_every": eval_every,
                   "eval_pairs": eval_pairs}
         run = store.open(config)
@@ -720,7 +721,8 @@ def _train_mlm(model: nn.Module, language: Language, tokens: TokenMap, optimizer
     run.write_metrics(rows)
     final = rows[-1]
     run.prune_checkpoints(keep=1)
-    run.mark_finished({"final_gap": final["gap"], "final_gap_se": final["gap_se"], "final_val_loss": final["val_loss"],
+    run.mark_finished({"final_gap": final["gap"], "final_gap_se": final["gap_se"],
+                       "final_val_loss": final["val_loss"],
                        "steps": steps, "seconds": final["seconds"], "threads": torch.get_num_threads(),
                        "device": str(device)})
     return _history(run, seconds, False, resumed_from)
@@ -730,8 +732,8 @@ def _train_mlm(model: nn.Module, language: Language, tokens: TokenMap, optimizer
 
 
 def measure(model: nn.Module, language: Language, *, task: str, pairs: int = 4096, trace_pairs: int = 1024,
-            trace_probes: int = 12, trace_batch: int = 512, probe_sentences: int = 4000, probe_train: int = 1000,
-            probe_test: int = 1000, probe_splits: int = 3, seed: int = 0,
+            trace_probes: int = 12, trace_batch: int = 512, probe_sentences: int = 4000,
+            probe_train: int = 1000, probe_test: int = 1000, probe_splits: int = 3, seed: int = 0,
             tokens: TokenMap | None = None) -> dict[str, Any]:
     """What flatlib measures on its own models, for a HF model (eval mode; the model is not changed):
 
@@ -780,7 +782,8 @@ def measure(model: nn.Module, language: Language, *, task: str, pairs: int = 409
     try:
         clock = time.time()
         if _is_causal(model):
-            corpus = sample(language, -(-pairs // language.max_len), seed=derived_seed("validation sentences"))
+            corpus = sample(language, -(-pairs // language.max_len),
+                            seed=derived_seed("validation sentences"))
             rows = causal_rows(language, corpus)
             rows = Rows(*(x[:pairs] for x in (rows.inputs, rows.positions, rows.targets, rows.true_probs)))
         else:
@@ -823,7 +826,8 @@ def measure(model: nn.Module, language: Language, *, task: str, pairs: int = 409
         bayes = language.bayes_accuracy(probe_corpus, task) if hasattr(language, "bayes_accuracy") else None
         known = labels[labels >= 0]
         out.update(probe=probe.accuracy, probe_ci95=probe.ci95,
-                   bayes=math.nan if bayes is None else bayes.mean, bayes_se=math.nan if bayes is None else bayes.stderr,
+                   bayes=math.nan if bayes is None else bayes.mean,
+                   bayes_se=math.nan if bayes is None else bayes.stderr,
                    chance=float(torch.bincount(known, minlength=n_classes).max() / len(known)))
         out["seconds"]["probe"] = time.time() - clock
     finally:

@@ -60,14 +60,16 @@ from flatlib.training.train import PretrainConfig, load_model
 
 # The probes a checkpoint is measured with. Only "standard" decides a claim (flatlib.claims).
 PROBES = {
-    "standard": "final-layer features of the unmasked sentence (HMM: at the task's position; PCFG: all positions "
-                "concatenated), standardised, L2 chosen on a validation split",
-    "all positions": "HMM: every position's final-layer features concatenated (PCFG: the standard probe already is)",
-    "limited": "the standard inputs, few training examples (limited_train), features NOT standardised, one weak L2 "
-               "(limited_l2): close to the theory's minimum-norm head; it sees the feature scales, which the "
-               "LayerNorm gauge changes",
-    "masked": "HMM: the final-layer features at the task's position with that word masked: the representation the "
-              "pre-training loss supervises (the head reads it); PCFG tasks have no single position",
+    "standard": "final-layer features of the unmasked sentence (HMM: at the task's position; PCFG: all "
+                "positions concatenated), standardised, L2 chosen on a validation split",
+    "all positions": "HMM: every position's final-layer features concatenated (PCFG: the standard probe "
+                     "already is)",
+    "limited": "the standard inputs, few training examples (limited_train), features NOT standardised, one "
+               "weak L2 (limited_l2): close to the theory's minimum-norm head; it sees the feature scales, "
+               "which the LayerNorm gauge changes",
+    "masked": "HMM: the final-layer features at the task's position with that word masked: the "
+              "representation the pre-training loss supervises (the head reads it); PCFG tasks have no "
+              "single position",
 }
 
 
@@ -82,11 +84,12 @@ class Protocol:
     """How a checkpoint is measured. Every field enters the cache key, except a field at the value that
     reproduces the behaviour from before it existed (``_KEY_OMITTED_AT``): every earlier key stays valid.
 
-    ``probe_version`` 1 is the committed figures' probe (``flatlib.measurement.downstream.linear_probe``: capped L-BFGS,
-    L2 chosen per split); 2 is ``flatlib.measurement.downstream.exact_probe`` (the exact optimum, one L2 chosen on the
-    pooled validation splits, recorded with a flag when it sits at an edge of ``probe_l2_grid``), for
-    every probe (the extra probes too). Version 2 searches ``probe_l2_grid`` as given: its grid is
-    ``flatlib.measurement.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 10, walked down to past the optimum), which a profile switching to version 2 sets.
+    ``probe_version`` 1 is the committed figures' probe (``flatlib.measurement.downstream.linear_probe``:
+    capped L-BFGS, L2 chosen per split); 2 is ``flatlib.measurement.downstream.exact_probe`` (the exact
+    optimum, one L2 chosen on the pooled validation splits, recorded with a flag when it sits at an edge of
+    ``probe_l2_grid``), for every probe (the extra probes too). Version 2 searches ``probe_l2_grid`` as given:
+    its grid is ``flatlib.measurement.downstream.PROBE_V2_L2_GRID`` (1e-7 .. 10, walked down to past the
+    optimum), which a profile switching to version 2 sets.
 
     ``gauge`` says which function-preserving rescalings the deciding trace (``invariant_trace``) is minimised
     over: ``"layernorm"`` (the committed figures: ``flatness.invariant_trace``, each LayerNorm against its
@@ -122,8 +125,8 @@ class Protocol:
         enough that every split seed derived from it is valid. ``tasks`` (non-empty names; None for all)
         is checked against the language where the protocol meets it. Lists, as JSON gives them, become
         tuples (the key is the same)."""
-        for name in ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs", "trace_probes",
-                     "trace_batch", "limited_train"):
+        for name in ("probe_sentences", "probe_train", "probe_test", "probe_splits", "trace_pairs",
+                     "trace_probes", "trace_batch", "limited_train"):
             check_int(name, getattr(self, name), low=2 if name in ("probe_splits", "trace_probes") else 1)
         if isinstance(self.extra_probes, str) or not isinstance(self.extra_probes, (tuple, list)):
             raise ValueError(f"extra_probes: expected a tuple of probe names (some of {sorted(PROBES)}), "
@@ -180,7 +183,8 @@ def _probe(language: Language, corpus: Corpus, features: torch.Tensor, protocol:
     for task in protocol.tasks or language.tasks:
         labels = language.task_labels(corpus, task)
         x = probe_inputs(language, corpus, features, task) if inputs is None else inputs(task)
-        settings = ({"n_train": protocol.limited_train, "l2_grid": (protocol.limited_l2,), "standardize": False}
+        settings = ({"n_train": protocol.limited_train, "l2_grid": (protocol.limited_l2,),
+                     "standardize": False}
                     if limited else {"n_train": protocol.probe_train, "l2_grid": protocol.probe_l2_grid})
         result = probe(x, labels, language.n_classes(task), n_test=protocol.probe_test,
                        n_splits=protocol.probe_splits, seed=protocol.seed, **settings)
@@ -203,7 +207,8 @@ def _extra_probes(model: torch.nn.Module, language: Language, corpus: Corpus, fe
         if kind == "limited":
             out[kind] = _probe(language, corpus, features, protocol, limited=True)
         elif kind == "all positions" and is_hmm:
-            out[kind] = _probe(language, corpus, features, protocol, inputs=lambda task: pool(features, corpus))
+            out[kind] = _probe(language, corpus, features, protocol,
+                               inputs=lambda task: pool(features, corpus))
         elif kind == "masked" and is_hmm:
             def masked(task: str) -> torch.Tensor:
                 position = probe_pooling(language, task)[1]
@@ -216,8 +221,8 @@ def _trace(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> Tr
     """The trace of the Hessian of the *expected* single-mask loss at the first ``trace_pairs``
     validation contexts (targets = the exact conditionals: the sampled words' noise does not enter
     it), with the protocol's probes."""
-    return hessian_trace(model, mlm_loss_fn, _trace_batches(model, val, protocol), n_probes=protocol.trace_probes,
-                         seed=derived_seed("trace probes", protocol.seed))
+    return hessian_trace(model, mlm_loss_fn, _trace_batches(model, val, protocol),
+                         n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
 
 
 def _trace_batches(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> list[tuple]:
@@ -236,15 +241,18 @@ def _traces(model: torch.nn.Module, val: ValidationSet, protocol: Protocol) -> d
     out = {"trace": raw.mean, "trace_se": raw.stderr, "trace_description": raw.description}
     if protocol.invariant_trace and protocol.gauge == "full":
         full = full_gauge_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
-                                n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
-        out.update({"invariant_trace": full.mean, "invariant_trace_se": full.stderr, "trace_body": full.body.mean,
+                                n_probes=protocol.trace_probes,
+                                seed=derived_seed("trace probes", protocol.seed))
+        out.update({"invariant_trace": full.mean, "invariant_trace_se": full.stderr,
+                    "trace_body": full.body.mean,
                     "invariant_trace_layernorm": full.norm_mean, "trace_gauged_raw": full.raw_mean,
                     "gauge": "full", "gauge_newton_steps": full.minimum.iterations,
                     "gauge_max_logit_change": max(full.deviations.values()),
                     "invariant_trace_description": full.description})
     elif protocol.invariant_trace:
         inv = invariant_trace(model, mlm_loss_fn, mlm_logits_fn, _trace_batches(model, val, protocol),
-                              n_probes=protocol.trace_probes, seed=derived_seed("trace probes", protocol.seed))
+                              n_probes=protocol.trace_probes,
+                              seed=derived_seed("trace probes", protocol.seed))
         out.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr,
                     "trace_body": inv.body.mean, "trace_gauge": inv.gauge,
                     "invariant_trace_description": inv.description})
@@ -284,7 +292,8 @@ def lookup_table_probe(language_spec: dict[str, Any], protocol: Protocol = Proto
         labels = language.task_labels(corpus, task)
         labels = labels[labels >= 0]
         out[task]["majority"] = float(torch.bincount(labels).max()) / len(labels)
-        if hasattr(language, "bayes_accuracy"):  # HMM and teacher tasks (a PCFG label is a function of the sentence)
+        # HMM and teacher tasks (a PCFG label is a function of the sentence)
+        if hasattr(language, "bayes_accuracy"):
             bayes = language.bayes_accuracy(corpus, task)
             out[task]["bayes"], out[task]["bayes_se"] = bayes.mean, bayes.stderr
     return out
@@ -393,7 +402,8 @@ def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[
         batches = _trace_batches(model, val, protocol)
         seed = derived_seed("trace probes", protocol.seed)
         gain = model.ln_f.weight.detach().abs()
-        points = {"as trained": model, "ln_f gain folded into the head": rescale_norms(model, {"ln_f": 1 / gain}),
+        points = {"as trained": model,
+                  "ln_f gain folded into the head": rescale_norms(model, {"ln_f": 1 / gain}),
                   "then ln_f gain x3, head columns /3": rescale_norms(model, {"ln_f": 3 / gain})}
         if protocol.gauge == "full":
             groups = transformer_groups(model)
@@ -404,10 +414,13 @@ def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[
         rows = []
         for name, m in points.items():
             with torch.no_grad():
-                change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max()) for b in batches)
+                change = max(float((mlm_logits_fn(m, b) - mlm_logits_fn(model, b)).abs().max())
+                             for b in batches)
             raw = hessian_trace(m, mlm_loss_fn, batches, protocol.trace_probes, seed)
-            row = {"parameterization": name, "max logit change": change, "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
-                   "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean, "trace_se": raw.stderr}
+            row = {"parameterization": name, "max logit change": change,
+                   "ln_f gain norm": float(m.ln_f.weight.detach().norm()),
+                   "head norm": float(m.head.weight.detach().norm()), "trace": raw.mean,
+                   "trace_se": raw.stderr}
             if protocol.gauge == "full":
                 full = full_gauge_trace(m, mlm_loss_fn, mlm_logits_fn, batches, protocol.trace_probes, seed)
                 row.update({"invariant_trace_layernorm": full.norm_mean, "invariant_trace": full.mean,
@@ -417,7 +430,8 @@ def measure_gauge(run: Run, step: int, protocol: Protocol = Protocol()) -> dict[
                 row.update({"invariant_trace": inv.mean, "invariant_trace_se": inv.stderr})
             rows.append(row)
         names = list(trainable_parameters(model))
-        blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"], "ln_f": ["ln_f.weight", "ln_f.bias"],
+        blocks = {"head weights": ["head.weight"], "head bias": ["head.bias"],
+                  "ln_f": ["ln_f.weight", "ln_f.bias"],
                   "everything else": [n for n in names if not n.startswith(("head.", "ln_f."))]}
         parts = {}
         for name, block in blocks.items():
@@ -451,7 +465,8 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
         inputs, positions = val.inputs[:n].to(device), val.positions[:n].to(device)
         with torch.no_grad():
             drift = float((wide(inputs, positions) - model(inputs, positions)).abs().max())
-        return {"run": run.key, "step": step, "width": width, "factor": factor, **_traces(wide, val, protocol),
+        return {"run": run.key, "step": step, "width": width, "factor": factor,
+                **_traces(wide, val, protocol),
                 "n_params": sum(p.numel() for p in wide.parameters()), "max_logit_change": drift}
 
     return _cached(_widened_trace_path(run, step, protocol, width), compute)
@@ -459,8 +474,8 @@ def measure_widened_trace(run: Run, step: int, width: int, protocol: Protocol = 
 
 def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epochs: int = 10,
                      lr: float = 1e-4) -> dict[str, Any]:
-    """Full fine-tuning accuracy per task (``flatlib.measurement.downstream.finetune``: AdamW on the whole model
-    and a linear head on the same pooled features as the probe, the head initialised at the fitted
+    """Full fine-tuning accuracy per task (``flatlib.measurement.downstream.finetune``: AdamW on the whole
+    model and a linear head on the same pooled features as the probe, the head initialised at the fitted
     probe: LP-FT) on the probe's corpus, ``probe_train`` / ``probe_test`` examples, one split (the
     spread comes from the training seeds). Cached in the run."""
     config = PretrainConfig.from_dict(run.config)
@@ -475,7 +490,8 @@ def measure_finetune(run: Run, step: int, protocol: Protocol = Protocol(), epoch
             out[task] = finetune(model, corpus, language.task_labels(corpus, task), language.n_classes(task),
                                  protocol.probe_train, protocol.probe_test, epochs=epochs, lr=lr,
                                  seed=protocol.seed, pooling=pooling, position=position, init_head="probe")
-        return {"run": run.key, "step": step, "epochs": epochs, "lr": lr, "init_head": "probe", "accuracy": out}
+        return {"run": run.key, "step": step, "epochs": epochs, "lr": lr, "init_head": "probe",
+                "accuracy": out}
 
     return _cached(_finetune_path(run, step, protocol, epochs, lr), compute)
 
@@ -510,7 +526,8 @@ def is_cached(kind: str, run: Run, step: int, protocol: Protocol = Protocol(), *
     return _entry(_kind(kind)[1](run, step, protocol, **kwargs))[0] is not None
 
 
-def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any], int]) -> dict[str, Any]:
+def _measure_job(args: tuple[str, str, dict[str, Any], int, dict[str, Any], dict[str, Any],
+                             int]) -> dict[str, Any]:
     kind, directory, config, step, protocol, kwargs, threads = args
     torch.set_num_threads(threads)
     fields = {**protocol, "probe_l2_grid": tuple(protocol["probe_l2_grid"])}
@@ -547,8 +564,9 @@ def measure_many(kind: str, items: list[tuple[Run, int, dict[str, Any]]], protoc
                 results[index] = measure(run, step, protocol=protocol, **kwargs)
                 shown.advance()
     elif todo:  # even one left goes to a worker, at the same thread count as the others'
-        # the widest models first (a measurement's cost grows with the width: 6 s at 16, 60 s at 128 on the cpu
-        # profile), so that no long one starts last while the other workers idle; results keep the items' order
+        # the widest models first (a measurement's cost grows with the width: 6 s at 16, 60 s at 128 on the
+        # cpu profile), so that no long one starts last while the other workers idle;
+        # results keep the items' order
         todo.sort(key=lambda i: -items[i][0].config["model"]["d_model"])
         jobs = [(kind, str(items[i][0].dir), items[i][0].config, items[i][1], asdict(protocol), items[i][2],
                  threads_per_worker) for i in todo]
@@ -581,7 +599,8 @@ def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
     invariant_trace, invariant_trace_se, trace_body (with the full gauge also invariant_trace_layernorm,
     the LayerNorm-only minimum), ``acc <task>`` and ``acc <task> ci95`` (the standard probe) and
     ``acc <task> [<probe>]`` for the extra probes."""
-    row = {key: m[key] for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
+    row = {key: m[key]
+           for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
     row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body",
                                         "invariant_trace_layernorm") if key in m})
     for task, probe in m["probes"].items():
@@ -596,5 +615,6 @@ def measurement_frame(labels: list[dict[str, Any]], measured: list[dict[str, Any
     """One row per measured model: its label (e.g. language, seed, what it is), then
     ``measurement_row`` of its measurement."""
     if len(labels) != len(measured):
-        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and {len(measured)}")
+        raise ValueError(f"labels, measured: expected one label per measurement, got {len(labels)} and "
+                         f"{len(measured)}")
     return pd.DataFrame([{**label, **measurement_row(m)} for label, m in zip(labels, measured)])

@@ -32,7 +32,8 @@ def continuations(curves: pd.DataFrame, params: dict[str, Any]) -> plt.Figure:
             ax_gap.fill_between(gaps.index, gaps.min(axis=1), gaps.max(axis=1), color=COLORS[a], alpha=0.2)
         ax_gap.axhline(eps, color="0.3", ls=":", lw=1.2, label=f"ε = {eps}")
         ax_gap.set_yscale("log")
-        ax_gap.set(title=f"{name}: gap during the continuation", xlabel="continuation step", ylabel="gap (nats, log)")
+        ax_gap.set(title=f"{name}: gap during the continuation", xlabel="continuation step",
+                   ylabel="gap (nats, log)")
         ax_gap.legend(fontsize=8)
         for i, s in enumerate(seed_list):
             m = curves[(curves.language == name) & (curves.algorithm == "adversarial") & (curves.seed == s)]
@@ -71,8 +72,8 @@ def accuracy_and_trace(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str
                     mean, ci = mean_ci(frame.loc[frame.algorithm == a, f"acc {t}"].to_numpy())
                     means.append(mean)
                     cis.append(ci)
-            ax_acc.errorbar(np.arange(len(names_tasks)) + (k - len(order) / 2) * width, means, yerr=cis, fmt="o", ms=8,
-                            capsize=4, color=COLORS[a], label=label[a])
+            ax_acc.errorbar(np.arange(len(names_tasks)) + (k - len(order) / 2) * width, means, yerr=cis,
+                            fmt="o", ms=8, capsize=4, color=COLORS[a], label=label[a])
         values = frame[[f"acc {t}" for t in names_tasks]].to_numpy()
         low = min(values.min(), min(lookup[name][t]["accuracy"] for t in names_tasks))
         ax_acc.set_ylim(max(0.0, low - 0.08), min(1.0, values.max() + 0.08))
@@ -87,7 +88,9 @@ def accuracy_and_trace(table: pd.DataFrame, lookup: dict[str, dict[str, dict[str
         lowest, highest = frame["invariant_trace"].min(), frame["invariant_trace"].max()
         span = highest - lowest
         ax_trace.set_ylim(max(0.0, lowest - 0.4 * span), highest + 0.4 * span)
-        ax_trace.set_xticks(range(len(order)), [label[a].split(" (")[0] for a in order], rotation=20, fontsize=8)
-        ax_trace.set(title=f"{name}: invariant trace (small dots: seeds)", ylabel="invariant trace (mean loss, nats)")
+        ax_trace.set_xticks(range(len(order)), [label[a].split(" (")[0] for a in order], rotation=20,
+                            fontsize=8)
+        ax_trace.set(title=f"{name}: invariant trace (small dots: seeds)",
+                     ylabel="invariant trace (mean loss, nats)")
     fig.tight_layout()
     return fig

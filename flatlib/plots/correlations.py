@@ -12,8 +12,8 @@ import pandas as pd
 from flatlib.claims import EQUIVALENCE_RHO
 
 # how a model was made: the same colours as notebooks 02 and 04 (sizes in green)
-ORIGIN_COLORS = {"02 phase 1": "0.25", "02 sgd clock": "C4", "02 sgd": "C0", "02 adamw": "C1", "03 sizes": "C2",
-                 "04 adversarial": "C3"}
+ORIGIN_COLORS = {"02 phase 1": "0.25", "02 sgd clock": "C4", "02 sgd": "C0", "02 adamw": "C1",
+                 "03 sizes": "C2", "04 adversarial": "C3"}
 # (column, its SE's column, axis label) of the three rows of accuracy_vs_trace_and_gap
 _ROWS = (("invariant trace", "invariant trace_se", "invariant trace (LayerNorm gauge fixed)"),
          ("raw trace", "raw trace_se", "raw Hessian trace (mean loss, nats)"),
@@ -37,7 +37,8 @@ def accuracy_vs_trace_and_gap(models: pd.DataFrame, name: str, tasks: Sequence[s
         for r, (column, se, label) in enumerate(_ROWS):
             ax = axes[r, c]
             for (origin, family), d in frame.groupby(["origin", "family"]):
-                ax.errorbar(d[column], d[f"acc {task}"], xerr=d[se], fmt=markers[family], color=ORIGIN_COLORS[origin],
+                ax.errorbar(d[column], d[f"acc {task}"], xerr=d[se], fmt=markers[family],
+                            color=ORIGIN_COLORS[origin],
                             ms=5, alpha=0.8, elinewidth=0.7, label=f"{origin} ({family})")
             ax.set(title=f"{name} · task {task}", xlabel=label, ylabel="probe accuracy")
             if c == len(tasks) - 1:
@@ -57,13 +58,15 @@ def correlation_forest(correlations: pd.DataFrame) -> plt.Figure:
     y = np.arange(len(correlations))
     for k, (x, color) in enumerate(_FOREST):
         value = correlations[f"spearman acc~{x}"].to_numpy()
-        low, high = correlations[f"spearman acc~{x} low"].to_numpy(), correlations[f"spearman acc~{x} high"].to_numpy()
-        ax.errorbar(value, y + (k - 1) * 0.25, xerr=[value - low, high - value], fmt="o", color=color, capsize=3,
-                    label=f"accuracy ~ {x}" + (" (partial)" if "|" in x else ""))
+        low, high = (correlations[f"spearman acc~{x} low"].to_numpy(),
+                     correlations[f"spearman acc~{x} high"].to_numpy())
+        ax.errorbar(value, y + (k - 1) * 0.25, xerr=[value - low, high - value], fmt="o", color=color,
+                    capsize=3, label=f"accuracy ~ {x}" + (" (partial)" if "|" in x else ""))
     ax.axvline(0, color="0.3", lw=1)
     ax.axvspan(-EQUIVALENCE_RHO, EQUIVALENCE_RHO, color="0.9", zorder=0)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ (95% bootstrap CI over lineages)")
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)  # above: no data hidden
+    # above: no data hidden
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     return fig

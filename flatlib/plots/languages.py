@@ -201,7 +201,8 @@ def plot_task_labels(languages: Mapping[str, Language], labels: Mapping[tuple[st
 def plot_lookup_features(languages: Mapping[str, Language], corpora: Mapping[str, Corpus],
                          indices: Mapping[str, int]) -> plt.Figure:
     """Side by side, one sentence per language (``indices[name]``): its lookup-table features
-    (``flatlib.measurement.downstream.lookup_table_features``, the exact p(x_t = w | x_-t)), true words circled."""
+    (``flatlib.measurement.downstream.lookup_table_features``, the exact p(x_t = w | x_-t)), true words
+    circled."""
     widths = [lang.vocab_size + 8 for lang in languages.values()]
     fig, axes = plt.subplots(1, len(languages), figsize=(14, 4.8), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
@@ -226,8 +227,8 @@ def plot_teacher(teacher: TeacherLM, corpus: Corpus, n_show: int = 10) -> plt.Fi
     image = axes[0].imshow(posterior.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1,
                            interpolation="nearest")
     topics = corpus.latents["topic"][:n_show]
-    axes[0].scatter(topics.tolist(), range(len(topics)), marker="s", s=140, facecolors="none", edgecolors="red",
-                    lw=1.5)
+    axes[0].scatter(topics.tolist(), range(len(topics)), marker="s", s=140, facecolors="none",
+                    edgecolors="red", lw=1.5)
     axes[0].set(title="exact topic posterior p(topic | x)\n(red square: the sampled topic)", xlabel="topic",
                 ylabel="sentence", xticks=range(teacher.n_topics), yticks=range(len(topics)))
     axes[0].grid(False)

@@ -14,8 +14,8 @@ def mark_epsilon(ax: plt.Axes, epsilon: float) -> None:
     ax.set_yscale("log")
 
 
-def gap_panel(ax: plt.Axes, curves: Iterable[tuple[str, Sequence, Sequence, Sequence, Sequence]], epsilon: float,
-              title: str, lw: float = 1.5) -> None:
+def gap_panel(ax: plt.Axes, curves: Iterable[tuple[str, Sequence, Sequence, Sequence, Sequence]],
+              epsilon: float, title: str, lw: float = 1.5) -> None:
     """The gap during training: one line and band per curve ``(label, step, gap, low, high)``, in
     colours C0, C1, ... in order, then ε (``mark_epsilon``), the axis labels and the legend."""
     for i, (label, step, gap, low, high) in enumerate(curves):

@@ -50,16 +50,17 @@ def gauge(points: pd.DataFrame, seed: int) -> plt.Figure:
     for ax, name in zip(axes[0], names):
         d = points[points.language == name]
         x = np.arange(len(d))
-        ax.bar(x - (width if full else 0.2), d["trace"], width, yerr=1.96 * d["trace_se"], capsize=3, color="0.6",
-               label="raw trace (Hutchinson)")
+        ax.bar(x - (width if full else 0.2), d["trace"], width, yerr=1.96 * d["trace_se"], capsize=3,
+               color="0.6", label="raw trace (Hutchinson)")
         if full:
             ax.bar(x, d["invariant_trace_layernorm"], width, color="C1", label="LayerNorm gauge fixed only")
-        ax.bar(x + (width if full else 0.2), d["invariant_trace"], width, yerr=1.96 * d["invariant_trace_se"], capsize=3,
+        ax.bar(x + (width if full else 0.2), d["invariant_trace"], width, yerr=1.96 * d["invariant_trace_se"],
+               capsize=3,
                color="C0", label="invariant trace (" + ("full gauge: LayerNorm, Q/K, V/O" if full else
                                                          "LayerNorm gauge fixed") + ")")
         ax.set_yscale("log")
-        labels = [p.replace(" into the head", "\ninto the head").replace(", head", ",\nhead").replace(" per head", "\nper head")
-                  for p in d["parameterization"]]
+        labels = [p.replace(" into the head", "\ninto the head").replace(", head", ",\nhead")
+                  .replace(" per head", "\nper head") for p in d["parameterization"]]
         ax.set_xticks(x, labels, fontsize=8)
         ax.set(title=f"{name}: one function, {len(d)} parameterizations (seed {seed})", ylabel="trace (log)")
         ax.legend(fontsize=8)
@@ -90,11 +91,12 @@ def effect_vs_l2(effects: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def clock_dose_response(measurements: pd.DataFrame, taus: list[float], tasks: dict[str, list[str]]) -> plt.Figure:
+def clock_dose_response(measurements: pd.DataFrame, taus: list[float],
+                        tasks: dict[str, list[str]]) -> plt.Figure:
     """Per language (rows): gap, raw trace, invariant trace and the standard probe's accuracy per
     task against the dose τ (equally spaced). Large dots with 95% CI bars over lineages
-    (``flatlib.analysis.pretraining.dose_response``), small dots the lineage means, dashed the phase-1 end's mean.
-    ``measurements`` is notebook 02's table (``flatlib.measurement.measure.measurement_frame``)."""
+    (``flatlib.analysis.pretraining.dose_response``), small dots the lineage means, dashed the phase-1 end's
+    mean. ``measurements`` is notebook 02's table (``flatlib.measurement.measure.measurement_frame``)."""
     clock = measurements[measurements.continuation == "sgd clock"]
     names = list(tasks)
     panels = ["gap", "trace", "invariant_trace"]
@@ -113,7 +115,8 @@ def clock_dose_response(measurements: pd.DataFrame, taus: list[float], tasks: di
             ax.errorbar(x, table.level, yerr=[table.level - table.level_low, table.level_high - table.level],
                         color="C0", marker="o", capsize=3, lw=1.8)
             lineage_means = mine.groupby(["tau", "lineage"])[column].mean().reset_index()
-            ax.plot([taus.index(t) for t in lineage_means.tau], lineage_means[column], ".", color="C0", alpha=0.35)
+            ax.plot([taus.index(t) for t in lineage_means.tau], lineage_means[column], ".", color="C0",
+                    alpha=0.35)
             phase1 = measurements[(measurements.language == name) & (measurements.continuation == "phase 1")]
             ax.axhline(phase1[column].mean(), color="k", ls="--", lw=1)
             ax.set_xticks(range(len(taus)), [str(t) for t in taus])

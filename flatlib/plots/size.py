@@ -1,5 +1,5 @@
-"""Notebook 03's figures (model size), from the tables of ``flatlib.analysis.size``: the gap during training per
-width, accuracy against size, and the gap and traces against size. Hollow markers are widths whose
+"""Notebook 03's figures (model size), from the tables of ``flatlib.analysis.size``: the gap during training
+per width, accuracy against size, and the gap and traces against size. Hollow markers are widths whose
 seeds did not all reach ε (``flatlib.analysis.size.converged``)."""
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def accuracy(measured: pd.DataFrame, sizes: pd.DataFrame, lookup: Mapping[str, M
                                               ("finetune", "--", "C2", finetune_label)]:
                 st = per_width(frame, f"{kind} {task}")
                 x = np.array([params[name, w] for w in st.index])
-                ax.errorbar(x, st["mean"], yerr=st["ci"], color=color, ls=style, capsize=3, lw=1.6, label=label)
+                ax.errorbar(x, st["mean"], yerr=st["ci"], color=color, ls=style, capsize=3, lw=1.6,
+                            label=label)
                 for xi, w, mean in zip(x, st.index, st["mean"]):
                     ax.plot(xi, mean, "o", color=color, mfc=color if ok[name, w] else "white", ms=7)
             ax.axhline(lookup[name][task]["accuracy"], color="0.4", ls="-.", lw=1.2,
@@ -65,7 +66,8 @@ def accuracy(measured: pd.DataFrame, sizes: pd.DataFrame, lookup: Mapping[str, M
     return fig
 
 
-def traces(measured: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str], epsilon: float) -> plt.Figure:
+def traces(measured: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str],
+           epsilon: float) -> plt.Figure:
     """Per language, against the parameter count (log): the final gap (ε dotted), the raw trace, the
     raw trace after widening and the invariant trace after widening into the widest width; mean ±
     95% CI over seeds, the seeds as dots."""
@@ -86,8 +88,8 @@ def traces(measured: pd.DataFrame, sizes: pd.DataFrame, languages: Sequence[str]
                         label="mean ± 95% CI over seeds")
             for w in widths:
                 d = frame[frame.width == w]
-                ax.plot(np.full(len(d), x_of[w]) * np.linspace(0.95, 1.05, len(d)), d[column], ".", color="C1",
-                        alpha=0.8, mfc="C1" if ok[name, w] else "white")
+                ax.plot(np.full(len(d), x_of[w]) * np.linspace(0.95, 1.05, len(d)), d[column], ".",
+                        color="C1", alpha=0.8, mfc="C1" if ok[name, w] else "white")
             if column == "gap":
                 mark_epsilon(ax, epsilon)
             else:

@@ -115,7 +115,8 @@ def step_flops(config: PretrainConfig) -> int:
         model = new_model(config, language).train()
     corpus = training_corpus(config, language, 0, None)
     with FlopCounterMode(display=False) as counter:
-        mlm_loss(config, model, model.config, corpus, mask_generator(config, 0), torch.device("cpu")).backward()
+        mlm_loss(config, model, model.config, corpus, mask_generator(config, 0),
+                 torch.device("cpu")).backward()
     return int(counter.get_total_flops())
 
 
@@ -159,15 +160,18 @@ def plan(params: dict[str, Any]) -> tuple[dict[str, tuple[str, PretrainConfig]],
     models = experiment_models(params)
     runs = {m.config.key: (m.origin, m.config) for m in models}
     for name in a["languages"]:
-        runs.update({c.key: ("04 adversary weight (held-out seed)", c) for c in held_out_configs(params, name).values()})
+        runs.update({c.key: ("04 adversary weight (held-out seed)", c)
+                     for c in held_out_configs(params, name).values()})
     measured: dict[tuple, Measurement] = {}
     for m in models:
-        measured.setdefault(("checkpoint", m.config.key, m.step), Measurement(m.origin, "checkpoint", m.config, None, m.step))
+        measured.setdefault(("checkpoint", m.config.key, m.step),
+                            Measurement(m.origin, "checkpoint", m.config, None, m.step))
         if m.widen_to is not None:
             measured.setdefault(("widened_trace", m.config.key, m.step),
                                 Measurement(m.origin, "widened_trace", m.config, m.widen_to, m.step))
         if m.origin == "03 sizes":
-            measured.setdefault(("finetune", m.config.key, m.step), Measurement(m.origin, "finetune", m.config, None, m.step))
+            measured.setdefault(("finetune", m.config.key, m.step),
+                                Measurement(m.origin, "finetune", m.config, None, m.step))
     return _with_parents(runs), list(measured.values())
 
 
@@ -185,13 +189,13 @@ def _measured(store: RunStore, m: Measurement, configs: list[PretrainConfig], pr
               params: dict[str, Any]) -> bool:
     kwargs = ({"width": m.width} if m.kind == "widened_trace" else
               {"epochs": params["model_size"]["finetune_epochs"]} if m.kind == "finetune" else {})
-    return any((run := store.find(c.to_dict())) is not None and is_cached(m.kind, run, m.step, protocol, **kwargs)
-               for c in configs)
+    return any((run := store.find(c.to_dict())) is not None
+               and is_cached(m.kind, run, m.step, protocol, **kwargs) for c in configs)
 
 
 def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | None = None) -> pd.DataFrame:
-    """Runs, measurements and compute seconds per origin from measured unit ``costs`` (``bench.costs``' JSON: ``step_s``,
-    ``eval_s``, ``measure_s`` keyed by ``step_class`` / ``eval_class`` / ``measure_class``): a run
+    """Runs, measurements and compute seconds per origin from measured unit ``costs`` (``bench.costs``' JSON:
+    ``step_s``, ``eval_s``, ``measure_s`` keyed by ``step_class`` / ``eval_class`` / ``measure_class``): a run
     costs ``steps x step_s + evaluations x eval_s``, a measurement its ``measure_s``. ValueError
     naming the classes the file does not cover (measure them with ``bench.costs`` on the profile).
 
@@ -200,7 +204,8 @@ def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | Non
     runs, measured = plan(params)
     if store is not None:
         protocol = protocol_of(params)
-        runs = {k: (o, c) for k, (o, c) in runs.items() if not any(store.is_finished(a.to_dict()) for a in _alternatives(params, o, c))}
+        runs = {k: (o, c) for k, (o, c) in runs.items()
+                if not any(store.is_finished(a.to_dict()) for a in _alternatives(params, o, c))}
         measured = [m for m in measured
                     if not _measured(store, m, _alternatives(params, m.origin, m.config), protocol, params)]
     rows, missing = [], set()
@@ -209,7 +214,8 @@ def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | Non
         evals = evaluations(config)
         missing |= {c for c, table in ((step, "step_s"), (evaluation, "eval_s")) if c not in costs[table]}
         if step in costs["step_s"] and evaluation in costs["eval_s"]:
-            rows.append({"origin": origin, "runs": 1, "measurements": 0, "training s": config.steps * costs["step_s"][step]
+            rows.append({"origin": origin, "runs": 1, "measurements": 0,
+                         "training s": config.steps * costs["step_s"][step]
                          + evals * costs["eval_s"][evaluation], "measuring s": 0.0})
     for m in measured:
         c = measure_class(m.kind, m.config, m.width)
@@ -219,16 +225,19 @@ def predict(params: dict[str, Any], costs: dict[str, Any], store: RunStore | Non
         rows.append({"origin": m.origin, "runs": 0, "measurements": 1, "training s": 0.0,
                      "measuring s": costs["measure_s"][c]})
     if missing:
-        raise ValueError(f"costs: no measured cost for {sorted(missing)} (run python -m bench.costs on this profile)")
+        raise ValueError(f"costs: no measured cost for {sorted(missing)} (run python -m bench.costs on this "
+                         "profile)")
     if not rows:
-        return pd.DataFrame(columns=["origin", "runs", "measurements", "training s", "measuring s", "total s"])
+        return pd.DataFrame(columns=["origin", "runs", "measurements", "training s", "measuring s",
+                                     "total s"])
     out = pd.DataFrame(rows).groupby("origin", sort=False).sum()
     out["total s"] = out["training s"] + out["measuring s"]
     return out.reset_index()
 
 
 COSTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
-SERIAL_SHARE = 0.2  # of make figures' wall time at cpu, beyond the cost model: docs/lessons.md, "Sizing a profile"
+# of make figures' wall time at cpu, beyond the cost model: docs/lessons.md, "Sizing a profile"
+SERIAL_SHARE = 0.2
 
 
 def forecast(profile: str, store: RunStore | None = None, costs_path: Path | None = None) -> str | None:
@@ -253,10 +262,11 @@ def forecast(profile: str, store: RunStore | None = None, costs_path: Path | Non
     workers = params["pretraining"]["workers"]
     minutes = left["total s"].sum() / 60
     wall = minutes / workers / (1 - SERIAL_SHARE)
-    return (f"[{profile}] left to compute in the run store ({store.root}): {runs} training runs and {measurements} "
-            f"measurements, {minutes:.0f} compute minutes by the unit costs of {path.name} (measured on "
-            f"{costs.get('machine', '?')}): about {wall:.0f} min on {workers} workers with the notebooks' own work "
-            f"(at least {minutes / workers:.0f}; another machine: python -m bench.costs --profile {profile})")
+    return (f"[{profile}] left to compute in the run store ({store.root}): {runs} training runs and "
+            f"{measurements} measurements, {minutes:.0f} compute minutes by the unit costs of {path.name} "
+            f"(measured on {costs.get('machine', '?')}): about {wall:.0f} min on {workers} workers with the "
+            f"notebooks' own work (at least {minutes / workers:.0f}; another machine: python -m bench.costs "
+            f"--profile {profile})")
 
 
 def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -273,8 +283,10 @@ def census(params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({"origin": origin, "runs": 1, "steps": config.steps,
                      "sentences": config.steps * config.batch_size, "TFLOP": 6 * n * tokens / 1e12})
     training = pd.DataFrame(rows).groupby("origin", sort=False).sum().reset_index()
-    count = {kind: sum(m.kind == kind for m in measured) for kind in ("checkpoint", "widened_trace", "finetune")}
-    measurements = pd.DataFrame([{"kind": "checkpoint (gap, probes, both traces)", "measurements": count["checkpoint"]},
+    count = {kind: sum(m.kind == kind for m in measured)
+             for kind in ("checkpoint", "widened_trace", "finetune")}
+    measurements = pd.DataFrame([{"kind": "checkpoint (gap, probes, both traces)",
+                                  "measurements": count["checkpoint"]},
                                  {"kind": "widened trace (03, 05)", "measurements": count["widened_trace"]},
                                  {"kind": "fine-tuning (03)", "measurements": count["finetune"]}])
     return training, measurements
@@ -286,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--costs", type=Path, default=None,
                         help="unit costs measured by python -m bench.costs: also predict the time per origin")
     parser.add_argument("--peak", type=Path, default=None,
-                        help="python -m bench.train's JSON (matmul_peak_flops): also print the training's floor "
-                             "on that machine")
+                        help="python -m bench.train's JSON (matmul_peak_flops): also print the training's "
+                             "floor on that machine")
     args = parser.parse_args(argv)
     params = resolve(args.profile)
     training, measurements = census(params)
@@ -302,25 +314,30 @@ def main(argv: list[str] | None = None) -> int:
         times = predict(params, costs)
         workers = params["pretraining"]["workers"]
         total = times[["training s", "measuring s", "total s"]].sum()
-        print(f"\npredicted from {args.costs} (measured {costs.get('date', '?')} on {costs.get('machine', '?')}), "
-              "compute minutes:")
-        shown = times.assign(**{c.replace(" s", " min"): times[c] / 60 for c in ("training s", "measuring s", "total s")})
-        print(shown.drop(columns=["training s", "measuring s", "total s"]).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-        print(f"total: {total['total s'] / 60:.1f} compute minutes (training {total['training s'] / 60:.1f}, measuring "
-              f"{total['measuring s'] / 60:.1f}); on {workers} workers about {total['total s'] / 60 / workers:.0f} "
-              "minutes of wall time, plus the notebooks' own serial work")
+        print(f"\npredicted from {args.costs} (measured {costs.get('date', '?')} on "
+              f"{costs.get('machine', '?')}), compute minutes:")
+        shown = times.assign(**{c.replace(" s", " min"): times[c] / 60
+                                for c in ("training s", "measuring s", "total s")})
+        print(shown.drop(columns=["training s", "measuring s", "total s"])
+              .to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        print(f"total: {total['total s'] / 60:.1f} compute minutes (training {total['training s'] / 60:.1f}, "
+              f"measuring {total['measuring s'] / 60:.1f}); on {workers} workers about "
+              f"{total['total s'] / 60 / workers:.0f} minutes of wall time, plus the notebooks' own serial "
+              "work")
     if args.peak is not None:
         bench = json.loads(args.peak.read_text())
-        threads, peak = max(((int(t), float(p)) for t, p in bench["matmul_peak_flops"].items()), key=lambda tp: tp[1])
+        threads, peak = max(((int(t), float(p)) for t, p in bench["matmul_peak_flops"].items()),
+                            key=lambda tp: tp[1])
         floor = training_floor(params, peak)
         cpu = bench.get("machine", {}).get("cpu", "?") if isinstance(bench.get("machine"), dict) else "?"
-        print(f"\nthe floor: the training's weight matmuls at the best float32 matmul rate measured by {args.peak} "
-              f"({peak / 1e9:.1f} GFLOP/s on {threads} thread{'s' * (threads > 1)}, {cpu}, {bench.get('date', '?')}):")
+        print("\nthe floor: the training's weight matmuls at the best float32 matmul rate measured by "
+              f"{args.peak} ({peak / 1e9:.1f} GFLOP/s on {threads} thread{'s' * (threads > 1)}, {cpu}, "
+              f"{bench.get('date', '?')}):")
         print(floor.assign(**{"floor min": floor["floor s"] / 60}).drop(columns="floor s")
               .to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-        print(f"total: {floor['matmul TFLOP'].sum():.1f} TFLOP of weight matmuls, {floor['floor s'].sum() / 60:.1f} minutes "
-              "of wall time at the peak on every core: these steps, as the model computes them, cannot train faster on "
-              "this machine")
+        print(f"total: {floor['matmul TFLOP'].sum():.1f} TFLOP of weight matmuls, "
+              f"{floor['floor s'].sum() / 60:.1f} minutes of wall time at the peak on every core: these "
+              "steps, as the model computes them, cannot train faster on this machine")
     return 0
 
 

@@ -27,7 +27,8 @@ def model_of(params: dict[str, Any], width: int | None = None) -> dict[str, int]
     if width is None:
         return dict(params["pretraining"]["model"])
     s = params["model_size"]
-    return {"n_layer": s["n_layer"], "n_head": width // s["head_dim"], "d_model": width, "d_ff": s["ff_mult"] * width}
+    return {"n_layer": s["n_layer"], "n_head": width // s["head_dim"], "d_model": width,
+            "d_ff": s["ff_mult"] * width}
 
 
 def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | None = None) -> PretrainConfig:
@@ -44,7 +45,8 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
     steps = t["steps"][name] if width is None else params["model_size"]["steps"][name]
     widest = max(params["model_size"]["widths"])
     lr = t["lr"] if width is None else t["lr"] * min(1.0, t["model"]["d_model"] / widest)
-    return PretrainConfig(language=language_spec(params, name), model=model_of(params, width), optimizer="adamw",
+    return PretrainConfig(language=language_spec(params, name), model=model_of(params, width),
+                          optimizer="adamw",
                           lr=lr, warmup_steps=t["warmup_steps"], schedule="linear", min_lr=0.0, steps=steps,
                           batch_size=t["batch_size"], eval_every=t["eval_every"], eval_pairs=t["eval_pairs"],
                           checkpoint_every=steps, seed=seed)
@@ -58,7 +60,8 @@ def phase1_config(params: dict[str, Any], name: str, seed: int, width: int | Non
 SGD_WEIGHT_DECAY = 0.0
 
 
-def phase2_config(params: dict[str, Any], name: str, seed: int, optimizer: str, **overrides: Any) -> PretrainConfig:
+def phase2_config(params: dict[str, Any], name: str, seed: int, optimizer: str,
+                  **overrides: Any) -> PretrainConfig:
     """Training on after phase 1 (notebook 02's phase 2, notebook 04's algorithms): a fresh
     ``optimizer`` ("sgd" at ``pretraining.sgd_lr`` without weight decay, see ``SGD_WEIGHT_DECAY``, or
     "adamw" at ``pretraining.adamw_lr`` with phase 1's decoupled weight decay) at a constant learning
@@ -69,7 +72,8 @@ def phase2_config(params: dict[str, Any], name: str, seed: int, optimizer: str, 
     lr = {"sgd": t["sgd_lr"], "adamw": t["adamw_lr"]}[optimizer]
     settings = {"eval_every": t["continue_eval_every"], "checkpoint_every": t["checkpoint_every"],
                 **({"weight_decay": SGD_WEIGHT_DECAY} if optimizer == "sgd" else {}), **overrides}
-    return continuation(base, from_step=base.steps, steps=t["continue_steps"], optimizer=optimizer, lr=lr, **settings)
+    return continuation(base, from_step=base.steps, steps=t["continue_steps"], optimizer=optimizer, lr=lr,
+                        **settings)
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,8 @@ def lineage_seeds(params: dict[str, Any]) -> list[int]:
 def experiment_models(params: dict[str, Any], names: list[str] | None = None) -> list[ModelRef]:
     """Every checkpoint notebooks 02-04 measure at the resolved profile ``params``: the end of phase
     1, the end of every constant-lr continuation (SGD, AdamW) and every clock anneal's end (02), the
-    ends of the adversarial continuations of notebook 04 (for the languages of its profile section), and every width of
-    notebook 03 (for ``model_size.languages``, traces after widening to the widest). The 2x64 family
+    ends of the adversarial continuations of notebook 04 (for the languages of its profile section), and every
+    width of notebook 03 (for ``model_size.languages``, traces after widening to the widest). The 2x64 family
     has ``pretraining.correlation_seeds`` lineages (notebook 05's rule "correlation" needs 5): those
     beyond ``pretraining.seeds`` have phase 1, the constant-rate continuations and the adversary,
     not the clock's doses."""
@@ -121,10 +125,12 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
             lineage = f"{name} seed {s}"
             first = phase1_config(params, name, s)
             out.append(ModelRef(name, "02 phase 1", family, lineage, first, first.steps))
-            for optimizer in ("sgd", "adamw"):  # constant-lr continuations (notebook 04's SGD, 02's and 04's AdamW)
+            # constant-lr continuations (notebook 04's SGD, 02's and 04's AdamW)
+            for optimizer in ("sgd", "adamw"):
                 config = phase2_config(params, name, s, optimizer)
-                # a continuation's end only: its earlier checkpoints (every checkpoint_every steps) would add models
-                # to notebook 05 but no lineage, and its bootstrap resamples lineages (cut for the budget, issue 14)
+                # a continuation's end only: its earlier checkpoints (every checkpoint_every steps) would add
+                # models to notebook 05 but no lineage, and its bootstrap resamples lineages
+                # (cut for the budget, issue 14)
                 out.append(ModelRef(name, f"02 {optimizer}", family, lineage, config, config.steps))
             if "clock" in params and s in clock_seeds:  # notebook 02's dose-response: every anneal's end
                 out += [ModelRef(name, "02 sgd clock", family, lineage, p.anneal, p.anneal.steps)
@@ -145,7 +151,8 @@ def experiment_models(params: dict[str, Any], names: list[str] | None = None) ->
     return out
 
 
-def adversarial_config(params: dict[str, Any], name: str, seed: int, weight: float | None = None) -> PretrainConfig | None:
+def adversarial_config(params: dict[str, Any], name: str, seed: int,
+                       weight: float | None = None) -> PretrainConfig | None:
     """Notebook 04's adversarial continuation of ``name`` (None if the profile's ``algorithms``
     section does not list ``name``): AdamW at ``pretraining.adamw_lr`` from the same phase-1
     checkpoint as notebook 02's continuations, on L_mlm - weight * L_downstream for the language's
@@ -156,8 +163,9 @@ def adversarial_config(params: dict[str, Any], name: str, seed: int, weight: flo
         return None
     if weight is None:
         if "weights" not in a:
-            raise ValueError("algorithms.weights: not chosen yet; call flatlib.runner.experiments.choose_adversary_weights "
-                             "(the held-out choice) or give the weights as a parameter")
+            raise ValueError("algorithms.weights: not chosen yet; call "
+                             "flatlib.runner.experiments.choose_adversary_weights (the held-out choice) or "
+                             "give the weights as a parameter")
         weight = a["weights"][name]
     settings = {**a["adversarial"], "task": a["tasks"][name], "weight": weight}
     return phase2_config(params, name, seed, "adamw", adversarial=settings)
@@ -208,7 +216,8 @@ def choose_adversary_weights(params: dict[str, Any], backend: str = "local"
     configs = {name: held_out_configs(params, name) for name in a["languages"]}
     workers = params["pretraining"]["workers"]
     run_configs([c["phase 1"] for c in configs.values()], backend=backend, workers=workers, progress=False)
-    rest = [(name, key, config) for name, c in configs.items() for key, config in c.items() if key != "phase 1"]
+    rest = [(name, key, config) for name, c in configs.items() for key, config in c.items()
+            if key != "phase 1"]
     results = run_configs([config for _, _, config in rest], backend=backend, workers=workers, progress=False)
     gaps: dict[str, dict[Any, float]] = {name: {} for name in configs}
     for (name, key, _), result in zip(rest, results):
@@ -218,7 +227,8 @@ def choose_adversary_weights(params: dict[str, Any], backend: str = "local"
     for name, g in gaps.items():
         by_weight = {w: gap for w, gap in g.items() if w != "adamw"}
         weight, equal = adversary_weight(by_weight, g["adamw"])
-        choices[name] = WeightChoice(name, params["seed"] + a["held_out_seed"], by_weight, g["adamw"], weight, equal)
+        choices[name] = WeightChoice(name, params["seed"] + a["held_out_seed"], by_weight, g["adamw"], weight,
+                                     equal)
     chosen = {**params, "algorithms": {**a, "weights": {name: c.weight for name, c in choices.items()}}}
     return chosen, choices
 
@@ -231,6 +241,7 @@ def final_gaps(runs: dict[tuple[str, int], Run], epsilon: float) -> pd.DataFrame
     for (name, seed), run in runs.items():
         s = run.summary()
         rows.append({"language": name, "seed": seed, "steps": s["steps"], "parameters": s["n_params"],
-                     "optimum (val)": s["val_optimum"], "val loss": s["final_val_loss"], "gap": s["final_gap"],
+                     "optimum (val)": s["val_optimum"], "val loss": s["final_val_loss"],
+                     "gap": s["final_gap"],
                      "gap ± se": s["final_gap_se"], f"within ε={epsilon}": s["final_gap"] <= epsilon})
     return pd.DataFrame(rows).set_index(["language", "seed"])

@@ -11,8 +11,8 @@ unfinished future with ``BrokenProcessPool``; ``run_jobs`` builds on that:
   with the cause, one that died only by accident (two big jobs out of memory together) finishes.
 
 Every job finishes or fails; the call always returns. Workers die with the process that started
-them (``die_with_parent``), so a killed notebook kernel leaves no orphan computing. Workers are spawned (fork would copy torch's
-thread pools and locks). Used by ``flatlib.runner.sweep.run_configs(backend="local")`` and
+them (``die_with_parent``), so a killed notebook kernel leaves no orphan computing. Workers are spawned (fork
+would copy torch's thread pools and locks). Used by ``flatlib.runner.sweep.run_configs(backend="local")`` and
 ``flatlib.measurement.measure.measure_many``.
 """
 
@@ -60,7 +60,8 @@ class Outcome:
 def _init_worker(started: Any, parent: int) -> None:
     global _started
     _started = started
-    os.environ.pop(ENV, None)  # only the process that counts the jobs reports progress (flatlib.runner.progress)
+    # only the process that counts the jobs reports progress (flatlib.runner.progress)
+    os.environ.pop(ENV, None)
     die_with_parent(parent)
 
 

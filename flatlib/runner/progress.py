@@ -3,8 +3,8 @@
 Two halves, joined by a small JSON status file whose path is in ``$FLATLIB_PROGRESS``:
 
 * the **reporter**, in the notebook's kernel: the library loops that take the time
-  (``flatlib.runner.sweep.run_configs``: runs trained; ``flatlib.runner.experiments.measure_many``: measurements)
-  call ``start(phase, total, unit)``, then ``advance()`` as each item ends, then ``finish()``.
+  (``flatlib.runner.sweep.run_configs``: runs trained; ``flatlib.runner.experiments.measure_many``:
+  measurements) call ``start(phase, total, unit)``, then ``advance()`` as each item ends, then ``finish()``.
   Each call rewrites the file atomically (a few hundred bytes, once per run or measurement). With
   the variable unset (a notebook opened in Jupyter, the tests) nothing is written: every call costs
   nothing and can never fail the computation. Pool workers (``flatlib.runner.pool``) never report: only the
@@ -63,8 +63,9 @@ class Phase:
             _write()
 
     def state(self) -> dict[str, Any]:
-        return {"seq": self.seq, "phase": self.name, "unit": self.unit, "done": self.done, "total": self.total,
-                "skipped": self.skipped, "started": self.started, "last": self.last, "finished": self.finished}
+        return {"seq": self.seq, "phase": self.name, "unit": self.unit, "done": self.done,
+                "total": self.total, "skipped": self.skipped, "started": self.started, "last": self.last,
+                "finished": self.finished}
 
     def __enter__(self) -> Phase:
         return self
@@ -181,7 +182,8 @@ class Printer:
     line is rewritten in place at every update instead). ``clock`` is wall time (the reporter
     stamps the file with ``time.time()``); tests pass a fake one."""
 
-    def __init__(self, label: str, out: IO[str] | None = None, tty: bool | None = None, interval: float = 30.0,
+    def __init__(self, label: str, out: IO[str] | None = None, tty: bool | None = None,
+                 interval: float = 30.0,
                  clock: Callable[[], float] = time.time, last_seconds: float | None = None) -> None:
         self.label = label
         self.out = out if out is not None else sys.stdout
@@ -292,8 +294,8 @@ class Monitor:
             except Exception as error:  # noqa: BLE001 - a display problem must not stop the notebook
                 if self.error is None:
                     self.error = error
-                    print(f"(the progress display failed, the notebook goes on: {type(error).__name__}: {error})",
-                          file=sys.stderr, flush=True)
+                    print(f"(the progress display failed, the notebook goes on: {type(error).__name__}: "
+                          f"{error})", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Monitor:
         self._thread.start()

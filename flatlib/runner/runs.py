@@ -122,7 +122,8 @@ def _named(error: OSError, path: Path) -> OSError:
     """The same kind of OSError (PermissionError, ...), its message naming ``path`` and what to do."""
     advice = {errno.ENOSPC: "the disk is full: free space and rerun (nothing finished is lost)",
               errno.EDQUOT: "the disk quota is exceeded: free space and rerun (nothing finished is lost)",
-              errno.EACCES: "not writable: check the folder's permissions, or point FLATLIB_RUNS at a writable store",
+              errno.EACCES: "not writable: check the folder's permissions, or point FLATLIB_RUNS at a "
+                            "writable store",
               errno.EROFS: "the file system is read-only: point FLATLIB_RUNS at a writable store"}
     reason = advice.get(error.errno or 0, error.strerror or str(error))
     return type(error)(error.errno, f"cannot write {path}: {reason}")
@@ -325,7 +326,8 @@ class Run:
             self._cross_check(body, path)
         elif recorded != _digest(canonical_json(body)):
             raise CorruptRunError(f"{path}: does not match its recorded SHA-256 (edited or damaged); delete "
-                                  "FINISHED and rerun the same pretrain: it rewrites it from the final checkpoint")
+                                  "FINISHED and rerun the same pretrain: it rewrites it from the final "
+                                  "checkpoint")
         return body
 
     def _cross_check(self, body: dict[str, Any], path: Path) -> None:
@@ -342,7 +344,8 @@ class Run:
             return  # likewise
         for key, column in (("final_gap", "gap"), ("final_gap_se", "gap_se"), ("final_val_loss", "val_loss")):
             value = body.get(key)
-            if value is not None and column in last.index and pd.notna(last[column]) and value != float(last[column]):
+            if (value is not None and column in last.index and pd.notna(last[column])
+                    and value != float(last[column])):
                 raise CorruptRunError(f"{path}: {key} = {value} but the last row of {self.metrics_path} says "
                                       f"{float(last[column])} (edited?); delete FINISHED and rerun the same "
                                       "pretrain: it rewrites it from the final checkpoint")

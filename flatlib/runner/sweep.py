@@ -167,7 +167,8 @@ def run_configs(configs: list[PretrainConfig], store: RunStore | None = None, ba
                     done()
             else:
                 # spawned workers; a worker that dies (SIGKILL, out of memory) fails only its own config
-                outcomes = [o.value if o.ok else ("", o.error) for o in run_jobs(_run_one, jobs, workers, on_done=done)]
+                outcomes = [o.value if o.ok else ("", o.error)
+                            for o in run_jobs(_run_one, jobs, workers, on_done=done)]
             trained.update({c.key: outcome for c, outcome in zip(wave, outcomes)})
     outcomes = []
     for c in configs:

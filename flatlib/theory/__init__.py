@@ -44,8 +44,8 @@ Modules, in the order of notebook 06:
 The sizes of each profile are the ``theory`` section of ``flatlib.profiles`` (``theory_params``).
 Second derivatives: forward-over-reverse (``jvp`` of ``grad``) or classic double backward only, never
 ``torch.func.hessian`` / ``jacrev(jacrev)`` (wrong with affine LayerNorm on torch 2.13,
-docs/lessons.md); the row-by-row reference is ``flatlib.measurement.flatness.dense_hessian``. All randomness comes
-from explicit ``torch.Generator`` s; everything is float64.
+docs/lessons.md); the row-by-row reference is ``flatlib.measurement.flatness.dense_hessian``. All randomness
+comes from explicit ``torch.Generator`` s; everything is float64.
 """
 
 from flatlib.theory.bag_of_words import BagOfWordsLanguage
@@ -92,6 +92,7 @@ __all__ = [
     "exact_hessian", "hessian_traces", "exact_gradient_covariance", "exact_fisher", "fisher_trace_at_optimum",
     "trace_gradient",
     "NoiseEstimate", "gradient_noise", "NoiseVsCurvature", "NoiseVerdict", "noise_vs_curvature",
-    "Trajectory", "run_sgd", "run_gd", "retract", "Flow", "slow_flow", "SgdVsFlow", "SgdVerdict", "sgd_vs_flow",
+    "Trajectory", "run_sgd", "run_gd", "retract", "Flow", "slow_flow", "SgdVsFlow", "SgdVerdict",
+    "sgd_vs_flow",
     "HeadErrors", "min_norm_head_errors", "FlatVsSharp", "TransferVerdict", "flat_vs_sharp", "tiny",
 ]

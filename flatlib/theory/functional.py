@@ -56,7 +56,8 @@ class FlatModel:
 # ---------------------------------------------------------------------------- losses
 def expected_loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """``sum_i weights_i CE(targets_i, softmax(model(inputs)_i))``, for ``batch = ContextSet.batch()``:
-    the expected loss L (a ``flatlib.measurement.flatness`` loss_fn; use the whole ContextSet as one batch)."""
+    the expected loss L (a ``flatlib.measurement.flatness`` loss_fn; use the whole ContextSet as one
+    batch)."""
     inputs, targets, weights = batch
     return (weights * -(targets * torch.log_softmax(model(inputs), -1)).sum(-1)).sum()
 

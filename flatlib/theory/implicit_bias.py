@@ -63,11 +63,12 @@ class SgdVsFlow:
     def describe(self) -> str:
         flow, gd = self.flow, self.gd
         steps_total = sum(int(r.steps[-1]) for r in self.runs.values())
-        return (f"start: Tr H = {self.trace0:.3f} at an exact optimum (gap {tiny(float(flow.gap[0]))}); the optimal "
-                f"set has dimension {int(flow.nullity[0])} of {self.n_params}; flow: {len(flow.time) - 1} Heun steps "
-                f"of dtau = {self.flow_dt}, largest |gap| along it {tiny(float(flow.gap.abs().max()))} nats\n"
-                f"SGD: {len(self.runs)} configurations x {self.n_chains} chains, {steps_total} steps in all; GD: "
-                f"{int(gd.steps[-1])} steps at lr {gd.lr}; {self.seconds:.1f} s")
+        return (f"start: Tr H = {self.trace0:.3f} at an exact optimum (gap {tiny(float(flow.gap[0]))}); the "
+                f"optimal set has dimension {int(flow.nullity[0])} of {self.n_params}; flow: "
+                f"{len(flow.time) - 1} Heun steps of dtau = {self.flow_dt}, largest |gap| along it "
+                f"{tiny(float(flow.gap.abs().max()))} nats\nSGD: {len(self.runs)} configurations x "
+                f"{self.n_chains} chains, {steps_total} steps in all; GD: {int(gd.steps[-1])} steps at lr "
+                f"{gd.lr}; {self.seconds:.1f} s")
 
     def excerpt(self) -> pd.DataFrame:
         """About five records of every configuration from ``table`` (for display)."""
@@ -97,18 +98,23 @@ class SgdVsFlow:
                             "rel. error end": final.loc[(lr, batch), "rel. error of the drop"],
                             "rel. error end ci95": final.loc[(lr, batch), "rel. error ci95"],
                             "max |rel. error|, tau >= T/4": float(mine["rel. error of the drop"].abs().max()),
-                            "gap / level (tau >= T/4)": float((mine["gap"] / mine["level eta Tr/(4B)"]).mean()),
+                            "gap / level (tau >= T/4)": float((mine["gap"] / mine["level eta Tr/(4B)"])
+                                                              .mean()),
                             "max gap (nats)": float(run.gap.max())})
         verdict = pd.DataFrame(summary).sort_values("eta/B")
         fell = bool((verdict["drop"] > verdict["drop ci95"]).all())
         close_at_smallest = verdict.iloc[0]["max |rel. error|, tau >= T/4"] <= 0.10
-        # ordered: no configuration with a larger eta/B deviates significantly less than one with a smaller eta/B
-        ordered = all(abs(a["rel. error end"]) + a["rel. error end ci95"] >= abs(b["rel. error end"]) - b["rel. error end ci95"]
-                      for _, a in verdict.iterrows() for _, b in verdict.iterrows() if a["eta/B"] > b["eta/B"])
+        # ordered: no configuration with a larger eta/B deviates significantly less
+        # than one with a smaller eta/B
+        ordered = all(abs(a["rel. error end"]) + a["rel. error end ci95"]
+                      >= abs(b["rel. error end"]) - b["rel. error end ci95"]
+                      for _, a in verdict.iterrows() for _, b in verdict.iterrows()
+                      if a["eta/B"] > b["eta/B"])
         loss_optimal = bool(gd_static and (verdict["gap / level (tau >= T/4)"].between(0.5, 2.0)).all())
         held = ("yes" if gd_static and loss_optimal and fell and close_at_smallest and ordered
                 else "partly" if gd_static and fell else "no")
-        return SgdVerdict(self, verdict, gd_change, gd_static, loss_optimal, fell, close_at_smallest, ordered, held)
+        return SgdVerdict(self, verdict, gd_change, gd_static, loss_optimal, fell, close_at_smallest, ordered,
+                          held)
 
 
 def sgd_vs_flow(contexts: ContextSet, rank: int, init_scale: float, configs: Sequence[tuple[float, int]],
@@ -149,9 +155,10 @@ def _sgd_table(result: SgdVsFlow) -> pd.DataFrame:
             trace, trace_ci = mean_ci(run.trace[j].numpy())
             gap, gap_ci = mean_ci(run.gap[j].numpy())
             drop_flow = trace0 - flow_trace(t)
-            rows.append({"lr": lr, "batch": batch, "eta/B": lr / batch, "step": int(run.steps[j]), "tau": float(t),
-                         "trace": trace, "trace ci95": trace_ci, "flow trace": flow_trace(t),
-                         "rel. error of the drop": (trace0 - trace - drop_flow) / drop_flow if drop_flow > 0 else math.nan,
+            rows.append({"lr": lr, "batch": batch, "eta/B": lr / batch, "step": int(run.steps[j]),
+                         "tau": float(t), "trace": trace, "trace ci95": trace_ci, "flow trace": flow_trace(t),
+                         "rel. error of the drop": ((trace0 - trace - drop_flow) / drop_flow if drop_flow > 0
+                                                    else math.nan),
                          "rel. error ci95": trace_ci / drop_flow if drop_flow > 0 else math.nan,
                          "gap": gap, "gap ci95": gap_ci, "level eta Tr/(4B)": lr * trace / (4 * batch)})
     return pd.DataFrame(rows)
@@ -181,23 +188,24 @@ class SgdVerdict:
             f"1. GD: the trace changed by at most {self.gd_change:.1e} (relative) and the gap by at most "
             f"{tiny(float(r.gd.gap.abs().max()))} nats over {int(r.gd.steps[-1])} steps: "
             f"{'it does not move (held)' if self.gd_static else 'IT MOVED'}.",
-            f"2. SGD: the excess loss, averaged over tau >= T/4, is {gap_ratio.min():.2f} to {gap_ratio.max():.2f} "
-            f"times the predicted level eta Tr H/(4B) (at most {v['max gap (nats)'].max():.3f} nats, vs L* = "
-            f"{r.contexts.optimal_loss():.3f}): "
+            f"2. SGD: the excess loss, averaged over tau >= T/4, is {gap_ratio.min():.2f} to "
+            f"{gap_ratio.max():.2f} times the predicted level eta Tr H/(4B) (at most "
+            f"{v['max gap (nats)'].max():.3f} nats, vs L* = {r.contexts.optimal_loss():.3f}): "
             f"{'of the predicted size (held)' if self.loss_optimal else 'NOT of the predicted size'}."]
         for _, row in v.iterrows():
             lines.append(
-                f"3. SGD eta={row['lr']}, B={int(row['batch'])} (eta/B={row['eta/B']:g}): Tr H {row['trace start']:.3f} "
-                f"-> {row['trace end']:.3f} (drop {row['drop']:.3f} ± {row['drop ci95']:.3f}, 95% CI over chains; the "
-                f"flow predicts {row['flow drop']:.3f}); relative error of the predicted drop at the end "
-                f"{row['rel. error end']:+.3f} ± {row['rel. error end ci95']:.3f}, largest for tau >= T/4: "
+                f"3. SGD eta={row['lr']}, B={int(row['batch'])} (eta/B={row['eta/B']:g}): Tr H "
+                f"{row['trace start']:.3f} -> {row['trace end']:.3f} (drop {row['drop']:.3f} ± "
+                f"{row['drop ci95']:.3f}, 95% CI over chains; the flow predicts {row['flow drop']:.3f}); "
+                f"relative error of the predicted drop at the end {row['rel. error end']:+.3f} ± "
+                f"{row['rel. error end ci95']:.3f}, largest for tau >= T/4: "
                 f"{row['max |rel. error|, tau >= T/4']:.3f}")
         lines += [
-            f"   The trace fell under every SGD configuration: {self.fell}; the flow predicts the drop within 10% at "
-            f"the smallest eta/B ({smallest['eta/B']:g}): {self.close_at_smallest}; the deviations are ordered by "
-            f"eta/B: {self.ordered}.",
-            f"Prediction (GD static; SGD lowers the trace along the optimal set as the slow flow says, the curves "
-            f"collapsing in tau = eta^2 k / B): {held_text(self.held)}."]
+            f"   The trace fell under every SGD configuration: {self.fell}; the flow predicts the drop "
+            f"within 10% at the smallest eta/B ({smallest['eta/B']:g}): {self.close_at_smallest}; the "
+            f"deviations are ordered by eta/B: {self.ordered}.",
+            "Prediction (GD static; SGD lowers the trace along the optimal set as the slow flow says, the "
+            f"curves collapsing in tau = eta^2 k / B): {held_text(self.held)}."]
         return "\n".join(lines)
 
     def claim(self) -> Claim:
@@ -205,19 +213,20 @@ class SgdVerdict:
         v_small = v.iloc[0]
         gap_ratio = v["gap / level (tau >= T/4)"]
         return Claim(
-            claim=("SGD drifts along the optimal set toward lower Hessian trace (slow flow -1/(4B) grad Tr H, "
-                   "time eta^2 k); GD does not"),
+            claim=("SGD drifts along the optimal set toward lower Hessian trace (slow flow -1/(4B) grad Tr "
+                   "H, time eta^2 k); GD does not"),
             paper="d theta/dt = -(1/(4B)) grad_Gamma Tr H on times ~ 1/eta^2; no drift for full-batch GD",
             ours=(f"GD: Tr H unchanged (max rel. change {self.gd_change:.0e}); SGD: Tr H {r.trace0:.2f} -> "
                   + ", ".join(f"{row['trace end']:.2f} (eta={row['lr']}, B={int(row['batch'])})"
                               for _, row in v.iterrows())
-                  + f" at tau = eta^2 k/B = {r.time:g}, flow {r.flow_trace(r.time):.2f}; error of the predicted drop "
-                  f"{v_small['rel. error end']:+.3f} ± {v_small['rel. error end ci95']:.3f} at eta/B = "
-                  f"{v_small['eta/B']:g}, ordered by eta/B: {self.ordered}; excess loss "
+                  + f" at tau = eta^2 k/B = {r.time:g}, flow {r.flow_trace(r.time):.2f}; error of the "
+                  f"predicted drop {v_small['rel. error end']:+.3f} ± {v_small['rel. error end ci95']:.3f} "
+                  f"at eta/B = {v_small['eta/B']:g}, ordered by eta/B: {self.ordered}; excess loss "
                   f"{gap_ratio.min():.2f}-{gap_ratio.max():.2f} x eta Tr H/(4B)"),
             held=self.held, notebook="06_theory", figure="06_implicit_bias.png",
             detail=(f"factored model (r = {r.rank}) from a sharp exact optimum; {r.n_chains} chains per "
-                    "configuration, 95% CI over chains; flow integrated on the optimal set (Heun, Newton retraction)"))
+                    "configuration, 95% CI over chains; flow integrated on the optimal set (Heun, Newton "
+                    "retraction)"))
 
     def summary(self) -> str:
         """Lines rounded so that the last bits of floating point cannot change them."""
@@ -225,10 +234,10 @@ class SgdVerdict:
         lines = [f"2 implicit bias: GD static: {self.gd_static} · Tr H {r.trace0:.2g} -> flow "
                  f"{r.flow_trace(r.time):.2g} at tau={r.time:g}"]
         for _, v in self.table.iterrows():
-            lines.append(f"   SGD eta={v['lr']} B={int(v['batch'])}: Tr H -> {v['trace end']:.2g} · drop error "
-                         f"{v['rel. error end']:+.2f} · gap/level {v['gap / level (tau >= T/4)']:.1f}")
-        lines.append(f"   fell: {self.fell} · within 10% at smallest eta/B: {self.close_at_smallest} · ordered by "
-                     f"eta/B: {self.ordered} · held: {self.held}")
+            lines.append(f"   SGD eta={v['lr']} B={int(v['batch'])}: Tr H -> {v['trace end']:.2g} · drop "
+                         f"error {v['rel. error end']:+.2f} · gap/level {v['gap / level (tau >= T/4)']:.1f}")
+        lines.append(f"   fell: {self.fell} · within 10% at smallest eta/B: {self.close_at_smallest} · "
+                     f"ordered by eta/B: {self.ordered} · held: {self.held}")
         return "\n".join(lines)
 
     def failed_checks(self) -> list[str]:
@@ -241,8 +250,10 @@ class SgdVerdict:
             (float(r.flow.gap.abs().max()) < 1e-9 and bool((np.diff(r.flow.trace.numpy()) <= 1e-12).all()),
              "section 2: the flow left the optimal set"),
             (float(r.gd.gap.abs().max()) < 1e-10, "section 2: GD left the optimal set"),
-            (all(bool(torch.isfinite(run.trace).all() and torch.isfinite(run.gap).all()) for run in r.runs.values()),
+            (all(bool(torch.isfinite(run.trace).all() and torch.isfinite(run.gap).all())
+                 for run in r.runs.values()),
              "section 2: an SGD run diverged"),
-            (bool(np.isfinite(r.table[columns].to_numpy()).all()), "section 2: an SGD estimate is not finite"),
+            (bool(np.isfinite(r.table[columns].to_numpy()).all()),
+             "section 2: an SGD estimate is not finite"),
         ]
         return [message for ok, message in checks if not ok]

@@ -112,9 +112,9 @@ class NoiseVsCurvature:
 
     def describe(self) -> str:
         return (f"{self.hmm!r}: {self.contexts.n_contexts} contexts, optimal loss L* = "
-                f"{self.contexts.optimal_loss():.4f} nats; factored model with r = {self.rank}: {self.n_params} "
-                f"parameters\n'Tr' is the trace, 'vk' the quadratic form v_k^T (.) v_k; z = (C sampled - H exact) "
-                f"/ se; {self.n_samples} sampled examples; {self.seconds:.1f} s")
+                f"{self.contexts.optimal_loss():.4f} nats; factored model with r = {self.rank}: "
+                f"{self.n_params} parameters\n'Tr' is the trace, 'vk' the quadratic form v_k^T (.) v_k; z = "
+                f"(C sampled - H exact) / se; {self.n_samples} sampled examples; {self.seconds:.1f} s")
 
     def verdict(self) -> NoiseVerdict:
         """The prediction judged: ``C = H = F`` at the optimum (exactly, and the sampled C within its
@@ -124,14 +124,17 @@ class NoiseVsCurvature:
         opt_rows = self.table[self.table.point == POINTS[0]]
         off_rows = self.table[self.table.point == POINTS[1]]
         equal = max(_max_rel(at.covariance, at.hessian), _max_rel(at.fisher, at.hessian))
-        differ = {"C vs H": _max_rel(away.covariance, away.hessian), "F vs H": _max_rel(away.fisher, away.hessian)}
+        differ = {"C vs H": _max_rel(away.covariance, away.hessian),
+                  "F vs H": _max_rel(away.fisher, away.hessian)}
         z_opt = float(opt_rows["z"].abs().max())
         z_off_trace = float(off_rows.loc[off_rows.quantity == "Tr", "z"].abs().iloc[0])
-        hvp_agree = max(float((e.hvp_forms - torch.einsum("ki,ij,kj->k", self.vectors, e.hessian, self.vectors))
+        hvp_agree = max(float((e.hvp_forms
+                               - torch.einsum("ki,ij,kj->k", self.vectors, e.hessian, self.vectors))
                               .abs().max()) for e in self.points.values())
         held = equal < 1e-9 and z_opt < 3 and min(differ.values()) > 1e-2 and z_off_trace > 3
         return NoiseVerdict(
-            result=self, equal_at_optimum=equal, differ_away=differ, z_optimum=z_opt, z_away_trace=z_off_trace,
+            result=self, equal_at_optimum=equal, differ_away=differ, z_optimum=z_opt,
+            z_away_trace=z_off_trace,
             z_away_sampled_vs_exact=float(((off_rows["C sampled"] - off_rows["C exact"]) / off_rows["C se"])
                                           .abs().max()),
             hvp_agreement=hvp_agree, optimum_trace=opt_rows.iloc[0], away_trace=off_rows.iloc[0],
@@ -149,7 +152,8 @@ def noise_vs_curvature(hmm: HMM, rank: int, n_samples: int, n_forms: int, offset
     single-mask context of ``hmm`` (``B`` from ``seed``), and the same model with every parameter moved
     by ``N(0, offset^2)``; at both, H, C and F exactly, ``n_forms`` random unit directions ``v_k``
     (one generator seeded by ``seed`` draws the move, then the directions), the forms ``v_k^T H v_k``
-    through ``flatlib.measurement.flatness.hvp``, and C sampled from ``n_samples`` examples (seed ``seed + 1``)."""
+    through ``flatlib.measurement.flatness.hvp``, and C sampled from ``n_samples`` examples (seed
+    ``seed + 1``)."""
     check_int("n_forms", n_forms)
     check_number("offset", offset)
     check_seed("seed", seed)
@@ -182,8 +186,8 @@ def noise_vs_curvature(hmm: HMM, rank: int, n_samples: int, n_forms: int, offset
             rows.append({"point": point, "gap (nats)": gap, "quantity": name, "C sampled": c_hat, "C se": se,
                          "C exact": float(c), "H exact": float(h), "F exact": float(f),
                          "z": (c_hat - float(h)) / se})
-    return NoiseVsCurvature(hmm, contexts, rank, flat.n_params, n_samples, vectors, points, pd.DataFrame(rows),
-                            time.perf_counter() - start)
+    return NoiseVsCurvature(hmm, contexts, rank, flat.n_params, n_samples, vectors, points,
+                            pd.DataFrame(rows), time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -211,27 +215,30 @@ class NoiseVerdict:
         t0, t1, r = self.optimum_trace, self.away_trace, self.result
         gap0, gap1 = (r.points[p].gap for p in POINTS)
         return "\n".join([
-            f"At the optimum (gap {tiny(gap0)} nats): the exact C and F equal H to {self.equal_at_optimum:.1e} "
-            f"(largest entry of the difference / largest entry of H); the sampled Tr C = {t0['C sampled']:.4f} ± "
-            f"{t0['C se']:.4f} vs Tr H = {t0['H exact']:.4f} (z = {t0['z']:+.2f}); the largest |z| over the trace "
-            f"and the {len(r.vectors)} quadratic forms is {self.z_optimum:.2f}.",
-            f"Away from it (gap {gap1:.3f} nats): the sampled Tr C = {t1['C sampled']:.4f} ± {t1['C se']:.4f} vs "
-            f"Tr H = {t1['H exact']:.4f} (z = {t1['z']:+.1f}) and Tr F = {t1['F exact']:.4f}; exact differences "
-            f"{self.differ_away['C vs H']:.2f} (C vs H) and {self.differ_away['F vs H']:.2f} (F vs H) relative to "
-            f"H; the sampled C agrees with the exact C (largest |z| {self.z_away_sampled_vs_exact:.2f}).",
+            f"At the optimum (gap {tiny(gap0)} nats): the exact C and F equal H to "
+            f"{self.equal_at_optimum:.1e} (largest entry of the difference / largest entry of H); the "
+            f"sampled Tr C = {t0['C sampled']:.4f} ± {t0['C se']:.4f} vs Tr H = {t0['H exact']:.4f} (z = "
+            f"{t0['z']:+.2f}); the largest |z| over the trace and the {len(r.vectors)} quadratic forms is "
+            f"{self.z_optimum:.2f}.",
+            f"Away from it (gap {gap1:.3f} nats): the sampled Tr C = {t1['C sampled']:.4f} ± "
+            f"{t1['C se']:.4f} vs Tr H = {t1['H exact']:.4f} (z = {t1['z']:+.1f}) and Tr F = "
+            f"{t1['F exact']:.4f}; exact differences {self.differ_away['C vs H']:.2f} (C vs H) and "
+            f"{self.differ_away['F vs H']:.2f} (F vs H) relative to H; the sampled C agrees with the exact C "
+            f"(largest |z| {self.z_away_sampled_vs_exact:.2f}).",
             f"Prediction (C = H = F at the optimum, not away from it): {held_text(self.held)}. "
             f"(flatness.hvp and the dense H agree to {self.hvp_agreement:.1e}.)"])
 
     def claim(self) -> Claim:
         t0, t1, r = self.optimum_trace, self.away_trace, self.result
         return Claim(
-            claim="At a global minimum the covariance of per-example gradients equals the Hessian (and the Fisher)",
+            claim="At a global minimum the covariance of per-example gradients equals the Hessian (and the "
+                  "Fisher)",
             paper="C = H = F at any global minimizer (Theory)",
             ours=(f"at the optimum: exact max|C-H|/max|H| = {self.equal_at_optimum:.0e}; sampled Tr C "
                   f"{t0['C sampled']:.4f} ± {t0['C se']:.4f} vs Tr H {t0['H exact']:.4f} (largest |z| "
                   f"{self.z_optimum:.2f} over trace and {len(r.vectors)} quadratic forms); away (gap "
-                  f"{r.points[POINTS[1]].gap:.3f} nats): Tr C {t1['C sampled']:.3f} ± {t1['C se']:.3f} vs Tr H "
-                  f"{t1['H exact']:.3f}"),
+                  f"{r.points[POINTS[1]].gap:.3f} nats): Tr C {t1['C sampled']:.3f} ± {t1['C se']:.3f} vs Tr "
+                  f"H {t1['H exact']:.3f}"),
             held=self.held, notebook="06_theory", figure="06_noise_vs_curvature.png",
             detail=(f"factored lookup model at an exact optimum of {r.hmm!r}, all {r.contexts.n_contexts} "
                     f"single-mask contexts; {r.n_samples} sampled examples, ± is one SE"))
@@ -240,9 +247,9 @@ class NoiseVerdict:
         """One line, rounded so that the last bits of floating point cannot change it."""
         t0, t1 = self.optimum_trace, self.away_trace
         return (f"1 noise = curvature: optimum |C-H|,|F-H| < 1e-9: {self.equal_at_optimum < 1e-9} · Tr C "
-                f"{t0['C sampled']:.2g} vs Tr H {t0['H exact']:.2g} (max|z| < 3: {self.z_optimum < 3}) · away: Tr C "
-                f"{t1['C sampled']:.2g} vs Tr H {t1['H exact']:.2g} (|z| > 3: {self.z_away_trace > 3}) · "
-                f"held: {self.held}")
+                f"{t0['C sampled']:.2g} vs Tr H {t0['H exact']:.2g} (max|z| < 3: {self.z_optimum < 3}) · "
+                f"away: Tr C {t1['C sampled']:.2g} vs Tr H {t1['H exact']:.2g} (|z| > 3: "
+                f"{self.z_away_trace > 3}) · held: {self.held}")
 
     def failed_checks(self) -> list[str]:
         """What must hold whatever the outcome, as messages of the checks that failed (none: ``[]``): the
@@ -252,10 +259,13 @@ class NoiseVerdict:
         table = r.table
         gap0, gap1 = (r.points[p].gap for p in POINTS)
         checks = [
-            (abs(gap0) < 1e-10 and gap1 > 0, "section 1: the optimum is not exact, or the perturbed model is not off it"),
-            (self.equal_at_optimum < 1e-9, "section 1: C = H = F must hold exactly at an exact optimum (an identity)"),
+            (abs(gap0) < 1e-10 and gap1 > 0,
+             "section 1: the optimum is not exact, or the perturbed model is not off it"),
+            (self.equal_at_optimum < 1e-9,
+             "section 1: C = H = F must hold exactly at an exact optimum (an identity)"),
             (self.hvp_agreement < 1e-8, "section 1: flatness.hvp and the dense Hessian disagree"),
-            (bool(np.isfinite(table[["C sampled", "C se", "z"]].to_numpy()).all() and (table["C se"] > 0).all()),
+            (bool(np.isfinite(table[["C sampled", "C se", "z"]].to_numpy()).all()
+                  and (table["C se"] > 0).all()),
              "section 1: a sampled estimate or its standard error is not finite and positive"),
         ]
         return [message for ok, message in checks if not ok]

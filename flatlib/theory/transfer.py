@@ -109,11 +109,12 @@ class FlatVsSharp:
         return self.head[SOLUTIONS[0]].n_train
 
     def describe(self) -> str:
-        return (f"{self.language!r}: {self.contexts.n_contexts} contexts, L* = {self.contexts.optimal_loss():.6f} "
-                f"nats; width {self.width}; Tr H exact = sum_(c,y) w_c p_c(y) |grad log q|^2 (equal to Tr H at an "
-                f"exact optimum, section 1), Hutchinson: {HUTCHINSON_PROBES} Rademacher probes on the expected loss "
-                f"(flatlib.measurement.flatness.hessian_trace)\n{self.draws} draws of n training contexts per n; P(sentiment > 0) "
-                f"= {self.p_positive:.3f}; {self.seconds:.1f} s")
+        return (f"{self.language!r}: {self.contexts.n_contexts} contexts, L* = "
+                f"{self.contexts.optimal_loss():.6f} nats; width {self.width}; Tr H exact = sum_(c,y) w_c "
+                "p_c(y) |grad log q|^2 (equal to Tr H at an exact optimum, section 1), Hutchinson: "
+                f"{HUTCHINSON_PROBES} Rademacher probes on the expected loss "
+                f"(flatlib.measurement.flatness.hessian_trace)\n{self.draws} draws of n training contexts "
+                f"per n; P(sentiment > 0) = {self.p_positive:.3f}; {self.seconds:.1f} s")
 
     def first_n(self, name: str, level: float = 0.9) -> int | None:
         """The smallest ``n`` at which the head on solution ``name`` is exactly right with probability
@@ -133,17 +134,20 @@ class FlatVsSharp:
         loss_equal = (abs(feat["MLM loss"] - rand["MLM loss"]) < 1e-6
                       and max(abs(feat["loss - L*"]), abs(rand["loss - L*"])) < 1e-6)
         flatter = feat["Tr H (exact)"] < rand["Tr H (exact)"]
-        hutch_ok = all(abs(r["Tr H Hutchinson"] - r["Tr H (exact)"]) < 4 * r["Hutchinson se"] for _, r in st.iterrows())
+        hutch_ok = all(abs(r["Tr H Hutchinson"] - r["Tr H (exact)"]) < 4 * r["Hutchinson se"]
+                       for _, r in st.iterrows())
         n90 = {name: self.first_n(name) for name in self.solutions}
         transfers = n90["feature"] is not None and (n90["random"] is None or n90["feature"] < n90["random"])
         feature_rows = ht[ht.solution == "feature"]
-        meets = feature_rows["P(error = 0)"] + feature_rows["P ci95"].fillna(0) >= feature_rows["paper bound 1 - 2^-n"]
+        meets = (feature_rows["P(error = 0)"] + feature_rows["P ci95"].fillna(0)
+                 >= feature_rows["paper bound 1 - 2^-n"])
         bound_ok = bool(meets.all())
         below = tuple(int(n) for n in feature_rows.loc[~meets, "n"])
         meets_from = next((int(n) for i, n in enumerate(feature_rows["n"]) if meets.iloc[i:].all()), None)
         held = ("yes" if loss_equal and flatter and transfers and bound_ok else
                 "partly" if loss_equal and flatter and transfers else "no")
-        return TransferVerdict(self, loss_equal, flatter, hutch_ok, n90, transfers, bound_ok, below, meets_from, held)
+        return TransferVerdict(self, loss_equal, flatter, hutch_ok, n90, transfers, bound_ok, below,
+                               meets_from, held)
 
 
 def flat_vs_sharp(n_words: int, seq_len: int, strengths: Sequence[float], width: int, d_key: int,
@@ -167,12 +171,13 @@ def flat_vs_sharp(n_words: int, seq_len: int, strengths: Sequence[float], width:
         fm = FlatModel(model)
         theta = fm.vector()
         P_i, Q_i, _ = neuron_trace_parts(model, bag)
-        hutchinson = hessian_trace(model, expected_loss_fn, [bag.batch()], n_probes=HUTCHINSON_PROBES, seed=seed)
-        rows.append({"solution": name, "live neurons": int(((P_i > 0) & (Q_i > 0)).sum()), "parameters": fm.n_params,
-                     "MLM loss": float(expected_loss(fm, theta, bag)),
+        hutchinson = hessian_trace(model, expected_loss_fn, [bag.batch()], n_probes=HUTCHINSON_PROBES,
+                                   seed=seed)
+        rows.append({"solution": name, "live neurons": int(((P_i > 0) & (Q_i > 0)).sum()),
+                     "parameters": fm.n_params, "MLM loss": float(expected_loss(fm, theta, bag)),
                      "loss - L*": float(expected_loss(fm, theta, bag)) - optimal,
-                     "Tr H before balancing": fisher_trace_at_optimum(FlatModel(raw[name]), FlatModel(raw[name]).vector(),
-                                                                      bag),
+                     "Tr H before balancing": fisher_trace_at_optimum(FlatModel(raw[name]),
+                                                                      FlatModel(raw[name]).vector(), bag),
                      "Tr H (exact)": fisher_trace_at_optimum(fm, theta, bag),
                      "Tr H Hutchinson": hutchinson.mean, "Hutchinson se": hutchinson.stderr})
     solution_table = pd.DataFrame(rows).set_index("solution")
@@ -183,8 +188,8 @@ def flat_vs_sharp(n_words: int, seq_len: int, strengths: Sequence[float], width:
             head[name] = min_norm_head_errors(model.neurons(bag.inputs), bag.weights, scores, n_train=n_train,
                                               draws=draws, seed=seed + 20 + i)
     p_pos = float(bag.weights[scores > 0].sum())
-    return FlatVsSharp(language, bag, width, draws, raw, solutions, solution_table, head, _head_table(head, p_pos),
-                       p_pos, time.perf_counter() - start)
+    return FlatVsSharp(language, bag, width, draws, raw, solutions, solution_table, head,
+                       _head_table(head, p_pos), p_pos, time.perf_counter() - start)
 
 
 def _head_table(head: dict[str, HeadErrors], p_pos: float) -> pd.DataFrame:
@@ -225,19 +230,21 @@ class TransferVerdict:
         err_at = r.head_table[r.head_table.n == at].set_index("solution")
         optimal = r.contexts.optimal_loss()
         bound = ("holds at every n (within the 95% CI)." if self.bound_ok else
-                 f"fails at n = {', '.join(str(n) for n in self.below)} (one example shows one sentiment only, and our "
-                 f"head needs both signs and enough examples to span the four feature neurons)"
-                 + (f"; it holds from n = {self.meets_from} on." if self.meets_from is not None else "; it never holds."))
+                 f"fails at n = {', '.join(str(n) for n in self.below)} (one example shows one sentiment "
+                 f"only, and our head needs both signs and enough examples to span the four feature neurons)"
+                 + (f"; it holds from n = {self.meets_from} on." if self.meets_from is not None
+                    else "; it never holds."))
         return "\n".join([
-            f"(a) MLM loss: feature {feat['MLM loss']:.8f}, random {rand['MLM loss']:.8f}, L* = {optimal:.8f}: "
-            f"{'equal to 1e-6 (held)' if self.loss_equal else 'NOT equal'}.",
-            f"(b) Tr H (balanced, exact): feature {feat['Tr H (exact)']:.3f} vs random {rand['Tr H (exact)']:.3f} "
-            f"(ratio {rand['Tr H (exact)'] / feat['Tr H (exact)']:.2f}; before balancing "
-            f"{feat['Tr H before balancing']:.2f} vs {rand['Tr H before balancing']:.2f}); Hutchinson agrees within "
-            f"4 SE: {self.hutchinson_agrees}. "
-            f"{'The feature solution is flatter (held).' if self.flatter else 'The feature solution is NOT flatter.'}",
-            f"(c) the head is exactly right with probability >= 0.9 from n = {n90['feature']} (feature) vs n = "
-            f"{n90['random']} (random); at n = {at}: error {err_at.loc['feature', 'error']:.3f} ± "
+            f"(a) MLM loss: feature {feat['MLM loss']:.8f}, random {rand['MLM loss']:.8f}, L* = "
+            f"{optimal:.8f}: {'equal to 1e-6 (held)' if self.loss_equal else 'NOT equal'}.",
+            f"(b) Tr H (balanced, exact): feature {feat['Tr H (exact)']:.3f} vs random "
+            f"{rand['Tr H (exact)']:.3f} (ratio {rand['Tr H (exact)'] / feat['Tr H (exact)']:.2f}; before "
+            f"balancing {feat['Tr H before balancing']:.2f} vs {rand['Tr H before balancing']:.2f}); "
+            f"Hutchinson agrees within 4 SE: {self.hutchinson_agrees}. "
+            f"""{'The feature solution is flatter (held).' if self.flatter
+                 else 'The feature solution is NOT flatter.'}""",
+            f"(c) the head is exactly right with probability >= 0.9 from n = {n90['feature']} (feature) vs n "
+            f"= {n90['random']} (random); at n = {at}: error {err_at.loc['feature', 'error']:.3f} ± "
             f"{err_at.loc['feature', 'error ci95']:.3f} (feature) vs {err_at.loc['random', 'error']:.3f} ± "
             f"{err_at.loc['random', 'error ci95']:.3f} (random).",
             f"    The paper's P >= 1 - 2^-n for the feature solution: {bound}",
@@ -250,13 +257,15 @@ class TransferVerdict:
         r = self.result
         feat, rand = r.solution_table.loc["feature"], r.solution_table.loc["random"]
         return Claim(
-            claim=("Of two optima of a one-layer transformer with the same MLM loss, the flatter one transfers "
-                   "(min-norm linear head)"),
-            paper="equal (zero) loss; much smaller trace for the feature solution; its min-norm head succeeds w.p. >= 1 - 2^-n",
-            ours=(f"loss {feat['MLM loss']:.6f} vs {rand['MLM loss']:.6f}; Tr H {feat['Tr H (exact)']:.2f} vs "
-                  f"{rand['Tr H (exact)']:.2f} (balanced); P(head exact) >= 0.9 from n = {self.n90['feature']} vs "
-                  f"{self.n90['random']}; 1 - 2^-n "
-                  f"{'met at every n' if self.bound_ok else 'not met at n = ' + ', '.join(str(n) for n in self.below)}"),
+            claim=("Of two optima of a one-layer transformer with the same MLM loss, the flatter one "
+                   "transfers (min-norm linear head)"),
+            paper="equal (zero) loss; much smaller trace for the feature solution; its min-norm head "
+                  "succeeds w.p. >= 1 - 2^-n",
+            ours=(f"loss {feat['MLM loss']:.6f} vs {rand['MLM loss']:.6f}; Tr H {feat['Tr H (exact)']:.2f} "
+                  f"vs {rand['Tr H (exact)']:.2f} (balanced); P(head exact) >= 0.9 from n = "
+                  f"{self.n90['feature']} vs {self.n90['random']}; 1 - 2^-n "
+                  f"""{'met at every n' if self.bound_ok
+                       else 'not met at n = ' + ', '.join(str(n) for n in self.below)}"""),
             held=self.held, notebook="06_theory", figure="06_flat_solution_transfers.png",
             detail=(f"our construction: {r.language!r}, width {r.width}, both solutions neuron-balanced; "
                     f"sign of the sentiment feature; {r.draws} draws per n"))
@@ -275,7 +284,8 @@ class TransferVerdict:
         errors = r.head_table["error"]
         checks = [
             (self.loss_equal, "section 3: the two constructions must have equal loss (to 1e-6)"),
-            (bool(np.isfinite(r.solution_table.to_numpy(dtype=float)).all()), "section 3: a trace or loss is not finite"),
+            (bool(np.isfinite(r.solution_table.to_numpy(dtype=float)).all()),
+             "section 3: a trace or loss is not finite"),
             (bool(np.isfinite(r.head_table[["error", "P(error = 0)"]].to_numpy()).all()),
              "section 3: a head error is not finite"),
             (bool(((errors >= 0) & (errors <= 1)).all()), "section 3: a head error is outside [0, 1]"),

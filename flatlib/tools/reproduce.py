@@ -63,7 +63,8 @@ class Interrupted(Exception):
     def __init__(self, notebook: str, seconds: float, results: list[NotebookResult], left: list[str],
                  status: dict[str, Any] | None) -> None:
         super().__init__(f"interrupted while running {notebook}")
-        self.notebook, self.seconds, self.results, self.left, self.status = notebook, seconds, results, left, status
+        (self.notebook, self.seconds, self.results, self.left,
+         self.status) = notebook, seconds, results, left, status
 
 
 @contextmanager
@@ -157,9 +158,11 @@ def run_notebooks(profile: str, out_dir: Path, only: list[str] | None = None, ke
             status = Path(folder) / f"{path.stem}.json"
             log = out_dir / f"{path.stem}.kernel.log"
             log.unlink(missing_ok=True)
-            before = f"; its last good run took {progress.minutes(last[path.stem])}" if path.stem in last else ""
+            before = (f"; its last good run took {progress.minutes(last[path.stem])}"
+                      if path.stem in last else "")
             print(f"[{profile}] {path.name} ... (notebook {k + 1} of {len(paths)}{before})", flush=True)
-            printer = progress.Printer(f"[{profile}] {path.stem}", interval=interval, last_seconds=last.get(path.stem))
+            printer = progress.Printer(f"[{profile}] {path.stem}", interval=interval,
+                                       last_seconds=last.get(path.stem))
             start = time.perf_counter()
             try:
                 check_parameters(json.loads(path.read_text()), {"profile": profile}, path)
@@ -208,8 +211,9 @@ def interrupted_message(stop: Interrupted, profile: str, out_dir: Path) -> str:
     if partial.exists():
         lines.append(f"Its partly executed copy: {partial}.")
     lines.append(f"Nothing finished is lost: every finished run and measurement is kept in the run store "
-                 f"({RunStore().root}), and rerunning `python -m flatlib.tools.reproduce --profile {profile}` resumes "
-                 "from it (a run cut short starts again from its last checkpoint, if it had one).")
+                 f"({RunStore().root}), and rerunning `python -m flatlib.tools.reproduce --profile "
+                 f"{profile}` resumes from it (a run cut short starts again from its last checkpoint, if it "
+                 "had one).")
     return "\n".join(lines)
 
 
@@ -222,15 +226,16 @@ def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = Non
     parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose names contain these")
     parser.add_argument("--runner", choices=("papermill", "script"), default="papermill",
-                        help="papermill (a Jupyter kernel), or script: flatlib.tools.script in a fresh Python process, "
-                             "for a machine without Jupyter (scripts/gpu_story.sh)")
+                        help="papermill (a Jupyter kernel), or script: flatlib.tools.script in a fresh "
+                             "Python process, for a machine without Jupyter (scripts/gpu_story.sh)")
     parser.add_argument("--report-only", action="store_true",
                         help="run no notebook: rewrite the claims report from what the notebooks recorded")
     args = parser.parse_args(argv)
     if args.report_only:
         report = write_report(args.profile, PROFILES[args.profile], moved_verdicts(args.profile))
         damaged = damaged_files(args.profile)
-        print(f"claims report: {report}" + (f" (without what the {len(damaged)} damaged file(s) held)" if damaged else ""))
+        print(f"claims report: {report}"
+              + (f" (without what the {len(damaged)} damaged file(s) held)" if damaged else ""))
         return 1 if damaged else 0
     if execute is None and args.runner == "script":
         execute = execute_in_subprocess
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None, execute: Callable[..., Any] | None = Non
         return 130
     except KeyboardInterrupt:  # after the notebooks: writing the report or comparing
         print("\nInterrupted (Ctrl-C) after the notebooks had run; rerun the command to write the claims "
-              "report (finished runs and measurements are kept in the run store).", file=sys.stderr, flush=True)
+              "report (finished runs and measurements are kept in the run store).", file=sys.stderr,
+              flush=True)
         return 130
 
 

@@ -1,4 +1,5 @@
-"""Run a notebook without Jupyter: ``python -m flatlib.tools.script notebooks/02_....ipynb out.ipynb -p profile gpu``.
+"""Run a notebook without Jupyter: \
+``python -m flatlib.tools.script notebooks/02_....ipynb out.ipynb -p profile gpu``.
 
 A machine without papermill, ipykernel or nbclient (a rented GPU box, a Slurm node) can still run the
 notebooks: this module executes the code cells of the ``.ipynb`` (plain JSON) in one fresh Python
@@ -174,8 +175,9 @@ def run_cell(source: str, namespace: dict[str, Any], name: str) -> list[dict[str
     return outputs
 
 
-def execute_notebook(input_path: str | Path, output_path: str | Path, parameters: dict[str, Any] | None = None,
-                     cwd: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def execute_notebook(input_path: str | Path, output_path: str | Path,
+                     parameters: dict[str, Any] | None = None, cwd: str | Path | None = None,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Execute ``input_path`` with ``parameters`` (in ``cwd``, default the notebook's folder) and
     write the executed copy to ``output_path``; ``log`` gets one line per cell. Raises
     ``UnknownParameterError`` before anything runs if a parameter is not one of the notebook's
@@ -205,8 +207,8 @@ def execute_notebook(input_path: str | Path, output_path: str | Path, parameters
             try:
                 cell["outputs"] = run_cell(_source(cell), namespace, name)
             except Exception as error:
-                cell["outputs"] = [{"output_type": "error", "ename": type(error).__name__, "evalue": str(error),
-                                    "traceback": traceback.format_exc().splitlines()}]
+                cell["outputs"] = [{"output_type": "error", "ename": type(error).__name__,
+                                    "evalue": str(error), "traceback": traceback.format_exc().splitlines()}]
                 Path(output_path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
                 raise NotebookError(f"{name} raised {type(error).__name__}: {error}") from error
     finally:
@@ -228,7 +230,8 @@ def execute_in_subprocess(input_path: str, output_path: str, parameters: dict[st
     sys.stderr.write(done.stderr)
     sys.stderr.flush()
     if done.returncode:
-        raise NotebookError(" ".join(done.stderr.strip().splitlines()[-3:]) or f"exit status {done.returncode}")
+        raise NotebookError(" ".join(done.stderr.strip().splitlines()[-3:])
+                            or f"exit status {done.returncode}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             parameters[name] = value
     try:
-        execute_notebook(args.input, args.output, parameters, log=lambda line: print(line, file=sys.stderr, flush=True))
+        execute_notebook(args.input, args.output, parameters,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
     except UnknownParameterError as error:  # nothing ran: a usage error, as argparse's own
         print(f"flatlib.tools.script: {error}", file=sys.stderr)
         return 2

@@ -67,8 +67,8 @@ ADVERSARIAL_MAX_ITER = 50  # L-BFGS iterations of a refit, from zero (~1e-4 nats
 class AdversarialHead:
     """A linear head on pooled features: standardize with the fit split's ``mean`` and ``std``
     ([D], float64), then ``x @ weight[:-1] + weight[-1]`` (``weight`` [D + 1, C], float64, last row
-    the bias; the layout of ``flatlib.measurement.downstream.fit_logistic``). Plain tensors: no gradient reaches
-    them; the gradient through ``logits`` reaches the features."""
+    the bias; the layout of ``flatlib.measurement.downstream.fit_logistic``). Plain tensors: no gradient
+    reaches them; the gradient through ``logits`` reaches the features."""
 
     mean: Tensor
     std: Tensor

@@ -19,8 +19,9 @@ larger batch, which brings the loss back to the minimum (the noise-driven excess
 constant lr is ~ eta / B); ``tau = 0`` is the anneal alone, the control every ``tau > 0`` is paired
 with.
 
-The clock's arithmetic (``sgd_clock``, ``steps_for_clock``) is ``flatlib.training.clock_units``, re-exported here.
-Notebook 02's analysis of the runs built here (tables, verdicts, claims, summary) is ``flatlib.analysis.pretraining``.
+The clock's arithmetic (``sgd_clock``, ``steps_for_clock``) is ``flatlib.training.clock_units``, re-exported
+here. Notebook 02's analysis of the runs built here (tables, verdicts, claims, summary) is
+``flatlib.analysis.pretraining``.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def clock_continuation(base: PretrainConfig, from_step: int, tau: float, lr: flo
     ``lr``, ``batch_size`` sentences a step, no weight decay), with its own stream of batches:
     ``noise_seed`` picks the SGD noise (a different seed from the parent's, so that its batches are
     not phase 1's again). ``overrides`` go to the config (e.g. ``checkpoint_every``)."""
-    supervised_tokens(base)  # the continuation inherits base's objective: tau counts sentences only if single-mask
+    # the continuation inherits base's objective: tau counts sentences only if single-mask
+    supervised_tokens(base)
     steps = steps_for_clock(tau, lr, batch_size)
     if steps < 1:
         raise ValueError(f"tau: {tau} is less than one step at lr {lr} and batch size {batch_size}")
     settings = {"checkpoint_every": steps, "eval_every": steps, **overrides}
     return continuation(base, from_step=from_step, steps=steps, optimizer="sgd", lr=lr, batch_size=batch_size,
-                        weight_decay=0.0, momentum=0.0, seed=derived_seed("clock noise", base.seed, noise_seed),
-                        **settings)
+                        weight_decay=0.0, momentum=0.0,
+                        seed=derived_seed("clock noise", base.seed, noise_seed), **settings)
 
 
 def anneal(parent: PretrainConfig, from_step: int, lr: float, steps: int, batch_size: int, seed: int,
@@ -65,12 +67,14 @@ def anneal(parent: PretrainConfig, from_step: int, lr: float, steps: int, batch_
     falling linearly from ``lr`` to 0 over ``steps`` steps at ``batch_size`` sentences, no weight
     decay, batches from ``seed``."""
     settings = {"checkpoint_every": steps, "eval_every": steps, **overrides}
-    return continuation(parent, from_step=from_step, steps=steps, optimizer="sgd", lr=lr, batch_size=batch_size,
+    return continuation(parent, from_step=from_step, steps=steps, optimizer="sgd", lr=lr,
+                        batch_size=batch_size,
                         weight_decay=0.0, momentum=0.0, schedule="linear", min_lr=0.0, seed=seed, **settings)
 
 
 def clock_runs(base: PretrainConfig, taus: list[float], lr: float, batch_size: int, anneal_steps: int,
-               anneal_batch_size: int, noise_seed: int) -> dict[float, tuple[PretrainConfig | None, PretrainConfig]]:
+               anneal_batch_size: int,
+               noise_seed: int) -> dict[float, tuple[PretrainConfig | None, PretrainConfig]]:
     """One noise seed's dose-response from the end of phase 1 (``base``): for each ``tau``, the
     SGD run (None for ``tau = 0``) and the anneal that ends it. All ``tau > 0`` share one SGD run,
     checkpointed at each ``tau`` (the longest one's steps), so the doses are points of one
@@ -86,7 +90,8 @@ def clock_runs(base: PretrainConfig, taus: list[float], lr: float, batch_size: i
     if positive:
         steps = [steps_for_clock(t, lr, batch_size) for t in positive]
         if steps[0] < 1 or len(set(steps)) != len(steps):
-            raise ValueError(f"taus: {positive} do not map to distinct step counts >= 1 at lr {lr}, batch {batch_size}")
+            raise ValueError(f"taus: {positive} do not map to distinct step counts >= 1 at lr {lr}, batch "
+                             f"{batch_size}")
         # checkpoints at every dose: checkpoint_every must divide each; use their gcd
         every = math.gcd(*steps)
         sgd = clock_continuation(base, base.steps, positive[-1], lr, batch_size, noise_seed,
@@ -125,12 +130,13 @@ def clock_grid(phase1: dict[tuple[str, int], PretrainConfig], clock: dict[str, A
     then averaged like the doses'."""
     controls = clock.get("control_seeds", 1)
     if not 1 <= controls <= clock["noise_seeds"]:
-        raise ValueError(f"clock.control_seeds: expected 1 .. noise_seeds ({clock['noise_seeds']}), got {controls!r}")
+        raise ValueError(f"clock.control_seeds: expected 1 .. noise_seeds ({clock['noise_seeds']}), got "
+                         f"{controls!r}")
     points = []
     for (language, lineage), base in phase1.items():
         for noise in range(clock["noise_seeds"]):
-            runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"], clock["anneal_steps"][language],
-                              clock["anneal_batch_size"], noise)
-            points += [ClockPoint(language, lineage, noise, tau, sgd, anneal) for tau, (sgd, anneal) in runs.items()
-                       if tau > 0 or noise < controls]
+            runs = clock_runs(base, list(clock["taus"]), clock["lr"], clock["batch_size"],
+                              clock["anneal_steps"][language], clock["anneal_batch_size"], noise)
+            points += [ClockPoint(language, lineage, noise, tau, sgd, anneal)
+                       for tau, (sgd, anneal) in runs.items() if tau > 0 or noise < controls]
     return points

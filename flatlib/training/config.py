@@ -1,10 +1,11 @@
 """The training configuration: ``PretrainConfig``, everything that determines a run (its hash is the
 run's key in the store), checked field by field when it is built, and ``continuation``.
 
-Below ``flatlib.training.train`` (the loop), ``flatlib.training.objective`` (its batches) and ``flatlib.training.adversary`` (the
-adversarial term), which all read it; ``flatlib.training.train`` re-exports ``PretrainConfig`` and
-``continuation``. The adversarial settings' checks (``check_adversarial``) live here, for
-``PretrainConfig`` to run them; ``flatlib.training.adversary`` documents what the settings mean.
+Below ``flatlib.training.train`` (the loop), ``flatlib.training.objective`` (its batches) and
+``flatlib.training.adversary`` (the adversarial term), which all read it; ``flatlib.training.train``
+re-exports ``PretrainConfig`` and ``continuation``. The adversarial settings' checks (``check_adversarial``)
+live here, for ``PretrainConfig`` to run them; ``flatlib.training.adversary`` documents what the settings
+mean.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class PretrainConfig:
     """Everything that determines a run (its hash is the run's key in the store)."""
 
     language: dict[str, Any]  # see build_language
-    model: dict[str, Any] = field(default_factory=lambda: {"n_layer": 2, "n_head": 2, "d_model": 64, "d_ff": 256})
+    model: dict[str, Any] = field(default_factory=lambda: {"n_layer": 2, "n_head": 2, "d_model": 64,
+                                                           "d_ff": 256})
     optimizer: str = "adamw"  # "adamw" | "sgd"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
@@ -77,8 +79,8 @@ class PretrainConfig:
         if self.train_sentences is not None:
             check_int("train_sentences", self.train_sentences)
             if self.train_sentences < self.batch_size:  # a fixed corpus is cut into batches of batch_size
-                raise ValueError(f"train_sentences: expected at least batch_size ({self.batch_size}) sentences, "
-                                 f"got {self.train_sentences}")
+                raise ValueError(f"train_sentences: expected at least batch_size ({self.batch_size}) "
+                                 f"sentences, got {self.train_sentences}")
         if self.init_from is not None:
             _check_init_from(self.init_from)
         # a rules file is keyed by its contents (frozen dataclass: set the completed spec directly)

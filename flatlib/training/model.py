@@ -189,7 +189,8 @@ class Block(nn.Module):
     def forward_at(self, x: Tensor, mask: Tensor | None, positions: Tensor) -> Tensor:
         """``forward(x, mask)[rows, positions]`` ([B, d]), with the MLP and the attention's query side run
         at ``positions`` only (``SelfAttention.forward_at``)."""
-        x = x[torch.arange(len(x), device=x.device), positions] + self.attn.forward_at(self.ln_1(x), mask, positions)
+        x = (x[torch.arange(len(x), device=x.device), positions]
+             + self.attn.forward_at(self.ln_1(x), mask, positions))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -366,7 +367,8 @@ def rescale_norms(model: Transformer, scales: dict[str, Tensor | float]) -> Tran
     readers = dict(gauge_pairs(model))
     unknown = sorted(set(scales) - set(readers))
     if unknown:
-        raise ValueError(f"scales: {unknown} are not LayerNorms of the model (expected some of {sorted(readers)})")
+        raise ValueError(f"scales: {unknown} are not LayerNorms of the model (expected some of "
+                         f"{sorted(readers)})")
     out = Transformer(model.config).to(next(model.parameters()))
     out.load_state_dict(model.state_dict())
     modules = dict(out.named_modules())

@@ -153,12 +153,13 @@ def _resumed_metrics(run: Run, config: PretrainConfig, checkpoint: Checkpoint) -
     written before checkpoints held them, the rows of metrics.csv, which must reach its step."""
     if "metrics" in checkpoint.state:
         saved = checkpoint.state["metrics"]
-        return [{c: math.nan if v is None else v for c, v in zip(saved["columns"], row)} for row in saved["rows"]]
+        return [{c: math.nan if v is None else v for c, v in zip(saved["columns"], row)}
+                for row in saved["rows"]]
     rows = [row for row in run.metrics().to_dict("records") if row["step"] <= checkpoint.step]
     if not rows or checkpoint.step - rows[-1]["step"] >= config.eval_every:
-        raise CorruptRunError(f"{run.metrics_path}: its rows end at step {rows[-1]['step'] if rows else None}, "
-                              f"before the checkpoint at step {checkpoint.step} (truncated?); delete the run "
-                              "directory to retrain it")
+        raise CorruptRunError(f"{run.metrics_path}: its rows end at step "
+                              f"{rows[-1]['step'] if rows else None}, before the checkpoint at step "
+                              f"{checkpoint.step} (truncated?); delete the run directory to retrain it")
     return rows
 
 
@@ -176,7 +177,8 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(f"device: {device} is not supported under torchrun (cuda with nccl, or cpu with gloo)")
+        raise ValueError(f"device: {device} is not supported under torchrun (cuda with nccl, or cpu with "
+                         "gloo)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
@@ -270,7 +272,8 @@ def _finish(run: Run, state: _TrainState, diverged: bool, model: Transformer, de
                "val_optimum": last["val_optimum"], "n_params": model.n_params(),
                "device": describe_device(device), "processes": world,
                "threads": torch.get_num_threads()}  # float reductions differ at ~1e-9 with the count
-    run.mark_finished({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()})
+    run.mark_finished({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in summary.items()})
 
 
 def pretrain(config: PretrainConfig, store: RunStore | None = None, progress: bool = True,
@@ -353,7 +356,8 @@ def _train(config: PretrainConfig, run: Run, store: RunStore, progress: bool, de
         if diverged:  # record where it happened and stop: the run is finished, as diverged
             end = step
         if step % config.eval_every == 0 or step == end:
-            row = _metrics_row(step, lr, state.running / (step - state.metrics[-1]["step"]), model, val, hooks)
+            row = _metrics_row(step, lr, state.running / (step - state.metrics[-1]["step"]), model, val,
+                               hooks)
             state.metrics.append(row)
             state.running = 0.0
             bar.set_postfix(gap=f"{row['gap']:.4f}")
@@ -363,5 +367,6 @@ def _train(config: PretrainConfig, run: Run, store: RunStore, progress: bool, de
         if rank == 0 and (step % config.checkpoint_every == 0 or step == end):
             _save(run, state, model, optimizer, hooks)
     bar.close()
-    if rank == 0:  # the others wait (pretrain's barrier) while rank 0 writes the last checkpoint and the summary
+    # the others wait (pretrain's barrier) while rank 0 writes the last checkpoint and the summary
+    if rank == 0:
         _finish(run, state, diverged, model, device, world)
