@@ -255,7 +255,7 @@ verdict.to_csv(FIGURES / "02_verdict.csv", index=False)
 verdict.set_index(["continuation", "language", "quantity"]).round(4)
 
 # %%
-claims = pretraining.verdict_claims(verdict, TAUS[-1], T["adamw_lr"])
+claims = pretraining.claims(verdict, TAUS[-1], T["adamw_lr"])
 claims_table(claims)
 
 # %% [markdown]

@@ -167,12 +167,12 @@ verdict.set_index(["language", "quantity"]).round(4)
 # ## 4 · Claims for the report
 #
 # Recorded for `figures/REPORT.md` (`flatlib.tools.report`, once the checks at the end pass), computed from
-# the verdict above (`flatlib.analysis.size.size_claims`): "larger models transfer better" combines the
+# the verdict above (`flatlib.analysis.size.claims`): "larger models transfer better" combines the
 # standard probe's verdicts over tasks (rule "parts"); "larger models are flatter" is the widened invariant
 # trace's verdict, with the raw traces' numbers beside it.
 
 # %%
-claims = size.size_claims(verdict, sizes, D.tasks, n_seeds=len(D.seeds))
+claims = size.claims(verdict, sizes, D.tasks, n_seeds=len(D.seeds))
 claims_table(claims)
 
 # %% [markdown]

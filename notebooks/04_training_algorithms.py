@@ -152,7 +152,7 @@ save(fig, "04_algorithms", f"after {T['continue_steps']} continuation steps; "
 # ## 4 · The verdict, computed by the rules
 #
 # By the rules of `flatlib/claims.py`, fixed before these runs, applied by `algorithms.verdict_table` (the
-# claims with the paper's numbers: `algorithms.algorithm_claims`): paired per seed (every algorithm continued
+# claims with the paper's numbers: `algorithms.claims`): paired per seed (every algorithm continued
 # the same phase-1 checkpoint), the adversary minus AdamW per task, mean with its 95% t-interval over seeds
 # (rule "paired effect", combined over tasks by rule "parts"), decided only if the two are at **equal loss**
 # (mean gaps within 0.002 nats, the same rule as notebook 02; an earlier version accepted "both within ε");
@@ -162,7 +162,7 @@ save(fig, "04_algorithms", f"after {T['continue_steps']} continuation steps; "
 
 # %%
 verdict = algorithms.verdicts(P, measured)
-claims = algorithms.algorithm_claims(P, M, verdict, choices)
+claims = algorithms.claims(P, M, verdict, choices)
 verdict.to_csv(OUT / "04_verdict.csv", index=False)
 verdict.set_index(["language", "comparison", "quantity"]).round(4)
 

@@ -148,10 +148,10 @@ else:
 # accuracy must be **unrelated** to the gap, which requires the whole interval of ρ(gap) inside ±0.3 (an
 # interval that merely contains 0, as an earlier version accepted, is passed more easily by noisier data).
 # Nothing is decided with fewer than 5 training lineages; the tasks are combined by rule "parts"
-# (`correlations.flatness_claims` applies them and writes the claims).
+# (`correlations.claims` applies them and writes the claims).
 
 # %%
-claims = corr.flatness_claims(C, M, NAMES, EPS)
+claims = corr.claims(C, M, NAMES, EPS)
 claims_table(claims, corr.CLAIM_COLUMNS)
 
 # %% [markdown]

@@ -260,7 +260,7 @@ print(verdict_3.report())
 
 # %%
 verdicts = [verdict_1, verdict_2, verdict_3]
-claims = [v.claim() for v in verdicts]
+claims = theory.claims(verdicts)
 print(f"time per section: 1 noise = curvature {noise.seconds:.0f} s, 2 implicit bias {bias.seconds:.0f} s, "
       f"3 transformer {transfer.seconds:.0f} s")
 claims_table(claims)

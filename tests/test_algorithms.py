@@ -279,7 +279,7 @@ def test_claims_quote_the_numbers_and_combine_the_tasks():
     params = small_params()
     table = measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    worse, sharper, lookup = algorithms.algorithm_claims(params, table, v, {})
+    worse, sharper, lookup = algorithms.claims(params, table, v, {})
     assert worse.held == "partly"  # task A yes, task B inconclusive
     assert "A -0.105 [-0.117, -0.093]" in worse.ours and "B +0.000 [+0.000, +0.000]" in worse.ours
     assert "95% CI over 3 seeds; gaps AdamW 0.0101, adversarial 0.0105 nats" in worse.ours
@@ -291,7 +291,7 @@ def test_claims_quote_the_numbers_and_combine_the_tasks():
     assert lookup.held == "yes" and "A +0.090 [" in lookup.ours and lookup.detail == "AdamW's gap 0.0101 nats"
     strict = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2],
                                       epsilon=0.0101)
-    last = algorithms.algorithm_claims(small_params(epsilon=0.0101), table, strict, {})[2]
+    last = algorithms.claims(small_params(epsilon=0.0101), table, strict, {})[2]
     assert last.held == "not tested" and last.detail.endswith("not within ε = 0.0101")
 
 
@@ -322,7 +322,7 @@ def test_check_summary_passes_and_fails_with_its_messages():
 def test_summary():
     params, table = small_params(), measurement_frame()
     v = algorithms.verdict_table(table, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    lines = algorithms.summary(params, v, algorithms.algorithm_claims(params, table, v, {})).splitlines()
+    lines = algorithms.summary(params, v, algorithms.claims(params, table, v, {})).splitlines()
     assert (lines[0]
             == "04_training_algorithms · profile=cpu · seeds=[0, 1, 2] · 100 continuation steps · ε=0.025")
     assert (lines[1]
@@ -375,7 +375,7 @@ def test_weight_table_and_claims_say_how_lambda_was_chosen():
     assert table["difference"].tolist() == pytest.approx([0.0001, 0.0012, 0.0050])
     params, frame = small_params(), measurement_frame()
     v = algorithms.verdict_table(frame, {"x": lookup_probe()}, {"x": ["A", "B"]}, [0, 1, 2], epsilon=0.025)
-    worse, sharper, _ = algorithms.algorithm_claims(params, frame, v, {"x": choice})
+    worse, sharper, _ = algorithms.claims(params, frame, v, {"x": choice})
     assert worse.detail.startswith("λ = 0.03 chosen on held-out seed 1000 (rule 'adversary weight': gaps λ "
                                    "0.01: 0.0101, λ 0.03: 0.0112, λ 0.1: 0.0150 against AdamW's 0.0100)")
     assert "adversary weight" in worse.rule and "adversary weight" in sharper.rule

@@ -175,7 +175,8 @@ def notebook_frame():
 
 
 def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
-    from flatlib.analysis.pretraining import answer, probe_columns, verdict_claims, verdict_table
+    from flatlib.analysis import pretraining
+    from flatlib.analysis.pretraining import answer, probe_columns, verdict_table
 
     frame = notebook_frame()
     assert probe_columns(frame, ["t"]) == ["acc t", "acc t [limited]"]
@@ -188,7 +189,7 @@ def test_notebook_02_verdicts_claims_and_answer_on_a_toy_table():
     assert not verdict.loc[("sgd clock", "acc t [limited]"), "decides"]
     assert verdict.loc[("sgd clock", "trace"), "effect"] == pytest.approx(-5.0)
     assert verdict.loc[("adamw", "invariant_trace"), "effect"] == pytest.approx(0.0)
-    claims = verdict_claims(verdict.reset_index(), tau=10, adamw_lr=3e-4)
+    claims = pretraining.claims(verdict.reset_index(), tau=10, adamw_lr=3e-4)
     assert [c.held for c in claims] == ["yes", "yes", verdict.loc[("adamw", "acc t"), "verdict"],
                                         verdict.loc[("adamw", "invariant_trace"), "verdict"]]
     # 0.011 ± t(2) 4.303 x 0.001 / sqrt 3 and "3 lineages" in claims[0].ours

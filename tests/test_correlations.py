@@ -180,7 +180,7 @@ def test_flatness_claims_decide_per_task_and_combine():
         correlation_row("A", (-0.8, -0.95, -0.5), (0.1, -0.2, 0.5), language="pcfg", lineages=3),
     ])
     models = pd.concat([models_frame(6), models_frame(2, language="teacher")])
-    claims = corr.flatness_claims(table, models, ["hmm", "pcfg", "teacher"], epsilon=0.01)
+    claims = corr.claims(table, models, ["hmm", "pcfg", "teacher"], epsilon=0.01)
     assert [c.held for c in claims] == ["partly", "not tested", "not tested"]
     hmm, pcfg, teacher = claims
     assert hmm.claim.startswith("hmm (2x64): among models at the optimal loss")
@@ -198,19 +198,19 @@ def test_flatness_claims_decide_per_task_and_combine():
 def test_flatness_claims_gap_related_is_not_yes_and_no_rows_is_not_tested():
     both = pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (0.05, -0.2, 0.25)),
                          correlation_row("10", (-0.7, -0.9, -0.4), (0.05, -0.2, 0.25))])
-    assert [c.held for c in corr.flatness_claims(both, models_frame(6), ["hmm"], 0.01)] == ["yes"]
+    assert [c.held for c in corr.claims(both, models_frame(6), ["hmm"], 0.01)] == ["yes"]
     # accuracy tracks the gap
     related = pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5), (-0.5, -0.8, -0.2))])
-    assert [c.held for c in corr.flatness_claims(related, models_frame(6), ["hmm"], 0.01)] == ["inconclusive"]
+    assert [c.held for c in corr.claims(related, models_frame(6), ["hmm"], 0.01)] == ["inconclusive"]
     rising = pd.DataFrame([correlation_row("6", (0.8, 0.5, 0.95), (0.05, -0.2, 0.25))])  # flatter is worse
-    assert [c.held for c in corr.flatness_claims(rising, models_frame(6), ["hmm"], 0.01)] == ["no"]
-    none = corr.flatness_claims(pd.DataFrame(), models_frame(3), ["hmm"], 0.01)
+    assert [c.held for c in corr.claims(rising, models_frame(6), ["hmm"], 0.01)] == ["no"]
+    none = corr.claims(pd.DataFrame(), models_frame(3), ["hmm"], 0.01)
     assert [(c.held, c.ours) for c in none] == [("not tested",
                                                  "3 models within ε = 0.01: too few to correlate")]
 
 
 def test_claims_table_shows_claim_verdict_and_detail():
-    claims = corr.flatness_claims(pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5),
+    claims = corr.claims(pd.DataFrame([correlation_row("6", (-0.8, -0.95, -0.5),
                                                                 (0.05, -0.2, 0.25))]),
                                   models_frame(6), ["hmm"], 0.01)
     table = claims_table(claims, corr.CLAIM_COLUMNS)
@@ -242,7 +242,7 @@ def test_summary_rounds_and_names_every_verdict():
     models = pd.concat([models_frame(6), models_frame(2, family="2x128").assign(**{"within ε": False})],
                        ignore_index=True)
     table = pd.DataFrame([correlation_row("6", (-0.84, -0.95, -0.5), (0.05, -0.2, 0.25))])
-    claims = corr.flatness_claims(table, models, ["hmm"], 0.01)
+    claims = corr.claims(table, models, ["hmm"], 0.01)
     params = {"profile": "smoke", "seed": 3, "pretraining": {"epsilon": 0.01}}
     assert corr.summary(params, models, table, claims).splitlines() == [
         "05_flatness_and_downstream · profile=smoke · seed=3 · ε=0.01 · 8 models, 6 within ε",

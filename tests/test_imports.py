@@ -150,14 +150,28 @@ def test_every_notebook_has_one_analysis_module() -> None:
                 or f"flatlib.analysis.{module} import" in twin), notebook
 
 
+# the notebooks that record claims in the report (01 and 07 check what must hold, and record none)
+RECORDS_CLAIMS = {"pretraining", "size", "algorithms", "correlations", "theory"}
+
+
 @pytest.mark.parametrize("module", sorted(set(NOTEBOOK_ANALYSIS.values())))
 def test_analysis_modules_keep_one_contract(module: str) -> None:
-    """Each notebook's analysis module defines ``parameters`` (the notebook's parameters, validated) and
-    ``summary`` (its checked summary), both as top-level functions."""
+    """Each notebook's analysis module defines ``parameters`` (the notebook's parameters, validated),
+    ``summary`` (its checked summary) and, where the notebook records claims, ``claims``, all as
+    top-level functions."""
     tree = ast.parse((PACKAGE / "analysis" / f"{module}.py").read_text())
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    assert {"parameters", "summary"} <= functions, (f"flatlib.analysis.{module} lacks "
-                                                    f"{({'parameters', 'summary'} - functions)}")
+    required = {"parameters", "summary"} | ({"claims"} if module in RECORDS_CLAIMS else set())
+    assert required <= functions, f"flatlib.analysis.{module} lacks {required - functions}"
+
+
+def test_the_notebooks_that_record_claims_take_them_from_their_module() -> None:
+    for notebook, module in NOTEBOOK_ANALYSIS.items():
+        twin = (ROOT / "notebooks" / f"{notebook}.py").read_text()
+        assert ("record_claims(" in twin) == (module in RECORDS_CLAIMS), notebook
+        if module in RECORDS_CLAIMS:
+            assert ".claims(" in twin, (f"{notebook} builds its claims without "
+                                        f"flatlib.analysis.{module}.claims")
 
 
 def test_every_figure_is_drawn_in_plots() -> None:

@@ -232,7 +232,7 @@ def test_a_falling_accuracy_is_no_and_a_noisy_one_inconclusive():
 
 def test_size_claims_carry_the_numbers_and_the_paper(equal_loss):
     sizes, verdict = equal_loss
-    transfer, flatter = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
+    transfer, flatter = size.claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
     assert transfer.held == "yes" and transfer.paper == size.PAPER["hmm"][0]
     assert (transfer.ours.startswith("width 32 -> 64: A +0.100 [")
             and "Welch 95% CI over 3 seeds" in transfer.ours)
@@ -250,7 +250,7 @@ def test_size_claims_not_tested_list_every_width_gap():
     gaps = {**GAPS, ("hmm", 32): [0.016, 0.017, 0.018]}
     sizes = sizes_frame(gaps)
     verdict = size.verdict_table(measured_frame(sizes), sizes, {"hmm": ("A",)}, seed=0)
-    claims = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
+    claims = size.claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
     assert [c.held for c in claims] == ["not tested", "not tested"]
     assert claims[0].ours == ("no two converged widths at equal loss (mean gaps: w16 0.0500 (>ε), w32 "
                               "0.0170, w64 0.0110)")
@@ -280,7 +280,7 @@ def test_check_measurements():
 def test_summary(equal_loss):
     sizes, verdict = equal_loss
     measured = measured_frame(sizes)
-    claims = size.size_claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
+    claims = size.claims(verdict, sizes, {"hmm": ("A",)}, n_seeds=3)
     # model_size.steps, not pretraining.steps
     params = {"profile": "smoke", "model_size": {"n_layer": 1, "steps": 60}}
     d = size.Design(seeds=[0, 1, 2], languages=["hmm"], widths=[16, 32, 64], epsilon=0.025,

@@ -6,7 +6,7 @@ The pieces, in the notebook's order: ``parameters`` (the notebook's parameters, 
 (the continuations' logged metrics), ``measure`` (every final checkpoint under the fixed protocol of
 ``flatlib.runner.experiments``, and the lookup table's probe), ``result_tables`` (the paper's table at this
 profile, beside ``PAPER_TABLE``), ``verdict_table`` (the rules of ``flatlib.claims`` applied to the
-adversary against AdamW and AdamW against the lookup table), ``algorithm_claims`` (what REPORT.md
+adversary against AdamW and AdamW against the lookup table), ``claims`` (what REPORT.md
 records), and ``check_summary`` / ``summary`` (the notebook's checked summary).
 
 The decisions, fixed before the runs they judge: the adversary and AdamW continued the same phase-1
@@ -320,7 +320,7 @@ def _weight_text(params: dict[str, Any], name: str, choices: dict[str, WeightCho
     return f"λ = {params['algorithms']['weights'][name]} given as a parameter (not chosen on a held-out seed)"
 
 
-def algorithm_claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.DataFrame,
+def claims(params: dict[str, Any], table: pd.DataFrame, verdict: pd.DataFrame,
                      choices: dict[str, WeightChoice]) -> list[Claim]:
     """The three claims per language that notebook 04 records, with the paper's numbers beside
     ours, decided by ``verdict`` (``verdict_table``; tasks combined by rule "parts"): the adversary

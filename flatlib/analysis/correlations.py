@@ -5,7 +5,7 @@ accuracy per task, raw and invariant Hessian trace; from the run store where cac
 one row per model (``model_table``). Among the models within ε of the optimum, ``correlation_table``
 computes, per language, family and task, rank correlations of accuracy with the traces and the gap
 (and the partial correlation with the invariant trace given the gap), each with a bootstrap interval
-over training lineages; ``flatness_claims`` decides them by rule "flatness explains" of
+over training lineages; ``claims`` decides them by rule "flatness explains" of
 ``flatlib.claims`` (per task, combined by rule "parts"). ``check_tables`` and ``summary`` are the
 notebook's checked summary. Nothing here changes a rule or a tolerance: they live in ``flatlib.claims``.
 """
@@ -177,7 +177,7 @@ def spearman_interval(row: Mapping[str, Any], label: str) -> rules.Interval:
 
 
 # ---------------------------------------------------------------------------- verdicts and claims
-def flatness_claims(correlations: pd.DataFrame, models: pd.DataFrame, names: Sequence[str],
+def claims(correlations: pd.DataFrame, models: pd.DataFrame, names: Sequence[str],
                     epsilon: float) -> list[Claim]:
     """One claim per language and family of ``correlations``: rule "flatness explains"
     (``flatlib.claims.flatness_verdict``) per task, combined by rule "parts"; ``ours`` quotes the

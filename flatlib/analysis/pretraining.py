@@ -3,7 +3,7 @@
 measures (``train_phase1``, ``train_phase2``, ``measure``); its tables (``gauge_tables``,
 ``reference_table``, ``measured_models``, ``effect_vs_l2``, the dose-response ``dose_response`` /
 ``lineage_effects``); its verdicts (``decide``, ``verdict_table``, by the rules of ``flatlib.claims``),
-its claims (``verdict_claims``), its answer in words (``answer``) and its checked summary
+its claims (``claims``), its answer in words (``answer``) and its checked summary
 (``check_measurements``, ``summary``).
 """
 
@@ -252,7 +252,7 @@ def _interval(v: pd.DataFrame, q: str, digits: int) -> str:
     return text + mde_text(v.loc[q].get("mde", math.nan), digits)
 
 
-def verdict_claims(verdict: pd.DataFrame, tau: float, adamw_lr: float) -> list[Claim]:
+def claims(verdict: pd.DataFrame, tau: float, adamw_lr: float) -> list[Claim]:
     """Two claims per continuation and language from ``verdict_table``: "training on raises probe
     accuracy at equal loss" (the standard probe's tasks, combined by ``claims.combine``; the other
     probes in the detail) and "the trace falls" (decided by the invariant trace; the raw one's

@@ -9,7 +9,7 @@ rules of ``flatlib.claims`` (which it only applies, never changes):
   own and widened parameterization) of every final checkpoint, one row per model;
 - ``verdict_table``: per language and quantity, the equal-loss pair of widths, the Welch effect of
   size with its verdict, and the Spearman correlation with size;
-- ``size_claims``: the claims for the report, with the paper's numbers (``PAPER``);
+- ``claims``: the claims for the report, with the paper's numbers (``PAPER``);
 - ``check_measurements`` and ``summary``: the notebook's checked summary.
 
 The figures are drawn by ``flatlib.plots.size``.
@@ -265,7 +265,7 @@ def verdict_table(measured: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[st
     return pd.DataFrame(rows)
 
 
-def size_claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, Sequence[str]],
+def claims(verdict: pd.DataFrame, sizes: pd.DataFrame, tasks: Mapping[str, Sequence[str]],
                 n_seeds: int) -> list[Claim]:
     """Two claims per language (in the order of ``tasks``) from ``verdict_table``: "larger models
     transfer better" (the probes' verdicts combined by the rule "parts") and "larger models are

@@ -1,13 +1,14 @@
 """Notebook 06 (the theory): its parameters, its checks and its checked summary. The constructions,
 the exact estimators and the three demonstrations' verdicts are the ``flatlib.theory`` package; this
 module is the notebook's side of the contract every notebook's analysis module keeps (``parameters``,
-``summary``)."""
+``claims``, ``summary``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from flatlib.claims import Claim
 from flatlib.profiles import theory_params
 
 
@@ -19,12 +20,19 @@ class Verdict(Protocol):
 
     def summary(self) -> str: ...
 
+    def claim(self) -> Claim: ...
+
 
 def parameters(profile: str, seed: int = 0, n_chains: int | None = None) -> dict[str, Any]:
     """Notebook 06's parameters: the profile's ``theory`` section (``flatlib.profiles.theory_params``)
     with ``n_chains`` (None: the profile's) for the implicit-bias demonstration. Invalid values raise
     ``ValueError`` naming the parameter."""
     return theory_params(profile, seed=seed, implicit_bias={"n_chains": n_chains})
+
+
+def claims(verdicts: Sequence[Verdict]) -> list[Claim]:
+    """One claim per demonstration, in the order of ``verdicts``, for the report."""
+    return [v.claim() for v in verdicts]
 
 
 def failed_checks(verdicts: Sequence[Verdict]) -> list[str]:
