@@ -317,3 +317,21 @@ def test_the_walk_down_the_grid_stops_past_the_optimum_with_the_whole_grids_choi
             and all(l2 < chosen for l2 in set(grid) - set(walked.sweep.index)))
     with pytest.raises(ValueError, match="patience"):
         exact_probe(x, labels, 4, l2_grid=grid, patience=0, **kwargs)
+
+
+def test_conjugate_gradients_in_the_gram_eigenbasis_reach_the_dense_solvers_optimum() -> None:
+    """The conjugate-gradient path rotates the features into the eigenbasis of x^T x / n (an orthogonal
+    change of coordinates: same logits, same penalty) and returns the weights in the original ones: the
+    same optimum as the dense Hessian's, whether the basis is given (once per split, as the probe does) or
+    computed; a basis of the wrong size is refused, naming it."""
+    x, y = blobs(300, 9, 4, seed=7)
+    x = (x - x.mean(0)) / x.std(0)
+    dense = fit_logistic_exact(x, y, 4, 1e-4, tol=1e-11, dense_limit=10**6)
+    basis = torch.linalg.eigh(x.T @ x / len(x))
+    for given in (None, basis):
+        cg = fit_logistic_exact(x, y, 4, 1e-4, tol=1e-11, dense_limit=0, basis=given)
+        assert cg.converged and cg.objective == pytest.approx(dense.objective, rel=1e-12)
+        assert torch.allclose(cg.weight, dense.weight, atol=1e-8)
+        assert restricted_gradient(cg.weight, x, y, list(range(4)), 1e-4).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="basis"):
+        fit_logistic_exact(x, y, 4, 1e-4, dense_limit=0, basis=(basis[0][:-1], basis[1][:-1, :-1]))
