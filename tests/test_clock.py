@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 
 from flatlib.runner.runs import RunStore
@@ -317,3 +318,19 @@ def test_the_l2_panel_and_the_gauge_panel_draw_what_they_are_given():
     assert len(ax.patches) == 3 * 2 and "full gauge" in ax.get_legend().get_texts()[-1].get_text()
     fig = plots.gauge(points.drop(columns="invariant_trace_layernorm"), 0)
     assert len(fig.axes[0].patches) == 2 * 2
+
+
+def test_l2_dependence_says_where_the_effect_clears_zero_and_the_bound():
+    from flatlib.analysis.pretraining import l2_dependence
+
+    effects = pd.DataFrame([
+        {"language": "a", "task": "t", "l2": 1e-5, "effect": 0.002, "low": -0.001, "high": 0.005, "chosen": 9},
+        {"language": "a", "task": "t", "l2": 1e-3, "effect": 0.016, "low": 0.012, "high": 0.020, "chosen": 1},
+        {"language": "a", "task": "t", "l2": 1e-4, "effect": 0.006, "low": 0.001, "high": 0.011, "chosen": 2},
+    ])
+    (line,) = l2_dependence(effects, 0.01)
+    assert line.startswith("a t: at the L2 chosen most often (1e-05) +0.002 [-0.001, +0.005]")
+    assert "from +0.002 to +0.016 [+0.012, +0.020] (at 0.001)" in line
+    assert line.endswith("CI above 0 at 0.0001, 0.001, above the bound +0.01 at 0.001")
+    nothing = effects.assign(low=-1.0)
+    assert l2_dependence(nothing, 0.01)[0].endswith("above the bound +0.01 at none of the strengths")

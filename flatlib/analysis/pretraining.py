@@ -210,6 +210,30 @@ def effect_vs_l2(labels: list[dict[str, Any]], measured: list[dict[str, Any]]) -
     return pd.DataFrame(out)
 
 
+def l2_dependence(effects: pd.DataFrame, bound: float) -> list[str]:
+    """``effect_vs_l2``'s table in words, one line per (language, task): the effect at the strength chosen
+    most often, then its range over the fixed strengths and at which of them the 95% CI lies entirely
+    above 0 and entirely above the equivalence bound ``bound`` (the smallest effect that counts). The
+    verdict uses the chosen strength; this says how much a fixed one would have moved it."""
+    lines = []
+    for (language, task), frame in effects.groupby(["language", "task"], sort=False):
+        frame = frame.sort_values("l2")
+        at = frame.loc[frame["chosen"].idxmax()]
+        top = frame.loc[frame["effect"].idxmax()]
+        above_zero = frame[frame["low"] > 0]["l2"].tolist()
+        above_bound = frame[frame["low"] > bound]["l2"].tolist()
+        lines.append(
+            f"{language} {task}: at the L2 chosen most often ({at['l2']:g}) {at['effect']:+.3f} "
+            f"[{at['low']:+.3f}, {at['high']:+.3f}]; at a fixed L2 from {frame['effect'].min():+.3f} to "
+            f"{top['effect']:+.3f} [{top['low']:+.3f}, {top['high']:+.3f}] (at {top['l2']:g}); CI above 0 at "
+            f"{_strengths(above_zero)}, above the bound +{bound:g} at {_strengths(above_bound)}")
+    return lines
+
+
+def _strengths(l2s: list[float]) -> str:
+    return "none of the strengths" if not l2s else ", ".join(f"{v:g}" for v in l2s)
+
+
 def probe_columns(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     """The accuracy columns of ``tasks`` in a measurement frame: the standard probe's ``acc <task>``
     first, then the extra probes' ``acc <task> [<probe>]`` (no CI columns)."""
