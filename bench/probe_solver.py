@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(("run", "language", "standard probe s", "extra probes s", "vs stored"), rows, text_columns=2)
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / "probe_solver.json"
-    out.write_text(json.dumps({"cpu": cpu_model(), "profile": args.profile, "protocol_key": protocol.key(),
+    out.write_text(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "threads": 1,
+                               "load_average": os.getloadavg(), "torch": torch.__version__,
+                               "profile": args.profile, "protocol_key": protocol.key(),
                                "date": time.strftime("%Y-%m-%d"), "checkpoints": records}, indent=1) + "\n")
     print(f"wrote {out}")
     return 1 if any(r["differences"] for r in records) else 0
