@@ -95,7 +95,7 @@ RULES = {
                           "to the gap; 'no' if the trace correlation is 'no'; else 'inconclusive'"),
     "parts": "a claim over several tasks: all 'yes' -> 'yes', some 'yes' -> 'partly', all 'no' -> 'no', "
              "else 'inconclusive' (or 'not tested' if every part is)",
-    "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (LayerNorm gauge fixed); the raw "
+    "trace": f"flatness claims are decided on the {DECIDING_TRACE} trace (the full gauge fixed); the raw "
              "trace is shown",
     "probe": f"transfer claims are decided on the {DECIDING_PROBE} probe; the other probes are shown",
     "adversary weight": ("notebook 04's adversary weight λ is chosen on a held-out training seed (not one of "

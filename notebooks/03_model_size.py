@@ -145,7 +145,7 @@ fig = size_plots.traces(M, sizes, D.languages, D.epsilon)
 save(fig, "03_size_trace", f"mean ± 95% CI over {len(D.seeds)} seeds "
      f"(dots: seeds; hollow: above ε={D.epsilon}); "
      f"trace: Hutchinson, {D.protocol.trace_probes} probes on {D.protocol.trace_pairs} validation pairs, "
-     "mean loss in nats; invariant: LayerNorm gauge fixed")
+     "mean loss in nats; invariant: the full gauge fixed (LayerNorm, attention Q/K and V/O)")
 
 # %% [markdown]
 # ## 3 · The verdict, computed by the rules

@@ -136,7 +136,7 @@ print(algorithms.PAPER_TABLE.to_string(index=False))
 
 # %% [markdown]
 # The table as a figure: probe accuracy per task, mean ± 95% CI over seeds (lookup table: CI over
-# resplits), and the invariant Hessian trace (LayerNorm gauge fixed; the raw trace is in the table above) of
+# resplits), and the invariant Hessian trace (the full gauge fixed; the raw trace is in the table above) of
 # each algorithm's models (mean ± 95% CI over seeds; the view is set by the seeds' own values, a 95% CI over
 # 2-3 seeds can reach far beyond them). The paper's pattern: the adversary is lower than AdamW on every task
 # and sharper (higher trace); the lookup table, the optimal model itself, is lowest.
@@ -145,7 +145,7 @@ print(algorithms.PAPER_TABLE.to_string(index=False))
 fig = plots.accuracy_and_trace(M, lookup, P)
 save(fig, "04_algorithms", f"after {T['continue_steps']} continuation steps; "
      f"mean ± 95% CI over {len(SEEDS)} seeds "
-     f"(lookup: over {PROTOCOL.probe_splits} probe resplits); invariant trace: LayerNorm gauge fixed, "
+     f"(lookup: over {PROTOCOL.probe_splits} probe resplits); invariant trace: {PROTOCOL.gauge} gauge fixed, "
      f"{PROTOCOL.trace_probes} probes, {PROTOCOL.trace_pairs} pairs")
 
 # %% [markdown]

@@ -20,7 +20,7 @@
 # trace** (flatness) tracks downstream accuracy while the loss cannot (it is the same for all of them).
 # Here every model of notebooks 02-04 that is within ε of the exact optimum (read from the run store,
 # trained and measured if absent) is placed on two axes, accuracy against the **invariant trace** (the
-# trace with the LayerNorm gauge fixed, `flatness.invariant_trace`; the raw trace is shown beside it) and
+# trace with the full gauge fixed, `symmetry.full_gauge_trace`; the raw trace is shown beside it) and
 # accuracy against the loss gap, with rank correlations, the partial correlation with the trace given the
 # gap, and bootstrap confidence intervals over training lineages. The decision rules are those of
 # `flatlib/claims.py`, fixed before these runs.

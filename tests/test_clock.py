@@ -323,11 +323,9 @@ def test_the_l2_panel_and_the_gauge_panel_draw_what_they_are_given():
 def test_l2_dependence_says_where_the_effect_clears_zero_and_the_bound():
     from flatlib.analysis.pretraining import l2_dependence
 
-    effects = pd.DataFrame([
-        {"language": "a", "task": "t", "l2": 1e-5, "effect": 0.002, "low": -0.001, "high": 0.005, "chosen": 9},
-        {"language": "a", "task": "t", "l2": 1e-3, "effect": 0.016, "low": 0.012, "high": 0.020, "chosen": 1},
-        {"language": "a", "task": "t", "l2": 1e-4, "effect": 0.006, "low": 0.001, "high": 0.011, "chosen": 2},
-    ])
+    rows = [(1e-5, 0.002, -0.001, 0.005, 9), (1e-3, 0.016, 0.012, 0.020, 1), (1e-4, 0.006, 0.001, 0.011, 2)]
+    effects = pd.DataFrame([{"language": "a", "task": "t", "l2": l2, "effect": e, "low": lo, "high": hi,
+                             "chosen": n} for l2, e, lo, hi, n in rows])
     (line,) = l2_dependence(effects, 0.01)
     assert line.startswith("a t: at the L2 chosen most often (1e-05) +0.002 [-0.001, +0.005]")
     assert "from +0.002 to +0.016 [+0.012, +0.020] (at 0.001)" in line

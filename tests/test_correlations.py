@@ -261,7 +261,7 @@ def test_accuracy_vs_trace_and_gap_draws_one_panel_per_task_and_axis():
                        ignore_index=True)
     fig = plots.accuracy_vs_trace_and_gap(models, "hmm", ("6", "10"), families=["4x64", "2x64", "2x128"])
     axes = np.array(fig.axes).reshape(3, 2)
-    assert [ax.get_xlabel() for ax in axes[:, 0]] == ["invariant trace (LayerNorm gauge fixed)",
+    assert [ax.get_xlabel() for ax in axes[:, 0]] == ["invariant trace (full gauge fixed)",
                                                       "raw Hessian trace (mean loss, nats)",
                                                       "gap to the optimum (nats)"]
     assert axes[0, 1].get_title() == "hmm · task 10"

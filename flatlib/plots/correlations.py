@@ -15,7 +15,7 @@ from flatlib.claims import EQUIVALENCE_RHO
 ORIGIN_COLORS = {"02 phase 1": "0.25", "02 sgd clock": "C4", "02 sgd": "C0", "02 adamw": "C1",
                  "03 sizes": "C2", "04 adversarial": "C3"}
 # (column, its SE's column, axis label) of the three rows of accuracy_vs_trace_and_gap
-_ROWS = (("invariant trace", "invariant trace_se", "invariant trace (LayerNorm gauge fixed)"),
+_ROWS = (("invariant trace", "invariant trace_se", "invariant trace (full gauge fixed)"),
          ("raw trace", "raw trace_se", "raw Hessian trace (mean loss, nats)"),
          ("gap", "gap_se", "gap to the optimum (nats)"))
 # (correlation, colour) of the forest plot's three lines per row
