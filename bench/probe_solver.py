@@ -25,7 +25,7 @@ import torch
 from bench.common import cpu_model, print_table
 from flatlib.languages import build_language
 from flatlib.measurement.downstream import model_features
-from flatlib.measurement.measure import Protocol, _extra_probes, _probe, downstream_corpus
+from flatlib.measurement.measure import Protocol, _entry, _extra_probes, _probe, downstream_corpus
 from flatlib.profiles import resolve
 from flatlib.runner.runs import RunStore, read_json_object
 from flatlib.training.train import PretrainConfig, load_model
@@ -34,16 +34,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COMPARED = ("accuracy", "splits", "l2", "l2_edge", "sweep", "sweep_val")
 
 
-def stored_measurements(root: Path, protocol: Protocol, per_language: int) -> list[tuple[str, Path]]:
-    """``(run key, measurement file)``: the first ``per_language`` stored checkpoint measurements of each
-    language at ``protocol`` (run keys sorted)."""
-    chosen: dict[str, list[tuple[str, Path]]] = {}
+def stored_measurements(root: Path, protocol: Protocol, per_language: int
+                        ) -> list[tuple[str, dict[str, Any], Path]]:
+    """``(run key, run config, measurement file)``: the first ``per_language`` stored checkpoint
+    measurements of each language at ``protocol`` (run keys sorted)."""
+    chosen: dict[str, list[tuple[str, dict[str, Any], Path]]] = {}
     for run_dir in sorted(p for p in root.iterdir() if (p / "config.json").exists()):
-        kind = read_json_object(run_dir / "config.json")["language"]["kind"]
+        config = read_json_object(run_dir / "config.json")
         evals = run_dir / "evals"
         files = sorted(evals.glob(f"*_{protocol.key()}.json")) if evals.exists() else []
-        if files and len(chosen.setdefault(kind, [])) < per_language:
-            chosen[kind].append((run_dir.name, files[0]))
+        if files and len(chosen.setdefault(config["language"]["kind"], [])) < per_language:
+            chosen[config["language"]["kind"]].append((run_dir.name, config, files[0]))
     return [item for items in chosen.values() for item in items]
 
 
@@ -68,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = resolve(args.profile)
     protocol = Protocol(**profile["pretraining"]["protocol"], seed=args.seed)
     store, rows, records = RunStore(args.runs), [], []
-    for key, path in stored_measurements(args.runs, protocol, args.per_language):
-        stored = json.loads(path.read_text())
-        run = store.find(read_json_object(args.runs / key / "config.json"))
+    for key, run_config, path in stored_measurements(args.runs, protocol, args.per_language):
+        stored, problem, _ = _entry(path)  # checked against its SHA-256, read-only
+        if stored is None:
+            raise SystemExit(f"{path} {problem or 'is missing'}")
+        run = store.find(run_config)
         config = PretrainConfig.from_dict(run.config)
         language = build_language(config.language)
         model = load_model(run, stored["step"])

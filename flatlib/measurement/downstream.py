@@ -479,19 +479,16 @@ def _l2_table(features: Tensor, labels: Tensor, n_classes: int, n_train: int, n_
         x = x_all
         if standardize:
             x = (x_all - x_all[train].mean(0)) / x_all[train].std(0).clamp(min=1e-8)
-        splits.append((x, train, val, test))
-    # the eigenbasis of each split's training Gram matrix, for the conjugate-gradient fits (computed once
-    # a split, not once a fit; the dense fits do not use it)
-    bases: list[tuple[Tensor, Tensor] | None] = [None] * n_splits
+        # the eigenbasis of the split's training Gram matrix, for the conjugate-gradient fits (computed once
+        # a split, not once a fit; the dense fits ignore it)
+        basis = torch.linalg.eigh(x[train].T @ x[train] / len(train))
+        splits.append((x, train, val, test, basis))
     rows, fits = [], [None] * n_splits
     best, worse = -math.inf, 0
     for l2 in sorted(set(l2_grid), reverse=True):
-        for split, (x, train, val, test) in enumerate(splits):
-            if bases[split] is None and (x.shape[1] + 1) * int(y_all[train].unique().numel()) > DENSE_LIMIT:
-                bases[split] = torch.linalg.eigh(x[train].T @ x[train] / len(train))
+        for split, (x, train, val, test, basis) in enumerate(splits):
             fit = fit_logistic_exact(x[train], y_all[train], n_classes, l2, tol=tol,
-                                     init=None if fits[split] is None else fits[split].weight,
-                                     basis=bases[split])
+                                     init=None if fits[split] is None else fits[split].weight, basis=basis)
             fits[split] = fit
             if not fit.converged:
                 warnings.warn(f"exact probe: split {split}, l2 {l2:g}: max |gradient| {fit.max_gradient:.2e} "
