@@ -20,7 +20,7 @@ How each cost is measured, single-threaded (as the sweeps' workers run), in a te
 Not counted: a run's set-up (the language, the validation set, loading), notebook 02's gauge
 measurements, the lookup-table probes, notebooks 01 and 06: the prediction is a lower bound.
 
-    python -m bench.costs --profile cpu      # 8.3 minutes here (2026-12-07); writes bench/results/costs_cpu.json
+    python -m bench.costs --profile cpu      # 8.3 min here (2026-12-07); writes bench/results/costs_cpu.json
 """
 
 from __future__ import annotations
