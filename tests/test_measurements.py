@@ -136,3 +136,16 @@ def test_measure_gauge_full_is_one_number_along_attention_rescalings_where_the_l
 def test_protocol_refuses_an_unknown_gauge(value):
     with pytest.raises(ValueError, match="gauge: expected one of"):
         Protocol(gauge=value)
+
+
+def test_a_measurement_row_has_the_probe_chosen_l2_with_protocol_2_only():
+    from flatlib.measurement.measure import measurement_row
+
+    version1 = {"gap": 0.1, "probes": {"A": {"accuracy": 0.9, "ci95": 0.01, "chosen_l2": [1e-4, 1e-3]}},
+                "extra_probes": {"limited": {"A": {"accuracy": 0.8}}}}
+    row = measurement_row(version1)
+    assert row == {"gap": 0.1, "acc A": 0.9, "acc A ci95": 0.01, "acc A [limited]": 0.8}
+    version2 = {**version1, "probes": {"A": {**version1["probes"]["A"], "l2": 3e-5, "l2_edge": None},
+                                       "B": {"accuracy": 0.5, "ci95": 0.02, "l2": 1e-7, "l2_edge": "lower"}}}
+    row = measurement_row(version2)
+    assert row["l2 A"] == 3e-5 and row["l2 B"] == 1e-7 and row["acc B"] == 0.5

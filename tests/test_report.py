@@ -122,3 +122,33 @@ def test_reproduce_report_only_rewrites_the_report_with_the_moved_verdicts(figur
     assert reproduce.main(["--profile", "smoke", "--report-only"]) == 0
     text = (figures / "smoke" / "REPORT.md").read_text()
     assert "| n | c | no | **yes** |" in text and "claims report:" in capsys.readouterr().out
+
+
+def test_the_probe_choices_at_the_grid_edge_are_counted_per_table(figures):
+    import pandas as pd
+
+    from flatlib.tools.report import l2_edge_lines
+
+    grid = (1e-7, 1e-6, 1e-5, 10.0)
+    folder = figures / "smoke"
+    folder.mkdir()
+    pd.DataFrame({"language": ["hmm", "hmm", "pcfg"], "acc A": [0.9, 0.8, 0.7], "l2 A": [1e-7, 1e-6, 1e-7],
+                  "l2 B": [10.0, None, 1e-5]}).to_csv(folder / "02_m.csv", index=False)
+    pd.DataFrame({"language": ["hmm"], "gap": [0.1]}).to_csv(folder / "05_no_choices.csv", index=False)
+    lines = l2_edge_lines(folder, grid)
+    row = next(line for line in lines if line.startswith("| 02_m.csv"))
+    # 5 choices (one missing): 1e-7 twice at the lower edge (hmm A, pcfg A), 10 once at the upper (hmm B)
+    assert row == "| 02_m.csv | 5 | 2 | 1 | lower: hmm A 1, pcfg A 1; upper: hmm B 1 |"
+    assert not any("05_no_choices" in line for line in lines)
+    (folder / "04_damaged.csv").write_bytes(b"\xff\xfe\x00bad")
+    damaged = l2_edge_lines(folder, grid)
+    assert any(line.startswith("| 04_damaged.csv | could not be read") for line in damaged)
+    (folder / "04_damaged.csv").unlink()
+    assert l2_edge_lines(folder, None) == []  # no protocol-2 grid: no section
+    # the report shows the section for a protocol-2 profile only, before the rules
+    record_claims("smoke", "03_model_size", [claim()])
+    protocol = {"probe_version": 2, "probe_l2_grid": grid}
+    text = render_report("smoke", {"pretraining": {"protocol": protocol}})
+    assert row in text
+    assert text.index("## The probe's L2 at the grid's edge") < text.index("## Decision rules")
+    assert "grid's edge" not in render_report("smoke", {"pretraining": {"protocol": {"probe_version": 1}}})

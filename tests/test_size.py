@@ -181,6 +181,9 @@ def test_measurement_table_merges_probes_finetune_and_widened_traces():
     assert wide["widened trace"] == 30.0 and wide["widened invariant trace"] == 15.0
     assert narrow["probe A"] == 0.6 and narrow["finetune A"] == 0.65 and wide["finetune A"] == 0.75
     assert narrow["gap"] == 0.012 and narrow["parameters"] == 4000  # from the run's own summary
+    assert "l2 A" not in table  # probe protocol 1 records no single chosen L2
+    m.checkpoint["hmm", 32, 0]["probes"]["A"]["l2"] = 3e-5  # protocol 2's one choice
+    assert size.measurement_table(sizes, m, widest=64)[0].set_index("width").loc[32, "l2 A"] == 3e-5
     with pytest.raises(KeyError):  # a narrower model without its widened traces
         size.measurement_table(sizes, size.RunMeasurements(m.checkpoint, {}, m.finetune, {}, []), widest=64)
 

@@ -208,7 +208,8 @@ def measure(runs: Mapping[Key, Any], configs: Mapping[Key, PretrainConfig], d: D
 def measurement_table(sizes: pd.DataFrame, m: RunMeasurements, widest: int) -> tuple[pd.DataFrame, float]:
     """One row per measured model: its row of ``sizes`` (the gap is the run's own final one), the four
     traces with their SEs (a model of the ``widest`` width is its own widening) and per task the probe
-    and fine-tuning accuracy. Returns the table and the largest logit change any widening caused."""
+    and fine-tuning accuracy (with probe protocol 2 also ``l2 <task>``, the probe's chosen L2). Returns the
+    table and the largest logit change any widening caused."""
     rows, max_change = [], 0.0
     for (name, w, s), cp in m.checkpoint.items():
         wide = {**cp, "max_logit_change": 0.0} if w == widest else m.widened[name, w, s]
@@ -222,6 +223,7 @@ def measurement_table(sizes: pd.DataFrame, m: RunMeasurements, widest: int) -> t
         for task, probe in cp["probes"].items():
             row[f"probe {task}"] = probe["accuracy"]
             row[f"finetune {task}"] = m.finetune[name, w, s]["accuracy"][task]
+        row.update({f"l2 {task}": probe["l2"] for task, probe in cp["probes"].items() if "l2" in probe})
         rows.append(row)
     table = sizes.merge(pd.DataFrame(rows), on=["language", "width", "seed"])
     assert len(table) == len(m.checkpoint), "a measured model is missing from the table"

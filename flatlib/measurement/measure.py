@@ -597,14 +597,18 @@ def _threads(n: int) -> Iterator[None]:
 def measurement_row(m: dict[str, Any]) -> dict[str, Any]:
     """A flat table row of a ``measure_checkpoint`` result: gap, gap_se, trace, trace_se,
     invariant_trace, invariant_trace_se, trace_body (with the full gauge also invariant_trace_layernorm,
-    the LayerNorm-only minimum), ``acc <task>`` and ``acc <task> ci95`` (the standard probe) and
-    ``acc <task> [<probe>]`` for the extra probes."""
+    the LayerNorm-only minimum), ``acc <task>`` and ``acc <task> ci95`` (the standard probe), with probe
+    protocol 2 ``l2 <task>``, the L2 strength it chose (``flatlib.tools.report`` lists the choices at an
+    edge of the grid), and ``acc <task> [<probe>]`` for the extra probes."""
     row = {key: m[key]
            for key in ("val_loss", "val_optimum", "gap", "gap_se", "trace", "trace_se") if key in m}
     row.update({key: m[key] for key in ("invariant_trace", "invariant_trace_se", "trace_body",
                                         "invariant_trace_layernorm") if key in m})
     for task, probe in m["probes"].items():
         row[f"acc {task}"], row[f"acc {task} ci95"] = probe["accuracy"], probe["ci95"]
+    for task, probe in m["probes"].items():
+        if "l2" in probe:  # protocol 2's one chosen strength
+            row[f"l2 {task}"] = probe["l2"]
     for kind, tasks in m.get("extra_probes", {}).items():
         for task, probe in tasks.items():
             row[f"acc {task} [{kind}]"] = probe["accuracy"]

@@ -286,6 +286,9 @@ def render_report(profile: str, parameters: dict[str, Any] | None = None,
         lines.append("No notebook has recorded claims at this profile yet.")
     if moved is not None:
         lines += _moved_lines(*moved)
+    protocol = (parameters or {}).get("pretraining", {}).get("protocol", {})
+    lines += l2_edge_lines(figures_dir(profile), protocol.get("probe_l2_grid")
+                           if protocol.get("probe_version") == 2 else None)
     lines += ["## Decision rules", "", "Declared in `flatlib/claims.py` (tested in `tests/test_claims.py`) "
               "before the experiments they judge:", ""]
     lines += [f"- **{name}**: {text}" for name, text in RULES.items()]
@@ -296,6 +299,55 @@ def render_report(profile: str, parameters: dict[str, Any] | None = None,
                  "In short: " + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                  + " (claims: held / not held / partly / inconclusive / not tested at this profile).\n")
     return "\n".join(lines) + "\n"
+
+
+def l2_edge_lines(folder: Path, grid: Sequence[float] | None) -> list[str]:
+    """The report's section on probe protocol 2's L2 choices at an edge of ``grid``: for every table
+    ``<folder>/*.csv`` with ``l2 <task>`` columns (``flatlib.measurement.measure.measurement_row``,
+    ``flatlib.analysis.size.measurement_table``), how many (model, task) choices it holds and how many sit
+    at the grid's lower or upper edge, by language and task. Empty when ``grid`` is None (no protocol-2
+    grid in the profile) or no table records a choice."""
+    import pandas as pd  # noqa: PLC0415 - the report itself needs no pandas
+
+    from flatlib.measurement.downstream import grid_edge  # noqa: PLC0415 - imports torch: only here
+
+    if grid is None:
+        return []
+    rows = []
+    for path in sorted(folder.glob("*.csv")):
+        try:
+            table = pd.read_csv(path)
+        except (OSError, ValueError) as error:  # a damaged table must not cost the rest of the report
+            rows.append(f"| {path.name} | could not be read: {_cell(str(error)[:200])} | | | |")
+            continue
+        columns = [c for c in table.columns if c.startswith("l2 ")]
+        if not columns:
+            continue
+        edges = {"lower": {}, "upper": {}}
+        choices = 0
+        for column in columns:
+            for language, value in zip(table.get("language", [""] * len(table)), table[column]):
+                if pd.isna(value):
+                    continue
+                choices += 1
+                edge = grid_edge(grid, float(value))
+                if edge is not None:
+                    where = f"{language} {column[3:]}".strip()
+                    edges[edge][where] = edges[edge].get(where, 0) + 1
+        where = "; ".join(f"{edge}: " + ", ".join(f"{k} {n}" for k, n in found.items())
+                          for edge, found in edges.items() if found)
+        rows.append(f"| {path.name} | {choices} | {sum(edges['lower'].values())} | "
+                    f"{sum(edges['upper'].values())} | {where or 'none'} |")
+    if not rows:
+        return []
+    intro = ("Probe protocol 2 chooses one L2 strength per model and task on the pooled validation splits, "
+             f"from the grid {min(grid):g} .. {max(grid):g}. A choice at an edge means the validation optimum "
+             "may lie beyond the grid, so that probe's accuracy may fall short of what a longer grid would "
+             "give. Counted in the measurement tables beside the figures (a model measured for two notebooks "
+             "counts in both):")
+    header = ("| table | choices (model, task) | at the lower edge | at the upper edge | where (language task: "
+              "count) |")
+    return ["## The probe's L2 at the grid's edge", "", intro, "", header, "|---|---|---|---|---|", *rows, ""]
 
 
 def _moved_lines(against: str, changes: Sequence[tuple[str, str, str, str]]) -> list[str]:
