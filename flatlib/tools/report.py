@@ -341,12 +341,12 @@ def l2_edge_lines(folder: Path, grid: Sequence[float] | None) -> list[str]:
     if not rows:
         return []
     intro = ("Probe protocol 2 chooses one L2 strength per model and task on the pooled validation splits, "
-             f"from the grid {min(grid):g} .. {max(grid):g}. A choice at an edge means the validation optimum "
-             "may lie beyond the grid, so that probe's accuracy may fall short of what a longer grid would "
-             "give. Counted in the measurement tables beside the figures (a model measured for two notebooks "
-             "counts in both):")
-    header = ("| table | choices (model, task) | at the lower edge | at the upper edge | where (language task: "
-              "count) |")
+             f"from the grid {min(grid):g} .. {max(grid):g}. A choice at an edge means the validation "
+             "optimum may lie beyond the grid, so that probe's accuracy may fall short of what a longer grid "
+             "would give. Counted in the measurement tables beside the figures (a model measured for two "
+             "notebooks counts in both):")
+    header = ("| table | choices (model, task) | at the lower edge | at the upper edge "
+              "| where (language task: count) |")
     return ["## The probe's L2 at the grid's edge", "", intro, "", header, "|---|---|---|---|---|", *rows, ""]
 
 
