@@ -13,9 +13,10 @@ How each cost is measured, single-threaded (as the sweeps' workers run), in a te
 * an evaluation: ``flatlib.training.objective.evaluate`` on the config's validation set, best of three;
 * a measurement: ``flatlib.measurement.measure``'s cached measurement (checkpoint: gap, probes, both traces;
   widened trace; fine-tuning) of a one-step model of each ``census.measure_class``, once. An
-  untrained model could cost less than a trained one (its probe fits might stop before their
-  200-iteration cap); on the cpu profile a one-step 2x64 model's checkpoint measurement took 20.4 s and
-  a trained phase-1 model's 21-22 s.
+  untrained model's probe fits need not cost what a trained model's do (with probe protocol 2 its grid walk
+  stops where its validation accuracy stops improving); on the cpu profile (2026-12-07) a one-step 2x64
+  model's checkpoint measurement took 36.7 s (HMM) and 65.2 s (PCFG), a trained clock anneal's 27.9 s and
+  59.3 s (profiled, one thread).
 
 Not counted: a run's set-up (the language, the validation set, loading), notebook 02's gauge
 measurements, the lookup-table probes, notebooks 01 and 06: the prediction is a lower bound.

@@ -118,7 +118,8 @@ M, max_change = size.measurement_table(sizes, measurements, D.widest)
 M.to_csv(figures_dir(P["profile"]) / "03_model_size.csv", index=False)
 print(f"{len(M)} models measured (or read from the cache) in {timings['measurements']:.0f} s; "
       f"widening changed no logit by more than {max_change:.1e}; trace: {measurements.trace_description}")
-M.set_index(["language", "width", "seed"]).drop(columns=["steps", "diverged"]).round(4)
+M.set_index(["language", "width", "seed"]).drop(columns=["steps", "diverged"]).round(
+    {c: 4 for c in M.columns if not c.startswith("l2 ")})  # the probe's chosen L2 (1e-7 ..) unrounded
 
 # %% [markdown]
 # Accuracy against model size (parameters, log axis): linear probes (solid) and fine-tuning (dashed) per

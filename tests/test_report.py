@@ -145,6 +145,12 @@ def test_the_probe_choices_at_the_grid_edge_are_counted_per_table(figures):
     assert any(line.startswith("| 04_damaged.csv | could not be read") for line in damaged)
     (folder / "04_damaged.csv").unlink()
     assert l2_edge_lines(folder, None) == []  # no protocol-2 grid: no section
+    assert l2_edge_lines(folder, (1e-4,)) == []  # one fixed strength: nothing chosen
+    # a table without a language column, and a cell that is not a number (not a choice)
+    pd.DataFrame({"l2 A": [1e-7, "x", 1e-6]}).to_csv(folder / "03_plain.csv", index=False)
+    plain = next(line for line in l2_edge_lines(folder, grid) if line.startswith("| 03_plain.csv"))
+    assert plain == "| 03_plain.csv | 2 | 1 | 0 | lower: A 1 |"
+    (folder / "03_plain.csv").unlink()
     # the report shows the section for a protocol-2 profile only, before the rules
     record_claims("smoke", "03_model_size", [claim()])
     protocol = {"probe_version": 2, "probe_l2_grid": grid}

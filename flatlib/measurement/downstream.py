@@ -259,10 +259,10 @@ class _Softmax:
         residual min(0.5, sqrt(|g|)) (an inexact Newton method: superlinear; the stopping test is on the
         true gradient, so inexact steps cost iterations, never accuracy). (Tried: min(0.5, |g|^(1/4)), 28%
         fewer Hessian-vector products and 1.38x faster on a cpu PCFG checkpoint's standard probe, one core;
-        but on one of three PCFG checkpoints a sweep point below the chosen L2 (1e-6) then moved by one test
-        example of 3000: the weak-L2 optimum is fixed only to the gradient tolerance, so another path can
-        classify a boundary example differently. Kept as is so that a rerun reproduces the stored
-        measurements.)"""
+        but on one of three PCFG checkpoints the sweep's test accuracy at L2 1e-6, below the chosen 3e-5, then
+        moved by one test example of 3000: the weak-L2 optimum is fixed only to the gradient tolerance, so
+        another path can classify a boundary example differently. Kept as is so that a rerun reproduces the
+        stored measurements.)"""
         if dense:
             factor = torch.linalg.cholesky(self.hessian(p))
             return -torch.cholesky_solve(grad.reshape(-1, 1), factor).reshape(grad.shape)

@@ -311,7 +311,7 @@ def l2_edge_lines(folder: Path, grid: Sequence[float] | None) -> list[str]:
 
     from flatlib.measurement.downstream import grid_edge  # noqa: PLC0415 - imports torch: only here
 
-    if grid is None:
+    if grid is None or len(set(grid)) < 2:  # no grid, or one fixed strength: nothing is chosen
         return []
     rows = []
     for path in sorted(folder.glob("*.csv")):
@@ -326,7 +326,8 @@ def l2_edge_lines(folder: Path, grid: Sequence[float] | None) -> list[str]:
         edges = {"lower": {}, "upper": {}}
         choices = 0
         for column in columns:
-            for language, value in zip(table.get("language", [""] * len(table)), table[column]):
+            values = pd.to_numeric(table[column], errors="coerce")  # a cell that is not a number: no choice
+            for language, value in zip(table.get("language", [""] * len(table)), values):
                 if pd.isna(value):
                     continue
                 choices += 1
