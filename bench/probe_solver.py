@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bench.common import cpu_model, print_table
+from flatlib.analysis.algorithms import protocol as protocol_of
 from flatlib.languages import build_language
 from flatlib.measurement.downstream import model_features
 from flatlib.measurement.measure import Protocol, _entry, _extra_probes, _probe, downstream_corpus
@@ -39,10 +40,11 @@ def stored_measurements(root: Path, protocol: Protocol, per_language: int
     """``(run key, run config, measurement file)``: the first ``per_language`` stored checkpoint
     measurements of each language at ``protocol`` (run keys sorted)."""
     chosen: dict[str, list[tuple[str, dict[str, Any], Path]]] = {}
+    key = protocol.key()
     for run_dir in sorted(p for p in root.iterdir() if (p / "config.json").exists()):
         config = read_json_object(run_dir / "config.json")
         evals = run_dir / "evals"
-        files = sorted(evals.glob(f"*_{protocol.key()}.json")) if evals.exists() else []
+        files = sorted(evals.glob(f"*_{key}.json")) if evals.exists() else []
         if files and len(chosen.setdefault(config["language"]["kind"], [])) < per_language:
             chosen[config["language"]["kind"]].append((run_dir.name, config, files[0]))
     return [item for items in chosen.values() for item in items]
@@ -66,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-language", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    profile = resolve(args.profile)
-    protocol = Protocol(**profile["pretraining"]["protocol"], seed=args.seed)
+    protocol = protocol_of({**resolve(args.profile), "seed": args.seed})  # the notebooks' protocol
     store, rows, records = RunStore(args.runs), [], []
     for key, run_config, path in stored_measurements(args.runs, protocol, args.per_language):
         stored, problem, _ = _entry(path)  # checked against its SHA-256, read-only
